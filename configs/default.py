@@ -1,0 +1,107 @@
+"""The one config schema of ddpm_jax: every field, with its default and meaning.
+
+Other configs import this file and override only what differs. Nothing in the
+library reads a field that is not defined here, and nothing uses
+`config.get(field, default)`: a missing or misspelt field fails loudly.
+
+      python main.py --config=configs/default.py --workdir=/tmp/ddpm_default
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Returns the default config (a tiny unconditional model on the digits)."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # Root seed: parameters, data order, per-step noise.
+
+    # --- data -------------------------------------------------------------------
+    config.data = data = ml_collections.ConfigDict()
+    data.dataset = 'digits'  # 'digits' (bundled 8x8), 'fake' (synthetic) or a TFDS name.
+    data.split = 'train'  # TFDS split used for training.
+    data.eval_split = 'test'  # TFDS split used by --mode=eval.
+    data.data_dir = ''  # TFDS data_dir; '' uses TFDS's default (~/tensorflow_datasets).
+    data.image_size = 8  # Side of the square images fed to the model, in pixels.
+    data.channels = 1  # Image channels (1 for digits, 3 for RGB datasets).
+    data.center_crop = False  # Centre-crop to a square before resizing (ImageNet, LSUN).
+    data.random_flip = True  # Random horizontal flips during training.
+    data.num_workers = 0  # grain worker processes per host (0 = in the main process).
+    data.prefetch_batches = 2  # Batches prepared ahead of the train step.
+
+    # --- model --------------------------------------------------------------------
+    config.model = model = ml_collections.ConfigDict()
+    model.name = 'unet'  # 'unet' (denoiser) or 'classifier' (noise-aware classifier).
+    model.variant = 'adm'  # 'ddpm' (Ho et al. 2020) or 'adm' (Dhariwal & Nichol 2021).
+    model.base_channels = 32  # Channels at the first resolution.
+    model.channel_mult = (1, 2)  # Channel multiplier per resolution level.
+    model.num_res_blocks = 1  # Residual blocks per resolution level.
+    model.attention_resolutions = (4,)  # Resolutions (pixels) with self-attention.
+    model.num_heads = 1  # Attention heads (used when num_head_channels == -1).
+    model.num_head_channels = -1  # Channels per head; -1 derives it from num_heads.
+    model.dropout = 0.0  # Dropout rate in the residual blocks.
+    model.resblock_updown = False  # BigGAN-style residual up/down-sampling blocks.
+    model.use_scale_shift_norm = False  # Adaptive group norm ("AdaGN") conditioning.
+    model.conv_resample = True  # Convolutions in the plain up/down-sampling layers.
+    model.num_groups = 32  # GroupNorm groups.
+    model.num_classes = 0  # Class-conditional if > 0 (labels 0..num_classes-1).
+    model.class_dropout_prob = 0.0  # If > 0, train for classifier-free guidance: labels
+    #                                   are replaced by the null label (= num_classes).
+    model.learn_sigma = False  # Output 2*channels: eps and the variance interpolation.
+    model.pool = 'attention'  # Classifier head: 'attention' pooling or 'adaptive' (mean).
+    model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay f32).
+    model.remat = False  # Rematerialise each block (less memory, more compute).
+
+    # --- diffusion ----------------------------------------------------------------
+    config.diffusion = diffusion = ml_collections.ConfigDict()
+    diffusion.num_timesteps = 1000  # T, the training timesteps.
+    diffusion.schedule = 'linear'  # Beta schedule: linear, cosine, sigmoid, quadratic, ...
+    diffusion.mean_type = 'eps'  # Model predicts 'eps', 'x0', 'xprev' or 'v'.
+    diffusion.var_type = 'fixed_large'  # fixed_small, fixed_large, learned, learned_range.
+    diffusion.loss_type = 'mse'  # mse, rescaled_mse (hybrid), kl, rescaled_kl.
+    diffusion.timestep_sampler = 'uniform'  # 'uniform' or 'loss_aware' (importance).
+
+    # --- optimisation -------------------------------------------------------------
+    config.optim = optim = ml_collections.ConfigDict()
+    optim.optimizer = 'adam'  # 'adam' or 'adamw'.
+    optim.learning_rate = 2e-4  # Peak learning rate.
+    optim.lr_schedule = 'constant'  # After warmup: 'constant', 'cosine' or 'linear' decay.
+    optim.warmup_steps = 0  # Linear learning-rate warmup, in steps.
+    optim.b1 = 0.9  # Adam beta1.
+    optim.b2 = 0.999  # Adam beta2.
+    optim.eps = 1e-8  # Adam epsilon.
+    optim.weight_decay = 0.0  # Decoupled weight decay (adamw only).
+    optim.grad_clip_norm = 1.0  # Clip gradients to this global norm (0 = off).
+    optim.ema_decays = (0.9999,)  # One EMA copy of the parameters per decay rate.
+
+    # --- training -----------------------------------------------------------------
+    config.train = train = ml_collections.ConfigDict()
+    train.global_batch_size = 128  # Images per step, over all devices and processes.
+    train.grad_accum_steps = 1  # Micro-batches per step (global batch split into these).
+    train.num_train_steps = 1000  # Total optimiser steps.
+    train.log_every_steps = 50  # Metrics to stdout and TensorBoard every N steps.
+    train.checkpoint_every_steps = 500  # Save a checkpoint every N steps.
+    train.keep_checkpoints = 3  # Most recent checkpoints kept.
+    train.keep_checkpoint_every_steps = 0  # Also keep every checkpoint at multiples of N.
+    train.sample_every_steps = 0  # Write an EMA sample grid every N steps (0 = only at end).
+    train.num_grid_samples = 64  # Images in each sample grid.
+
+    # --- sampling (--mode=sample and the training grids) ------------------------------
+    config.sample = sample = ml_collections.ConfigDict()
+    sample.sampler = 'ddpm'  # 'ddpm' (ancestral) or 'ddim'.
+    sample.respacing = ''  # Steps to sample with: '' (all), '250', 'ddim50', '10,15,20'.
+    sample.eta = 0.0  # DDIM eta (0 = deterministic).
+    sample.clip_denoised = True  # Clip predicted x_0 to [-1, 1].
+    sample.ema_decay = -1.0  # EMA copy to sample from (-1 = the first in optim.ema_decays).
+    sample.guidance_scale = 1.0  # Classifier-free scale (1 = plain conditional).
+    sample.classifier_scale = 0.0  # Classifier-guidance gradient scale (0 = off).
+    sample.classifier_workdir = ''  # Workdir of a trained noise-aware classifier.
+    sample.num_images = 64  # Images written by --mode=sample.
+    sample.global_batch_size = 64  # Images per sampling batch, over all devices.
+    sample.label = -1  # Class to sample (-1 = uniformly random labels).
+
+    # --- evaluation ---------------------------------------------------------------
+    config.eval = evaluation = ml_collections.ConfigDict()
+    evaluation.num_images = 256  # Test images in the bits/dim estimate.
+    evaluation.global_batch_size = 64  # Images per evaluation batch.
+
+    return config
