@@ -1,0 +1,187 @@
+"""Benchmarks a config's model: forward and training-step throughput, compile time, FLOP/s.
+
+    python bench/bench_model.py --config=configs/cifar10.py --batch=8 \
+        [--override model.base_channels=32 --override model.dtype=bfloat16] [--steps=10]
+
+Runs on whatever backend JAX finds. The training step is the gradient of a plain MSE
+against a random target plus an Adam update (a stand-in for the diffusion loss with
+the same model cost). FLOPs come from XLA's cost analysis of the compiled program;
+on a GPU they are also reported as a fraction of the device's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ddpm_jax import models  # noqa: E402
+
+# Dense bf16 tensor-core peaks in FLOP/s (vendor data sheets, no sparsity).
+PEAK_BF16_FLOPS = (
+    ('H100 PCIe', 756e12),
+    ('H100', 989e12),  # SXM
+    ('H200', 989e12),
+    ('GH200', 989e12),
+    ('A100', 312e12),
+    ('L40S', 362e12),
+    ('L4', 121e12),
+    ('A10', 125e12),
+    ('V100', 125e12),  # fp16 tensor cores (V100 has no bf16)
+)
+
+
+def device_peak_flops(device: jax.Device) -> float | None:
+    """Dense bf16 peak of a GPU from its device_kind, or None if unknown or not a GPU."""
+    if device.platform != 'gpu':
+        return None
+    kind = device.device_kind
+    for name, peak in PEAK_BF16_FLOPS:
+        if name.lower() in kind.lower():
+            return peak
+    return None
+
+
+def load_config(path: str, overrides: list[str]):
+    """Loads `get_config()` from a config file and applies key=value overrides.
+
+    Args:
+        path: a config file such as configs/cifar10.py.
+        overrides: strings 'group.field=value'; values are Python literals (strings
+            may be bare).
+
+    Returns:
+        The ConfigDict.
+
+    Raises:
+        ValueError: for a malformed override or an unknown field.
+    """
+    spec = importlib.util.spec_from_file_location('bench_config', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for item in overrides:
+        if '=' not in item:
+            raise ValueError(f'--override expects key=value, got {item!r}.')
+        key, raw = item.split('=', 1)
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        *groups, field = key.split('.')
+        node = config
+        for group in groups:
+            node = node[group]
+        if field not in node:
+            raise ValueError(f'Unknown config field {key!r}.')
+        node[field] = value
+    return config
+
+
+def compile_fn(fn, *args, donate_argnums=()):
+    """Lowers and compiles `fn`; returns (compiled, seconds, flops per call)."""
+    start = time.perf_counter()
+    compiled = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
+    seconds = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # Older JAX returns one dict per program.
+        cost = cost[0] if cost else {}
+    flops = float(cost.get('flops', float('nan'))) if cost else float('nan')
+    return compiled, seconds, flops
+
+
+def time_fn(step, steps: int) -> float:
+    """Mean seconds per call of `step()` (which returns something to block on)."""
+    jax.block_until_ready(step())  # Warm-up (allocations, autotuning).
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = step()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / steps
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--config', required=True, help='Config file, e.g. configs/cifar10.py.')
+    parser.add_argument('--batch', type=int, default=8, help='Images per step.')
+    parser.add_argument('--steps', type=int, default=10, help='Timed steps per measurement.')
+    parser.add_argument('--override', action='append', default=[],
+                        help='Config override key=value, e.g. model.base_channels=32.')
+    args = parser.parse_args(argv)
+
+    config = load_config(args.config, args.override)
+    model = models.create_model(config)
+    size, channels, batch = config.data.image_size, config.data.channels, args.batch
+    device = jax.devices()[0]
+    is_unet = config.model.name == 'unet'
+
+    rng = jax.random.key(config.seed)
+    init_rng, x_rng, t_rng, y_rng, target_rng, dropout_rng = jax.random.split(rng, 6)
+    x = jax.random.normal(x_rng, (batch, size, size, channels), jnp.float32)
+    t = jax.random.randint(t_rng, (batch,), 0, config.diffusion.num_timesteps)
+    kwargs = {}
+    if is_unet and config.model.num_classes > 0:
+        kwargs['y'] = jax.random.randint(y_rng, (batch,), 0, config.model.num_classes)
+    params = jax.jit(lambda r: model.init(r, x, t, **kwargs)['params'])(init_rng)
+    num_params = sum(p.size for p in jax.tree.leaves(params))
+    out_shape = jax.eval_shape(lambda p: model.apply({'params': p}, x, t, **kwargs), params)
+    target = jax.random.normal(target_rng, out_shape.shape, jnp.float32)
+
+    def forward(p, x, t, kwargs):
+        return model.apply({'params': p}, x, t, **kwargs)
+
+    tx = optax.adam(config.optim.learning_rate)
+    opt_state = tx.init(params)
+
+    def train_step(p, opt_state, x, t, kwargs, dropout_rng):
+        def loss_fn(p):
+            out = model.apply({'params': p}, x, t, train=True, rngs={'dropout': dropout_rng},
+                              **kwargs)
+            return jnp.mean((out - target) ** 2)
+        loss, grads = jax.value_and_grad(loss_fn)(p)
+        updates, opt_state = tx.update(grads, opt_state, p)
+        return optax.apply_updates(p, updates), opt_state, loss
+
+    fwd, fwd_compile_s, fwd_flops = compile_fn(forward, params, x, t, kwargs)
+    train, train_compile_s, train_flops = compile_fn(
+        train_step, params, opt_state, x, t, kwargs, dropout_rng, donate_argnums=(0, 1))
+
+    fwd_s = time_fn(lambda: fwd(params, x, t, kwargs), args.steps)
+    state = {'params': params, 'opt_state': opt_state}
+
+    def one_train_step():
+        state['params'], state['opt_state'], loss = train(
+            state['params'], state['opt_state'], x, t, kwargs, dropout_rng)
+        return loss
+
+    train_s = time_fn(one_train_step, args.steps)
+
+    peak = device_peak_flops(device)
+    print(f'config      {args.config}  overrides={args.override or "none"}')
+    print(f'device      {device.platform} / {device.device_kind} x{jax.device_count()} '
+          f'(measured on device 0)')
+    print(f'model       {config.model.name}/{config.model.variant} dtype={config.model.dtype} '
+          f'remat={config.model.remat} params={num_params:,} image={size}x{size}x{channels} '
+          f'batch={batch}')
+    for label, compile_s, step_s, flops in (('forward', fwd_compile_s, fwd_s, fwd_flops),
+                                            ('train', train_compile_s, train_s, train_flops)):
+        line = (f'{label:<11} compile {compile_s:7.2f} s | {step_s * 1e3:9.2f} ms/step | '
+                f'{batch / step_s:10.1f} img/s | {flops / batch / 1e9:8.2f} GFLOP/img | '
+                f'{flops / step_s / 1e12:8.3f} TFLOP/s')
+        if peak is not None and np.isfinite(flops):
+            line += f' | {100 * flops / step_s / peak:5.1f}% of {peak / 1e12:.0f} TFLOP/s peak'
+        print(line)
+
+
+if __name__ == '__main__':
+    main()

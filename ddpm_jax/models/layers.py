@@ -1,0 +1,457 @@
+"""Building blocks shared by the diffusion UNet and the noise-aware classifier.
+
+Owns the timestep embedding, group normalisation with float32 statistics, the
+residual block (additive or adaptive-group-norm conditioning, optional BigGAN-style
+up/down-sampling), plain up/down-sampling layers, multi-head self-attention over
+pixels and ADM's attention pooling head, plus the architecture validation that
+names the offending config field.
+
+Two variants share these blocks and differ only where the papers differ:
+
+* 'ddpm' (Ho et al. 2020, Appendix B; hojonathanho/diffusion): sinusoidal embedding
+  [sin, cos] with frequencies exp(-log(10000) k / (d/2 - 1)); one attention head with
+  separate q, k, v and output NIN (1x1) layers; GroupNorm epsilon 1e-6;
+  Glorot-uniform ("fan_avg") initialisation; TensorFlow 'SAME' padding in the
+  strided downsampling convolution.
+* 'adm' (Dhariwal & Nichol 2021, Sec. 3; openai/guided-diffusion): embedding
+  [cos, sin] with frequencies exp(-log(10000) k / (d/2)); one fused qkv projection
+  and several heads (num_heads, or num_head_channels per head); GroupNorm epsilon
+  1e-5; PyTorch's default fan-in uniform initialisation; symmetric padding.
+
+Both zero-initialise the last convolution of every residual branch and the
+attention output projection, so every block starts as the identity.
+
+All blocks compute in `dtype` (float32 or bfloat16) with float32 parameters;
+normalisation statistics and the attention softmax are always float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+VARIANTS = ('ddpm', 'adm')
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+POOLS = ('attention', 'adaptive')
+
+Dtype = Any
+
+
+def get_dtype(name: str) -> Dtype:
+    """Maps config.model.dtype to a JAX dtype.
+
+    Args:
+        name: 'float32' or 'bfloat16'.
+
+    Returns:
+        The jnp dtype.
+
+    Raises:
+        ValueError: for any other name.
+    """
+    if name not in DTYPES:
+        raise ValueError(f'model.dtype must be one of {tuple(DTYPES)}, got {name!r}.')
+    return DTYPES[name]
+
+
+def timestep_embedding(t: jax.Array, dim: int, variant: str = 'adm',
+                       max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal timestep embedding (Vaswani et al. 2017, Sec. 3.5; Ho et al. 2020).
+
+    Args:
+        t: [B] timesteps (integer or float; fractional values allowed).
+        dim: embedding width (odd widths get a trailing zero column).
+        variant: 'ddpm' gives [sin, cos] with frequencies
+            exp(-log(max_period) * k / (dim/2 - 1)); 'adm' gives [cos, sin] with
+            exp(-log(max_period) * k / (dim/2)).
+        max_period: the longest period of the sinusoids.
+
+    Returns:
+        [B, dim] float32 embedding.
+    """
+    half = dim // 2
+    denom = (half - 1) if variant == 'ddpm' else half
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32)
+                    / max(denom, 1))
+    args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
+    if variant == 'ddpm':
+        emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    else:
+        emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+def default_init(variant: str) -> nn.initializers.Initializer:
+    """Weight initialiser of each variant.
+
+    DDPM uses variance scaling 1.0 with fan_avg and a uniform distribution; ADM keeps
+    PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)), i.e. scale 1/3 with fan_in.
+
+    Args:
+        variant: 'ddpm' or 'adm'.
+
+    Returns:
+        A Flax initializer.
+    """
+    if variant == 'ddpm':
+        return nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform')
+    return nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+
+def _epsilon(variant: str) -> float:
+    # tf.contrib group_norm (DDPM) defaults to 1e-6, torch.nn.GroupNorm (ADM) to 1e-5.
+    return 1e-6 if variant == 'ddpm' else 1e-5
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm whose statistics and affine transform are computed in float32.
+
+    Attributes:
+        num_groups: number of channel groups.
+        variant: 'ddpm' or 'adm' (sets epsilon).
+        dtype: dtype of the returned activations.
+    """
+    num_groups: int
+    variant: str = 'adm'
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = nn.GroupNorm(num_groups=self.num_groups, epsilon=_epsilon(self.variant),
+                         dtype=jnp.float32, param_dtype=jnp.float32,
+                         name='norm')(x.astype(jnp.float32))
+        return h.astype(self.dtype)
+
+
+def conv(features: int, variant: str, dtype: Dtype, *, kernel: int = 3, stride: int = 1,
+         zero_init: bool = False, name: str | None = None) -> nn.Conv:
+    """A square convolution with the variant's padding and initialisation.
+
+    Args:
+        features: output channels.
+        variant: 'ddpm' or 'adm'.
+        dtype: compute dtype (parameters are float32).
+        kernel: kernel side (1 is a NIN layer).
+        stride: spatial stride.
+        zero_init: zero kernel (residual branch ends, output layer).
+        name: submodule name.
+
+    Returns:
+        An unbound nn.Conv.
+    """
+    if kernel == 1:
+        padding = 'VALID'
+    elif stride == 1 or variant == 'adm':
+        padding = ((kernel // 2, kernel // 2),) * 2
+    else:
+        padding = 'SAME'  # TensorFlow's asymmetric (0, 1) padding for stride 2 (DDPM).
+    init = nn.initializers.zeros_init() if zero_init else default_init(variant)
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
+                   kernel_init=init, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def dense(features: int, variant: str, dtype: Dtype, *, zero_init: bool = False,
+          name: str | None = None) -> nn.Dense:
+    """A dense layer with the variant's initialisation (see `conv`)."""
+    init = nn.initializers.zeros_init() if zero_init else default_init(variant)
+    return nn.Dense(features, kernel_init=init, dtype=dtype, param_dtype=jnp.float32,
+                    name=name)
+
+
+def upsample_nearest(x: jax.Array) -> jax.Array:
+    """Nearest-neighbour 2x upsampling of [B, H, W, C] to [B, 2H, 2W, C]."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def avg_pool_2x(x: jax.Array) -> jax.Array:
+    """2x2 average pooling with stride 2 of [B, H, W, C] to [B, H/2, W/2, C]."""
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class Downsample(nn.Module):
+    """Halves the resolution: strided 3x3 convolution or 2x2 average pooling.
+
+    Attributes:
+        out_channels: output channels (must equal the input's without a conv).
+        use_conv: strided convolution (config.model.conv_resample) or average pool.
+        variant: 'ddpm' or 'adm'.
+        dtype: compute dtype.
+    """
+    out_channels: int
+    use_conv: bool = True
+    variant: str = 'adm'
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.use_conv:
+            return conv(self.out_channels, self.variant, self.dtype, stride=2,
+                        name='conv')(x)
+        return avg_pool_2x(x)
+
+
+class Upsample(nn.Module):
+    """Doubles the resolution: nearest-neighbour upsampling, then optionally a 3x3 conv.
+
+    Attributes:
+        out_channels: output channels (used with the convolution).
+        use_conv: follow the upsampling by a convolution (config.model.conv_resample).
+        variant: 'ddpm' or 'adm'.
+        dtype: compute dtype.
+    """
+    out_channels: int
+    use_conv: bool = True
+    variant: str = 'adm'
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = upsample_nearest(x)
+        if self.use_conv:
+            x = conv(self.out_channels, self.variant, self.dtype, name='conv')(x)
+        return x
+
+
+class ResBlock(nn.Module):
+    """Residual block conditioned on the (time + class) embedding.
+
+    h = conv(silu(norm(x))); then either h + dense(silu(emb)) followed by
+    silu(norm(.)) (Ho et al. 2020), or adaptive group norm
+    silu(norm(h) * (1 + scale) + shift) with (scale, shift) = dense(silu(emb))
+    (Dhariwal & Nichol 2021, Sec. 3, "AdaGN"); then dropout and a zero-initialised
+    conv. With `up`/`down` the block also resamples both branches without
+    parameters (BigGAN, Brock et al. 2019). The skip is a 1x1 conv when the channels
+    change.
+
+    Attributes:
+        out_channels: output channels.
+        num_groups: GroupNorm groups.
+        dropout: dropout rate before the last conv.
+        use_scale_shift_norm: AdaGN conditioning.
+        up: upsample 2x inside the block.
+        down: downsample 2x inside the block.
+        deterministic: disable dropout (inference).
+        variant: 'ddpm' or 'adm'.
+        dtype: compute dtype.
+    """
+    out_channels: int
+    num_groups: int = 32
+    dropout: float = 0.0
+    use_scale_shift_norm: bool = False
+    up: bool = False
+    down: bool = False
+    deterministic: bool = True
+    variant: str = 'adm'
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
+        """Applies the block.
+
+        Args:
+            x: [B, H, W, C] activations.
+            emb: [B, E] conditioning embedding.
+
+        Returns:
+            [B, H', W', out_channels] with H' = 2H (up), H/2 (down) or H.
+        """
+        x = x.astype(self.dtype)
+        h = nn.silu(GroupNorm(self.num_groups, self.variant, self.dtype, name='in_norm')(x))
+        if self.up:
+            h, x = upsample_nearest(h), upsample_nearest(x)
+        elif self.down:
+            h, x = avg_pool_2x(h), avg_pool_2x(x)
+        h = conv(self.out_channels, self.variant, self.dtype, name='in_conv')(h)
+
+        emb_width = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
+        emb_out = dense(emb_width, self.variant, self.dtype, name='emb_proj')(nn.silu(emb))
+        emb_out = emb_out.astype(self.dtype)[:, None, None, :]  # [B, 1, 1, E']
+        out_norm = GroupNorm(self.num_groups, self.variant, self.dtype, name='out_norm')
+        if self.use_scale_shift_norm:
+            scale, shift = jnp.split(emb_out, 2, axis=-1)
+            h = out_norm(h) * (1 + scale) + shift
+        else:
+            h = out_norm(h + emb_out)
+        h = nn.silu(h)
+        if self.dropout > 0:
+            h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
+        h = conv(self.out_channels, self.variant, self.dtype, zero_init=True,
+                 name='out_conv')(h)
+
+        if x.shape[-1] != self.out_channels:
+            x = conv(self.out_channels, self.variant, self.dtype, kernel=1, name='skip')(x)
+        return x + h
+
+
+def num_attention_heads(channels: int, num_heads: int, num_head_channels: int) -> int:
+    """Heads of an attention layer: channels // num_head_channels, or num_heads."""
+    return num_heads if num_head_channels == -1 else channels // num_head_channels
+
+
+class AttentionBlock(nn.Module):
+    """Residual multi-head self-attention over all pixels (Wang et al. 2018 non-local).
+
+    'ddpm' has one head with separate q, k, v and proj NIN layers (Ho et al. 2020);
+    'adm' a fused qkv projection and several heads (Dhariwal & Nichol 2021, Sec. 3).
+    The output projection is zero-initialised.
+
+    Attributes:
+        num_heads: heads when num_head_channels == -1.
+        num_head_channels: fixed channels per head (-1: use num_heads).
+        num_groups: GroupNorm groups.
+        variant: 'ddpm' or 'adm'.
+        dtype: compute dtype.
+    """
+    num_heads: int = 1
+    num_head_channels: int = -1
+    num_groups: int = 32
+    variant: str = 'adm'
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Applies the block.
+
+        Args:
+            x: [B, H, W, C] activations.
+
+        Returns:
+            [B, H, W, C].
+        """
+        x = x.astype(self.dtype)
+        b, height, width, c = x.shape
+        heads = num_attention_heads(c, self.num_heads, self.num_head_channels)
+        h = GroupNorm(self.num_groups, self.variant, self.dtype, name='norm')(x)
+        h = h.reshape(b, height * width, c)  # [B, T, C]
+        if self.variant == 'ddpm':
+            q = dense(c, self.variant, self.dtype, name='q')(h)
+            k = dense(c, self.variant, self.dtype, name='k')(h)
+            v = dense(c, self.variant, self.dtype, name='v')(h)
+        else:
+            q, k, v = jnp.split(dense(3 * c, self.variant, self.dtype, name='qkv')(h), 3,
+                                axis=-1)
+        split = lambda a: a.reshape(b, height * width, heads, c // heads)  # [B, T, N, D]
+        h = jax.nn.dot_product_attention(split(q), split(k), split(v))
+        h = h.reshape(b, height * width, c)
+        h = dense(c, self.variant, self.dtype, zero_init=True, name='proj_out')(h)
+        return x + h.reshape(b, height, width, c)
+
+
+class AttentionPool2d(nn.Module):
+    """ADM's attention pooling head (Dhariwal & Nichol 2021, App. F; CLIP, Radford 2021).
+
+    The mean token is prepended to the flattened pixels, a learned positional
+    embedding is added, and the mean token attends to all tokens; its output is
+    projected to `out_features`.
+
+    Attributes:
+        out_features: output width (number of classes).
+        num_heads: heads when num_head_channels == -1.
+        num_head_channels: channels per head (-1: use num_heads).
+        dtype: compute dtype.
+    """
+    out_features: int
+    num_heads: int = 1
+    num_head_channels: int = -1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Pools [B, H, W, C] to [B, out_features]."""
+        b, height, width, c = x.shape
+        heads = num_attention_heads(c, self.num_heads, self.num_head_channels)
+        tokens = x.reshape(b, height * width, c)
+        tokens = jnp.concatenate([tokens.mean(axis=1, keepdims=True), tokens], axis=1)
+        pos = self.param('positional_embedding', nn.initializers.normal(c ** -0.5),
+                         (height * width + 1, c), jnp.float32)
+        tokens = (tokens + pos).astype(self.dtype)  # [B, T+1, C]
+        qkv = dense(3 * c, 'adm', self.dtype, name='qkv')(tokens)
+        q, k, v = jnp.split(qkv, 3, axis=-1)
+        q = q[:, :1]  # Only the mean token's output is used.
+        split = lambda a: a.reshape(b, a.shape[1], heads, c // heads)
+        h = jax.nn.dot_product_attention(split(q), split(k), split(v)).reshape(b, c)
+        return dense(self.out_features, 'adm', self.dtype, name='c_proj')(h)
+
+
+def level_channels(base_channels: int, channel_mult: Sequence[float]) -> list[int]:
+    """Channels of each resolution level: int(mult * base_channels)."""
+    return [int(m * base_channels) for m in channel_mult]
+
+
+def check_architecture(arch: Any, image_size: int | None = None) -> None:
+    """Validates UNet/classifier hyperparameters, naming the offending config field.
+
+    Args:
+        arch: any object with the config.model fields (a UNet, a Classifier or
+            config.model itself).
+        image_size: input side in pixels; enables the resolution checks.
+
+    Raises:
+        ValueError: on an unknown variant or dtype, channels not divisible by
+            num_groups or by the head width, a DDPM model with several heads, an image
+            size not divisible by the total downsampling, or attention resolutions
+            that never occur.
+    """
+    if arch.variant not in VARIANTS:
+        raise ValueError(f'model.variant must be one of {VARIANTS}, got {arch.variant!r}.')
+    get_dtype(arch.dtype)
+    if arch.base_channels <= 0:
+        raise ValueError(f'model.base_channels must be positive, got {arch.base_channels}.')
+    if not arch.channel_mult:
+        raise ValueError('model.channel_mult must not be empty.')
+    if arch.num_res_blocks < 1:
+        raise ValueError(f'model.num_res_blocks must be >= 1, got {arch.num_res_blocks}.')
+    if not 0.0 <= arch.dropout < 1.0:
+        raise ValueError(f'model.dropout must be in [0, 1), got {arch.dropout}.')
+    if arch.num_groups <= 0:
+        raise ValueError(f'model.num_groups must be positive, got {arch.num_groups}.')
+    chans = level_channels(arch.base_channels, arch.channel_mult)
+    for mult, ch in zip(arch.channel_mult, chans):
+        if ch <= 0:
+            raise ValueError(f'model.channel_mult entry {mult} gives {ch} channels.')
+        if ch % arch.num_groups:
+            raise ValueError(
+                f'model.num_groups={arch.num_groups} does not divide the {ch} channels of '
+                f'level model.channel_mult={tuple(arch.channel_mult)} x '
+                f'model.base_channels={arch.base_channels}.')
+    if arch.variant == 'ddpm' and (arch.num_heads != 1 or arch.num_head_channels != -1):
+        raise ValueError(
+            "model.variant='ddpm' has a single attention head: set model.num_heads=1 and "
+            f'model.num_head_channels=-1 (got {arch.num_heads}, {arch.num_head_channels}).')
+    if arch.num_head_channels == -1 and arch.num_heads < 1:
+        raise ValueError(f'model.num_heads must be >= 1, got {arch.num_heads}.')
+    if arch.num_head_channels != -1 and arch.num_head_channels < 1:
+        raise ValueError(
+            f'model.num_head_channels must be -1 or positive, got {arch.num_head_channels}.')
+
+    # The middle block always has attention, at the last level's channels.
+    attn_channels = {chans[-1]}
+    if image_size is not None:
+        factor = 2 ** (len(chans) - 1)
+        if image_size <= 0 or image_size % factor:
+            raise ValueError(
+                f'data.image_size={image_size} is not divisible by the total downsampling '
+                f'{factor} of {len(chans)} levels (model.channel_mult).')
+        resolutions = [image_size // 2 ** level for level in range(len(chans))]
+        unknown = sorted(set(arch.attention_resolutions) - set(resolutions))
+        if unknown:
+            raise ValueError(
+                f'model.attention_resolutions {unknown} never occur: the resolutions at '
+                f'data.image_size={image_size} are {resolutions}.')
+        attn_channels |= {ch for res, ch in zip(resolutions, chans)
+                          if res in arch.attention_resolutions}
+    for ch in sorted(attn_channels):
+        if arch.num_head_channels != -1:
+            if ch % arch.num_head_channels:
+                raise ValueError(
+                    f'model.num_head_channels={arch.num_head_channels} does not divide the '
+                    f'{ch} channels of an attention layer.')
+        elif ch % arch.num_heads:
+            raise ValueError(f'model.num_heads={arch.num_heads} does not divide the {ch} '
+                             'channels of an attention layer.')

@@ -1,0 +1,238 @@
+"""The diffusion UNet of DDPM (Ho et al. 2020) and ADM (Dhariwal & Nichol 2021).
+
+Owns `UNet`, the noise (or x_0 / v) predictor, and `encode`, its downsampling half,
+which the noise-aware classifier reuses. The architecture follows the PixelCNN++
+style UNet of Ho et al. 2020 (Appendix B) with the improvements of Nichol & Dhariwal
+2021 (learned variances: twice the output channels) and Dhariwal & Nichol 2021
+(Sec. 3: attention at several resolutions, several heads, BigGAN up/down-sampling
+residual blocks, adaptive group normalisation, class embeddings added to the time
+embedding). The label embedding has one extra "null" row (index num_classes) when
+the model is trained for classifier-free guidance (Ho & Salimans 2022).
+
+Parameter names are fixed per block (e.g. 'down_1_res_0', 'up_2_attn_1', 'mid_attn'),
+so a model with `remat=True` has exactly the parameter tree of the plain one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ddpm_jax.models import layers
+
+
+def block_classes(remat: bool) -> tuple[type[nn.Module], type[nn.Module]]:
+    """ResBlock and AttentionBlock, each wrapped in `nn.remat` when `remat` is set.
+
+    Rematerialisation recomputes each block's activations in the backward pass
+    instead of storing them (Chen et al. 2016).
+    """
+    if remat:
+        return nn.remat(layers.ResBlock), nn.remat(layers.AttentionBlock)
+    return layers.ResBlock, layers.AttentionBlock
+
+
+def block_factories(arch: Any, train: bool
+                    ) -> tuple[type[nn.Module], type[nn.Module], dict, dict]:
+    """Block classes (rematerialised if arch.remat) and their shared keyword arguments.
+
+    Args:
+        arch: a UNet or Classifier.
+        train: enables dropout in the residual blocks.
+
+    Returns:
+        (ResBlock class, AttentionBlock class, ResBlock kwargs, AttentionBlock kwargs).
+    """
+    res_block, attn_block = block_classes(arch.remat)
+    common = dict(variant=arch.variant, dtype=layers.get_dtype(arch.dtype),
+                  num_groups=arch.num_groups)
+    res_kwargs = dict(dropout=arch.dropout, use_scale_shift_norm=arch.use_scale_shift_norm,
+                      deterministic=not train, **common)
+    attn_kwargs = dict(num_heads=arch.num_heads, num_head_channels=arch.num_head_channels,
+                       **common)
+    return res_block, attn_block, res_kwargs, attn_kwargs
+
+
+def encode(arch: Any, x: jax.Array, emb: jax.Array, train: bool
+           ) -> tuple[jax.Array, list[jax.Array]]:
+    """The input blocks and middle block of the UNet.
+
+    Must be called from inside the compact `__call__` of `arch`, which owns the
+    submodules it creates.
+
+    Args:
+        arch: the calling module (UNet or Classifier), with the config.model fields.
+        x: [B, H, W, C] input images.
+        emb: [B, 4 * base_channels] conditioning embedding.
+        train: enables dropout.
+
+    Returns:
+        (h, skips): the middle block's output [B, H / 2^(L-1), W / 2^(L-1), C_L] and
+        the activations saved for the skip connections, in order.
+    """
+    dtype = layers.get_dtype(arch.dtype)
+    res_block, attn_block, res_kwargs, attn_kwargs = block_factories(arch, train)
+    chans = layers.level_channels(arch.base_channels, arch.channel_mult)
+
+    h = layers.conv(chans[0], arch.variant, dtype, name='conv_in')(x.astype(dtype))
+    skips = [h]
+    resolution = x.shape[1]
+    for level, ch in enumerate(chans):
+        for i in range(arch.num_res_blocks):
+            h = res_block(ch, name=f'down_{level}_res_{i}', **res_kwargs)(h, emb)
+            if resolution in arch.attention_resolutions:
+                h = attn_block(name=f'down_{level}_attn_{i}', **attn_kwargs)(h)
+            skips.append(h)
+        if level != len(chans) - 1:
+            if arch.resblock_updown:
+                h = res_block(ch, down=True, name=f'down_{level}_downsample',
+                              **res_kwargs)(h, emb)
+            else:
+                h = layers.Downsample(ch, arch.conv_resample, arch.variant, dtype,
+                                      name=f'down_{level}_downsample')(h)
+            skips.append(h)
+            resolution //= 2
+
+    h = res_block(chans[-1], name='mid_res_0', **res_kwargs)(h, emb)
+    h = attn_block(name='mid_attn', **attn_kwargs)(h)
+    h = res_block(chans[-1], name='mid_res_1', **res_kwargs)(h, emb)
+    return h, skips
+
+
+def embed_timesteps(arch: Any, t: jax.Array, batch_size: int) -> jax.Array:
+    """Sinusoidal embedding of t followed by the two-layer MLP (width 4 * base).
+
+    Kept in float32, like ADM's time embedding under mixed precision.
+
+    Args:
+        arch: the calling module.
+        t: [B] or scalar timesteps.
+        batch_size: B.
+
+    Returns:
+        [B, 4 * base_channels] float32.
+    """
+    t = jnp.broadcast_to(jnp.asarray(t), (batch_size,))
+    emb_dim = 4 * arch.base_channels
+    emb = layers.timestep_embedding(t, arch.base_channels, arch.variant)
+    emb = layers.dense(emb_dim, arch.variant, jnp.float32, name='time_embed_0')(emb)
+    emb = layers.dense(emb_dim, arch.variant, jnp.float32,
+                       name='time_embed_1')(nn.silu(emb))
+    return emb
+
+
+def check_input(x: jax.Array, arch: Any) -> None:
+    """Checks the input rank and spatial size against the architecture."""
+    if x.ndim != 4:
+        raise ValueError(f'Expected NHWC images [B, H, W, C], got shape {x.shape}.')
+    height, width = x.shape[1:3]
+    if height != width:
+        raise ValueError(f'Expected square images, got {height}x{width} (data.image_size).')
+    layers.check_architecture(arch, image_size=height)
+
+
+class UNet(nn.Module):
+    """Timestep- (and optionally class-) conditional UNet.
+
+    Attributes mirror config.model (see configs/default.py). The output has the
+    input's channels, doubled when `learn_sigma` (mean output first, then the
+    variance interpolation v of Nichol & Dhariwal 2021, Eq. 15).
+    """
+    variant: str = 'adm'
+    base_channels: int = 128
+    channel_mult: Sequence[float] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: Sequence[int] = (16,)
+    num_heads: int = 1
+    num_head_channels: int = -1
+    dropout: float = 0.0
+    resblock_updown: bool = False
+    use_scale_shift_norm: bool = False
+    conv_resample: bool = True
+    num_groups: int = 32
+    num_classes: int = 0
+    class_dropout_prob: float = 0.0
+    learn_sigma: bool = False
+    dtype: str = 'float32'
+    remat: bool = False
+
+    @property
+    def num_label_embeddings(self) -> int:
+        """Rows of the label embedding: num_classes, plus the null label for CFG."""
+        if self.num_classes <= 0:
+            return 0
+        return self.num_classes + (1 if self.class_dropout_prob > 0 else 0)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None,
+                 train: bool = False) -> jax.Array:
+        """Predicts the model output for noisy images.
+
+        Args:
+            x: [B, H, W, C] noisy images x_t.
+            t: [B] int32 original (training) timesteps, or a scalar.
+            y: [B] int32 labels in 0..num_classes-1, or num_classes (the null label,
+                only when class_dropout_prob > 0); required iff num_classes > 0.
+            train: enables dropout (needs the 'dropout' rng collection).
+
+        Returns:
+            [B, H, W, C] float32, or [B, H, W, 2C] with learn_sigma.
+
+        Raises:
+            ValueError: for a label given to an unconditional model or missing for a
+                conditional one, or an input the architecture cannot take.
+        """
+        check_input(x, self)
+        if self.num_classes < 0:
+            raise ValueError(f'model.num_classes must be >= 0, got {self.num_classes}.')
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ValueError('model.class_dropout_prob must be in [0, 1), got '
+                             f'{self.class_dropout_prob}.')
+        if self.class_dropout_prob > 0 and self.num_classes == 0:
+            raise ValueError('model.class_dropout_prob > 0 needs a class-conditional model '
+                             '(model.num_classes > 0).')
+        if self.num_classes > 0 and y is None:
+            raise ValueError(f'The model is class-conditional (model.num_classes='
+                             f'{self.num_classes}): a label y is required.')
+        if self.num_classes == 0 and y is not None:
+            raise ValueError('The model is unconditional (model.num_classes=0) but a label '
+                             'y was given.')
+
+        batch_size, out_channels = x.shape[0], x.shape[-1] * (2 if self.learn_sigma else 1)
+        emb = embed_timesteps(self, t, batch_size)
+        if y is not None:
+            if y.shape != (batch_size,):
+                raise ValueError(f'Labels y must have shape [{batch_size}], got {y.shape}.')
+            emb = emb + nn.Embed(self.num_label_embeddings, emb.shape[-1],
+                                 param_dtype=jnp.float32, name='label_emb')(y)
+
+        dtype = layers.get_dtype(self.dtype)
+        res_block, attn_block, res_kwargs, attn_kwargs = block_factories(self, train)
+        chans = layers.level_channels(self.base_channels, self.channel_mult)
+
+        h, skips = encode(self, x, emb, train)
+        resolution = h.shape[1]
+        for level in reversed(range(len(chans))):
+            for i in range(self.num_res_blocks + 1):
+                h = jnp.concatenate([h, skips.pop()], axis=-1)
+                h = res_block(chans[level], name=f'up_{level}_res_{i}', **res_kwargs)(h, emb)
+                if resolution in self.attention_resolutions:
+                    h = attn_block(name=f'up_{level}_attn_{i}', **attn_kwargs)(h)
+            if level != 0:
+                if self.resblock_updown:
+                    h = res_block(chans[level], up=True, name=f'up_{level}_upsample',
+                                  **res_kwargs)(h, emb)
+                else:
+                    h = layers.Upsample(chans[level], self.conv_resample, self.variant, dtype,
+                                        name=f'up_{level}_upsample')(h)
+                resolution *= 2
+
+        # The output head runs in float32, as in ADM's mixed-precision training.
+        h = nn.silu(layers.GroupNorm(self.num_groups, self.variant, jnp.float32,
+                                     name='out_norm')(h))
+        h = layers.conv(out_channels, self.variant, jnp.float32, zero_init=True,
+                        name='conv_out')(h)
+        return h.astype(jnp.float32)

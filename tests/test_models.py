@@ -1,0 +1,406 @@
+"""Tests for ddpm_jax.models: UNet, Classifier, their blocks, create_model, count_params.
+
+Compilation dominates on a shared 2-core CPU, so the models are tiny (width 8, 8x8
+images), parameters are mostly drawn with NumPy from `jax.eval_shape` shapes instead
+of compiling `model.init`, and compiled functions are shared via module fixtures.
+"""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from ddpm_jax import models
+from ddpm_jax.models import layers
+
+IMAGE_SIZE = 8
+CHANNELS = 1
+BATCH = 2
+
+
+def _config(tiny_config, **model_overrides):
+    config = tiny_config
+    for key, value in model_overrides.items():
+        config.model[key] = value
+    return config
+
+
+ADM_FEATURES = dict(variant='adm', resblock_updown=True, use_scale_shift_norm=True,
+                    learn_sigma=True, num_classes=3, class_dropout_prob=0.1, dropout=0.1,
+                    num_head_channels=4)
+
+
+def random_params(model, seed=0, scale=0.3):
+    """Parameters with every leaf random (so zero-initialised layers are not zero)."""
+    shapes = models.param_shapes(model, IMAGE_SIZE, CHANNELS)
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda s: jnp.asarray(rng.normal(0.0, scale, s.shape), jnp.float32), shapes)
+
+
+def inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(BATCH, IMAGE_SIZE, IMAGE_SIZE, CHANNELS)), jnp.float32)
+    t = jnp.asarray([3, 17], jnp.int32)
+    return x, t
+
+
+def make_forward(model):
+    return jax.jit(lambda p, x, t, y: model.apply({'params': p}, x, t, y=y))
+
+
+def count(tree):
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
+
+
+@pytest.fixture(scope='module')
+def adm():
+    """A tiny ADM UNet with every feature on, random params and a compiled forward."""
+    config = default.get_config()
+    config.data.image_size, config.data.channels = IMAGE_SIZE, CHANNELS
+    config.model.update(dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                             attention_resolutions=(4,), num_groups=4, **ADM_FEATURES))
+    model = models.create_model(config)
+    return config, model, random_params(model), make_forward(model)
+
+
+@pytest.fixture(scope='module')
+def ddpm():
+    """A tiny DDPM UNet with random params and a compiled forward."""
+    config = default.get_config()
+    config.data.image_size, config.data.channels = IMAGE_SIZE, CHANNELS
+    config.model.update(dict(variant='ddpm', base_channels=8, channel_mult=(1, 2),
+                             num_res_blocks=1, attention_resolutions=(4,), num_groups=4))
+    model = models.create_model(config)
+    return config, model, random_params(model), make_forward(model)
+
+
+# --- shapes, dtypes, initialisation ---------------------------------------------------
+
+def test_ddpm_output_shape_and_dtype(ddpm):
+    _, _, params, forward = ddpm
+    x, t = inputs()
+    out = forward(params, x, t, None)
+    chex.assert_shape(out, x.shape)
+    assert out.dtype == jnp.float32
+    assert np.all(np.isfinite(out)) and float(jnp.abs(out).max()) > 0
+
+
+def test_adm_learned_sigma_doubles_channels(adm):
+    _, _, params, forward = adm
+    x, t = inputs()
+    out = forward(params, x, t, jnp.asarray([0, 2]))
+    chex.assert_shape(out, x.shape[:3] + (2 * CHANNELS,))
+    assert out.dtype == jnp.float32
+
+
+@pytest.mark.parametrize('variant', ['ddpm', 'adm'])
+def test_zero_output_and_zero_residual_branches_at_init(tiny_config, variant):
+    # One resolution level keeps the compilation of `init` cheap.
+    features = ADM_FEATURES if variant == 'adm' else dict(variant='ddpm')
+    model = models.create_model(_config(tiny_config, channel_mult=(1,),
+                                        attention_resolutions=(8,), **features))
+    x, t = inputs()
+    kwargs = {'y': jnp.asarray([0, 1])} if variant == 'adm' else {}
+    variables = jax.jit(model.init)(jax.random.key(0, impl='rbg'), x, t, **kwargs)
+    out = model.apply(variables, x, t, **kwargs)
+    np.testing.assert_array_equal(out, 0.0)
+    params = variables['params']
+    assert not np.any(params['conv_out']['kernel'])
+    assert not np.any(params['down_0_res_0']['out_conv']['kernel'])
+    assert not np.any(params['up_0_res_1']['out_conv']['kernel'])
+    assert not np.any(params['down_0_attn_0']['proj_out']['kernel'])
+    assert not np.any(params['mid_attn']['proj_out']['kernel'])
+    assert np.any(params['down_0_res_0']['in_conv']['kernel'])  # The rest is not zero.
+    assert np.any(params['conv_in']['kernel'])
+
+
+def test_scalar_timestep_broadcasts(ddpm):
+    _, _, params, forward = ddpm
+    x, t = inputs()
+    np.testing.assert_allclose(forward(params, x, jnp.int32(3), None),
+                               forward(params, x, jnp.asarray([3, 3]), None), atol=1e-6)
+
+
+def test_timestep_changes_output(ddpm):
+    _, _, params, forward = ddpm
+    x, _ = inputs()
+    x = jnp.concatenate([x[:1], x[:1]])
+    out = forward(params, x, jnp.asarray([0, 500]), None)
+    assert float(jnp.abs(out[0] - out[1]).max()) > 1e-3
+
+
+@pytest.mark.parametrize('variant', ['ddpm', 'adm'])
+def test_timestep_embedding_closed_form(variant):
+    t = np.array([0.0, 1.0, 17.0, 999.0])
+    dim = 8
+    half = dim // 2
+    denom = half - 1 if variant == 'ddpm' else half
+    freqs = np.exp(-np.log(10000.0) * np.arange(half) / denom)
+    args = t[:, None] * freqs[None]
+    if variant == 'ddpm':  # Ho et al. 2020 (hojonathanho/diffusion): [sin, cos].
+        want = np.concatenate([np.sin(args), np.cos(args)], axis=1)
+    else:  # guided-diffusion: [cos, sin].
+        want = np.concatenate([np.cos(args), np.sin(args)], axis=1)
+    got = layers.timestep_embedding(jnp.asarray(t), dim, variant)
+    np.testing.assert_allclose(got, want, atol=2e-4)
+
+
+# --- conditioning -------------------------------------------------------------------------
+
+def test_labels_change_conditional_output(adm):
+    _, _, params, forward = adm
+    x, t = inputs()
+    x, t = jnp.concatenate([x[:1], x[:1]]), jnp.asarray([5, 5])
+    out = forward(params, x, t, jnp.asarray([0, 1]))
+    assert float(jnp.abs(out[0] - out[1]).max()) > 1e-3
+    again = forward(params, x, t, jnp.asarray([0, 0]))
+    np.testing.assert_allclose(again[0], again[1], atol=1e-6)
+
+
+def test_null_label_row_exists_only_with_class_dropout(adm):
+    config, model, params, forward = adm
+    emb = params['label_emb']['embedding']
+    assert emb.shape[0] == config.model.num_classes + 1
+    x, t = inputs()
+    x, t = jnp.concatenate([x[:1], x[:1]]), jnp.asarray([5, 5])
+    null = config.model.num_classes
+    out = forward(params, x, t, jnp.asarray([null, 0]))
+    assert np.all(np.isfinite(out))
+    assert float(jnp.abs(out[0] - out[1]).max()) > 1e-3
+
+    plain = model.clone(class_dropout_prob=0.0)
+    shapes = models.param_shapes(plain, IMAGE_SIZE, CHANNELS)
+    assert shapes['label_emb']['embedding'].shape[0] == config.model.num_classes
+
+
+def test_unconditional_model_has_no_label_embedding(ddpm):
+    _, _, params, _ = ddpm
+    assert 'label_emb' not in params
+
+
+# --- mixed precision and rematerialisation ----------------------------------------------
+
+def test_bfloat16_close_to_float32(adm):
+    _, model, params, forward = adm
+    forward_bf16 = make_forward(model.clone(dtype='bfloat16'))
+    x, t = inputs()
+    y = jnp.asarray([0, 2])
+    out32, out16 = forward(params, x, t, y), forward_bf16(params, x, t, y)
+    assert out16.dtype == jnp.float32
+    err = float(jnp.abs(out16 - out32).max())
+    scale = float(jnp.abs(out32).max())
+    assert err > 0  # The bf16 model really computes in bf16 ...
+    assert err < 0.05 * scale  # ... and stays close (float32 norms and softmax).
+    # Parameters stay float32 in a bf16 model.
+    shapes = models.param_shapes(model.clone(dtype='bfloat16'), IMAGE_SIZE, CHANNELS)
+    assert {s.dtype for s in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}
+
+
+def test_remat_gradients_equal_plain(tiny_config):
+    # One level keeps the two gradient compilations cheap; the middle block still has
+    # a rematerialised attention block and the residual blocks use dropout and AdaGN.
+    config = _config(tiny_config, channel_mult=(1,), attention_resolutions=(),
+                     **ADM_FEATURES)
+    model = models.create_model(config)
+    remat_model = models.create_model(_config(config, remat=True))
+    params = random_params(model)
+    assert (jax.tree.structure(models.param_shapes(remat_model, IMAGE_SIZE, CHANNELS))
+            == jax.tree.structure(params))
+    x, t = inputs()
+    y = jnp.asarray([0, 2])
+
+    def grad_fn(m):
+        def loss(p):
+            out = m.apply({'params': p}, x, t, y=y, train=True,
+                          rngs={'dropout': jax.random.key(7)})
+            return jnp.mean(out ** 2)
+        return jax.jit(jax.grad(loss))
+
+    # The remat model really contains checkpointed blocks.
+    def has_remat(m):
+        jaxpr = str(jax.make_jaxpr(grad_fn(m))(params))
+        return 'checkpoint' in jaxpr or 'remat' in jaxpr
+
+    assert has_remat(remat_model) and not has_remat(model)
+    g_plain, g_remat = grad_fn(model)(params), grad_fn(remat_model)(params)
+    chex.assert_trees_all_close(g_plain, g_remat, rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(g_plain['conv_in']['kernel']).max()) > 0
+    assert float(jnp.abs(g_plain['mid_attn']['qkv']['kernel']).max()) > 0
+
+
+def test_dropout_active_only_in_training(tiny_config):
+    config = _config(tiny_config, channel_mult=(1,), attention_resolutions=(),
+                     **ADM_FEATURES)
+    model = models.create_model(config)
+    params = random_params(model)
+    x, t = inputs()
+    y = jnp.asarray([0, 2])
+    apply_fn = jax.jit(lambda p, rng, train: model.apply(
+        {'params': p}, x, t, y=y, train=train, rngs={'dropout': rng}), static_argnums=2)
+    a, b = apply_fn(params, jax.random.key(0), True), apply_fn(params, jax.random.key(1), True)
+    assert float(jnp.abs(a - b).max()) > 1e-4
+    c, d = apply_fn(params, jax.random.key(0), False), apply_fn(params, jax.random.key(1), False)
+    np.testing.assert_array_equal(c, d)
+    assert float(jnp.abs(a - c).max()) > 1e-4
+
+
+# --- architecture details ------------------------------------------------------------------
+
+def _attention_params(shapes):
+    return {name: count(sub) for name, sub in shapes.items() if 'attn' in name}
+
+
+def _attention_count(c):
+    # GroupNorm (2C) + q, k, v (3C^2 + 3C) + output projection (C^2 + C).
+    return 2 * c + 3 * (c * c + c) + c * c + c
+
+
+@pytest.mark.parametrize('variant', ['ddpm', 'adm'])
+@pytest.mark.parametrize('resolutions', [(4,), (8,), (8, 4), ()])
+def test_attention_exists_at_requested_pixel_resolutions(tiny_config, variant, resolutions):
+    config = _config(tiny_config, variant=variant, attention_resolutions=resolutions)
+    shapes = models.param_shapes(models.create_model(config), IMAGE_SIZE, CHANNELS)
+    attn = _attention_params(shapes)
+    # Levels: 8x8 with 8 channels (level 0), 4x4 with 16 channels (level 1).
+    want = {'mid_attn': _attention_count(16)}
+    for level, (res, c) in enumerate([(8, 8), (4, 16)]):
+        if res in resolutions:
+            want[f'down_{level}_attn_0'] = _attention_count(c)
+            for i in range(2):
+                want[f'up_{level}_attn_{i}'] = _attention_count(c)
+    assert attn == want
+
+
+def test_ddpm_attention_uses_separate_qkv_and_adm_fused(tiny_config):
+    ddpm_shapes = models.param_shapes(
+        models.create_model(_config(tiny_config, variant='ddpm')), IMAGE_SIZE, CHANNELS)
+    assert set(ddpm_shapes['mid_attn']) == {'norm', 'q', 'k', 'v', 'proj_out'}
+    adm_shapes = models.param_shapes(
+        models.create_model(_config(tiny_config, variant='adm')), IMAGE_SIZE, CHANNELS)
+    assert set(adm_shapes['mid_attn']) == {'norm', 'qkv', 'proj_out'}
+    assert adm_shapes['mid_attn']['qkv']['kernel'].shape == (16, 48)
+
+
+def test_resblock_parameter_count_closed_form(tiny_config):
+    c_in, c_out, e = 8, 16, 32
+    for scale_shift in (False, True):
+        block = layers.ResBlock(c_out, num_groups=4, use_scale_shift_norm=scale_shift)
+        shapes = jax.eval_shape(block.init, jax.random.key(0), jnp.zeros((1, 8, 8, c_in)),
+                                jnp.zeros((1, e)))['params']
+        emb_out = 2 * c_out if scale_shift else c_out
+        want = (2 * c_in + 9 * c_in * c_out + c_out  # in_norm, in_conv
+                + e * emb_out + emb_out  # emb_proj
+                + 2 * c_out + 9 * c_out * c_out + c_out  # out_norm, out_conv
+                + c_in * c_out + c_out)  # 1x1 skip
+        assert count(shapes) == want
+
+
+def test_updown_variants(tiny_config):
+    config = _config(tiny_config, resblock_updown=True)
+    shapes = models.param_shapes(models.create_model(config), IMAGE_SIZE, CHANNELS)
+    assert 'in_conv' in shapes['down_0_downsample']  # A residual block ...
+    assert 'in_conv' in shapes['up_1_upsample']
+    config = _config(tiny_config, resblock_updown=False, conv_resample=False)
+    shapes = models.param_shapes(models.create_model(config), IMAGE_SIZE, CHANNELS)
+    assert 'down_0_downsample' not in shapes  # ... or parameter-free resampling.
+    config = _config(tiny_config, resblock_updown=False, conv_resample=True)
+    shapes = models.param_shapes(models.create_model(config), IMAGE_SIZE, CHANNELS)
+    assert shapes['down_0_downsample']['conv']['kernel'].shape == (3, 3, 8, 8)
+
+
+def test_fractional_channel_mult(tiny_config):
+    config = _config(tiny_config, base_channels=16, channel_mult=(0.5, 1))
+    shapes = models.param_shapes(models.create_model(config), IMAGE_SIZE, CHANNELS)
+    assert shapes['conv_in']['kernel'].shape == (3, 3, CHANNELS, 8)
+    assert shapes['mid_res_0']['in_conv']['kernel'].shape == (3, 3, 16, 16)
+
+
+def test_count_params_without_allocation(tiny_config):
+    model = models.create_model(tiny_config)
+    n = models.count_params(model, image_size=IMAGE_SIZE, channels=CHANNELS)
+    assert n == models.count_params(tiny_config)
+    assert n == count(models.param_shapes(model, IMAGE_SIZE, CHANNELS))
+    with pytest.raises(ValueError, match='image_size'):
+        models.count_params(model)
+
+
+# --- classifier -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('pool', ['attention', 'adaptive'])
+def test_classifier_logits(tiny_config, pool):
+    config = _config(tiny_config, name='classifier', num_classes=5, pool=pool,
+                     num_head_channels=8, resblock_updown=True, use_scale_shift_norm=True)
+    model = models.create_model(config)
+    assert isinstance(model, models.Classifier)
+    params = random_params(model)
+    x, t = inputs()
+    logits = jax.jit(lambda p: model.apply({'params': p}, x, t))(params)
+    chex.assert_shape(logits, (BATCH, 5))
+    assert logits.dtype == jnp.float32
+    assert float(jnp.abs(logits[0] - logits[1]).max()) > 1e-4
+    if pool == 'attention':
+        # Positional embedding: one row per 4x4 pixel plus the mean token.
+        assert params['attention_pool']['positional_embedding'].shape == (17, 16)
+        assert params['attention_pool']['c_proj']['kernel'].shape == (16, 5)
+    else:
+        assert params['out_proj']['kernel'].shape == (16, 5)
+    assert not any('up_' in name for name in params)  # Encoder only.
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('overrides, image_size, field', [
+    (dict(channel_mult=(1, 2, 2)), 6, 'data.image_size'),
+    (dict(attention_resolutions=(3,)), 8, 'model.attention_resolutions'),
+    (dict(attention_resolutions=(16,)), 8, 'model.attention_resolutions'),
+    (dict(base_channels=12, num_groups=8), 8, 'model.num_groups'),
+    (dict(num_head_channels=6), 8, 'model.num_head_channels'),
+    (dict(num_heads=3), 8, 'model.num_heads'),
+    (dict(variant='ddpm', num_heads=2), 8, 'model.num_heads'),
+    (dict(variant='ncsn'), 8, 'model.variant'),
+    (dict(dtype='float16'), 8, 'model.dtype'),
+    (dict(name='vit'), 8, 'model.name'),
+    (dict(name='classifier', pool='max', num_classes=3), 8, 'model.pool'),
+    (dict(class_dropout_prob=0.1), 8, 'model.class_dropout_prob'),
+])
+def test_bad_config_raises_naming_field(tiny_config, overrides, image_size, field):
+    config = _config(tiny_config, **overrides)
+    config.data.image_size = image_size
+    with pytest.raises(ValueError, match=field.replace('.', r'\.')):
+        models.create_model(config)
+
+
+def _trace(model, x, t, y):
+    rngs = {'params': jax.random.key(0)}
+    return jax.eval_shape(lambda: model.init(rngs, x, t, y=y))
+
+
+def test_label_errors(tiny_config):
+    x, t = inputs()
+    unconditional = models.create_model(tiny_config)
+    with pytest.raises(ValueError, match=r'model\.num_classes'):
+        _trace(unconditional, x, t, jnp.zeros((BATCH,), jnp.int32))
+    conditional = models.create_model(_config(tiny_config, num_classes=4))
+    with pytest.raises(ValueError, match=r'model\.num_classes'):
+        _trace(conditional, x, t, None)
+    _trace(conditional, x, t, jnp.zeros((BATCH,), jnp.int32))  # Fine with a label.
+
+
+def test_input_size_checked_at_call(tiny_config):
+    model = models.create_model(tiny_config)
+    with pytest.raises(ValueError, match=r'data\.image_size'):
+        _trace(model, jnp.zeros((1, 6, 6, 1)), jnp.zeros((1,), jnp.int32), None)
+    with pytest.raises(ValueError, match=r'model\.attention_resolutions'):
+        _trace(model, jnp.zeros((1, 16, 16, 1)), jnp.zeros((1,), jnp.int32), None)
+
+
+def test_module_constructed_directly_is_validated():
+    model = models.UNet(base_channels=8, channel_mult=(1, 2), num_groups=3,
+                        attention_resolutions=())
+    with pytest.raises(ValueError, match=r'model\.num_groups'):
+        _trace(model, jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32), None)
+    assert isinstance(model, nn.Module)
