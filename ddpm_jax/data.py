@@ -1,0 +1,463 @@
+"""Input pipelines: TFDS (array_record), the bundled digits and a synthetic source.
+
+This module owns everything between a dataset on disk and the numpy batch the
+trainer shards onto its mesh:
+
+* Sources (chosen by `config.data.dataset`):
+  - a TFDS name (e.g. 'cifar10', 'imagenet2012', 'lsun/church_outdoor'), read
+    with `tfds.data_source(name, split=..., data_dir=..., download=False)` from
+    array_record files. Nothing is ever downloaded or built here: a dataset
+    that is not prepared raises `DatasetNotFoundError` at once.
+  - 'digits': scikit-learn's bundled 8x8 handwritten digits (1,797 images,
+    10 classes, pixel values 0..16). Split 'train' is the first 1,500 images,
+    split 'test' the last 297.
+  - 'fake': deterministic uniform-noise images with random labels (10,000 train,
+    1,000 test), for smoke tests and input-free benchmarks.
+* Preprocessing (grain, no TensorFlow): optional centre crop to a square,
+  resize to `data.image_size` (PIL bicubic on float pixels, antialiased),
+  channel conversion to `data.channels` (grey is repeated, RGB goes to ITU-R 601
+  luma, alpha is dropped), scaling to float32 in [-1, 1], optional random
+  horizontal flip (training only). Labels are int32 'label'; a dataset without
+  a 'label' feature gets label 0 (and `dataset_info` reports 0 classes).
+* Training iterator: process `p` of `n` reads only every n-th example
+  (`ds[p::n]`), shuffled with a seed derived from `config.seed`, reshuffled each
+  epoch, repeated forever. Flips depend only on (seed, process, position in the
+  stream). Batches are LOCAL: {'image': float32 [B/n, H, W, C],
+  'label': int32 [B/n]} numpy arrays with B = `train.global_batch_size`.
+  `to_global_batch` turns them into global `jax.Array`s.
+* Eval iterator: no shuffle or flip, one pass over the first
+  `min(eval.num_images, split size)` examples in dataset order. Global batch `j`
+  holds examples [j*B, (j+1)*B) and process p owns rows [p*B/n, (p+1)*B/n) of
+  it, so the global batches are the same for any process count. The last batch
+  is PADDED, never dropped: every batch carries 'mask' (bool [B/n], False on
+  padding rows, whose image and label are zeros), and every process yields the
+  same number of batches.
+
+Checkpointing the training iterator. `create_train_iterator` returns a grain
+`DatasetIterator` whose `get_state()` is a small JSON-serialisable dict
+(`{'next_index': k}` without worker processes); `set_state(state)` makes the
+iterator continue with exactly the batch that followed when the state was
+taken. For orbax, use grain's own handler args inside the CheckpointManager
+composite (each process writes `process_<i>-of-<n>.json`)::
+
+    import grain
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(train_iter)))
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=grain.checkpoint.CheckpointRestore(train_iter)))
+    # `train_iter` (a fresh iterator from create_train_iterator) is now
+    # positioned at the saved batch.
+
+(`ocp.args.JsonSave(train_iter.get_state())` / `JsonRestore()` + `set_state`
+also works, but orbax writes JSON items from the primary process only.)
+With `data.num_workers > 0` the iterator runs grain worker processes: absl flags
+must be parsed (true under `absl.app.run`) and the caller should `close()` it.
+"""
+
+import dataclasses
+import functools
+import os
+from typing import Any, Callable, Mapping
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import PIL.Image
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core import constants as tfds_constants
+
+# Examples in each split of the synthetic 'fake' source.
+FAKE_SPLIT_SIZES = {'train': 10_000, 'test': 1_000}
+# The bundled digits: the first 1,500 images train, the last 297 test.
+DIGITS_NUM_TRAIN = 1_500
+# Extra 32-bit words mixed into the seeds so shuffling and flipping are independent.
+_SHUFFLE_SALT = 0
+_FLIP_SALT = 1
+# ITU-R BT.601 luma weights, for RGB -> grey.
+_LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)
+
+Batch = dict[str, np.ndarray]
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A TFDS dataset is not prepared (in array_record format) under data_dir."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """A random-access split plus what preprocessing needs to know about it.
+
+    Attributes:
+        records: `len()` and `[i]` give dicts with 'image' ([H, W, C] or [H, W]
+            numbers in [0, max_value]) and optionally 'label'.
+        max_value: The pixel value that maps to +1.
+        num_classes: Number of label classes, 0 if the records have no label.
+    """
+
+    records: Any
+    max_value: float
+    num_classes: int
+
+
+# ---------------------------------------------------------------------------------
+# Sources.
+
+
+class _FakeRecords:
+    """Deterministic random uint8 images and labels, generated from the index."""
+
+    def __init__(self, num_examples: int, image_size: int, channels: int,
+                 num_classes: int, salt: int):
+        self._num_examples = num_examples
+        self._shape = (image_size, image_size, channels)
+        self._num_classes = num_classes
+        self._salt = salt
+
+    def __len__(self) -> int:
+        return self._num_examples
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        if not 0 <= index < self._num_examples:
+            raise IndexError(f'fake index {index} out of range [0, {self._num_examples})')
+        rng = np.random.default_rng([self._salt, index])
+        return {
+            'image': rng.integers(0, 256, self._shape, dtype=np.uint8),
+            'label': rng.integers(0, self._num_classes),
+        }
+
+
+@functools.cache
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """Returns the 1,797 sklearn digits: images float32 [N, 8, 8] in 0..16, labels."""
+    from sklearn import datasets  # Imported lazily: slow, and only this source needs it.
+
+    digits = datasets.load_digits()
+    return digits.images.astype(np.float32), digits.target.astype(np.int32)
+
+
+class _ArrayRecords:
+    """Random access to in-memory arrays as {'image', 'label'} dicts."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self._images = images
+        self._labels = labels
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {'image': self._images[index], 'label': self._labels[index]}
+
+
+def _resolve_data_dir(data_dir: str) -> str:
+    return data_dir or tfds_constants.get_default_data_dir()
+
+
+def _is_prepared(name: str, data_dir: str) -> bool:
+    """Whether some version of `name` (optionally 'name/config:version') has metadata."""
+    path = name.split(':')[0]
+    root = os.path.join(data_dir, *path.split('/'))
+    if not os.path.isdir(root):
+        return False
+    return any('dataset_info.json' in files for _, _, files in os.walk(root))
+
+
+def _open_tfds(name: str, split: str, data_dir: str) -> _Source:
+    """Opens one split of a prepared TFDS dataset as a random-access source.
+
+    Raises:
+        DatasetNotFoundError: The dataset is not prepared in array_record format.
+    """
+    where = _resolve_data_dir(data_dir)
+    build = (f'prepare it with `tfds build {name.split(":")[0]} --data_dir={where} '
+             f'--file_format=array_record` and pass --config.data.data_dir={where}')
+    try:
+        # download=False: never build, download or touch the network here.
+        records = tfds.data_source(name, split=split, data_dir=data_dir or None,
+                                   download=False)
+    except (tfds.core.registered.DatasetNotFoundError, KeyError, AssertionError,
+            NotImplementedError, FileNotFoundError) as e:
+        if not _is_prepared(name, where):
+            raise DatasetNotFoundError(
+                f'TFDS dataset {name!r} is not prepared in data_dir {where!r} (looked for '
+                f'{os.path.join(where, name.split(":")[0])}/<version>/dataset_info.json); '
+                f'{build}.') from None
+        if isinstance(e, NotImplementedError):
+            raise DatasetNotFoundError(
+                f'TFDS dataset {name!r} in {where!r} is not in array_record format '
+                f'(needed for random access); {build}. Original error: {e}') from None
+        raise
+    features = records.dataset_info.features
+    if 'image' not in features:
+        raise ValueError(f'TFDS dataset {name!r} has no "image" feature; features: '
+                         f'{list(features.keys())}')
+    label = features['label'] if 'label' in features else None
+    num_classes = int(getattr(label, 'num_classes', 0) or 0)
+    return _Source(records=records, max_value=255.0, num_classes=num_classes)
+
+
+def _open_source(config: ml_collections.ConfigDict, split: str) -> _Source:
+    """Opens `split` of `config.data.dataset` as a random-access source."""
+    name = config.data.dataset
+    if name == 'fake':
+        if split not in FAKE_SPLIT_SIZES:
+            raise ValueError(f'fake dataset split {split!r} not in {list(FAKE_SPLIT_SIZES)}')
+        num_classes = config.model.num_classes if config.model.num_classes > 0 else 10
+        records = _FakeRecords(FAKE_SPLIT_SIZES[split], config.data.image_size,
+                               config.data.channels, num_classes,
+                               salt=list(FAKE_SPLIT_SIZES).index(split))
+        return _Source(records=records, max_value=255.0, num_classes=num_classes)
+    if name == 'digits':
+        images, labels = _load_digits()
+        if split == 'train':
+            part = slice(0, DIGITS_NUM_TRAIN)
+        elif split == 'test':
+            part = slice(DIGITS_NUM_TRAIN, None)
+        else:
+            raise ValueError(f"digits dataset split {split!r} not in ['train', 'test']")
+        return _Source(records=_ArrayRecords(images[part, :, :, None], labels[part]),
+                       max_value=16.0, num_classes=10)
+    if not name:
+        raise ValueError('config.data.dataset is empty')
+    return _open_tfds(name, split, config.data.data_dir)
+
+
+# ---------------------------------------------------------------------------------
+# Preprocessing.
+
+
+def _center_crop(image: np.ndarray) -> np.ndarray:
+    height, width = image.shape[:2]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return image[top:top + side, left:left + side]
+
+
+def _resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Bicubic, antialiased resize of float32 [H, W, C] to [size, size, C]."""
+    channels = [
+        np.asarray(PIL.Image.fromarray(np.ascontiguousarray(image[:, :, c]))
+                   .resize((size, size), PIL.Image.Resampling.BICUBIC))
+        for c in range(image.shape[-1])
+    ]
+    return np.stack(channels, axis=-1)
+
+
+def _convert_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    have = image.shape[-1]
+    if have == 4:  # RGBA: drop alpha.
+        image, have = image[..., :3], 3
+    if have == channels:
+        return image
+    if have == 1 and channels == 3:
+        return np.repeat(image, 3, axis=-1)
+    if have == 3 and channels == 1:
+        return (image @ _LUMA_WEIGHTS)[..., None]
+    raise ValueError(f'cannot convert {have}-channel images to data.channels={channels}')
+
+
+def _make_preprocess_fn(source: _Source, image_size: int, channels: int,
+                        center_crop: bool) -> Callable[[Mapping[str, Any]], Batch]:
+    """Returns record -> {'image': float32 [S, S, C] in [-1, 1], 'label': int32 []}."""
+
+    def preprocess(record: Mapping[str, Any]) -> Batch:
+        image = np.asarray(record['image'], np.float32)
+        if image.ndim == 2:
+            image = image[:, :, None]
+        if center_crop:
+            image = _center_crop(image)
+        if image.shape[:2] != (image_size, image_size):
+            image = np.clip(_resize(image, image_size), 0.0, source.max_value)
+        image = _convert_channels(image, channels)
+        image = image * np.float32(2.0 / source.max_value) - np.float32(1.0)
+        label = record['label'] if 'label' in record else 0
+        return {'image': image.astype(np.float32), 'label': np.int32(label)}
+
+    return preprocess
+
+
+def _random_flip(example: Batch, rng: np.random.Generator) -> Batch:
+    if rng.random() < 0.5:
+        example = dict(example, image=np.ascontiguousarray(example['image'][:, ::-1]))
+    return example
+
+
+def _seed(*words: int) -> int:
+    """A 32-bit seed from several integers (grain takes seeds in [0, 2**32))."""
+    return int(np.random.SeedSequence([int(w) % 2**32 for w in words]).generate_state(1)[0])
+
+
+# ---------------------------------------------------------------------------------
+# Public API.
+
+
+def _process_index_and_count(process_index: int | None,
+                             process_count: int | None) -> tuple[int, int]:
+    index = jax.process_index() if process_index is None else int(process_index)
+    count = jax.process_count() if process_count is None else int(process_count)
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f'process_index={index} must be in [0, process_count={count})')
+    return index, count
+
+
+def _local_batch_size(global_batch_size: int, process_count: int, field: str) -> int:
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(f'{field}={global_batch_size} must be a positive multiple of '
+                         f'process_count={process_count}')
+    return global_batch_size // process_count
+
+
+def _validate(config: ml_collections.ConfigDict) -> None:
+    if config.data.image_size <= 0:
+        raise ValueError(f'data.image_size={config.data.image_size} must be positive')
+    if config.data.channels not in (1, 3):
+        raise ValueError(f'data.channels={config.data.channels} must be 1 or 3')
+
+
+def _read_options(config: ml_collections.ConfigDict) -> grain.ReadOptions:
+    # Elements are whole batches: the buffer holds `prefetch_batches` of them, each
+    # produced by its own thread (0 = synchronous, in the calling thread).
+    prefetch = max(0, config.data.prefetch_batches)
+    return grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch)
+
+
+def _to_iterator(dataset: grain.MapDataset,
+                 config: ml_collections.ConfigDict) -> grain.DatasetIterator:
+    iter_dataset = dataset.to_iter_dataset(_read_options(config))
+    if config.data.num_workers > 0:
+        iter_dataset = iter_dataset.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=config.data.num_workers))
+    return iter(iter_dataset)
+
+
+def create_train_iterator(config: ml_collections.ConfigDict, *,
+                          process_index: int | None = None,
+                          process_count: int | None = None) -> grain.DatasetIterator:
+    """Creates this process's infinite, shuffled, checkpointable training iterator.
+
+    Args:
+        config: The full config; reads `seed`, `data.*` and `train.global_batch_size`
+            (and `model.num_classes` for the fake source).
+        process_index: This process's index; defaults to `jax.process_index()`.
+        process_count: Number of processes; defaults to `jax.process_count()`.
+
+    Returns:
+        A grain `DatasetIterator` yielding local batches {'image': float32
+        [L, S, S, C] in [-1, 1], 'label': int32 [L]} with
+        L = global_batch_size // process_count; it has `get_state()`/`set_state()`
+        and works with `grain.checkpoint.CheckpointSave/CheckpointRestore`.
+
+    Raises:
+        ValueError: Bad config values or a global batch not divisible by the process
+            count.
+        DatasetNotFoundError: A TFDS dataset is not prepared.
+    """
+    _validate(config)
+    index, count = _process_index_and_count(process_index, process_count)
+    local_batch_size = _local_batch_size(config.train.global_batch_size, count,
+                                         'train.global_batch_size')
+    source = _open_source(config, config.data.split)
+    if len(source.records) < count:
+        raise ValueError(f'split {config.data.split!r} has {len(source.records)} examples, '
+                         f'fewer than process_count={count}')
+    preprocess = _make_preprocess_fn(source, config.data.image_size, config.data.channels,
+                                     config.data.center_crop)
+    dataset = grain.MapDataset.source(source.records)[index::count]
+    # Shuffling before repeating gives a fresh permutation of the shard each epoch.
+    dataset = dataset.shuffle(seed=_seed(config.seed, _SHUFFLE_SALT)).repeat()
+    dataset = dataset.map(preprocess)
+    if config.data.random_flip:
+        # Seeded by (seed, process) and the element's position in the stream.
+        dataset = dataset.random_map(_random_flip,
+                                     seed=_seed(config.seed, _FLIP_SALT, index))
+    dataset = dataset.batch(local_batch_size, drop_remainder=True)
+    return _to_iterator(dataset, config)
+
+
+def create_eval_iterator(config: ml_collections.ConfigDict, *,
+                         process_index: int | None = None,
+                         process_count: int | None = None) -> grain.DatasetIterator:
+    """Creates this process's single-pass evaluation iterator (no shuffle, no flip).
+
+    Covers the first `min(config.eval.num_images, split size)` examples of
+    `config.data.eval_split` in order. Global batch j holds examples [j*B, (j+1)*B)
+    (B = `eval.global_batch_size`); this process gets rows
+    [p*B/n, (p+1)*B/n) of it. The last batch is padded with zero images, label 0
+    and mask False; every process yields the same number of batches.
+
+    Args:
+        config: The full config; reads `data.*`, `eval.num_images` and
+            `eval.global_batch_size`.
+        process_index: This process's index; defaults to `jax.process_index()`.
+        process_count: Number of processes; defaults to `jax.process_count()`.
+
+    Returns:
+        A finite iterator of local batches {'image': float32 [L, S, S, C],
+        'label': int32 [L], 'mask': bool [L]} with L = eval.global_batch_size //
+        process_count.
+
+    Raises:
+        ValueError: Bad config values or a global batch not divisible by the process
+            count.
+        DatasetNotFoundError: A TFDS dataset is not prepared.
+    """
+    _validate(config)
+    index, count = _process_index_and_count(process_index, process_count)
+    global_batch_size = config.eval.global_batch_size
+    local_batch_size = _local_batch_size(global_batch_size, count, 'eval.global_batch_size')
+    source = _open_source(config, config.data.eval_split)
+    num_examples = min(config.eval.num_images, len(source.records))
+    if num_examples <= 0:
+        raise ValueError(f'eval.num_images={config.eval.num_images} must be positive')
+    num_batches = -(-num_examples // global_batch_size)
+    preprocess = _make_preprocess_fn(source, config.data.image_size, config.data.channels,
+                                     config.data.center_crop)
+    image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+
+    def load(position: int) -> Batch:
+        # Position within this process's rows -> global example index.
+        batch, row = divmod(int(position), local_batch_size)
+        example_index = batch * global_batch_size + index * local_batch_size + row
+        if example_index >= num_examples:
+            return {'image': np.zeros(image_shape, np.float32), 'label': np.int32(0),
+                    'mask': np.bool_(False)}
+        return dict(preprocess(source.records[example_index]), mask=np.bool_(True))
+
+    dataset = grain.MapDataset.range(num_batches * local_batch_size).map(load)
+    dataset = dataset.batch(local_batch_size, drop_remainder=True)
+    return _to_iterator(dataset, config)
+
+
+def dataset_info(config: ml_collections.ConfigDict) -> dict[str, int]:
+    """Returns {'num_examples': size of data.split, 'num_classes': 0 if unlabelled}.
+
+    Raises:
+        DatasetNotFoundError: A TFDS dataset is not prepared.
+    """
+    source = _open_source(config, config.data.split)
+    return {'num_examples': len(source.records), 'num_classes': source.num_classes}
+
+
+def to_global_batch(batch: Mapping[str, np.ndarray],
+                    sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+    """Assembles each process's local batch into global arrays.
+
+    Process p's rows become rows [p*L, (p+1)*L) of the global batch (the layout of
+    `jax.make_array_from_process_local_data` for a batch sharded over the devices
+    of all processes, e.g. `NamedSharding(mesh, P('data'))`).
+
+    Args:
+        batch: Local numpy arrays, all with the same leading (local batch) size.
+        sharding: The sharding of the global arrays.
+
+    Returns:
+        A dict of global `jax.Array`s with leading size L * process_count.
+    """
+    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+            for key, value in batch.items()}
+
+
