@@ -1,0 +1,198 @@
+"""Evaluation (`--mode=eval`): the variational bound in bits/dim on the test split.
+
+This module owns the likelihood evaluation of a trained denoiser: restore the
+EMA parameters, run `likelihood.calc_bpd_loop` (the full bound
+L_T + sum_t L_{t-1} + L_0 over all T training steps, Ho et al. 2020, Eq. 5) on
+the first `eval.num_images` images of `data.eval_split`, average, log and write
+`<workdir>/eval_<step>.json`.
+
+The per-batch computation is jitted once with the batch sharded `P('data')` and
+the parameters replicated, and reduces to masked sums inside the program, so
+padding rows of the last batch (`mask` False, see `data.create_eval_iterator`)
+never count and only scalars leave the devices. Each image draws its noise from
+`fold_in(fold_in(key(seed), EVAL_SALT), image_index)`, so its bound does not
+depend on the batch size, device count or process count.
+"""
+
+import json
+import logging
+import sys
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+
+from ddpm_jax import checkpointing
+from ddpm_jax import data as data_lib
+from ddpm_jax import likelihood
+from ddpm_jax import parallel
+from ddpm_jax import schedules
+from ddpm_jax.models import create_model
+
+logger = logging.getLogger('ddpm_jax')
+
+__all__ = ['EVAL_SALT', 'NUM_QUARTERS', 'make_eval_step_fn', 'summarize', 'evaluate']
+
+# Folded into the root key so evaluation noise is independent of training and sampling.
+EVAL_SALT = 4
+# The per-step terms are also reported summed over each quarter of the steps.
+NUM_QUARTERS = 4
+
+
+def make_eval_step_fn(config: ml_collections.ConfigDict, model: nn.Module,
+                      mesh: jax.sharding.Mesh) -> Callable:
+    """Builds the jitted, sharded `eval_step(params, batch, batch_index) -> sums`.
+
+    Args:
+        config: The run's config (reads `diffusion`, `model`, `seed`,
+            `eval.global_batch_size`).
+        model: The UNet.
+        mesh: The `('data',)` mesh.
+
+    Returns:
+        `eval_step(params, batch, batch_index)` where batch is the global
+        {'image', 'label', 'mask'} dict sharded `P('data')` and batch_index an
+        int32 scalar (global batch j holds images j*B .. j*B + B - 1). It returns
+        replicated masked sums over the batch: 'count', 'total_bpd', 'prior_bpd'
+        (scalars) and 'vb', 'mse' ([N], per step i).
+    """
+    d = config.diffusion
+    sched = schedules.make_schedule(d.schedule, d.num_timesteps)
+    conditional = config.model.num_classes > 0
+    batch_size = config.eval.global_batch_size
+    eval_rng = jax.random.fold_in(jax.random.key(config.seed), EVAL_SALT)
+    replicated = parallel.replicated_sharding(mesh)
+    batch_sharded = parallel.batch_sharding(mesh)
+
+    def per_example(params, image, label, rng):
+        # One image as a batch of one: its noise then depends on its own key only.
+        def model_fn(x, t, y=None):
+            kwargs = {'y': y} if conditional else {}
+            return model.apply({'params': params}, x, t, train=False, **kwargs)
+        out = likelihood.calc_bpd_loop(
+            model_fn, sched, image[None], rng, mean_type=d.mean_type, var_type=d.var_type,
+            clip_denoised=True, model_kwargs={'y': label[None]} if conditional else None)
+        return {k: out[k][0] for k in ('total_bpd', 'prior_bpd', 'vb', 'mse')}
+
+    def eval_step(params, batch, batch_index):
+        index = batch_index * batch_size + jnp.arange(batch['image'].shape[0])
+        rngs = jax.vmap(lambda i: jax.random.fold_in(eval_rng, i))(index)
+        out = jax.vmap(per_example, in_axes=(None, 0, 0, 0))(
+            params, batch['image'], batch['label'], rngs)
+        mask = batch['mask'].astype(jnp.float32)
+        # Padding rows may hold anything; `where` keeps a NaN there from leaking in.
+        sums = {k: jnp.sum(jnp.where(mask.reshape((-1,) + (1,) * (v.ndim - 1)) > 0, v, 0.0),
+                           axis=0) for k, v in out.items()}
+        sums['count'] = jnp.sum(mask)
+        return sums
+
+    return jax.jit(eval_step, in_shardings=(replicated, batch_sharded, replicated),
+                   out_shardings=replicated)
+
+
+def summarize(sums: dict[str, np.ndarray], step: int) -> dict[str, Any]:
+    """Turns accumulated sums into the reported averages.
+
+    Args:
+        sums: 'count', 'total_bpd', 'prior_bpd' and per-step 'vb', 'mse' sums (float64).
+        step: The checkpoint's step.
+
+    Returns:
+        {'step', 'num_images', 'total_bpd', 'prior_bpd', 'vb_q0'..'vb_q3',
+        'mse_q0'..'mse_q3', 'vb_per_step'}: bits/dim averaged over images;
+        'vb_q<q>' is the sum over the steps i with floor(4 i / N) == q of the mean
+        term L_{i-1} (L_0 for i = 0), so total_bpd = prior_bpd + sum_q vb_q;
+        'mse_q<q>' is the mean eps MSE over those steps (Nichol & Dhariwal 2021
+        report terms per quarter of the diffusion).
+    """
+    count = float(sums['count'])
+    if count <= 0:
+        raise ValueError('No evaluation images (eval.num_images and the eval split).')
+    vb = np.asarray(sums['vb'], np.float64) / count
+    mse = np.asarray(sums['mse'], np.float64) / count
+    num_steps = vb.shape[0]
+    quarter = (np.arange(num_steps) * NUM_QUARTERS) // num_steps
+    result = {
+        'step': int(step),
+        'num_images': int(round(count)),
+        'total_bpd': float(sums['total_bpd']) / count,
+        'prior_bpd': float(sums['prior_bpd']) / count,
+    }
+    for q in range(NUM_QUARTERS):
+        in_q = quarter == q
+        result[f'vb_q{q}'] = float(vb[in_q].sum())
+        result[f'mse_q{q}'] = float(mse[in_q].mean()) if in_q.any() else 0.0
+    result['vb_per_step'] = [float(v) for v in vb]
+    return result
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+             mesh: Optional[jax.sharding.Mesh] = None) -> dict[str, Any]:
+    """`--mode=eval`: the bits/dim bound of the latest checkpoint's EMA parameters.
+
+    Args:
+        config: The run's config.
+        workdir: Run directory holding `checkpoints/`; the result goes to
+            `<workdir>/eval_<step>.json` (process 0).
+        mesh: Default: all devices.
+
+    Returns:
+        The dict of `summarize`.
+
+    Raises:
+        ValueError: A classifier config, or `eval.global_batch_size` not a positive
+            multiple of the device count.
+        FileNotFoundError: No checkpoint in `workdir`.
+    """
+    mesh = parallel.create_mesh() if mesh is None else mesh
+    if config.model.name != 'unet':
+        raise ValueError(f"--mode=eval measures a denoiser's bound; model.name="
+                         f"{config.model.name!r} is not 'unet'.")
+    num_devices = parallel.num_mesh_devices(mesh)
+    batch_size = config.eval.global_batch_size
+    if batch_size < 1 or batch_size % num_devices:
+        raise ValueError(f'eval.global_batch_size={batch_size} must be a positive multiple '
+                         f'of the device count ({num_devices}).')
+    if config.eval.num_images < 1:
+        raise ValueError(f'eval.num_images={config.eval.num_images} must be >= 1.')
+    model = create_model(config)
+    step, _, ema_params = checkpointing.restore_for_inference(config, workdir, mesh)
+    eval_step = make_eval_step_fn(config, model, mesh)
+    eval_iter = data_lib.create_eval_iterator(config)
+    sharding = parallel.batch_sharding(mesh)
+    num_batches = -(-config.eval.num_images // batch_size)  # An upper bound (split size).
+    is_main = jax.process_index() == 0
+    show_bar = is_main and sys.stdout.isatty()
+    bar = None
+    if show_bar:
+        import tqdm
+        bar = tqdm.tqdm(total=num_batches, desc='eval', unit='batch')
+    logger.info('Evaluating step %d on up to %d images of %r, batches of %d.', step,
+                config.eval.num_images, config.data.eval_split, batch_size)
+    totals: dict[str, np.ndarray] = {}
+    for j, local_batch in enumerate(eval_iter):
+        batch = data_lib.to_global_batch(local_batch, sharding)
+        sums = parallel.to_host(eval_step(ema_params, batch, jnp.int32(j)))
+        for key, value in sums.items():
+            totals[key] = totals.get(key, 0.0) + np.asarray(value, np.float64)
+        if bar is not None:
+            bar.update(1)
+        elif is_main:
+            logger.info('Eval batch %d: %d images, running bits/dim %.4f.', j + 1,
+                        int(totals['count']), float(totals['total_bpd'] / totals['count']))
+    if bar is not None:
+        bar.close()
+    result = summarize(totals, step)
+    logger.info('Step %d: %.4f bits/dim (prior %.4f; quarters %s) on %d images.', step,
+                result['total_bpd'], result['prior_bpd'],
+                ', '.join(f'{result[f"vb_q{q}"]:.4f}' for q in range(NUM_QUARTERS)),
+                result['num_images'])
+    if is_main:
+        path = epath.Path(workdir) / f'eval_{step}.json'
+        path.write_text(json.dumps(result, indent=2))
+        logger.info('Wrote %s.', path)
+    return result
