@@ -1,0 +1,83 @@
+"""Device mesh, shardings and host <-> global array plumbing.
+
+One data-parallel layout serves 1 CPU, 8 GPUs and a TPU pod: a 1-D mesh with axis
+`'data'`, batches sharded `P('data')` along their leading axis, the train state
+replicated `P()`. Each process feeds only its local share of the global batch.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = 'data'
+
+
+def create_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Returns a 1-D `('data',)` mesh over `devices` (default: all devices).
+
+    The axis is of type `Auto` so the model's reshapes and reductions are
+    partitioned by the compiler (GSPMD) rather than requiring explicit-sharding
+    annotations everywhere.
+
+    Args:
+        devices: Devices to span, e.g. `jax.devices()[:2]` in tests.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    return jax.make_mesh((len(devices),), (DATA_AXIS,),
+                         axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+
+
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding that keeps a full copy of an array on every device of `mesh`."""
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding that splits an array's leading (batch) axis over the mesh."""
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def num_mesh_devices(mesh: Mesh) -> int:
+    """Total number of devices in `mesh`."""
+    return int(np.prod(list(mesh.shape.values())))
+
+
+def to_global(tree: Any, mesh: Mesh) -> Any:
+    """Builds global batch-sharded arrays from this process's local numpy arrays.
+
+    Args:
+        tree: Pytree of host-local arrays, leading axis = local batch.
+        mesh: The mesh; the global leading axis is the sum over processes.
+
+    Returns:
+        The same pytree of global `jax.Array`s sharded `P('data')`.
+    """
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+
+def to_host(tree: Any) -> Any:
+    """Fetches a pytree of fully replicated (or local) arrays to numpy on this host.
+
+    Works on multi-process runs too, where a replicated global array is not fully
+    addressable: every process reads its first local shard, which holds the whole
+    value.
+    """
+    def fetch(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(jax.device_get(x))
+    return jax.tree.map(fetch, tree)
+
+
+def any_process(flag: bool) -> bool:
+    """True if `flag` is true on any process (one tiny all-gather when multi-process)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    flags = multihost_utils.process_allgather(np.asarray(flag, np.int32))
+    return bool(np.any(flags))

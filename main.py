@@ -1,0 +1,80 @@
+"""Command line: train, sample from or evaluate a diffusion model.
+
+    python main.py --config=configs/digits.py --workdir=/tmp/digits
+    python main.py --config=configs/digits.py --workdir=/tmp/digits --mode=sample
+    python main.py --config=configs/cifar10.py --workdir=/tmp/c10 \
+        --config.optim.learning_rate=1e-4
+
+Multi-process runs call `jax.distributed.initialize()`: automatically on TPU pods and
+under SLURM (SLURM_NTASKS > 1), or with explicit --coordinator_address,
+--num_processes and --process_id.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (the same one resumes).')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'], 'What to run.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index.')
+
+
+def _auto_multiprocess() -> bool:
+    """True on a multi-host TPU slice or a multi-task SLURM job."""
+    if int(os.environ.get('SLURM_NTASKS', '1')) > 1:
+        return True
+    return ',' in os.environ.get('TPU_WORKER_HOSTNAMES', '') or bool(
+        os.environ.get('MEGASCALE_COORDINATOR_ADDRESS'))
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    import jax  # After flag parsing, so a bad flag fails before JAX starts.
+    if _COORDINATOR.value or _auto_multiprocess():
+        jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                   num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
+    from ddpm_jax import train
+    logging.info('Process %d of %d; devices: %s', jax.process_index(), jax.process_count(),
+                 jax.devices())
+    config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
+    try:
+        if mode == 'train':
+            train.validate_config(config)
+        train.prepare_workdir(workdir)
+        train.write_config(config, workdir, 'config.json' if mode == 'train'
+                           else f'config_{mode}.json')
+        if mode == 'train':
+            train.train_and_evaluate(config, workdir)
+        elif mode == 'sample':
+            from ddpm_jax import sampling
+            sampling.sample_and_save(config, workdir)
+        else:
+            from ddpm_jax import evaluate
+            evaluate.evaluate(config, workdir)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        sys.exit(f'ERROR: {e}')  # A user error: the message, not a traceback.
+
+
+def parse_flags(argv):
+    """absl parsing, with a misspelt --config.<field> override turned into one line."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        message = str(e).strip('"\'').replace('\\n', ' ').replace("\\'", "'")
+        bad = [a for a in argv if a.startswith('--config.') and
+               message.split("'")[1:2] and message.split("'")[1] in a.split('=')[0]]
+        sys.exit(f'ERROR: unknown config field in {" ".join(bad) or "an override"}: '
+                 f'{message}')
+
+
+if __name__ == '__main__':
+    flags.mark_flags_as_required(['config', 'workdir'])
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,135 @@
+"""Tests for ddpm_jax.checkpointing: policies, config refusal, partial steps, resharding.
+
+These save states built with `jax.eval_shape`-sized random arrays or a compiled init;
+no train step is compiled here.
+"""
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from ddpm_jax import checkpointing, parallel, train
+from ddpm_jax import data as data_lib
+from ddpm_jax.models import create_model
+
+
+def _mesh(n):
+    return parallel.create_mesh(jax.devices()[:n])
+
+
+def _random_state(config, mesh, seed=0):
+    """A TrainState with random (non-init) values, replicated over `mesh`."""
+    abstract = train.create_abstract_train_state(config, create_model(config), mesh)
+    leaves, treedef = jax.tree.flatten(abstract)
+    rng = np.random.default_rng(seed)
+    values = [rng.normal(size=x.shape).astype(x.dtype) if np.issubdtype(x.dtype, np.floating)
+              else rng.integers(0, 100, size=x.shape).astype(x.dtype) for x in leaves]
+    return jax.tree.unflatten(treedef, [jax.device_put(v, x.sharding)
+                                        for v, x in zip(values, leaves)])
+
+
+def _save(config, workdir, state, step, data_state=None):
+    with checkpointing.create_checkpoint_manager(str(workdir), config) as manager:
+        checkpointing.save_checkpoint(manager, step, state, config, data_state, force=True)
+        manager.wait_until_finished()
+
+
+def test_restore_onto_fewer_devices(tiny_config, tmp_path):
+    config = tiny_config
+    config.diffusion.timestep_sampler = 'loss_aware'
+    saved = _random_state(config, _mesh(4))
+    iterator = data_lib.create_train_iterator(config)
+    next(iterator), next(iterator)
+    _save(config, tmp_path, saved, 7, iterator.get_state())
+    expected = parallel.to_host(saved)
+    for n in (2, 1):
+        mesh = _mesh(n)
+        abstract = train.create_abstract_train_state(config, create_model(config), mesh)
+        with checkpointing.create_checkpoint_manager(str(tmp_path), config) as manager:
+            step, state, data_state = checkpointing.restore_checkpoint(manager, abstract,
+                                                                       config)
+        assert step == 7
+        chex.assert_trees_all_equal(parallel.to_host(state), expected)
+        for leaf in jax.tree.leaves(state):
+            assert leaf.sharding.mesh.devices.size == n and leaf.sharding.is_fully_replicated
+        # The data position is restored too: the next batch is the third one.
+        fresh = data_lib.create_train_iterator(config)
+        fresh.set_state(data_state)
+        reference = data_lib.create_train_iterator(config)
+        next(reference), next(reference)
+        np.testing.assert_array_equal(next(fresh)['image'], next(reference)['image'])
+
+
+def test_mismatched_config_is_refused(tiny_config, tmp_path):
+    config = tiny_config
+    _save(config, tmp_path, _random_state(config, _mesh(1)), 2)
+    other = config.copy_and_resolve_references()
+    other.model.base_channels = 16
+    other.diffusion.num_timesteps = 30
+    other.optim.learning_rate = 1e-3  # Not structural: allowed to change on resume.
+    other.model.dtype = 'bfloat16'  # Compute only: allowed.
+    with pytest.raises(checkpointing.CheckpointMismatchError) as info:
+        train.train_and_evaluate(other, str(tmp_path), mesh=_mesh(1))
+    message = str(info.value)
+    assert 'model.base_channels: checkpoint=8, config=16' in message
+    assert 'diffusion.num_timesteps: checkpoint=20, config=30' in message
+    assert 'learning_rate' not in message and 'dtype' not in message
+    # The compatible config passes the check.
+    with checkpointing.create_checkpoint_manager(str(tmp_path), config) as manager:
+        saved = manager.restore(2, args=checkpointing.ocp.args.Composite(
+            config=checkpointing.ocp.args.JsonRestore()))['config']
+    checkpointing.check_config_compatible(saved, config)
+
+
+def test_partial_checkpoint_is_ignored(tiny_config, tmp_path):
+    config = tiny_config
+    state = _random_state(config, _mesh(1))
+    _save(config, tmp_path, state, 2)
+    # What a crash during the save of step 4 leaves: orbax's unfinalised temp dir.
+    partial = checkpointing.checkpoint_dir(str(tmp_path)) / '4.orbax-checkpoint-tmp-1234'
+    (partial / 'state').mkdir(parents=True)
+    (partial / 'state' / 'garbage').write_text('half-written')
+    abstract = train.create_abstract_train_state(config, create_model(config), _mesh(1))
+    with checkpointing.create_checkpoint_manager(str(tmp_path), config) as manager:
+        assert manager.all_steps() == [2]
+        step, restored, _ = checkpointing.restore_checkpoint(manager, abstract, config)
+    assert step == 2
+    chex.assert_trees_all_equal(parallel.to_host(restored), parallel.to_host(state))
+
+
+def test_preservation_policy(tiny_config, tmp_path):
+    config = tiny_config
+    config.train.checkpoint_every_steps = 2
+    config.train.keep_checkpoints = 2
+    config.train.keep_checkpoint_every_steps = 4
+    state = _random_state(config, _mesh(1))
+    with checkpointing.create_checkpoint_manager(str(tmp_path), config) as manager:
+        saved = [step for step in range(1, 11)
+                 if checkpointing.save_checkpoint(manager, step, state, config)]
+        manager.wait_until_finished()
+        assert saved == [2, 4, 6, 8, 10]
+        assert manager.all_steps() == [4, 8, 10]  # Latest 2, plus every 4th.
+
+
+def test_restore_for_inference_selects_ema(tiny_config, tmp_path):
+    config = tiny_config
+    config.optim.ema_decays = (0.9, 0.99)
+    state = _random_state(config, _mesh(4))
+    _save(config, tmp_path, state, 3)
+    config.sample.ema_decay = 0.99
+    step, params, ema = checkpointing.restore_for_inference(config, str(tmp_path), _mesh(2))
+    assert step == 3
+    chex.assert_trees_all_equal(parallel.to_host(params), parallel.to_host(state.params))
+    chex.assert_trees_all_equal(parallel.to_host(ema), parallel.to_host(state.ema_params[1]))
+    config.sample.ema_decay = 0.5
+    with pytest.raises(ValueError, match='sample.ema_decay=0.5'):
+        checkpointing.restore_for_inference(config, str(tmp_path), _mesh(1))
+    loaded = checkpointing.load_config(str(tmp_path))
+    assert loaded.optim.ema_decays == (0.9, 0.99)
+    assert loaded.model.channel_mult == tuple(config.model.channel_mult)
+
+
+def test_no_checkpoint_raises(tiny_config, tmp_path):
+    with pytest.raises(FileNotFoundError, match='No checkpoint'):
+        checkpointing.restore_for_inference(tiny_config, str(tmp_path), _mesh(1))

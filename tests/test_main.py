@@ -1,0 +1,103 @@
+"""Tests for main.py: bad input fails fast, before anything is compiled."""
+
+import json
+import os
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+from absl import flags
+
+import main
+from ddpm_jax import sampling, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, 'configs', 'default.py')
+
+
+@pytest.fixture
+def no_compile(monkeypatch):
+    """Makes any attempt to build the train step (or train at all) fail loudly."""
+    def fail(*args, **kwargs):
+        raise AssertionError('reached compilation')
+    monkeypatch.setattr(train, '_jitted_fns', fail)
+    monkeypatch.setattr(train, 'create_sharded_train_state', fail)
+
+
+def _run_main(argv):
+    """Parses flags and runs main.main in this process."""
+    argv = ['main.py', f'--config={CONFIG}'] + argv
+    try:
+        # config_flags reads the overrides from sys.argv at parse time.
+        with mock.patch.object(sys, 'argv', argv):
+            remaining = main.parse_flags(argv)
+        main.main(remaining)
+    finally:
+        flags.FLAGS.unparse_flags()
+        for name in list(flags.FLAGS):  # Override flags are registered per parse.
+            if name.startswith('config.'):
+                delattr(flags.FLAGS, name)
+
+
+def test_typo_in_override_fails_at_parse_time(no_compile, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        _run_main([f'--workdir={tmp_path}', '--config.optim.learnig_rate=1e-4'])
+    message = str(info.value.code)
+    assert '--config.optim.learnig_rate=1e-4' in message
+    assert 'Did you mean "learning_rate"' in message
+    assert not os.listdir(tmp_path)  # Nothing was written.
+
+
+def test_typo_in_override_cli(tmp_path):
+    """The real command line: one error line, non-zero exit, no traceback."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, 'main.py'), f'--config={CONFIG}',
+         f'--workdir={tmp_path}', '--config.optm.learning_rate=1e-4'],
+        capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+    assert result.returncode != 0
+    assert 'unknown config field in --config.optm.learning_rate=1e-4' in result.stderr
+    assert 'Did you mean "optim"' in result.stderr
+    assert 'Traceback' not in result.stderr
+
+
+def test_unwritable_workdir(no_compile, tmp_path):
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('')
+    workdir = blocker / 'run'  # Cannot be created, even by root.
+    with pytest.raises(SystemExit) as info:
+        _run_main([f'--workdir={workdir}'])
+    assert f'--workdir={workdir} is not writable' in str(info.value.code)
+
+
+def test_indivisible_batch(no_compile, tmp_path):
+    # conftest gives 4 CPU devices.
+    with pytest.raises(SystemExit) as info:
+        _run_main([f'--workdir={tmp_path}', '--config.train.global_batch_size=10'])
+    assert 'train.global_batch_size=10 must be divisible by the device count (4)' in str(
+        info.value.code)
+
+
+def test_unknown_name(no_compile, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        _run_main([f'--workdir={tmp_path}', '--config.diffusion.schedule=cosin'])
+    message = str(info.value.code)
+    assert "diffusion.schedule='cosin'" in message and "'cosine'" in message
+
+
+def test_dispatch_and_config_json(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(train, 'train_and_evaluate',
+                        lambda config, workdir: calls.append(('train', config, workdir)))
+    monkeypatch.setattr(sampling, 'sample_and_save',
+                        lambda config, workdir: calls.append(('sample', config, workdir)))
+    _run_main([f'--workdir={tmp_path}', '--config.optim.learning_rate=1e-4',
+               '--config.train.global_batch_size=8'])
+    _run_main([f'--workdir={tmp_path}', '--mode=sample', '--config.sample.num_images=4'])
+    assert [c[0] for c in calls] == ['train', 'sample']
+    assert calls[0][1].optim.learning_rate == 1e-4 and calls[0][2] == str(tmp_path)
+    saved = json.loads((tmp_path / 'config.json').read_text())
+    assert saved['optim']['learning_rate'] == 1e-4
+    assert saved['model']['channel_mult'] == [1, 2]
+    assert json.loads((tmp_path / 'config_sample.json').read_text())['sample'][
+        'num_images'] == 4
