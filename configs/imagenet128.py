@@ -11,48 +11,18 @@ gradient clipping; 256 channels, 2 residual blocks per level, multipliers
 Sampled with 250 respaced steps.
 """
 
-from configs import default
+from configs import adm
 
 
 def get_config():
     """Returns the ADM ImageNet 128 config."""
-    config = default.get_config()
-
-    data = config.data
-    data.dataset = 'imagenet2012'
-    data.eval_split = 'validation'
-    data.image_size = 128
-    data.channels = 3
-    data.center_crop = True
+    config = adm.get_adm_config()
+    config.data.image_size = 128
 
     model = config.model
-    model.base_channels = 256
     model.channel_mult = (1, 1, 2, 3, 4)
-    model.num_res_blocks = 2
-    model.attention_resolutions = (32, 16, 8)
     model.num_heads = 4
-    model.resblock_updown = True
-    model.use_scale_shift_norm = True
-    model.num_classes = 1000
-    model.learn_sigma = True
-    model.dtype = 'bfloat16'
+    model.num_head_channels = -1  # A fixed 4 heads, not 64 channels per head.
 
-    diffusion = config.diffusion
-    diffusion.var_type = 'learned_range'
-    diffusion.loss_type = 'rescaled_mse'  # L_hybrid = L_simple + 0.001 L_vlb.
-
-    optim = config.optim
-    optim.learning_rate = 1e-4
-    optim.grad_clip_norm = 0.0  # ADM does not clip gradients.
-
-    train = config.train
-    train.global_batch_size = 256
-    train.num_train_steps = 4_360_000
-    train.log_every_steps = 100
-    train.checkpoint_every_steps = 10_000
-    train.keep_checkpoint_every_steps = 100_000
-    train.sample_every_steps = 50_000
-
-    sample = config.sample
-    sample.respacing = '250'
+    config.train.num_train_steps = 4_360_000
     return config

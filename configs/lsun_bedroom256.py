@@ -11,51 +11,25 @@ gradient clipping; the ImageNet-256 network without the class embedding, dropout
 Sampled with all 1000 steps, which the paper finds best for LSUN.
 """
 
-from configs import default
+from configs import adm
 
 
 def get_config():
     """Returns the ADM LSUN Bedroom 256 config."""
-    config = default.get_config()
-
-    data = config.data
-    data.dataset = 'lsun/bedroom'
-    data.eval_split = 'validation'
-    data.image_size = 256
-    data.channels = 3
-    data.center_crop = True
+    config = adm.get_adm_config()
+    config.data.dataset = 'lsun/bedroom'
+    config.data.image_size = 256
 
     model = config.model
-    model.base_channels = 256
     model.channel_mult = (1, 1, 2, 2, 4, 4)
-    model.num_res_blocks = 2
-    model.attention_resolutions = (32, 16, 8)
-    model.num_head_channels = 64
     model.dropout = 0.1
-    model.resblock_updown = True
-    model.use_scale_shift_norm = True
-    model.learn_sigma = True
-    model.dtype = 'bfloat16'
+    model.num_classes = 0  # Unconditional.
 
-    diffusion = config.diffusion
-    diffusion.var_type = 'learned_range'
-    diffusion.loss_type = 'rescaled_mse'  # L_hybrid = L_simple + 0.001 L_vlb.
+    config.train.num_train_steps = 500_000
+    config.sample.respacing = ''  # All 1000 steps.
 
-    optim = config.optim
-    optim.learning_rate = 1e-4
-    optim.grad_clip_norm = 0.0  # ADM does not clip gradients.
-
-    train = config.train
-    train.global_batch_size = 256
-    train.num_train_steps = 500_000
-    train.log_every_steps = 100
-    train.checkpoint_every_steps = 10_000
-    train.keep_checkpoint_every_steps = 100_000
-    train.sample_every_steps = 50_000
-    train.num_grid_samples = 16
-
-    sample = config.sample
-    sample.num_images = 16
-    sample.global_batch_size = 16
+    config.train.num_grid_samples = 16
+    config.sample.num_images = 16
+    config.sample.global_batch_size = 16
     config.eval.global_batch_size = 16
     return config
