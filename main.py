@@ -10,6 +10,7 @@ under SLURM (SLURM_NTASKS > 1), or with explicit --coordinator_address,
 --num_processes and --process_id.
 """
 
+import logging as pylogging
 import os
 import sys
 
@@ -35,6 +36,10 @@ def _auto_multiprocess() -> bool:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    if not flags.FLAGS['verbosity'].present:
+        # Our own progress lines at INFO; orbax's per-save chatter only as warnings.
+        logging.set_verbosity(logging.WARNING)
+        pylogging.getLogger('ddpm_jax').setLevel(pylogging.INFO)
     import jax  # After flag parsing, so a bad flag fails before JAX starts.
     if _COORDINATOR.value or _auto_multiprocess():
         jax.config.update('jax_cpu_collectives_implementation', 'gloo')
@@ -42,8 +47,9 @@ def main(argv):
                                    num_processes=_NUM_PROCESSES.value,
                                    process_id=_PROCESS_ID.value)
     from ddpm_jax import train
-    logging.info('Process %d of %d; devices: %s', jax.process_index(), jax.process_count(),
-                 jax.devices())
+    pylogging.getLogger('ddpm_jax').info(
+        'Process %d of %d; %d local / %d global devices: %s', jax.process_index(),
+        jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices())
     config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
     try:
         if mode == 'train':

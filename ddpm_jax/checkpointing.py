@@ -19,6 +19,7 @@ loaded. Saves are asynchronous; call `wait_until_finished()` before exiting.
 
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -117,7 +118,10 @@ class DataIteratorRestore(ocp.args.CheckpointArgs):
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
-    """`<workdir>/checkpoints`."""
+    """`<workdir>/checkpoints`, made absolute for local paths (orbax requires it)."""
+    workdir = str(workdir)
+    if '://' not in workdir:  # Leave gs://, s3:// ... untouched.
+        workdir = os.path.abspath(workdir)
     return epath.Path(workdir) / CHECKPOINT_SUBDIR
 
 
