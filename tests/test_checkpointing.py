@@ -133,3 +133,18 @@ def test_restore_for_inference_selects_ema(tiny_config, tmp_path):
 def test_no_checkpoint_raises(tiny_config, tmp_path):
     with pytest.raises(FileNotFoundError, match='No checkpoint'):
         checkpointing.restore_for_inference(tiny_config, str(tmp_path), _mesh(1))
+
+
+def test_relative_workdir_saves_and_restores(tiny_config, tmp_path, monkeypatch):
+    # orbax rejects relative paths inside its async writer; the manager must not see one.
+    monkeypatch.chdir(tmp_path)
+    mesh = _mesh(1)
+    saved = _random_state(tiny_config, mesh)
+    _save(tiny_config, 'run', saved, 3)
+    assert (tmp_path / 'run' / 'checkpoints' / '3').is_dir()
+    abstract = train.create_abstract_train_state(tiny_config, create_model(tiny_config), mesh)
+    with checkpointing.create_checkpoint_manager('run', tiny_config) as manager:
+        step, state, _ = checkpointing.restore_checkpoint(manager, abstract, tiny_config,
+                                                          restore_data=False)
+    assert step == 3
+    chex.assert_trees_all_equal(parallel.to_host(state), parallel.to_host(saved))

@@ -268,3 +268,19 @@ def test_summarize_metrics_quartiles():
     steps = [{'loss': 1.0, 'finite': 1.0, 'loss_q0_sum': 3.0, 'count_q0': 2.0},
              {'loss': 3.0, 'finite': 1.0, 'loss_q0_sum': 1.0, 'count_q0': 2.0}]
     assert train.summarize_metrics(steps) == {'loss': 2.0, 'loss_q0': 1.0}
+
+
+def test_train_on_tfds_mock_data(tiny_config, tmp_path):
+    """The trainer reads a TFDS dataset through tfds.data_source (mocked cifar10)."""
+    import tensorflow_datasets as tfds
+    tiny_config.data.dataset = 'cifar10'
+    tiny_config.data.channels = 3
+    tiny_config.train.num_train_steps = 2
+    tiny_config.train.num_grid_samples = 0
+    with tfds.testing.mock_data(num_examples=32, policy=tfds.testing.MockPolicy.USE_CODE):
+        state = train.train_and_evaluate(tiny_config, str(tmp_path), mesh=_mesh(1))
+    params = _host(state.params)
+    assert int(state.step) == 2
+    assert params['conv_in']['kernel'].shape[-2] == 3  # RGB input from the TFDS source.
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(params))
+    assert (tmp_path / 'checkpoints' / '2').is_dir()
