@@ -309,3 +309,20 @@ def test_sample_and_save_end_to_end(small_config, tmp_path):
     config.sample.classifier_workdir = str(tmp_path / 'missing')
     with pytest.raises(FileNotFoundError, match='sample.classifier_workdir'):
         sampling.sample_and_save(config, workdir)
+
+    with np.load(again['npz']) as f:
+        unguided = f['images']  # The next call writes the same file (same step).
+
+    # Classifier guidance from a classifier trained by the same trainer.
+    classifier_config = _classifier_config(config, num_classes=10)
+    classifier_config.train.num_grid_samples = 0
+    classifier_config.optim.learning_rate = 0.05  # Two big steps: a non-zero gradient.
+    classifier_workdir = str(tmp_path / 'classifier')
+    train.train_and_evaluate(classifier_config, classifier_workdir)
+    config.sample.classifier_workdir = classifier_workdir
+    config.sample.classifier_scale = 100.0
+    guided = sampling.sample_and_save(config, workdir)
+    with np.load(guided['npz']) as f:
+        np.testing.assert_array_equal(f['labels'], np.full(6, 7, np.int32))
+        assert f['images'].shape == (6, 8, 8, 1)
+        assert np.abs(f['images'].astype(int) - unguided.astype(int)).max() > 0
