@@ -206,7 +206,9 @@ class UNet(nn.Module):
         if y is not None:
             if y.shape != (batch_size,):
                 raise ValueError(f'Labels y must have shape [{batch_size}], got {y.shape}.')
+            # N(0, 1) rows as ADM's nn.Embedding (Flax's default is ~1/sqrt(D)).
             emb = emb + nn.Embed(self.num_label_embeddings, emb.shape[-1],
+                                 embedding_init=nn.initializers.normal(1.0),
                                  param_dtype=jnp.float32, name='label_emb')(y)
 
         dtype = layers.get_dtype(self.dtype)
