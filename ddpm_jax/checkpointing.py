@@ -152,6 +152,9 @@ def create_checkpoint_manager(workdir: str, config: ml_collections.ConfigDict, *
         # Removes temporary step directories left behind by a crashed save.
         cleanup_tmp_directories=not read_only,
         enable_async_checkpointing=True,
+        # The data item is written synchronously by every process; the step directory
+        # must exist before it, not be created (and possibly wiped) in the background.
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
     )
     return ocp.CheckpointManager(
         checkpoint_dir(workdir),
@@ -237,6 +240,24 @@ def check_config_compatible(saved_config: Mapping[str, Any],
             'The config does not match the checkpoint; differing fields:\n  '
             + '\n  '.join(diffs)
             + '\nUse the checkpoint\'s config or a new --workdir.')
+
+
+def check_workdir_compatible(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Refuses `config` early if `workdir` holds checkpoints of a different model.
+
+    Called before anything is written to the workdir, so a mistaken resume leaves the
+    run's `config.json` describing its checkpoints.
+
+    Raises:
+        CheckpointMismatchError: As `check_config_compatible`.
+    """
+    if not checkpoint_dir(workdir).exists():
+        return
+    try:
+        saved = load_config(workdir)
+    except FileNotFoundError:  # A directory without a finished step.
+        return
+    check_config_compatible(config_to_json_dict(saved), config)
 
 
 def with_shardings(abstract_tree: Any, sharding: jax.sharding.Sharding) -> Any:

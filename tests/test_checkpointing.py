@@ -4,9 +4,12 @@ These save states built with `jax.eval_shape`-sized random arrays or a compiled 
 no train step is compiled here.
 """
 
+import copy
+
 import chex
 import jax
 import numpy as np
+import optax
 import pytest
 
 from ddpm_jax import checkpointing, parallel, train
@@ -148,3 +151,32 @@ def test_relative_workdir_saves_and_restores(tiny_config, tmp_path, monkeypatch)
                                                           restore_data=False)
     assert step == 3
     chex.assert_trees_all_equal(parallel.to_host(state), parallel.to_host(saved))
+
+
+def test_workdir_check_refuses_other_model_before_anything_is_written(tiny_config, tmp_path):
+    checkpointing.check_workdir_compatible(tiny_config, str(tmp_path / 'new'))  # No run yet.
+    _save(tiny_config, tmp_path, _random_state(tiny_config, _mesh(1)), 2)
+    checkpointing.check_workdir_compatible(tiny_config, str(tmp_path))  # Same model: fine.
+    other = copy.deepcopy(tiny_config)
+    other.model.base_channels = 16
+    with pytest.raises(checkpointing.CheckpointMismatchError, match='model.base_channels'):
+        checkpointing.check_workdir_compatible(other, str(tmp_path))
+
+
+def test_turning_on_gradient_clipping_keeps_the_optimizer_state_layout(tiny_config):
+    # A run resumed with clipping switched on (say after a NaN) must restore its state.
+    params = {'w': np.zeros(4, np.float32)}
+    grads = {'w': np.full(4, 100.0, np.float32)}  # Global norm 200.
+    structures, first_moments = [], []
+    for clip in (0.0, 1.0):
+        config = copy.deepcopy(tiny_config)
+        config.optim.grad_clip_norm = clip
+        tx = train.create_optimizer(config)
+        state = tx.init(params)
+        _, state = tx.update(grads, state, params)
+        structures.append(jax.tree.structure(state))
+        first_moments.append(np.asarray(optax.tree_utils.tree_get(state, 'mu')['w']))
+    assert structures[0] == structures[1]
+    b1 = tiny_config.optim.b1
+    np.testing.assert_allclose(first_moments[0], (1 - b1) * 100.0, rtol=1e-6)  # Unclipped.
+    np.testing.assert_allclose(first_moments[1], (1 - b1) * 0.5, rtol=1e-5)  # Norm 200 -> 1.
