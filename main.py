@@ -11,7 +11,6 @@ under SLURM (SLURM_NTASKS > 1), or with explicit --coordinator_address,
 """
 
 import logging as pylogging
-import os
 import sys
 
 from absl import app, flags, logging
@@ -25,14 +24,6 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the j
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index.')
 
 
-def _auto_multiprocess() -> bool:
-    """True on a multi-host TPU slice or a multi-task SLURM job."""
-    if int(os.environ.get('SLURM_NTASKS', '1')) > 1:
-        return True
-    return ',' in os.environ.get('TPU_WORKER_HOSTNAMES', '') or bool(
-        os.environ.get('MEGASCALE_COORDINATOR_ADDRESS'))
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -41,12 +32,9 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
         pylogging.getLogger('ddpm_jax').setLevel(pylogging.INFO)
     import jax  # After flag parsing, so a bad flag fails before JAX starts.
-    if _COORDINATOR.value or _auto_multiprocess():
-        jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                                   num_processes=_NUM_PROCESSES.value,
-                                   process_id=_PROCESS_ID.value)
-    from ddpm_jax import train
+    from ddpm_jax import checkpointing, parallel, train
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                    _PROCESS_ID.value)
     pylogging.getLogger('ddpm_jax').info(
         'Process %d of %d; %d local / %d global devices: %s', jax.process_index(),
         jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices())
@@ -54,6 +42,7 @@ def main(argv):
     try:
         if mode == 'train':
             train.validate_config(config)
+            checkpointing.check_workdir_compatible(config, workdir)
         train.prepare_workdir(workdir)
         train.write_config(config, workdir, 'config.json' if mode == 'train'
                            else f'config_{mode}.json')
@@ -66,7 +55,9 @@ def main(argv):
             from ddpm_jax import evaluate
             evaluate.evaluate(config, workdir)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        sys.exit(f'ERROR: {e}')  # A user error: the message, not a traceback.
+        if flags.FLAGS['verbosity'].present:
+            raise  # Asked for detail: the whole traceback.
+        sys.exit(f'ERROR: {e}\n(--verbosity=0 shows the traceback.)')
 
 
 def parse_flags(argv):

@@ -5,6 +5,7 @@ One data-parallel layout serves 1 CPU, 8 GPUs and a TPU pod: a 1-D mesh with axi
 replicated `P()`. Each process feeds only its local share of the global batch.
 """
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +15,49 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = 'data'
+
+
+def _auto_multiprocess() -> bool:
+    """True where `jax.distributed.initialize()` can detect the cluster by itself.
+
+    A multi-task SLURM job, a TPU slice whose environment names its hosts (GKE,
+    Megascale), or any Cloud TPU VM: there JAX finds the slice's hosts from the GCE
+    metadata server, and on a single-host TPU VM it initializes a one-process
+    "cluster", which is harmless. Cloud TPU VM means what `import jax` found (libtpu
+    plus TPU chips on the PCI bus; no network), the same test JAX's own TPU cluster
+    detection starts with; unless it holds, no metadata is queried, so a CPU or GPU
+    machine (without a metadata server) stays single-process. Call after `import jax`.
+    """
+    if int(os.environ.get('SLURM_NTASKS', '1')) > 1:
+        return True
+    hosts = os.environ.get('TPU_PROCESS_ADDRESSES') or os.environ.get(
+        'TPU_WORKER_HOSTNAMES', '')
+    if ',' in hosts or os.environ.get('MEGASCALE_COORDINATOR_ADDRESS'):
+        return True
+    try:
+        from jax._src import cloud_tpu_init  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        return False
+    # With TPU_SKIP_MDS_QUERY set JAX skips the metadata server and would find no
+    # cluster (nor a coordinator address) on a single-host VM.
+    return bool(getattr(cloud_tpu_init, 'running_in_cloud_tpu_vm', False)) and (
+        os.environ.get('TPU_SKIP_MDS_QUERY') is None)
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """Calls `jax.distributed.initialize()` when the run spans several processes.
+
+    Explicit arguments (from main.py's flags) win; otherwise SLURM jobs, TPU slices and
+    Cloud TPU VMs are detected (see `_auto_multiprocess`). A plain single-process run
+    does nothing. CPU collectives use gloo, so multi-process CPU runs (and tests) work.
+    """
+    if not coordinator_address and not _auto_multiprocess():
+        return
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
 
 
 def create_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -38,6 +38,7 @@ import ml_collections
 import numpy as np
 import optax
 from etils import epath
+from jax.experimental import multihost_utils
 
 from ddpm_jax import checkpointing
 from ddpm_jax import data as data_lib
@@ -219,7 +220,12 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule
 
 
 def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Gradient clipping (if `optim.grad_clip_norm > 0`) then Adam or AdamW."""
+    """Gradient clipping by global norm, then Adam or AdamW.
+
+    The clipping stage is always present (with an infinite norm when
+    `optim.grad_clip_norm == 0`), so turning clipping on when resuming a run keeps the
+    optimiser state's structure and the checkpoint restores.
+    """
     o = config.optim
     lr = create_learning_rate_fn(config)
     if o.optimizer == 'adam':
@@ -229,9 +235,8 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
     else:
         raise ValueError(f'optim.optimizer={o.optimizer!r} is not valid; choose one of '
                          f'{OPTIMIZERS}.')
-    if o.grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), opt)
-    return opt
+    max_norm = o.grad_clip_norm if o.grad_clip_norm > 0 else float('inf')
+    return optax.chain(optax.clip_by_global_norm(max_norm), opt)
 
 
 def init_sampler_state(config: ml_collections.ConfigDict) -> Any:
@@ -500,22 +505,54 @@ def summarize_metrics(step_metrics: Sequence[dict[str, Any]]) -> dict[str, float
 
 
 class PreemptionHandler:
-    """Context manager: SIGTERM sets `triggered` so the loop can save and stop.
+    """Context manager; `reached(step)`, polled every step, says to save and stop.
 
-    Installed only from the main thread (Python's `signal` rule); the previous
-    handler is restored on exit.
+    One process: a Python SIGTERM handler sets `triggered`. It is installed only
+    from the main thread (Python's `signal` rule); the previous handler is restored
+    on exit.
+
+    Several processes: JAX's preemption sync service, which
+    `jax.distributed.initialize` starts (config `jax_enable_preemption_service`, on
+    by default), catches SIGTERM itself and spreads the notice through the
+    coordination service; `multihost_utils.reached_preemption_sync_point(step)`
+    then returns True on every process at the same step (one past the furthest
+    step any process had reached), without a device sync. Every process must call
+    it at every step. No Python handler is installed: it would replace the
+    service's (which orbax's `CheckpointManager.should_save` also polls). If the
+    service is disabled, falls back to the Python handler plus an all-gather
+    every `fallback_sync_every` steps.
     """
 
-    def __init__(self):
+    def __init__(self, fallback_sync_every: int = 1):
         self.triggered = False
         self._previous = None
+        self._service = False
+        self._fallback_sync_every = fallback_sync_every
 
     def handle(self, signum=None, frame=None):
         del signum, frame
         self.triggered = True
 
+    def reached(self, step: int) -> bool:
+        """True at the step where every process saves and stops; call every step."""
+        if self._service:
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.triggered = True
+            return self.triggered
+        if jax.process_count() == 1:
+            return self.triggered
+        return step % self._fallback_sync_every == 0 and parallel.any_process(
+            self.triggered)
+
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if jax.process_count() > 1:
+            from jax._src import distributed  # pylint: disable=import-outside-toplevel
+            self._service = getattr(distributed.global_state, 'preemption_sync_manager',
+                                    None) is not None
+            if not self._service:
+                logger.warning('JAX preemption service disabled: processes agree on a '
+                               'SIGTERM only every %d steps.', self._fallback_sync_every)
+        if not self._service and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self.handle)
         return self
 
@@ -568,7 +605,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         abstract_state = create_abstract_train_state(config, model, mesh)
         _, state, data_state = checkpointing.restore_checkpoint(manager, abstract_state,
                                                                 config)
-        if data_state is None:
+        # All processes resume their data position, or all restart it together.
+        if parallel.any_process(data_state is None):
             logger.warning('No data position saved for %d processes; the data order '
                            'restarts.', jax.process_count())
         else:
@@ -584,9 +622,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                       f'devices, {jax.process_count()} processes.')
 
     write_grid = t.num_grid_samples > 0 and config.model.name == 'unet'
-    # Multi-process runs agree on a SIGTERM with an all-gather at log steps only, so
-    # the hot loop keeps dispatching asynchronously.
-    check_every_step = jax.process_count() == 1
     pending = []  # Device metrics not yet fetched.
     window = []  # Host metrics since the last log line.
     timed_steps, window_start = 0, None  # Throughput excludes compilation.
@@ -610,7 +645,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         window.extend(host)
 
     try:
-        with PreemptionHandler() as preemption:
+        with PreemptionHandler(t.log_every_steps) as preemption:
             while step < t.num_train_steps:
                 batch = data_lib.to_global_batch(next(train_iter),
                                                  parallel.batch_sharding(mesh))
@@ -629,8 +664,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 writer.advance()
                 is_last = step == t.num_train_steps
                 should_log = step % t.log_every_steps == 0 or is_last
-                preempted = preemption.triggered if check_every_step else (
-                    should_log and parallel.any_process(preemption.triggered))
+                preempted = preemption.reached(step)  # The same step on every process.
                 should_save = is_last or preempted or manager.should_save(step)
                 if should_log or should_save:
                     fetch_and_check()  # A non-finite state is never saved or logged.
@@ -663,4 +697,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     finally:
         manager.close()
         writer.close()
+        train_iter.close()  # Stops grain's prefetch threads and worker processes.
     return state

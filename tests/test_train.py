@@ -57,6 +57,9 @@ class _Iterator:
     def set_state(self, state):
         self.inner.set_state(state)
 
+    def close(self):
+        self.inner.close()
+
 
 def _patch_iterator(monkeypatch, hook):
     real = data_lib.create_train_iterator
