@@ -6,14 +6,12 @@
 Runs on whatever backend JAX finds. The training step is the gradient of a plain MSE
 against a random target plus an Adam update (a stand-in for the diffusion loss with
 the same model cost). FLOPs come from XLA's cost analysis of the compiled program;
-on a GPU they are also reported as a fraction of the device's dense bf16 peak.
+on an accelerator (or with --peak_tflops) also as a fraction of the device's peak.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib.util
 import os
 import sys
 import time
@@ -26,78 +24,15 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ddpm_jax import models  # noqa: E402
-
-# Dense bf16 tensor-core peaks in FLOP/s (vendor data sheets, no sparsity).
-PEAK_BF16_FLOPS = (
-    ('H100 PCIe', 756e12),
-    ('H100', 989e12),  # SXM
-    ('H200', 989e12),
-    ('GH200', 989e12),
-    ('A100', 312e12),
-    ('L40S', 362e12),
-    ('L4', 121e12),
-    ('A10', 125e12),
-    ('V100', 125e12),  # fp16 tensor cores (V100 has no bf16)
-)
-
-
-def device_peak_flops(device: jax.Device) -> float | None:
-    """Dense bf16 peak of a GPU from its device_kind, or None if unknown or not a GPU."""
-    if device.platform != 'gpu':
-        return None
-    kind = device.device_kind
-    for name, peak in PEAK_BF16_FLOPS:
-        if name.lower() in kind.lower():
-            return peak
-    return None
-
-
-def load_config(path: str, overrides: list[str]):
-    """Loads `get_config()` from a config file and applies key=value overrides.
-
-    Args:
-        path: a config file such as configs/cifar10.py.
-        overrides: strings 'group.field=value'; values are Python literals (strings
-            may be bare).
-
-    Returns:
-        The ConfigDict.
-
-    Raises:
-        ValueError: for a malformed override or an unknown field.
-    """
-    spec = importlib.util.spec_from_file_location('bench_config', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    for item in overrides:
-        if '=' not in item:
-            raise ValueError(f'--override expects key=value, got {item!r}.')
-        key, raw = item.split('=', 1)
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        *groups, field = key.split('.')
-        node = config
-        for group in groups:
-            node = node[group]
-        if field not in node:
-            raise ValueError(f'Unknown config field {key!r}.')
-        node[field] = value
-    return config
-
+from common import compiled_flops, load_config, peak_flops  # noqa: E402
 
 def compile_fn(fn, *args, donate_argnums=()):
     """Lowers and compiles `fn`; returns (compiled, seconds, flops per call)."""
     start = time.perf_counter()
     compiled = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
     seconds = time.perf_counter() - start
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # Older JAX returns one dict per program.
-        cost = cost[0] if cost else {}
-    flops = float(cost.get('flops', float('nan'))) if cost else float('nan')
-    return compiled, seconds, flops
+    flops = compiled_flops(compiled)
+    return compiled, seconds, float('nan') if flops is None else flops
 
 
 def time_fn(step, steps: int) -> float:
@@ -117,6 +52,9 @@ def main(argv=None) -> None:
     parser.add_argument('--steps', type=int, default=10, help='Timed steps per measurement.')
     parser.add_argument('--override', action='append', default=[],
                         help='Config override key=value, e.g. model.base_channels=32.')
+    parser.add_argument('--peak_tflops', type=float, default=None,
+                        help='Per-device peak to report utilisation against (default: '
+                             'the table in bench/common.py for a known accelerator).')
     args = parser.parse_args(argv)
 
     config = load_config(args.config, args.override)
@@ -166,7 +104,7 @@ def main(argv=None) -> None:
 
     train_s = time_fn(one_train_step, args.steps)
 
-    peak = device_peak_flops(device)
+    peak = peak_flops(device, config.model.dtype, args.peak_tflops)
     print(f'config      {args.config}  overrides={args.override or "none"}')
     print(f'device      {device.platform} / {device.device_kind} x{jax.device_count()} '
           f'(measured on device 0)')
@@ -179,7 +117,7 @@ def main(argv=None) -> None:
                 f'{batch / step_s:10.1f} img/s | {flops / batch / 1e9:8.2f} GFLOP/img | '
                 f'{flops / step_s / 1e12:8.3f} TFLOP/s')
         if peak is not None and np.isfinite(flops):
-            line += f' | {100 * flops / step_s / peak:5.1f}% of {peak / 1e12:.0f} TFLOP/s peak'
+            line += f' | {100 * flops / step_s / peak:5.1f}% of {peak / 1e12:.4g} TFLOP/s peak'
         print(line)
 
 

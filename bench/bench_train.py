@@ -13,8 +13,6 @@ One JSON line is printed at the end.
 """
 
 import argparse
-import ast
-import importlib.util
 import json
 import os
 import sys
@@ -28,57 +26,7 @@ import numpy as np  # noqa: E402
 from ddpm_jax import data as data_lib  # noqa: E402
 from ddpm_jax import parallel, train  # noqa: E402
 from ddpm_jax.models import create_model  # noqa: E402
-
-# Dense peak TFLOP/s per device: (bf16, tf32) by substring of jax's device_kind.
-PEAK_TFLOPS = {
-    'H200': (989.0, 494.0),
-    'H100': (989.0, 494.0),
-    'A100': (312.0, 156.0),
-    'L4': (121.0, 60.0),
-    'TPU v4': (275.0, 275.0),
-    'TPU v5 lite': (197.0, 197.0),
-    'TPU v5e': (197.0, 197.0),
-    'TPU v5p': (459.0, 459.0),
-}
-
-
-def load_config(path: str, overrides: list[str]):
-    """Loads `get_config()` from a config file and applies `field.sub=value` overrides."""
-    spec = importlib.util.spec_from_file_location('bench_config', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    for item in overrides:
-        name, _, text = item.partition('=')
-        *parents, leaf = name.split('.')
-        node = config
-        for part in parents:
-            node = node[part]
-        if leaf not in node:
-            raise ValueError(f'--override {item}: {name} is not a config field.')
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        node[leaf] = value
-    return config
-
-
-def _flops(compiled) -> float | None:
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0] if analysis else None
-    if not analysis or 'flops' not in analysis:
-        return None
-    return float(analysis['flops'])
-
-
-def _peak(device_kind: str, dtype: str) -> float | None:
-    for name, (bf16, tf32) in PEAK_TFLOPS.items():
-        if name.lower() in device_kind.lower():
-            return (bf16 if dtype == 'bfloat16' else tf32) * 1e12
-    return None
-
+from common import compiled_flops, load_config, peak_flops  # noqa: E402
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -111,7 +59,7 @@ def main():
     start = time.perf_counter()
     compiled = step_fn.lower(state, batch, rng).compile()
     compile_s = time.perf_counter() - start
-    flops = _flops(compiled)
+    flops = compiled_flops(compiled)
 
     for _ in range(args.warmup):
         state, metrics = compiled(state, parallel.to_global(next(iterator), mesh), rng)
@@ -139,9 +87,8 @@ def main():
         result['step_tflop_per_device'] = round(flops / 1e12, 4)
         achieved = flops / step_s
         result['tflops_per_device'] = round(achieved / 1e12, 2)
-        peak = (args.peak_tflops * 1e12 if args.peak_tflops
-                else _peak(device.device_kind, config.model.dtype))
-        if peak and device.platform != 'cpu':
+        peak = peak_flops(device, config.model.dtype, args.peak_tflops)
+        if peak:
             result['peak_fraction'] = round(achieved / peak, 3)
     print(json.dumps(result))
 
