@@ -87,7 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- sampling (--mode=sample and the training grids) ------------------------------
     config.sample = sample = ml_collections.ConfigDict()
-    sample.sampler = 'ddpm'  # 'ddpm' (ancestral) or 'ddim'.
+    sample.sampler = 'ddpm'  # 'ddpm' (ancestral), 'ddim' or 'dpm_solver' (DPM-Solver++(2M)).
     sample.respacing = ''  # Steps to sample with: '' (all), '250', 'ddim50', '10,15,20'.
     sample.eta = 0.0  # DDIM eta (0 = deterministic).
     sample.clip_denoised = True  # Clip predicted x_0 to [-1, 1].

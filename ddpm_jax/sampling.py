@@ -59,7 +59,7 @@ __all__ = [
     'sample_and_save',
 ]
 
-SAMPLERS = ('ddpm', 'ddim')
+SAMPLERS = ('ddpm', 'ddim', 'dpm_solver')
 # Salts folded into the root key so grids, --mode=sample and labels use independent
 # streams (the trainer folds in 0 for init and 1 for the train steps).
 GRID_SALT = 2
@@ -271,6 +271,8 @@ def make_sample_fn(config: ml_collections.ConfigDict, model: nn.Module, *,
         shape = (batch,) + image_shape
         if sampler == 'ddim':
             x = samplers.ddim_sample(model_fn, sched, shape, rng, eta=eta, **kwargs)
+        elif sampler == 'dpm_solver':  # Deterministic ODE sampler; eta is unused.
+            x = samplers.dpm_solver_sample(model_fn, sched, shape, rng, **kwargs)
         else:
             x = samplers.ddpm_sample(model_fn, sched, shape, rng, **kwargs)
         return jnp.clip(x, -1.0, 1.0)

@@ -56,7 +56,7 @@ MODEL_NAMES = ('unet', 'classifier')
 MODEL_DTYPES = ('float32', 'bfloat16')
 OPTIMIZERS = ('adam', 'adamw')
 LR_SCHEDULES = ('constant', 'cosine', 'linear')
-SAMPLE_SAMPLERS = ('ddpm', 'ddim')
+SAMPLE_SAMPLERS = ('ddpm', 'ddim', 'dpm_solver')
 NUM_QUARTILES = 4
 
 

@@ -326,3 +326,16 @@ def test_sample_and_save_end_to_end(small_config, tmp_path):
         np.testing.assert_array_equal(f['labels'], np.full(6, 7, np.int32))
         assert f['images'].shape == (6, 8, 8, 1)
         assert np.abs(f['images'].astype(int) - unguided.astype(int)).max() > 0
+
+
+def test_dpm_solver_respaced(small_config):
+    small_config.sample.sampler = 'dpm_solver'
+    small_config.sample.respacing = 'ddim5'
+    model, params = _model_and_params(small_config)
+    sample_fn = sampling.make_sample_fn(small_config, model)
+    labels = np.zeros(BATCH, np.int32)
+    out = np.asarray(sample_fn(params, jax.random.key(0), labels))
+    assert out.shape == (BATCH, 8, 8, 1) and out.dtype == np.float32
+    assert np.all(np.isfinite(out)) and np.all(np.abs(out) <= 1.0) and out.std() > 0.05
+    np.testing.assert_array_equal(np.asarray(sample_fn(params, jax.random.key(0), labels)),
+                                  out)
