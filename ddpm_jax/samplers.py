@@ -141,6 +141,19 @@ def _cond_gradient(cond_fn, x, t, model_kwargs):
     return grad.astype(x.dtype)
 
 
+def _score_shift(cond_fn, classifier_scale, x, t, abar, model_kwargs):
+    """Classifier guidance as a score shift (Dhariwal & Nichol 2021, Alg. 2).
+
+    eps' = eps - sqrt(1 - abar) s grad; recomputing x0 from eps' gives
+    x0_hat + (1 - abar) / sqrt(abar) s grad exactly. Returns the two increments, so
+    that a zero gradient leaves eps and x0_hat bit-identical to no guidance.
+    """
+    shift = classifier_scale * _cond_gradient(cond_fn, x, t, model_kwargs)
+    # abar is floored as in the schedule's 1/sqrt(abar) (abar = 0 for 'jsd').
+    x0_shift = ((1.0 - abar) / jnp.sqrt(jnp.maximum(abar, 1e-20))) * shift
+    return -jnp.sqrt(1.0 - abar) * shift, x0_shift
+
+
 def _bcast(v, x):
     """Reshapes a per-example [B] or scalar quantity to broadcast against x."""
     v = jnp.asarray(v, x.dtype)
@@ -315,13 +328,9 @@ def ddim_sample(model_fn: ModelFn,
         abar = sched.alphas_cumprod[i]
         abar_prev = sched.alphas_cumprod_prev[i]
         if cond_fn is not None:
-            # Dhariwal & Nichol 2021, Alg. 2: eps' = eps - sqrt(1 - abar) s grad.
-            # Recomputing x0 from eps' gives x0_hat + (1 - abar) / sqrt(abar) s grad
-            # exactly; this form keeps a zero gradient bit-identical to no guidance.
-            shift = classifier_scale * _cond_gradient(cond_fn, x, t, model_kwargs)
-            eps = eps - jnp.sqrt(1.0 - abar) * shift
-            # abar is floored as in the schedule's 1/sqrt(abar) (abar = 0 for 'jsd').
-            pred_x0 = pred_x0 + ((1.0 - abar) / jnp.sqrt(jnp.maximum(abar, 1e-20))) * shift
+            eps_shift, x0_shift = _score_shift(cond_fn, classifier_scale, x, t, abar,
+                                               model_kwargs)
+            eps, pred_x0 = eps + eps_shift, pred_x0 + x0_shift
         sigma = (eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar))
                  * jnp.sqrt(1.0 - abar / abar_prev))
         # Rounding can make the radicand slightly negative when eta = 1.
@@ -492,10 +501,9 @@ def dpm_solver_sample(model_fn: ModelFn,
         pred_x0 = terms['pred_x0']
         abar = sched.alphas_cumprod[i]
         abar_prev = sched.alphas_cumprod_prev[i]
-        if cond_fn is not None:
-            # As in ddim_sample: x0 from eps' = eps - sqrt(1 - abar) s grad.
-            shift = classifier_scale * _cond_gradient(cond_fn, x, t, model_kwargs)
-            pred_x0 = pred_x0 + ((1.0 - abar) / jnp.sqrt(jnp.maximum(abar, 1e-20))) * shift
+        if cond_fn is not None:  # The guided data prediction, as in ddim_sample.
+            pred_x0 = pred_x0 + _score_shift(cond_fn, classifier_scale, x, t, abar,
+                                             model_kwargs)[1]
         final = abar_prev >= 1.0  # lambda_prev = +inf: x_0 = x0_hat.
         # A finite stand-in keeps the unselected final-step branch free of inf / NaN.
         abar_prev_safe = jnp.where(final, abar, abar_prev)
