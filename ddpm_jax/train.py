@@ -56,7 +56,6 @@ MODEL_NAMES = ('unet', 'classifier')
 MODEL_DTYPES = ('float32', 'bfloat16')
 OPTIMIZERS = ('adam', 'adamw')
 LR_SCHEDULES = ('constant', 'cosine', 'linear')
-SAMPLE_SAMPLERS = ('ddpm', 'ddim', 'dpm_solver')
 NUM_QUARTILES = 4
 
 
@@ -160,7 +159,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     _check(batch % num_processes == 0,
            f'train.global_batch_size={batch} is not divisible by the process count '
            f'({num_processes}).')
-    _check_choice('sample.sampler', config.sample.sampler, SAMPLE_SAMPLERS)
+    _check_choice('sample.sampler', config.sample.sampler, sampling.SAMPLERS)
 
 
 def prepare_workdir(workdir: str) -> epath.Path:
