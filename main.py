@@ -32,28 +32,16 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
         pylogging.getLogger('ddpm_jax').setLevel(pylogging.INFO)
     import jax  # After flag parsing, so a bad flag fails before JAX starts.
-    from ddpm_jax import checkpointing, parallel, train
+    from ddpm_jax import evaluate, parallel, sample_mode, train
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                     _PROCESS_ID.value)
     pylogging.getLogger('ddpm_jax').info(
         'Process %d of %d; %d local / %d global devices: %s', jax.process_index(),
         jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices())
-    config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
+    run = {'train': train.run_training, 'sample': sample_mode.sample_and_save,
+           'eval': evaluate.evaluate}[_MODE.value]
     try:
-        if mode == 'train':
-            train.validate_config(config)
-            checkpointing.check_workdir_compatible(config, workdir)
-        train.prepare_workdir(workdir)
-        train.write_config(config, workdir, 'config.json' if mode == 'train'
-                           else f'config_{mode}.json')
-        if mode == 'train':
-            train.train_and_evaluate(config, workdir)
-        elif mode == 'sample':
-            from ddpm_jax import sampling
-            sampling.sample_and_save(config, workdir)
-        else:
-            from ddpm_jax import evaluate
-            evaluate.evaluate(config, workdir)
+        run(_CONFIG.value, _WORKDIR.value)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         if flags.FLAGS['verbosity'].present:
             raise  # Asked for detail: the whole traceback.
@@ -61,15 +49,26 @@ def main(argv):
 
 
 def parse_flags(argv):
-    """absl parsing, with a misspelt --config.<field> override turned into one line."""
+    """absl parsing; a bad --config file or override becomes one `ERROR:` line."""
     try:
-        return flags.FLAGS(argv)
-    except (AttributeError, KeyError) as e:
+        remaining = flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:  # A misspelt --config.<field>.
         message = str(e).strip('"\'').replace('\\n', ' ').replace("\\'", "'")
+        name = message.split("'")[1] if message.count("'") >= 2 else None
         bad = [a for a in argv if a.startswith('--config.') and
-               message.split("'")[1:2] and message.split("'")[1] in a.split('=')[0]]
+               name in a.split('=')[0].split('.')[1:]]
         sys.exit(f'ERROR: unknown config field in {" ".join(bad) or "an override"}: '
                  f'{message}')
+    except flags.Error as e:  # A value of the wrong type, a missing flag, ...
+        sys.exit(f'ERROR: {e}')
+    try:
+        _CONFIG.value.seed  # pylint: disable=pointless-statement
+    except Exception as e:  # pylint: disable=broad-except  # A missing or broken file.
+        cause = e.__cause__ or e
+        lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+        sys.exit(f'ERROR: --config={flags.FLAGS["config"].config_filename}: '
+                 f'{lines[-1] if lines else type(cause).__name__}')
+    return remaining
 
 
 if __name__ == '__main__':

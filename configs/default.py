@@ -14,6 +14,8 @@ def get_config() -> ml_collections.ConfigDict:
     """Returns the default config (a tiny unconditional model on the digits)."""
     config = ml_collections.ConfigDict()
     config.seed = 0  # Root seed: parameters, data order, per-step noise.
+    config.task = 'diffusion'  # What is trained: 'diffusion' (a denoiser) or 'classifier'
+    #                            (a noise-aware classifier for guidance); see ddpm_jax.tasks.
 
     # --- data -------------------------------------------------------------------
     config.data = data = ml_collections.ConfigDict()
@@ -30,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- model --------------------------------------------------------------------
     config.model = model = ml_collections.ConfigDict()
-    model.name = 'unet'  # 'unet' (denoiser) or 'classifier' (noise-aware classifier).
+    model.name = 'unet'  # Network (ddpm_jax.models.MODELS): 'unet' or 'classifier'.
     model.variant = 'adm'  # 'ddpm' (Ho et al. 2020) or 'adm' (Dhariwal & Nichol 2021).
     model.base_channels = 32  # Channels at the first resolution.
     model.channel_mult = (1, 2)  # Channel multiplier per resolution level.
@@ -58,7 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.mean_type = 'eps'  # Model predicts 'eps', 'x0', 'xprev' or 'v'.
     diffusion.var_type = 'fixed_large'  # fixed_small, fixed_large, learned, learned_range.
     diffusion.loss_type = 'mse'  # mse, rescaled_mse (hybrid), kl, rescaled_kl.
-    diffusion.timestep_sampler = 'uniform'  # 'uniform' or 'loss_aware' (importance).
+    diffusion.timestep_sampling = 'uniform'  # Loss timesteps: 'uniform' or 'loss_aware'.
 
     # --- optimisation -------------------------------------------------------------
     config.optim = optim = ml_collections.ConfigDict()
@@ -87,7 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- sampling (--mode=sample and the training grids) ------------------------------
     config.sample = sample = ml_collections.ConfigDict()
-    sample.sampler = 'ddpm'  # 'ddpm' (ancestral), 'ddim' or 'dpm_solver' (DPM-Solver++(2M)).
+    sample.sampler = 'ddpm'  # Image sampler: 'ddpm' (ancestral), 'ddim' or 'dpm_solver'.
     sample.respacing = ''  # Steps to sample with: '' (all), '250', 'ddim50', '10,15,20'.
     sample.eta = 0.0  # DDIM eta (0 = deterministic).
     sample.clip_denoised = True  # Clip predicted x_0 to [-1, 1].

@@ -18,6 +18,8 @@ def get_config():
     """Returns the ADM ImageNet 64 classifier config."""
     config = default.get_config()
 
+    config.task = 'classifier'
+
     data = config.data
     data.dataset = 'imagenet_resized/64x64'
     data.eval_split = 'validation'

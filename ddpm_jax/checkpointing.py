@@ -1,11 +1,14 @@
 """Checkpoints: an orbax `CheckpointManager` over `<workdir>/checkpoints`.
 
-Each step directory `<workdir>/checkpoints/<step>/` holds three items:
+Each step directory `<workdir>/checkpoints/<step>/` holds four items:
 
-- `state/`: the whole `TrainState` pytree (step, params, EMA params, optimiser state,
-  timestep-sampler state), written with `StandardSave` and restored against
+- `state/`: the whole `state.TrainState` pytree (step, parameter trees, EMA copies,
+  optimiser states, task state), written with `StandardSave` and restored against
   `jax.eval_shape` of the state carrying the *current* mesh's shardings, so a run
   can resume on a different number of devices.
+- `meta/`: the state's layout version (`state.STATE_LAYOUT_VERSION`) and the task's
+  parts. Checkpoints of ddpm_jax 0.1 have no `meta/`; their single-model state is
+  read and converted to the current layout.
 - `data/`: the training data iterator's position, one JSON file per process
   (`process_<i>-of-<n>.json`), so a resumed run sees the same next batch.
 - `config/`: the resolved config as JSON; a checkpoint is only restored by a config
@@ -17,10 +20,14 @@ process has finished, so a step left half-written by a crash is never listed or
 loaded. Saves are asynchronous; call `wait_until_finished()` before exiting.
 """
 
+import contextlib
+import gc
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import sys
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +36,11 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
+
+from ddpm_jax import config_lib
+from ddpm_jax import state as state_lib
+from ddpm_jax import tasks
 
 logger = logging.getLogger('ddpm_jax')
 
@@ -37,12 +49,13 @@ CHECKPOINT_SUBDIR = 'checkpoints'
 # Config fields whose value decides the layout or meaning of the saved state. A
 # dotted name that is a section ('model') covers every field below it.
 STRUCTURAL_FIELDS = (
+    'task',
     'model',
     'diffusion.num_timesteps',
     'diffusion.schedule',
     'diffusion.mean_type',
     'diffusion.var_type',
-    'diffusion.timestep_sampler',
+    'diffusion.timestep_sampling',
     'data.image_size',
     'data.channels',
     'optim.optimizer',
@@ -125,6 +138,25 @@ def checkpoint_dir(workdir: str) -> epath.Path:
     return epath.Path(workdir) / CHECKPOINT_SUBDIR
 
 
+class _DropReadOnlyWarnings(logging.Filter):
+    """Hides orbax's warnings that a read-only manager is read-only (every restore)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ('read_only=True' in message or 'is read only' in message)
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    absl_logger = logging.getLogger('absl')
+    drop = _DropReadOnlyWarnings()
+    absl_logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(drop)
+
+
 def create_checkpoint_manager(workdir: str, config: ml_collections.ConfigDict, *,
                               read_only: bool = False) -> ocp.CheckpointManager:
     """Creates the manager with the save and preservation policies from `config.train`.
@@ -138,38 +170,35 @@ def create_checkpoint_manager(workdir: str, config: ml_collections.ConfigDict, *
         config: The run's config.
         read_only: Open an existing directory for restoring only (sampling, eval).
     """
-    policies = ocp.checkpoint_managers
-    preservation = [policies.LatestN(n=config.train.keep_checkpoints)]
-    if config.train.keep_checkpoint_every_steps > 0:
-        preservation.append(policies.EveryNSteps(
-            interval_steps=config.train.keep_checkpoint_every_steps))
-    options = ocp.CheckpointManagerOptions(
-        save_decision_policy=policies.FixedIntervalPolicy(
-            interval=config.train.checkpoint_every_steps),
-        preservation_policy=policies.AnyPreservationPolicy(preservation),
-        create=not read_only,
-        read_only=read_only,
-        # Removes temporary step directories left behind by a crashed save.
-        cleanup_tmp_directories=not read_only,
-        enable_async_checkpointing=True,
-        # The data item is written synchronously by every process; the step directory
-        # must exist before it, not be created (and possibly wiped) in the background.
-        async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
-    )
-    return ocp.CheckpointManager(
-        checkpoint_dir(workdir),
-        options=options,
-        item_handlers={
-            'state': ocp.StandardCheckpointHandler(),
-            'data': DataIteratorHandler(),
-            'config': ocp.JsonCheckpointHandler(),
-        },
-    )
-
-
-def config_to_json_dict(config: ml_collections.ConfigDict) -> dict:
-    """The config as plain JSON types (tuples become lists)."""
-    return json.loads(config.to_json())
+    with _quiet_orbax():
+        policies = ocp.checkpoint_managers
+        preservation = [policies.LatestN(n=config.train.keep_checkpoints)]
+        if config.train.keep_checkpoint_every_steps > 0:
+            preservation.append(policies.EveryNSteps(
+                interval_steps=config.train.keep_checkpoint_every_steps))
+        options = ocp.CheckpointManagerOptions(
+            save_decision_policy=policies.FixedIntervalPolicy(
+                interval=config.train.checkpoint_every_steps),
+            preservation_policy=policies.AnyPreservationPolicy(preservation),
+            create=not read_only,
+            read_only=read_only,
+            # Removes temporary step directories left behind by a crashed save.
+            cleanup_tmp_directories=not read_only,
+            enable_async_checkpointing=True,
+            # The data item is written synchronously by every process; the step directory
+            # must exist before it, not be created (and possibly wiped) in the background.
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
+        )
+        return ocp.CheckpointManager(
+            checkpoint_dir(workdir),
+            options=options,
+            item_handlers={
+                'state': ocp.StandardCheckpointHandler(),
+                'data': DataIteratorHandler(),
+                'config': ocp.JsonCheckpointHandler(),
+                'meta': ocp.JsonCheckpointHandler(),
+            },
+        )
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: Any,
@@ -191,7 +220,9 @@ def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: Any,
     """
     items = {
         'state': ocp.args.StandardSave(state),
-        'config': ocp.args.JsonSave(config_to_json_dict(config)),
+        'config': ocp.args.JsonSave(config_lib.to_json_dict(config)),
+        'meta': ocp.args.JsonSave({'state_layout': state_lib.STATE_LAYOUT_VERSION,
+                                   'parts': list(state.params)}),
     }
     if data_state is not None:
         items['data'] = DataIteratorSave(data_state)
@@ -226,8 +257,8 @@ def check_config_compatible(saved_config: Mapping[str, Any],
     Raises:
         CheckpointMismatchError: Naming every differing field with both values.
     """
-    saved = _structural(_flatten(saved_config))
-    current = _structural(_flatten(config_to_json_dict(config)))
+    saved = _structural(_flatten(config_lib.upgrade_json_dict(saved_config)))
+    current = _structural(_flatten(config_lib.to_json_dict(config)))
     missing = object()
     diffs = []
     for name in sorted(set(saved) | set(current)):
@@ -257,26 +288,200 @@ def check_workdir_compatible(config: ml_collections.ConfigDict, workdir: str) ->
         saved = load_config(workdir)
     except FileNotFoundError:  # A directory without a finished step.
         return
-    check_config_compatible(config_to_json_dict(saved), config)
+    check_config_compatible(config_lib.to_json_dict(saved), config)
 
 
-def with_shardings(abstract_tree: Any, sharding: jax.sharding.Sharding) -> Any:
-    """Attaches `sharding` to every `ShapeDtypeStruct` of an abstract pytree."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_tree)
+def _legacy_layout(tree: Any) -> dict[str, Any]:
+    """A current single-part `TrainState` (abstract or not) in the layout of 0.1."""
+    return {'step': tree.step, 'params': tree.params['model'],
+            'ema_params': tuple(ema['model'] for ema in tree.ema_params),
+            'opt_state': tree.opt_state['model'], 'sampler_state': tree.task_state}
+
+
+def _from_legacy_layout(legacy: Mapping[str, Any]) -> state_lib.TrainState:
+    return state_lib.TrainState(
+        step=legacy['step'], params={'model': legacy['params']},
+        ema_params=tuple({'model': ema} for ema in legacy['ema_params']),
+        opt_state={'model': legacy['opt_state']}, task_state=legacy['sampler_state'])
+
+
+# --- damaged steps --------------------------------------------------------------------
+
+# Files of a step directory that are JSON (orbax's metadata and our items).
+_JSON_FILES = ('_CHECKPOINT_METADATA', 'config/metadata', 'meta/metadata', 'state/_METADATA',
+               'state/_sharding')
+DAMAGED_SUBDIR = 'damaged_checkpoints'
+
+
+class CheckpointDamagedError(ValueError):
+    """A checkpoint step cannot be read; `file` names what is damaged."""
+
+    def __init__(self, step: int, file: str, reason: str):
+        super().__init__(f'checkpoint step {step} is unreadable: {file}: {reason}')
+        self.step, self.file, self.reason = step, file, reason
+
+
+def _walk_files(directory: epath.Path) -> list[epath.Path]:
+    """Every file below `directory` (epath has no recursive glob for cloud paths)."""
+    files = []
+    for path in sorted(epath.Path(directory).iterdir()):
+        if path.is_dir():
+            files.extend(_walk_files(path))
+        else:
+            files.append(path)
+    return files
+
+
+def find_damage(step_dir: epath.Path) -> tuple[str, str] | None:
+    """(file, reason) for the first empty or unparsable file of a step, or None.
+
+    Cheap checks only: every file non-empty (orbax's array data files included),
+    and the JSON files parse. A truncated array file passes; restoring finds it.
+    """
+    step_dir = epath.Path(step_dir)
+    json_files = {step_dir / name for name in _JSON_FILES}
+    json_files |= set((step_dir / 'data').glob('*.json'))
+    for path in _walk_files(step_dir):
+        relative = str(path)[len(str(step_dir)) + 1:]
+        if path.stat().length == 0 and path.name != 'commit_success.txt':
+            return relative, 'empty file'
+        if path in json_files:
+            try:
+                json.loads(path.read_text())
+            except (ValueError, UnicodeDecodeError) as e:
+                return relative, f'not valid JSON ({e})'
+    for name in ('state/_METADATA', 'config/metadata'):
+        if not (step_dir / name).exists():
+            return name, 'missing'
+    return None
+
+
+def _damaged_file(step_dir: epath.Path, error: BaseException) -> str:
+    """The file of `step_dir` an exception names, else the state item."""
+    message = str(error)
+    for path in sorted(_walk_files(step_dir), key=lambda p: -len(str(p))):
+        if (str(path) in message or (
+                path.name in message and len(path.name) > 12)):
+            return str(path)[len(str(step_dir)) + 1:]
+    return 'state/ (an array file)'
+
+
+def set_aside(manager: ocp.CheckpointManager, damage: CheckpointDamagedError) -> epath.Path:
+    """Moves a damaged step to `<workdir>/damaged_checkpoints/<step>` (never deletes it).
+
+    Process 0 moves it; every process then waits for the move and re-reads the step
+    list, so all agree on the steps that remain.
+    """
+    source = epath.Path(manager.directory) / str(damage.step)
+    target_dir = epath.Path(manager.directory).parent / DAMAGED_SUBDIR
+    target = target_dir / str(damage.step)
+    k = 0
+    while target.exists():
+        k += 1
+        target = target_dir / f'{damage.step}_{k}'
+    if jax.process_index() == 0:
+        target_dir.mkdir(parents=True, exist_ok=True)
+        source.rename(target)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f'set_aside_{damage.step}')
+    manager.reload()
+    logger.warning('%s; moved it to %s and trying the previous step.', damage, target)
+    return target
+
+
+class _DropAsyncioLeftovers(logging.Filter):
+    """Hides asyncio's 'exception was never retrieved' for the reads a failed restore
+    abandoned (the failure itself is reported in one line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return 'exception was never retrieved' not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_failed_restore():
+    """While restoring: drop the noise of a restore that fails on a damaged file.
+
+    TensorStore keeps delivering the other reads' results to orbax's event loop
+    after it closed (hundreds of 'Event loop is closed' tracebacks) and asyncio
+    logs the abandoned futures; neither says anything the one-line report does not.
+    """
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError)
+                and 'Event loop is closed' in str(unraisable.exc_value)):
+            previous(unraisable)
+
+    drop = _DropAsyncioLeftovers()
+    asyncio_logger = logging.getLogger('asyncio')
+    sys.unraisablehook = hook
+    asyncio_logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        gc.collect()  # Runs the abandoned futures' finalisers while the filters are on.
+        time.sleep(0.05)
+        sys.unraisablehook = previous
+        asyncio_logger.removeFilter(drop)
+
+
+def has_checkpoints(manager: ocp.CheckpointManager) -> bool:
+    """Whether the manager's directory holds any finalised step."""
+    return bool(manager.all_steps())
+
+
+# Words of TensorStore / file-system errors: the bytes on disk are bad or missing.
+_READ_ERROR_WORDS = ('OUT_OF_RANGE', 'DATA_LOSS', 'FAILED_PRECONDITION', 'NOT_FOUND',
+                     'Error reading', 'Error opening', 'corrupt', 'No such file')
+
+
+def _is_layout_mismatch(error: BaseException) -> bool:
+    """Whether a restore error says the checkpoint's tree differs from the target's
+    (a code or config change), as opposed to unreadable files."""
+    message = str(error)
+    if any(word in message for word in _READ_ERROR_WORDS):
+        return False
+    return isinstance(error, (ValueError, KeyError, TypeError)) and any(
+        word in message.lower() for word in ('shape', 'structure', 'tree', 'missing key',
+                                             'dtype'))
+
+
+def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
+                  config: ml_collections.ConfigDict, restore_data: bool) -> tuple[Any, Any]:
+    saved_config = manager.restore(
+        step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+    check_config_compatible(saved_config, config)
+    step_dir = manager.directory / str(step)
+    legacy = not (step_dir / 'meta').exists()
+    if legacy:  # Written by ddpm_jax 0.1: one model, no task state of its own.
+        logger.info('Checkpoint step %d has the 0.1 state layout; converting it.', step)
+    target = _legacy_layout(abstract_state) if legacy else abstract_state
+    items = {'state': ocp.args.StandardRestore(target)}
+    has_data = restore_data and (step_dir / 'data').exists()
+    if has_data:
+        items['data'] = DataIteratorRestore()
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    data_state = restored['data'] if has_data else None
+    state = _from_legacy_layout(restored['state']) if legacy else restored['state']
+    return state, data_state
 
 
 def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: Any,
                        config: ml_collections.ConfigDict, *, step: int | None = None,
                        restore_data: bool = True) -> tuple[int, Any, Any]:
-    """Restores the state (and data position) of a step after checking the config.
+    """Restores the newest readable step (or `step`) after checking the config.
+
+    A step that cannot be read (a file empty, truncated, missing or not valid JSON)
+    is reported in one line naming the step and the file, moved aside to
+    `<workdir>/damaged_checkpoints/` (see `set_aside`), and the previous step is
+    tried, down to the oldest.
 
     Args:
         manager: From `create_checkpoint_manager`.
         abstract_state: `jax.eval_shape` of the state with the target shardings
-            attached (see `with_shardings`); the restored arrays get those shardings.
+            attached (see `state.with_shardings`); the restored arrays get those.
         config: Current config, checked against the stored one first.
-        step: Step to restore; default the latest finalised one.
+        step: Step to restore; default the newest readable one.
         restore_data: Also return the data iterator state.
 
     Returns:
@@ -284,23 +489,38 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: Any,
         saved for this process count.
 
     Raises:
-        FileNotFoundError: No finalised checkpoint exists.
-        CheckpointMismatchError: The config differs in a structural field.
+        FileNotFoundError: No finalised checkpoint exists, or none is readable.
+        CheckpointMismatchError: The config differs in a structural field, or the
+            stored state's layout differs from this code's.
     """
-    if step is None:
-        step = manager.latest_step()
-    if step is None:
+    steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
+    if not steps:
         raise FileNotFoundError(f'No checkpoint in {manager.directory}.')
-    saved_config = manager.restore(
-        step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
-    check_config_compatible(saved_config, config)
-    items = {'state': ocp.args.StandardRestore(abstract_state)}
-    has_data = restore_data and (manager.directory / str(step) / 'data').exists()
-    if has_data:
-        items['data'] = DataIteratorRestore()
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
-    data_state = restored['data'] if has_data else None
-    return step, restored['state'], data_state
+    set_aside_steps = []
+    for candidate in steps:
+        step_dir = epath.Path(manager.directory) / str(candidate)
+        damage = find_damage(step_dir)
+        if damage is None:
+            try:
+                with _quiet_failed_restore():
+                    state, data_state = _restore_step(manager, candidate, abstract_state,
+                                                      config, restore_data)
+                return candidate, state, data_state
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # pylint: disable=broad-except
+                if _is_layout_mismatch(e):
+                    raise CheckpointMismatchError(
+                        f'Checkpoint step {candidate} in {manager.directory} does not have '
+                        f'the layout of this model and code: {str(e).splitlines()[0]}'
+                    ) from e
+                damage = (_damaged_file(step_dir, e), f'{type(e).__name__}: '
+                          f'{str(e).splitlines()[0][:200] if str(e) else ""}')
+        set_aside(manager, CheckpointDamagedError(candidate, *damage))
+        set_aside_steps.append(candidate)
+    raise FileNotFoundError(
+        f'No readable checkpoint in {manager.directory}: steps {set_aside_steps} were '
+        f'damaged and moved to {epath.Path(manager.directory).parent / DAMAGED_SUBDIR}.')
 
 
 def load_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
@@ -308,47 +528,26 @@ def load_config(workdir: str, step: int | None = None) -> ml_collections.ConfigD
 
     Args:
         workdir: Run directory of the checkpoint.
-        step: Step to read; default the latest.
-    """
-    directory = checkpoint_dir(workdir)
-    with ocp.CheckpointManager(
-            directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-            item_handlers={'config': ocp.JsonCheckpointHandler()}) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f'No checkpoint in {directory}.')
-        saved = manager.restore(
-            step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
-    return config_from_json_dict(saved)
-
-
-def config_from_json_dict(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
-    """Inverse of `config_to_json_dict` (JSON lists become tuples again)."""
-    return ml_collections.ConfigDict(_lists_to_tuples(saved))
-
-
-def _lists_to_tuples(tree):
-    if isinstance(tree, Mapping):
-        return {k: _lists_to_tuples(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return tuple(_lists_to_tuples(v) for v in tree)
-    return tree
-
-
-def select_ema_params(config: ml_collections.ConfigDict, ema_params: Sequence[Any]) -> Any:
-    """The EMA copy named by `config.sample.ema_decay` (-1: the first decay).
+        step: Step to read; default the newest step whose config is readable.
 
     Raises:
-        ValueError: If the decay is not one of `config.optim.ema_decays`.
+        FileNotFoundError: No checkpoint (with a readable config) in `workdir`.
     """
-    decays = tuple(config.optim.ema_decays)
-    if config.sample.ema_decay == -1:
-        return ema_params[0]
-    for decay, params in zip(decays, ema_params):
-        if np.isclose(decay, config.sample.ema_decay, rtol=0, atol=1e-12):
-            return params
-    raise ValueError(f'sample.ema_decay={config.sample.ema_decay} is not one of '
-                     f'optim.ema_decays={decays} (or -1 for the first).')
+    directory = checkpoint_dir(workdir)
+    with _quiet_orbax(), ocp.CheckpointManager(
+            directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+            item_handlers={'config': ocp.JsonCheckpointHandler()}) as manager:
+        steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
+        for candidate in steps:
+            path = directory / str(candidate) / 'config' / 'metadata'
+            try:
+                saved = json.loads(path.read_text())
+            except (OSError, ValueError):
+                logger.warning('Checkpoint step %d: %s is unreadable; skipping it.', candidate,
+                               path)
+                continue
+            return config_lib.from_json_dict(config_lib.upgrade_json_dict(saved))
+    raise FileNotFoundError(f'No checkpoint in {directory}.')
 
 
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
@@ -363,19 +562,17 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
         step: Step to restore; default the latest.
 
     Returns:
-        `(step, params, ema_params)` where `ema_params` is the copy chosen by
-        `config.sample.ema_decay` (-1: the first of `config.optim.ema_decays`).
+        `(step, params, ema_params)`: {part: tree} dicts; `ema_params` is the copy
+        chosen by `config.sample.ema_decay` (-1: the first of `optim.ema_decays`).
 
     Raises:
         FileNotFoundError: No checkpoint in `workdir`.
         CheckpointMismatchError: `config` does not describe the stored model.
     """
-    from ddpm_jax import train  # Local: train imports this module.
-    from ddpm_jax.models import create_model
-
-    model = create_model(config)
-    abstract_state = train.create_abstract_train_state(config, model, mesh)
+    abstract_state = state_lib.create_abstract_train_state(tasks.create_task(config), mesh)
+    if not checkpoint_dir(workdir).exists():
+        raise FileNotFoundError(f'No checkpoint in {checkpoint_dir(workdir)}.')
     with create_checkpoint_manager(workdir, config, read_only=True) as manager:
         step, state, _ = restore_checkpoint(manager, abstract_state, config, step=step,
                                             restore_data=False)
-    return step, state.params, select_ema_params(config, state.ema_params)
+    return step, state.params, state_lib.select_ema_params(config, state.ema_params)

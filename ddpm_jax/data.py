@@ -24,7 +24,7 @@ trainer shards onto its mesh:
   epoch, repeated forever. Flips depend only on (seed, process, position in the
   stream). Batches are LOCAL: {'image': float32 [B/n, H, W, C],
   'label': int32 [B/n]} numpy arrays with B = `train.global_batch_size`.
-  `to_global_batch` turns them into global `jax.Array`s.
+  `parallel.to_global` turns them into global `jax.Array`s.
 * Eval iterator: no shuffle or flip, one pass over the first
   `min(eval.num_images, split size)` examples in dataset order. Global batch `j`
   holds examples [j*B, (j+1)*B) and process p owns rows [p*B/n, (p+1)*B/n) of
@@ -69,13 +69,12 @@ import PIL.Image
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import constants as tfds_constants
 
+from ddpm_jax import config_lib
+
 # Examples in each split of the synthetic 'fake' source.
 FAKE_SPLIT_SIZES = {'train': 10_000, 'test': 1_000}
 # The bundled digits: the first 1,500 images train, the last 297 test.
 DIGITS_NUM_TRAIN = 1_500
-# Extra 32-bit words mixed into the seeds so shuffling and flipping are independent.
-_SHUFFLE_SALT = 0
-_FLIP_SALT = 1
 # ITU-R BT.601 luma weights, for RGB -> grey.
 _LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)
 
@@ -139,6 +138,31 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     return digits.images.astype(np.float32), digits.target.astype(np.int32)
 
 
+def load_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """One split of the bundled digits as arrays, without the input pipeline.
+
+    Args:
+        split: 'train' (the first 1,500 images) or 'test' (the last 297).
+
+    Returns:
+        images float32 [N, 8, 8, 1] scaled to [-1, 1] (0..16 -> -1..1), labels int32 [N].
+    """
+    images, labels = _digits_split(split)
+    return images / 8.0 - 1.0, labels
+
+
+def _digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Digits of `split`: images float32 [N, 8, 8, 1] in 0..16, labels int32 [N]."""
+    images, labels = _load_digits()
+    if split == 'train':
+        part = slice(0, DIGITS_NUM_TRAIN)
+    elif split == 'test':
+        part = slice(DIGITS_NUM_TRAIN, None)
+    else:
+        raise ValueError(f"digits dataset split {split!r} not in ['train', 'test']")
+    return images[part, :, :, None], labels[part]
+
+
 class _ArrayRecords:
     """Random access to in-memory arrays as {'image', 'label'} dicts."""
 
@@ -181,6 +205,12 @@ def _open_tfds(name: str, split: str, data_dir: str) -> _Source:
                                    download=False)
     except (tfds.core.registered.DatasetNotFoundError, KeyError, AssertionError,
             NotImplementedError, FileNotFoundError) as e:
+        builder = name.split(':')[0].split('/')[0]
+        if builder not in tfds.list_builders(with_community_datasets=False):
+            raise DatasetNotFoundError(
+                f'data.dataset={name!r} is neither a TFDS dataset name nor one of the '
+                "built-in 'digits' and 'fake' (the TFDS names are listed at "
+                'https://www.tensorflow.org/datasets/catalog/overview).') from None
         if not _is_prepared(name, where):
             raise DatasetNotFoundError(
                 f'TFDS dataset {name!r} is not prepared in data_dir {where!r} (looked for '
@@ -212,15 +242,8 @@ def _open_source(config: ml_collections.ConfigDict, split: str) -> _Source:
                                salt=list(FAKE_SPLIT_SIZES).index(split))
         return _Source(records=records, max_value=255.0, num_classes=num_classes)
     if name == 'digits':
-        images, labels = _load_digits()
-        if split == 'train':
-            part = slice(0, DIGITS_NUM_TRAIN)
-        elif split == 'test':
-            part = slice(DIGITS_NUM_TRAIN, None)
-        else:
-            raise ValueError(f"digits dataset split {split!r} not in ['train', 'test']")
-        return _Source(records=_ArrayRecords(images[part, :, :, None], labels[part]),
-                       max_value=16.0, num_classes=10)
+        return _Source(records=_ArrayRecords(*_digits_split(split)), max_value=16.0,
+                       num_classes=10)
     if not name:
         raise ValueError('config.data.dataset is empty')
     return _open_tfds(name, split, config.data.data_dir)
@@ -305,17 +328,8 @@ def _process_index_and_count(process_index: int | None,
 
 
 def _local_batch_size(global_batch_size: int, process_count: int, field: str) -> int:
-    if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(f'{field}={global_batch_size} must be a positive multiple of '
-                         f'process_count={process_count}')
+    config_lib.check_global_batch(field, global_batch_size, num_processes=process_count)
     return global_batch_size // process_count
-
-
-def _validate(config: ml_collections.ConfigDict) -> None:
-    if config.data.image_size <= 0:
-        raise ValueError(f'data.image_size={config.data.image_size} must be positive')
-    if config.data.channels not in (1, 3):
-        raise ValueError(f'data.channels={config.data.channels} must be 1 or 3')
 
 
 def _read_options(config: ml_collections.ConfigDict) -> grain.ReadOptions:
@@ -356,7 +370,6 @@ def create_train_iterator(config: ml_collections.ConfigDict, *,
             count.
         DatasetNotFoundError: A TFDS dataset is not prepared.
     """
-    _validate(config)
     index, count = _process_index_and_count(process_index, process_count)
     local_batch_size = _local_batch_size(config.train.global_batch_size, count,
                                          'train.global_batch_size')
@@ -368,12 +381,12 @@ def create_train_iterator(config: ml_collections.ConfigDict, *,
                                      config.data.center_crop)
     dataset = grain.MapDataset.source(source.records)[index::count]
     # Shuffling before repeating gives a fresh permutation of the shard each epoch.
-    dataset = dataset.shuffle(seed=_seed(config.seed, _SHUFFLE_SALT)).repeat()
+    dataset = dataset.shuffle(seed=_seed(config.seed, config_lib.DATA_SEED_SALTS['shuffle'])).repeat()
     dataset = dataset.map(preprocess)
     if config.data.random_flip:
         # Seeded by (seed, process) and the element's position in the stream.
         dataset = dataset.random_map(_random_flip,
-                                     seed=_seed(config.seed, _FLIP_SALT, index))
+                                     seed=_seed(config.seed, config_lib.DATA_SEED_SALTS['flip'], index))
     dataset = dataset.batch(local_batch_size, drop_remainder=True)
     return _to_iterator(dataset, config)
 
@@ -405,7 +418,6 @@ def create_eval_iterator(config: ml_collections.ConfigDict, *,
             count.
         DatasetNotFoundError: A TFDS dataset is not prepared.
     """
-    _validate(config)
     index, count = _process_index_and_count(process_index, process_count)
     global_batch_size = config.eval.global_batch_size
     local_batch_size = _local_batch_size(global_batch_size, count, 'eval.global_batch_size')
@@ -440,24 +452,3 @@ def dataset_info(config: ml_collections.ConfigDict) -> dict[str, int]:
     """
     source = _open_source(config, config.data.split)
     return {'num_examples': len(source.records), 'num_classes': source.num_classes}
-
-
-def to_global_batch(batch: Mapping[str, np.ndarray],
-                    sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
-    """Assembles each process's local batch into global arrays.
-
-    Process p's rows become rows [p*L, (p+1)*L) of the global batch (the layout of
-    `jax.make_array_from_process_local_data` for a batch sharded over the devices
-    of all processes, e.g. `NamedSharding(mesh, P('data'))`).
-
-    Args:
-        batch: Local numpy arrays, all with the same leading (local batch) size.
-        sharding: The sharding of the global arrays.
-
-    Returns:
-        A dict of global `jax.Array`s with leading size L * process_count.
-    """
-    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
-            for key, value in batch.items()}
-
-

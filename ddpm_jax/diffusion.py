@@ -36,6 +36,19 @@ def extract(arr: jnp.ndarray, i: jnp.ndarray, ndim: int) -> jnp.ndarray:
     return vals.reshape(vals.shape + (1,) * (ndim - vals.ndim))
 
 
+def mean_flat(x: jnp.ndarray) -> jnp.ndarray:
+    """Mean over every axis but the leading (batch) one: [B, ...] -> [B]."""
+    return jnp.mean(x, axis=tuple(range(1, x.ndim)))
+
+
+NUM_QUARTERS = 4  # Nichol & Dhariwal 2021 report loss terms per quarter of the steps.
+
+
+def timestep_quarter(i: jnp.ndarray, num_timesteps: int) -> jnp.ndarray:
+    """Which quarter of the N steps each step index lies in: floor(4 i / N), in 0..3."""
+    return (i * NUM_QUARTERS) // num_timesteps
+
+
 def _check_same_shape(a, b, name_a: str, name_b: str) -> None:
     if a.shape != b.shape:
         raise ValueError(f'{name_a} and {name_b} must have the same shape, got '

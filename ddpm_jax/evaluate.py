@@ -10,14 +10,15 @@ The per-batch computation is jitted once with the batch sharded `P('data')` and
 the parameters replicated, and reduces to masked sums inside the program, so
 padding rows of the last batch (`mask` False, see `data.create_eval_iterator`)
 never count and only scalars leave the devices. Each image draws its noise from
-`fold_in(fold_in(key(seed), EVAL_SALT), image_index)`, so its bound does not
-depend on the batch size, device count or process count.
+`fold_in(rng_for(config, 'eval'), image_index)`, so its bound does not depend on
+the batch size, device count or process count.
 """
 
 import json
 import logging
 import sys
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -27,20 +28,18 @@ import numpy as np
 from etils import epath
 
 from ddpm_jax import checkpointing
+from ddpm_jax import config_lib
 from ddpm_jax import data as data_lib
+from ddpm_jax import diffusion
 from ddpm_jax import likelihood
 from ddpm_jax import parallel
 from ddpm_jax import schedules
-from ddpm_jax.models import create_model
+from ddpm_jax import workdir as workdir_lib
+from ddpm_jax.models import create_model, make_model_fn
 
 logger = logging.getLogger('ddpm_jax')
 
-__all__ = ['EVAL_SALT', 'NUM_QUARTERS', 'make_eval_step_fn', 'summarize', 'evaluate']
-
-# Folded into the root key so evaluation noise is independent of training and sampling.
-EVAL_SALT = 4
-# The per-step terms are also reported summed over each quarter of the steps.
-NUM_QUARTERS = 4
+__all__ = ['make_eval_step_fn', 'summarize', 'evaluate']
 
 
 def make_eval_step_fn(config: ml_collections.ConfigDict, model: nn.Module,
@@ -64,15 +63,13 @@ def make_eval_step_fn(config: ml_collections.ConfigDict, model: nn.Module,
     sched = schedules.make_schedule(d.schedule, d.num_timesteps)
     conditional = config.model.num_classes > 0
     batch_size = config.eval.global_batch_size
-    eval_rng = jax.random.fold_in(jax.random.key(config.seed), EVAL_SALT)
+    eval_rng = config_lib.rng_for(config, 'eval')
     replicated = parallel.replicated_sharding(mesh)
     batch_sharded = parallel.batch_sharding(mesh)
 
     def per_example(params, image, label, rng):
         # One image as a batch of one: its noise then depends on its own key only.
-        def model_fn(x, t, y=None):
-            kwargs = {'y': y} if conditional else {}
-            return model.apply({'params': params}, x, t, train=False, **kwargs)
+        model_fn = make_model_fn(model, params, pass_labels=conditional)
         out = likelihood.calc_bpd_loop(
             model_fn, sched, image[None], rng, mean_type=d.mean_type, var_type=d.var_type,
             clip_denoised=True, model_kwargs={'y': label[None]} if conditional else None)
@@ -115,14 +112,14 @@ def summarize(sums: dict[str, np.ndarray], step: int) -> dict[str, Any]:
     vb = np.asarray(sums['vb'], np.float64) / count
     mse = np.asarray(sums['mse'], np.float64) / count
     num_steps = vb.shape[0]
-    quarter = (np.arange(num_steps) * NUM_QUARTERS) // num_steps
+    quarter = np.asarray(diffusion.timestep_quarter(np.arange(num_steps), num_steps))
     result = {
         'step': int(step),
         'num_images': int(round(count)),
         'total_bpd': float(sums['total_bpd']) / count,
         'prior_bpd': float(sums['prior_bpd']) / count,
     }
-    for q in range(NUM_QUARTERS):
+    for q in range(diffusion.NUM_QUARTERS):
         in_q = quarter == q
         result[f'vb_q{q}'] = float(vb[in_q].sum())
         result[f'mse_q{q}'] = float(mse[in_q].mean()) if in_q.any() else 0.0
@@ -131,39 +128,32 @@ def summarize(sums: dict[str, np.ndarray], step: int) -> dict[str, Any]:
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-             mesh: Optional[jax.sharding.Mesh] = None) -> dict[str, Any]:
+             mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
     """`--mode=eval`: the bits/dim bound of the latest checkpoint's EMA parameters.
 
     Args:
         config: The run's config.
         workdir: Run directory holding `checkpoints/`; the result goes to
-            `<workdir>/eval_<step>.json` (process 0).
+            `<workdir>/eval_<step>.json` (or `eval_<step>_1.json`, ... when taken;
+            process 0), and the run is recorded in `<workdir>/runs.jsonl`.
         mesh: Default: all devices.
 
     Returns:
         The dict of `summarize`.
 
     Raises:
-        ValueError: A classifier config, or `eval.global_batch_size` not a positive
-            multiple of the device count.
+        ValueError: A bad config (`config_lib.validate(mode='eval')`).
         FileNotFoundError: No checkpoint in `workdir`.
     """
     mesh = parallel.create_mesh() if mesh is None else mesh
-    if config.model.name != 'unet':
-        raise ValueError(f"--mode=eval measures a denoiser's bound; model.name="
-                         f"{config.model.name!r} is not 'unet'.")
-    num_devices = parallel.num_mesh_devices(mesh)
+    config_lib.validate(config, mode='eval', num_devices=parallel.num_mesh_devices(mesh))
+    workdir_lib.require_existing(workdir)
     batch_size = config.eval.global_batch_size
-    if batch_size < 1 or batch_size % num_devices:
-        raise ValueError(f'eval.global_batch_size={batch_size} must be a positive multiple '
-                         f'of the device count ({num_devices}).')
-    if config.eval.num_images < 1:
-        raise ValueError(f'eval.num_images={config.eval.num_images} must be >= 1.')
     model = create_model(config)
     step, _, ema_params = checkpointing.restore_for_inference(config, workdir, mesh)
+    ema_params = ema_params['model']
     eval_step = make_eval_step_fn(config, model, mesh)
     eval_iter = data_lib.create_eval_iterator(config)
-    sharding = parallel.batch_sharding(mesh)
     num_batches = -(-config.eval.num_images // batch_size)  # An upper bound (split size).
     is_main = jax.process_index() == 0
     show_bar = is_main and sys.stdout.isatty()
@@ -175,7 +165,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 config.eval.num_images, config.data.eval_split, batch_size)
     totals: dict[str, np.ndarray] = {}
     for j, local_batch in enumerate(eval_iter):
-        batch = data_lib.to_global_batch(local_batch, sharding)
+        batch = parallel.to_global(local_batch, mesh)
         sums = parallel.to_host(eval_step(ema_params, batch, jnp.int32(j)))
         for key, value in sums.items():
             totals[key] = totals.get(key, 0.0) + np.asarray(value, np.float64)
@@ -189,10 +179,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     result = summarize(totals, step)
     logger.info('Step %d: %.4f bits/dim (prior %.4f; quarters %s) on %d images.', step,
                 result['total_bpd'], result['prior_bpd'],
-                ', '.join(f'{result[f"vb_q{q}"]:.4f}' for q in range(NUM_QUARTERS)),
+                ', '.join(f'{result[f"vb_q{q}"]:.4f}' for q in range(diffusion.NUM_QUARTERS)),
                 result['num_images'])
     if is_main:
-        path = epath.Path(workdir) / f'eval_{step}.json'
-        path.write_text(json.dumps(result, indent=2))
+        stem = workdir_lib.unique_stem(epath.Path(workdir), f'eval_{step}', ('.json',))
+        path = f'{stem}.json'
+        epath.Path(path).write_text(json.dumps(result, indent=2))
         logger.info('Wrote %s.', path)
+        workdir_lib.append_run_record(workdir, 'eval', config, {'json': path})
     return result

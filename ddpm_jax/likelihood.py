@@ -21,10 +21,6 @@ from ddpm_jax.schedules import Schedule
 _LOG2 = math.log(2.0)
 
 
-def _mean_flat(x: jnp.ndarray) -> jnp.ndarray:
-    return jnp.mean(x, axis=tuple(range(1, x.ndim)))
-
-
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats.
 
@@ -108,10 +104,10 @@ def vb_terms_bpd(sched: Schedule, model_output, x0, x_t, i, *, mean_type: str,
     out = diffusion.p_mean_variance(sched, model_output, x_t, i, mean_type=mean_type,
                                     var_type=var_type, clip_denoised=clip_denoised)
     kl = normal_kl(true_mean, true_log_var, out['mean'], out['log_variance'])
-    kl = _mean_flat(kl) / _LOG2
+    kl = diffusion.mean_flat(kl) / _LOG2
     decoder_nll = -discretized_gaussian_log_likelihood(
         x0, out['mean'], 0.5 * out['log_variance'])
-    decoder_nll = _mean_flat(decoder_nll) / _LOG2
+    decoder_nll = diffusion.mean_flat(decoder_nll) / _LOG2
     i = jnp.broadcast_to(jnp.asarray(i), kl.shape)
     return {'output': jnp.where(i == 0, decoder_nll, kl), 'pred_x0': out['pred_x0']}
 
@@ -129,7 +125,7 @@ def prior_bpd(sched: Schedule, x0) -> jnp.ndarray:
     i = jnp.full([x0.shape[0]], sched.num_timesteps - 1, dtype=jnp.int32)
     mean, _, log_var = diffusion.q_mean_variance(sched, x0, i)
     kl = normal_kl(mean, log_var, 0.0, 0.0)
-    return _mean_flat(jnp.broadcast_to(kl, x0.shape)) / _LOG2
+    return diffusion.mean_flat(jnp.broadcast_to(kl, x0.shape)) / _LOG2
 
 
 def calc_bpd_loop(model_fn: Callable, sched: Schedule, x0, rng, *, mean_type: str = 'eps',
@@ -173,8 +169,8 @@ def calc_bpd_loop(model_fn: Callable, sched: Schedule, x0, rng, *, mean_type: st
         terms = vb_terms_bpd(sched, output, x0, x_t, i, mean_type=mean_type,
                              var_type=var_type, clip_denoised=clip_denoised)
         eps = diffusion.predict_eps_from_x0(sched, x_t, i, terms['pred_x0'])
-        return carry, (terms['output'], _mean_flat(jnp.square(terms['pred_x0'] - x0)),
-                       _mean_flat(jnp.square(eps - noise)))
+        return carry, (terms['output'], diffusion.mean_flat(jnp.square(terms['pred_x0'] - x0)),
+                       diffusion.mean_flat(jnp.square(eps - noise)))
 
     _, (vb, xstart_mse, mse) = jax.lax.scan(
         step, None, jnp.arange(sched.num_timesteps, dtype=jnp.int32))

@@ -1,9 +1,18 @@
-"""Device mesh, shardings and host <-> global array plumbing.
+"""Device mesh, shardings and every host <-> global array conversion.
 
 One data-parallel layout serves 1 CPU, 8 GPUs and a TPU pod: a 1-D mesh with axis
 `'data'`, batches sharded `P('data')` along their leading axis, the train state
 replicated `P()`. Each process feeds only its local share of the global batch.
+
+The conversions, all here and nowhere else:
+
+* `to_global(tree, mesh)`: each process's local rows -> one batch-sharded array.
+* `shard_host_array(x, mesh)`: an array every process holds in full -> batch-sharded.
+* `to_host(tree)`: replicated arrays -> numpy on this host (no communication).
+* `gather(x)`: a batch-sharded array -> the whole array as numpy on every process.
+* `any_process(flag)`: a boolean OR over processes.
 """
+
 
 import os
 from collections.abc import Sequence
@@ -105,6 +114,16 @@ def to_global(tree: Any, mesh: Mesh) -> Any:
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 
 
+def shard_host_array(x: Any, mesh: Mesh) -> jax.Array:
+    """An array that every process holds in full, as a global array sharded `P('data')`.
+
+    Each process builds only its addressable shards (e.g. sampling labels, which are
+    the same on every process).
+    """
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, batch_sharding(mesh), lambda index: x[index])
+
+
 def to_host(tree: Any) -> Any:
     """Fetches a pytree of fully replicated (or local) arrays to numpy on this host.
 
@@ -125,3 +144,13 @@ def any_process(flag: bool) -> bool:
         return bool(flag)
     flags = multihost_utils.process_allgather(np.asarray(flag, np.int32))
     return bool(np.any(flags))
+
+
+def gather(x: jax.Array) -> np.ndarray:
+    """A global (batch-sharded) array as one NumPy array on every process.
+
+    Multi-process this is a collective: every process must call it.
+    """
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

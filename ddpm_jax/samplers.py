@@ -20,7 +20,7 @@ and `dynamic_threshold` (Saharia et al. 2022, Sec. 2.3), an example
 Everything here is pure JAX: no Flax, no I/O, no global state.
 """
 
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,11 +33,14 @@ CondFn = Callable[..., Array]
 DenoisedFn = Callable[[Array], Array]
 
 __all__ = [
+    'SAMPLERS',
+    'SamplerSpec',
     'ddpm_sample',
     'ddim_sample',
     'ddim_invert',
     'dpm_solver_sample',
     'make_cfg_model_fn',
+    'make_classifier_grad_fn',
     'dynamic_threshold',
 ]
 
@@ -297,8 +300,6 @@ def ddim_sample(model_fn: ModelFn,
       eta: noise scale >= 0.
       mean_type, var_type, clip_denoised, denoised_fn, model_kwargs, cond_fn,
         classifier_scale, x_T, return_intermediates: as in `ddpm_sample`.
-      lower_order_final: first-order update on the last solver step (into the
-        smallest kept timestep).
 
     Returns:
       Like `ddpm_sample`; the intermediate 'pred_x0' is the (guided) x0_hat
@@ -626,3 +627,57 @@ def dynamic_threshold(x0: Array, percentile: float = 0.995) -> Array:
     s = jnp.quantile(flat, percentile, axis=1)
     s = _bcast(jnp.maximum(s, 1.0), x0)
     return (jnp.clip(x0, -s, s) / s).astype(x0.dtype)
+
+
+def make_classifier_grad_fn(logits_fn: Callable[[Array, Array], Array]) -> CondFn:
+    """The classifier-guidance gradient grad_x log p(y | x_t, t) (Dhariwal & Nichol 2021).
+
+    The gradient of sum_b log_softmax(logits_fn(x, t))[b, y_b] with respect to x;
+    each example's term depends only on its own x_b, so this is the per-example
+    gradient. The samplers apply the scale (`classifier_scale`): DDPM shifts the
+    mean by s * Sigma * grad (Alg. 1), DDIM and DPM-Solver shift eps by
+    -sqrt(1 - abar) * s * grad (Alg. 2).
+
+    Args:
+        logits_fn: `logits_fn(x [B, H, W, C], t int32 [B]) -> logits [B, K]`, e.g. a
+            noise-aware classifier with its parameters bound.
+
+    Returns:
+        `cond_fn(x, t, y=None, **unused) -> [B, H, W, C]`, the samplers' `cond_fn`.
+    """
+    def cond_fn(x, t, y=None, **unused):
+        del unused
+        if y is None:
+            raise ValueError('classifier guidance needs labels y')
+
+        def total_log_prob(x_in):
+            log_probs = jax.nn.log_softmax(logits_fn(x_in, t).astype(jnp.float32), axis=-1)
+            return jnp.sum(jnp.take_along_axis(log_probs, y[:, None].astype(jnp.int32),
+                                               axis=-1))
+
+        return jax.grad(total_log_prob)(x)
+    return cond_fn
+
+
+class SamplerSpec(NamedTuple):
+    """An image sampler of the registry.
+
+    Attributes:
+        fn: `fn(model_fn, sched, shape, rng, **options)`; one `lax.scan`.
+        uses_eta: Whether it takes the `eta` option (`sample.eta`).
+        description: One line for the docs (config comment, README).
+    """
+    fn: Callable[..., Any]
+    uses_eta: bool
+    description: str
+
+
+# The image samplers selectable by name (`sample.sampler`). Adding one is a function
+# above plus an entry here; the config comment and the README are checked against
+# this table by the tests.
+SAMPLERS: Mapping[str, SamplerSpec] = {
+    'ddpm': SamplerSpec(ddpm_sample, False, 'ancestral sampling (Ho et al. 2020, Alg. 2)'),
+    'ddim': SamplerSpec(ddim_sample, True, 'DDIM with eta (Song et al. 2021, Eq. 12)'),
+    'dpm_solver': SamplerSpec(dpm_solver_sample, False,
+                              'DPM-Solver++(2M), a fast ODE sampler (Lu et al. 2022)'),
+}

@@ -1,37 +1,33 @@
-"""Training: the train state, the optimiser, the pure train step and the train loop.
+"""Training: the one generic train loop, its jitted step and its workdir records.
 
 The loop follows the shape shared by the Flax examples and big_vision:
 
-1. Validate the config and the workdir before anything is compiled.
+1. Validate the config (`config_lib.validate`) and the workdir before anything is
+   compiled.
 2. A 1-D `('data',)` mesh; batches sharded `P('data')`, the state replicated `P()`.
-3. The state is one pytree (`TrainState`), created under `jax.jit` with replicated
-   out_shardings or restored by orbax against `jax.eval_shape` of it.
+3. The state is one pytree (`state.TrainState`), created under `jax.jit` with
+   replicated out_shardings or restored by orbax against `jax.eval_shape` of it.
 4. `train_step(state, batch, rng)` is pure, draws its randomness from
    `jax.random.fold_in(rng, state.step)` (no RNG state to save, so resuming is bit
    for bit) and is compiled once with the state donated.
 5. Metrics, checkpoints and EMA sample grids are written at fixed step intervals;
    SIGTERM triggers a final checkpoint and a clean exit.
 
-The denoiser is trained with `losses.training_losses` (Ho et al. 2020, Eq. 14;
-hybrid/KL objectives of Nichol & Dhariwal 2021, Sec. 3.1) at timesteps from
-`losses.sample_timesteps` (uniform or loss-aware importance sampling, Nichol &
-Dhariwal 2021, Sec. 3.3), optionally dropping labels for classifier-free guidance
-(Ho & Salimans 2022). With `model.name == 'classifier'` the same loop trains a
-noise-aware classifier on x_t = q_sample(x_0, t) (Dhariwal & Nichol 2021, Sec. 4).
+What is trained is a task (`ddpm_jax.tasks`): its parameter trees, optimisers,
+update phases, loss and grids. `Trainer` holds the compiled init and step for one
+(config, task, mesh), so calling `Trainer.train` again (a resume in a notebook or a
+test) reuses them.
 """
 
 import functools
-import json
 import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -41,398 +37,134 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from ddpm_jax import checkpointing
+from ddpm_jax import config_lib
 from ddpm_jax import data as data_lib
-from ddpm_jax import diffusion
-from ddpm_jax import losses
+from ddpm_jax import images as images_lib
 from ddpm_jax import parallel
-from ddpm_jax import sampling
-from ddpm_jax import schedules
+from ddpm_jax import state as state_lib
+from ddpm_jax import tasks
+from ddpm_jax import workdir as workdir_lib
 from ddpm_jax import writers
-from ddpm_jax.models import create_model, example_inputs
 
 logger = logging.getLogger('ddpm_jax')
 
-MODEL_NAMES = ('unet', 'classifier')
-MODEL_DTYPES = ('float32', 'bfloat16')
-OPTIMIZERS = ('adam', 'adamw')
-LR_SCHEDULES = ('constant', 'cosine', 'linear')
-NUM_QUARTILES = 4
+__all__ = ['NonFiniteLossError', 'PreemptionHandler', 'Trainer', 'jit_train_step',
+           'make_train_step_fn', 'run_training', 'summarize_metrics']
 
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced a non-finite loss or gradient; no state after it was saved."""
 
 
-@flax.struct.dataclass
-class TrainState:
-    """Everything that changes during training, as one pytree.
-
-    Attributes:
-        step: int32 scalar, optimiser steps taken.
-        params: Model parameters.
-        ema_params: Tuple of parameter EMAs, one per `config.optim.ema_decays`.
-        opt_state: optax state.
-        sampler_state: `losses.LossAwareState` for the loss-aware timestep sampler,
-            else an int32 scalar placeholder.
-    """
-    step: jax.Array
-    params: Any
-    ema_params: tuple[Any, ...]
-    opt_state: Any
-    sampler_state: Any
+# --- the train step -------------------------------------------------------------------------
 
 
-# --- config validation -----------------------------------------------------------------
+def _phase_name(task: tasks.Task, k: int) -> str:
+    """Metric suffix of phase k: '' for a single phase, else '_<parts>'."""
+    return '' if len(task.phases) == 1 else '_' + '_'.join(task.phases[k])
 
 
-def _check_choice(field: str, value: Any, choices: Sequence[Any]) -> None:
-    if value not in choices:
-        raise ValueError(f'{field}={value!r} is not valid; choose one of {tuple(choices)}.')
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
-def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
-                    num_processes: int | None = None) -> None:
-    """Checks names and values before anything is built or compiled.
-
-    Args:
-        config: The run's config.
-        num_devices: Devices in the mesh (default: all devices).
-        num_processes: Processes feeding it (default: `jax.process_count()`).
-
-    Raises:
-        ValueError: Naming the offending field (and the valid choices for names).
-    """
-    num_devices = jax.device_count() if num_devices is None else num_devices
-    num_processes = jax.process_count() if num_processes is None else num_processes
-    m, d, o, t = config.model, config.diffusion, config.optim, config.train
-    _check_choice('model.name', m.name, MODEL_NAMES)
-    _check_choice('model.dtype', m.dtype, MODEL_DTYPES)
-    _check(m.num_classes >= 0, f'model.num_classes={m.num_classes} must be >= 0.')
-    _check(0.0 <= m.class_dropout_prob < 1.0,
-           f'model.class_dropout_prob={m.class_dropout_prob} must be in [0, 1).')
-    _check(m.class_dropout_prob == 0 or m.num_classes > 0,
-           'model.class_dropout_prob > 0 needs model.num_classes > 0.')
-    if m.name == 'classifier':
-        _check(m.num_classes > 0, 'model.name=classifier needs model.num_classes > 0.')
-    _check_choice('diffusion.schedule', d.schedule, schedules.BETA_SCHEDULES)
-    _check_choice('diffusion.mean_type', d.mean_type, diffusion.MEAN_TYPES)
-    _check_choice('diffusion.var_type', d.var_type, diffusion.VAR_TYPES)
-    _check_choice('diffusion.loss_type', d.loss_type, losses.LOSS_TYPES)
-    _check_choice('diffusion.timestep_sampler', d.timestep_sampler, losses.TIMESTEP_SAMPLERS)
-    _check(d.num_timesteps >= 1, f'diffusion.num_timesteps={d.num_timesteps} must be >= 1.')
-    learned = d.var_type in ('learned', 'learned_range')
-    if m.name == 'unet':
-        _check(learned == bool(m.learn_sigma),
-               f'diffusion.var_type={d.var_type!r} needs model.learn_sigma={learned} '
-               f'(got {m.learn_sigma}).')
-    _check_choice('optim.optimizer', o.optimizer, OPTIMIZERS)
-    _check_choice('optim.lr_schedule', o.lr_schedule, LR_SCHEDULES)
-    _check(o.learning_rate > 0, f'optim.learning_rate={o.learning_rate} must be > 0.')
-    _check(o.warmup_steps >= 0, f'optim.warmup_steps={o.warmup_steps} must be >= 0.')
-    _check(o.grad_clip_norm >= 0, f'optim.grad_clip_norm={o.grad_clip_norm} must be >= 0.')
-    _check(len(o.ema_decays) >= 1, 'optim.ema_decays must list at least one decay rate.')
-    for decay in o.ema_decays:
-        _check(0.0 <= decay < 1.0, f'optim.ema_decays={tuple(o.ema_decays)}: each must be '
-                                   'in [0, 1).')
-    _check(t.num_train_steps >= 0, f'train.num_train_steps={t.num_train_steps} must be >= 0.')
-    _check(t.grad_accum_steps >= 1, f'train.grad_accum_steps={t.grad_accum_steps} must be '
-                                    '>= 1.')
-    for field in ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
-        _check(t[field] >= 1, f'train.{field}={t[field]} must be >= 1.')
-    for field in ('keep_checkpoint_every_steps', 'sample_every_steps', 'num_grid_samples'):
-        _check(t[field] >= 0, f'train.{field}={t[field]} must be >= 0.')
-    batch = t.global_batch_size
-    _check(batch >= 1, f'train.global_batch_size={batch} must be >= 1.')
-    _check(batch % t.grad_accum_steps == 0,
-           f'train.global_batch_size={batch} is not divisible by '
-           f'train.grad_accum_steps={t.grad_accum_steps}.')
-    micro_batch = batch // t.grad_accum_steps
-    _check(micro_batch % num_devices == 0,
-           f'train.global_batch_size={batch} must be divisible by the device count '
-           f'({num_devices}) times train.grad_accum_steps={t.grad_accum_steps}: each '
-           f'micro-batch of {micro_batch} is split evenly over the devices.')
-    _check(batch % num_processes == 0,
-           f'train.global_batch_size={batch} is not divisible by the process count '
-           f'({num_processes}).')
-    _check_choice('sample.sampler', config.sample.sampler, sampling.SAMPLERS)
-
-
-def prepare_workdir(workdir: str) -> epath.Path:
-    """Creates `workdir` and checks that it is writable (fails before any compile).
-
-    Raises:
-        ValueError: If the directory cannot be created or written.
-    """
-    if not workdir:
-        raise ValueError('--workdir must be set.')
-    path = epath.Path(workdir)
-    probe = path / f'.write_probe_{jax.process_index()}_{os.getpid()}'
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe.write_text('ok')
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f'--workdir={workdir} is not writable: {e}') from e
-    return path
-
-
-def write_config(config: ml_collections.ConfigDict, workdir: str,
-                 filename: str = 'config.json') -> None:
-    """Writes the resolved config as JSON to `<workdir>/<filename>` (process 0 only)."""
-    if jax.process_index() != 0:
-        return
-    (epath.Path(workdir) / filename).write_text(
-        json.dumps(checkpointing.config_to_json_dict(config), indent=2, sort_keys=True))
-
-
-# --- optimiser and state ---------------------------------------------------------------
-
-
-def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """Linear warmup to `optim.learning_rate`, then constant or cosine/linear decay to 0.
-
-    The decay ends at `train.num_train_steps`.
-    """
-    o = config.optim
-    peak, warmup = o.learning_rate, o.warmup_steps
-    decay_steps = max(1, config.train.num_train_steps - warmup)
-    if o.lr_schedule == 'constant':
-        after = optax.constant_schedule(peak)
-    elif o.lr_schedule == 'cosine':
-        after = optax.cosine_decay_schedule(peak, decay_steps)
-    elif o.lr_schedule == 'linear':
-        after = optax.linear_schedule(peak, 0.0, decay_steps)
-    else:
-        raise ValueError(f'optim.lr_schedule={o.lr_schedule!r} is not valid; choose one of '
-                         f'{LR_SCHEDULES}.')
-    if warmup == 0:
-        return after
-    # Step s of warmup uses peak * (s + 1) / warmup so the first update is not zero.
-    warm = optax.linear_schedule(peak / warmup, peak, warmup - 1) if warmup > 1 else (
-        optax.constant_schedule(peak))
-    return optax.join_schedules([warm, after], boundaries=[warmup])
-
-
-def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Gradient clipping by global norm, then Adam or AdamW.
-
-    The clipping stage is always present (with an infinite norm when
-    `optim.grad_clip_norm == 0`), so turning clipping on when resuming a run keeps the
-    optimiser state's structure and the checkpoint restores.
-    """
-    o = config.optim
-    lr = create_learning_rate_fn(config)
-    if o.optimizer == 'adam':
-        opt = optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
-    elif o.optimizer == 'adamw':
-        opt = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
-    else:
-        raise ValueError(f'optim.optimizer={o.optimizer!r} is not valid; choose one of '
-                         f'{OPTIMIZERS}.')
-    max_norm = o.grad_clip_norm if o.grad_clip_norm > 0 else float('inf')
-    return optax.chain(optax.clip_by_global_norm(max_norm), opt)
-
-
-def init_sampler_state(config: ml_collections.ConfigDict) -> Any:
-    """The timestep sampler's state: `LossAwareState` or a scalar placeholder."""
-    if config.diffusion.timestep_sampler == 'loss_aware':
-        return losses.init_loss_aware_state(config.diffusion.num_timesteps)
-    return jnp.zeros((), jnp.int32)
-
-
-def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
-                       rng: jax.Array) -> TrainState:
-    """Initialises the parameters, EMAs (= params), optimiser and sampler state.
-
-    Pure; call under `jax.jit` (see `create_sharded_train_state`).
-    """
-    x, t, kwargs = example_inputs(model, config.data.image_size, config.data.channels)
-    params_rng, dropout_rng = jax.random.split(rng)
-    params = model.init({'params': params_rng, 'dropout': dropout_rng}, x, t, **kwargs,
-                        train=False)['params']
-    tx = create_optimizer(config)
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        ema_params=tuple(params for _ in config.optim.ema_decays),
-        opt_state=tx.init(params),
-        sampler_state=init_sampler_state(config),
-    )
-
-
-def create_sharded_train_state(config: ml_collections.ConfigDict, model: nn.Module,
-                               rng: jax.Array, mesh: jax.sharding.Mesh) -> TrainState:
-    """`create_train_state` compiled with every leaf replicated over `mesh`."""
-    init = jax.jit(functools.partial(create_train_state, config, model),
-                   out_shardings=parallel.replicated_sharding(mesh))
-    return init(rng)
-
-
-def create_abstract_train_state(config: ml_collections.ConfigDict, model: nn.Module,
-                                mesh: jax.sharding.Mesh) -> TrainState:
-    """Shapes, dtypes and (replicated) shardings of the state; nothing is allocated."""
-    abstract = jax.eval_shape(functools.partial(create_train_state, config, model),
-                              jax.random.key(0))
-    return checkpointing.with_shardings(abstract, parallel.replicated_sharding(mesh))
-
-
-# --- the train step ----------------------------------------------------------------------
-
-
-def _quartile_sums(values: dict[str, jax.Array], i: jax.Array,
-                   num_timesteps: int) -> dict[str, jax.Array]:
-    """Per-quartile sums of per-example terms plus example counts (Nichol & Dhariwal
-    2021 log each loss term per quarter of the timestep range)."""
-    quartile = (i * NUM_QUARTILES) // num_timesteps  # [B] in 0..3
-    out = {}
-    for q in range(NUM_QUARTILES):
-        mask = (quartile == q).astype(jnp.float32)
-        out[f'count_q{q}'] = jnp.sum(mask)
-        for name, value in values.items():
-            out[f'{name}_q{q}_sum'] = jnp.sum(value * mask)
-    return out
-
-
-def make_train_step_fn(config: ml_collections.ConfigDict, model: nn.Module,
-                       mesh: jax.sharding.Mesh | None = None) -> Callable:
+def make_train_step_fn(task: tasks.Task, mesh: jax.sharding.Mesh | None = None
+                       ) -> Callable:
     """Builds the pure `train_step(state, batch, rng) -> (state, metrics)`.
 
-    Per step: fold the step into `rng`; draw timesteps (and importance weights),
-    noise and classifier-free-guidance label drops for the whole global batch;
-    average gradients over `train.grad_accum_steps` micro-batches in a `lax.scan`
-    (the same draws, so equal to one big batch up to float rounding); clip, apply
-    the optimiser, update the EMAs and the loss-aware sampler. If the loss or the
-    gradient norm is not finite the old state is returned unchanged and
-    `metrics['finite']` is 0.
+    Per step: fold the step into `rng`; let the task draw its per-example inputs
+    for the whole global batch (`task.prepare_batch`); then for each of the task's
+    phases, average the gradients of its loss with respect to the phase's parts
+    over `train.grad_accum_steps` micro-batches in a `lax.scan` (the same draws, so
+    equal to one big batch up to float rounding) and apply each part's optimiser;
+    then update the EMAs and the task state. If any loss or gradient norm is not
+    finite the old state is returned unchanged and `metrics['finite']` is 0.
 
     Args:
-        config: The run's config.
-        model: From `create_model(config)`.
+        task: The task (`tasks.create_task(config)`).
         mesh: If given, micro-batches are constrained to stay sharded over it.
 
     Returns:
-        The step function; `metrics` holds scalars: `loss`, `grad_norm`,
-        `learning_rate`, `finite`, the means of the other loss terms (`mse`, `vb`;
-        `accuracy` for the classifier) and per-quartile sums `<term>_q<k>_sum` with
-        counts `count_q<k>` (reduce them with `summarize_metrics`).
+        The step function; `metrics` holds scalars: `loss`, `grad_norm` (with a
+        `_<parts>` suffix per phase when there are several), `learning_rate` (with a
+        `_<part>` suffix when there are several parts), `finite`, and the task's
+        `step_metrics`.
     """
-    d, m = config.diffusion, config.model
-    sched = schedules.make_schedule(d.schedule, d.num_timesteps)
-    num_timesteps = sched.num_timesteps
-    tx = create_optimizer(config)
-    lr_fn = create_learning_rate_fn(config)
+    config = task.config
+    optimizers = task.create_optimizers()
     decays = tuple(float(x) for x in config.optim.ema_decays)
     accum = config.train.grad_accum_steps
-    is_classifier = m.name == 'classifier'
-    loss_aware = d.timestep_sampler == 'loss_aware' and not is_classifier
-    conditional = m.num_classes > 0 and not is_classifier
-    label_dropout = m.class_dropout_prob if conditional else 0.0
-
-    def example_terms(params, examples, dropout_rng):
-        """Per-example loss terms [B] of one (micro-)batch."""
-        rngs = {'dropout': dropout_rng}
-        x0, i, noise = examples['image'], examples['i'], examples['noise']
-        if is_classifier:
-            x_t = diffusion.q_sample(sched, x0, i, noise)
-            logits = model.apply({'params': params}, x_t, sched.timesteps[i], train=True,
-                                 rngs=rngs)
-            labels = examples['label']
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-            accuracy = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-            return {'loss': loss, 'accuracy': accuracy}
-
-        def model_fn(x, t, **kwargs):
-            return model.apply({'params': params}, x, t, train=True, rngs=rngs, **kwargs)
-
-        model_kwargs = {'y': examples['label']} if conditional else None
-        terms = losses.training_losses(model_fn, sched, x0, i, noise, mean_type=d.mean_type,
-                                       var_type=d.var_type, loss_type=d.loss_type,
-                                       model_kwargs=model_kwargs)
-        return {k: v for k, v in terms.items() if k in ('loss', 'mse', 'vb')}
-
-    def objective(params, examples, dropout_rng):
-        terms = example_terms(params, examples, dropout_rng)
-        return jnp.mean(terms['loss'] * examples['weights']), terms
-
-    grad_fn = jax.value_and_grad(objective, has_aux=True)
 
     def constrain(x, spec):
         if mesh is None:
             return x
         return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
 
-    def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
-        rng = jax.random.fold_in(rng, state.step)
-        t_rng, noise_rng, label_rng, dropout_rng = jax.random.split(rng, 4)
-        x0 = batch['image'].astype(jnp.float32)  # [B, H, W, C]
-        labels = batch['label'].astype(jnp.int32)  # [B]
-        batch_size = x0.shape[0]
-        if is_classifier:
-            i, weights = losses.sample_timesteps(t_rng, batch_size, num_timesteps,
-                                                 sampler='uniform')
-        else:
-            i, weights = losses.sample_timesteps(
-                t_rng, batch_size, num_timesteps, sampler=d.timestep_sampler,
-                state=state.sampler_state if loss_aware else None)
-        noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
-        if label_dropout > 0:
-            drop = jax.random.bernoulli(label_rng, label_dropout, (batch_size,))
-            labels = jnp.where(drop, m.num_classes, labels)
-        examples = {'image': x0, 'label': labels, 'i': i, 'noise': noise,
-                    'weights': weights}
+    def phase_gradients(k, params, examples, rng):
+        """(loss, per-example terms, grads of the phase's parts), averaged over micro-batches."""
+        phase = task.phases[k]
 
+        def objective(trainable, micro, micro_rng):
+            return task.loss(k, {**params, **trainable}, micro, micro_rng)
+
+        grad_fn = jax.value_and_grad(objective, has_aux=True)
+        trainable = {part: params[part] for part in phase}
         if accum == 1:
-            (loss, terms), grads = grad_fn(state.params, examples, dropout_rng)
-        else:
-            micro_size = batch_size // accum
+            (loss, terms), grads = grad_fn(trainable, examples, rng)
+            return loss, terms, grads
+        batch_size = jax.tree.leaves(examples)[0].shape[0]
+        micro_size = batch_size // accum
 
-            def split(x):
-                # Micro-batch k = examples k, k + A, k + 2A, ...: every micro-batch is
-                # spread evenly over the devices holding contiguous batch shards.
-                x = x.reshape((micro_size, accum) + x.shape[1:]).swapaxes(0, 1)
-                return constrain(x, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
+        def split(x):
+            # Micro-batch m = examples m, m + A, m + 2A, ...: every micro-batch is
+            # spread evenly over the devices holding contiguous batch shards.
+            x = x.reshape((micro_size, accum) + x.shape[1:]).swapaxes(0, 1)
+            return constrain(x, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
 
-            def body(grad_sum, inputs):
-                k, micro = inputs
-                (micro_loss, micro_terms), g = grad_fn(
-                    state.params, micro, jax.random.fold_in(dropout_rng, k))
-                return jax.tree.map(jnp.add, grad_sum, g), (micro_loss, micro_terms)
+        def body(grad_sum, inputs):
+            m, micro = inputs
+            (micro_loss, micro_terms), g = grad_fn(trainable, micro, jax.random.fold_in(rng, m))
+            return jax.tree.map(jnp.add, grad_sum, g), (micro_loss, micro_terms)
 
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            grads, (micro_losses, terms) = jax.lax.scan(
-                body, zeros, (jnp.arange(accum), jax.tree.map(split, examples)))
-            grads = jax.tree.map(lambda g: g / accum, grads)
-            loss = jnp.mean(micro_losses)
-            # [A, B/A] -> [B] in the original example order.
-            terms = jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(batch_size), terms)
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+        grads, (micro_losses, terms) = jax.lax.scan(
+            body, zeros, (jnp.arange(accum), jax.tree.map(split, examples)))
+        grads = jax.tree.map(lambda g: g / accum, grads)
+        # [A, B/A] -> [B] in the original example order.
+        terms = jax.tree.map(lambda x: x.swapaxes(0, 1).reshape((batch_size,) + x.shape[2:]),
+                             terms)
+        return jnp.mean(micro_losses), terms, grads
 
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema_params = tuple(
-            jax.tree.map(lambda e, p, dd=decay: dd * e + (1.0 - dd) * p, ema, params)
-            for decay, ema in zip(decays, state.ema_params))
-        sampler_state = state.sampler_state
-        if loss_aware:
-            sampler_state = losses.update_loss_aware_state(sampler_state, i, terms['loss'])
-        new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
-                                  opt_state=opt_state, sampler_state=sampler_state)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    def train_step(state: state_lib.TrainState, batch: Mapping[str, jax.Array],
+                   rng: jax.Array):
+        rng = jax.random.fold_in(rng, state.step)
+        prepare_rng, loss_rng = jax.random.split(rng)
+        examples = task.prepare_batch(batch, prepare_rng, state.task_state)
+        params, opt_state = dict(state.params), dict(state.opt_state)
+        metrics, all_terms, finite = {}, [], jnp.array(True)
+        for k, phase in enumerate(task.phases):
+            loss, terms, grads = phase_gradients(k, params, examples,
+                                                 jax.random.fold_in(loss_rng, k))
+            grad_norm = optax.global_norm(grads)
+            for part in phase:
+                updates, opt_state[part] = optimizers[part].tx.update(
+                    grads[part], opt_state[part], params[part])
+                params[part] = optax.apply_updates(params[part], updates)
+            finite &= jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            suffix = _phase_name(task, k)
+            metrics[f'loss{suffix}'] = loss
+            metrics[f'grad_norm{suffix}'] = grad_norm
+            all_terms.append(terms)
+        all_terms = tuple(all_terms)
+        ema_params = tuple(state_lib.update_ema(ema, params, decay)
+                           for decay, ema in zip(decays, state.ema_params))
+        new_state = state.replace(
+            step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state,
+            task_state=task.update_task_state(state.task_state, examples, all_terms))
         # Never let a non-finite update into the state: the host raises on `finite`.
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-
-        metrics = {'loss': loss, 'grad_norm': grad_norm, 'learning_rate': lr_fn(state.step),
-                   'finite': finite.astype(jnp.float32)}
-        weighted = {k: v * weights for k, v in terms.items()}
-        for name, value in weighted.items():
-            if name != 'loss':
-                metrics[name] = jnp.mean(value)
-        metrics.update(_quartile_sums(weighted, i, num_timesteps))
+        single = len(optimizers) == 1
+        for part, optimizer in optimizers.items():
+            metrics['learning_rate' if single else f'learning_rate_{part}'] = (
+                optimizer.learning_rate_fn(state.step))
+        metrics['finite'] = finite.astype(jnp.float32)
+        metrics.update(task.step_metrics(examples, all_terms))
         return new_state, metrics
 
     return train_step
@@ -447,41 +179,13 @@ def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh) -> Callable:
                    donate_argnums=0)
 
 
-def _step_config_json(config: ml_collections.ConfigDict) -> str:
-    """The part of the config that init and the train step depend on, as JSON."""
-    keep = {k: config[k].to_dict() for k in ('model', 'diffusion', 'optim')}
-    keep['data'] = {k: config.data[k] for k in ('image_size', 'channels')}
-    keep['train'] = {'grad_accum_steps': config.train.grad_accum_steps,
-                     'num_train_steps': config.train.num_train_steps}
-    if config.optim.lr_schedule == 'constant':
-        keep['train']['num_train_steps'] = 0  # The schedule does not depend on it.
-    return json.dumps(keep, sort_keys=True, default=list)
+def summarize_metrics(step_metrics: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Averages per-step metrics over a log window.
 
-
-_JIT_CACHE: dict[tuple[str, jax.sharding.Mesh], tuple[Callable, Callable]] = {}
-_JIT_CACHE_SIZE = 8
-
-
-def _jitted_fns(config: ml_collections.ConfigDict,
-                mesh: jax.sharding.Mesh) -> tuple[Callable, Callable]:
-    """(init, train_step) jitted for `config` on `mesh`, cached by the config fields
-    they depend on, so repeated runs in one process (resume, notebooks, tests) reuse
-    the compiled executables."""
-    key = (_step_config_json(config), mesh)
-    if key not in _JIT_CACHE:
-        config = config.copy_and_resolve_references()
-        model = create_model(config)
-        init = jax.jit(functools.partial(create_train_state, config, model),
-                       out_shardings=parallel.replicated_sharding(mesh))
-        if len(_JIT_CACHE) >= _JIT_CACHE_SIZE:
-            _JIT_CACHE.pop(next(iter(_JIT_CACHE)))
-        _JIT_CACHE[key] = (init, jit_train_step(make_train_step_fn(config, model, mesh), mesh))
-    return _JIT_CACHE[key]
-
-
-def summarize_metrics(step_metrics: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Averages per-step metrics over a log window; per-quartile terms are averaged
-    over the examples whose timestep fell in that quartile."""
+    A `<name>_q<k>_sum` metric is divided by the window's `count_q<k>` total (the
+    average over the examples whose timestep fell in quarter k); `finite` and the
+    counts are dropped; the rest are averaged over steps.
+    """
     if not step_metrics:
         return {}
     keys = step_metrics[0].keys()
@@ -491,10 +195,10 @@ def summarize_metrics(step_metrics: Sequence[dict[str, Any]]) -> dict[str, float
         if key.startswith('count_q') or key == 'finite':
             continue
         if key.endswith('_sum'):
-            name, quartile = key[:-len('_sum')].rsplit('_q', 1)
-            count = stacked[f'count_q{quartile}'].sum()
+            name, quarter = key[:-len('_sum')].rsplit('_q', 1)
+            count = stacked[f'count_q{quarter}'].sum()
             if count > 0:
-                summary[f'{name}_q{quartile}'] = float(values.sum() / count)
+                summary[f'{name}_q{quarter}'] = float(values.sum() / count)
         else:
             summary[key] = float(values.mean())
     return summary
@@ -565,136 +269,229 @@ class PreemptionHandler:
 # --- the loop ----------------------------------------------------------------------------
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       mesh: jax.sharding.Mesh | None = None) -> TrainState:
-    """Trains (or resumes) to `train.num_train_steps`, writing everything to `workdir`.
+class Trainer:
+    """The compiled pieces of one training setup: (config, task, mesh).
 
-    Writes `<workdir>/checkpoints/` (see `ddpm_jax.checkpointing`),
-    `<workdir>/tensorboard/` event files and `<workdir>/samples/*.png`. Restarting
-    with the same config and workdir continues exactly where the last checkpoint
-    left off (same next batch, same per-step randomness).
+    Built once (validation, task, jitted init and step, the grid function), then
+    `train(workdir)` trains or resumes; calling it again (e.g. after a stop, or on
+    another workdir) reuses the compiled programs.
 
     Args:
-        config: The run's config.
-        workdir: Run directory.
+        config: The run's config; validated here, before anything compiles.
         mesh: Defaults to a `('data',)` mesh over all devices.
-
-    Returns:
-        The final train state.
+        task: The task to train; default `tasks.create_task(config)`. Passing one
+            trains a model family that is not in the registry.
 
     Raises:
-        ValueError: Invalid config or unwritable workdir (before any compile).
-        checkpointing.CheckpointMismatchError: The workdir holds a checkpoint of a
-            different model.
-        NonFiniteLossError: A non-finite loss/gradient; the last checkpoint written
-            before it is left intact and nothing after it is saved.
+        ValueError: An invalid config.
     """
-    mesh = parallel.create_mesh() if mesh is None else mesh
-    validate_config(config, num_devices=parallel.num_mesh_devices(mesh))
-    prepare_workdir(workdir)
-    model = create_model(config)
-    t = config.train
-    rng = jax.random.key(config.seed)
-    init_rng, step_rng = jax.random.fold_in(rng, 0), jax.random.fold_in(rng, 1)
 
-    init_fn, train_step = _jitted_fns(config, mesh)
-    train_iter = data_lib.create_train_iterator(config)
-    manager = checkpointing.create_checkpoint_manager(workdir, config)
-    if manager.latest_step() is not None:
-        abstract_state = create_abstract_train_state(config, model, mesh)
-        _, state, data_state = checkpointing.restore_checkpoint(manager, abstract_state,
-                                                                config)
-        # All processes resume their data position, or all restart it together.
-        if parallel.any_process(data_state is None):
-            logger.warning('No data position saved for %d processes; the data order '
-                           'restarts.', jax.process_count())
-        else:
-            train_iter.set_state(data_state)
-    else:
-        state = init_fn(init_rng)
-    step = int(parallel.to_host(state.step))
-    writer = writers.MetricWriter(os.path.join(workdir, 'tensorboard'),
-                                  total_steps=t.num_train_steps, initial_step=step)
-    num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    writer.write_text(f'{config.model.name}: {num_params:,} parameters; starting at step '
-                      f'{step} of {t.num_train_steps} on {parallel.num_mesh_devices(mesh)} '
-                      f'devices, {jax.process_count()} processes.')
+    def __init__(self, config: ml_collections.ConfigDict, *,
+                 mesh: jax.sharding.Mesh | None = None, task: tasks.Task | None = None):
+        self.mesh = parallel.create_mesh() if mesh is None else mesh
+        if task is None:
+            config_lib.validate(config, mode='train',
+                                num_devices=parallel.num_mesh_devices(self.mesh))
+        self.config = config = config.copy_and_resolve_references()
+        self.task = tasks.create_task(config) if task is None else task
+        self._init = jax.jit(functools.partial(state_lib.create_train_state, self.task),
+                             out_shardings=parallel.replicated_sharding(self.mesh))
+        self.train_step = jit_train_step(make_train_step_fn(self.task, self.mesh), self.mesh)
+        self._grid_fn = None
+        if config.train.num_grid_samples > 0:
+            self._grid_fn = self.task.make_grid_fn(self.mesh, config_lib.rng_for(config, 'grid'))
 
-    write_grid = t.num_grid_samples > 0 and config.model.name == 'unet'
-    pending = []  # Device metrics not yet fetched.
-    window = []  # Host metrics since the last log line.
-    timed_steps, window_start = 0, None  # Throughput excludes compilation.
+    def init_state(self) -> state_lib.TrainState:
+        """A fresh, replicated train state."""
+        return self._init(config_lib.rng_for(self.config, 'init'))
 
-    def fetch_and_check():
-        """Fetches pending metrics; raises if any step was not finite."""
-        nonlocal pending
-        host = parallel.to_host(pending)
-        first_step = step - len(pending) + 1
-        pending = []
-        for k, metrics in enumerate(host):
-            if metrics['finite'] < 1:
-                manager.wait_until_finished()
-                raise NonFiniteLossError(
-                    f'Non-finite loss or gradient at step {first_step + k} '
-                    f'(loss={float(metrics["loss"])}, grad_norm='
-                    f'{float(metrics["grad_norm"])}). Training stopped; the last good '
-                    f'checkpoint is step {manager.latest_step()} in '
-                    f'{checkpointing.checkpoint_dir(workdir)}. Try a lower '
-                    'optim.learning_rate or optim.grad_clip_norm > 0.')
-        window.extend(host)
+    def abstract_state(self) -> state_lib.TrainState:
+        """The state's shapes and shardings, for restoring."""
+        return state_lib.create_abstract_train_state(self.task, self.mesh)
 
-    try:
-        with PreemptionHandler(t.log_every_steps) as preemption:
-            while step < t.num_train_steps:
-                batch = data_lib.to_global_batch(next(train_iter),
-                                                 parallel.batch_sharding(mesh))
-                if window_start is None:  # First step: compiles once per config and mesh.
-                    start = time.perf_counter()
-                    state, metrics = train_step(state, batch, step_rng)
-                    jax.block_until_ready(metrics)
-                    writer.write_text(f'First step (with compilation): '
-                                      f'{time.perf_counter() - start:.1f} s.')
-                    window_start = time.perf_counter()
+    def _write_grid(self, state: state_lib.TrainState, step: int, workdir: str) -> str | None:
+        """Samples the grid with the chosen EMA copy; process 0 writes the PNG."""
+        images, columns = self._grid_fn(state_lib.select_ema_params(self.config,
+                                                                    state.ema_params))
+        if jax.process_index() != 0:
+            return None
+        grid = images_lib.make_grid(images_lib.to_uint8(images), columns,
+                                    scale=images_lib.upscale_factor(self.config.data.image_size))
+        return images_lib.save_png(epath.Path(workdir) / 'samples' / f'step_{step}.png', grid)
+
+    def train(self, workdir: str, *, stop_at_step: int | None = None) -> state_lib.TrainState:
+        """Trains (or resumes) to `train.num_train_steps`, writing everything to `workdir`.
+
+        Writes `<workdir>/checkpoints/` (see `ddpm_jax.checkpointing`),
+        `<workdir>/tensorboard/` event files and `<workdir>/samples/*.png`. Restarting
+        with the same config and workdir continues exactly where the last checkpoint
+        left off (same next batch, same per-step randomness).
+
+        Args:
+            workdir: Run directory.
+            stop_at_step: Stop (with a checkpoint) at this step instead of
+                `train.num_train_steps`; the schedules still run to the latter.
+
+        Returns:
+            The final train state.
+
+        Raises:
+            ValueError: An unwritable workdir (before any compile).
+            checkpointing.CheckpointMismatchError: The workdir holds a checkpoint of a
+                different model.
+            NonFiniteLossError: A non-finite loss/gradient; the last checkpoint written
+                before it is left intact and nothing after it is saved.
+        """
+        config = self.config
+        t = config.train
+        last_step = t.num_train_steps if stop_at_step is None else min(stop_at_step,
+                                                                         t.num_train_steps)
+        checkpointing.check_workdir_compatible(config, workdir)
+        workdir_lib.prepare(workdir)
+        lock = workdir_lib.TrainLock(workdir)
+        failure = None
+        try:
+            lock.acquire()
+        except workdir_lib.WorkdirLockedError as e:
+            failure = e
+        if parallel.any_process(failure is not None):  # Every process stops together.
+            raise failure or workdir_lib.WorkdirLockedError(
+                f'{workdir} is in use by another trainer (see process 0).')
+        try:
+            return self._train_locked(workdir, last_step)
+        finally:
+            lock.release()
+
+    def _check_labels(self) -> None:
+        """Refuses a dataset with more classes than `model.num_classes` (its metadata)."""
+        num_classes = self.config.model.num_classes
+        if num_classes <= 0:
+            return
+        have = data_lib.dataset_info(self.config)['num_classes']
+        if have > num_classes:
+            raise ValueError(f'model.num_classes={num_classes} is smaller than the '
+                             f'{have} classes of data.dataset={self.config.data.dataset!r}; '
+                             f'set model.num_classes={have}.')
+
+    def _train_locked(self, workdir: str, last_step: int) -> state_lib.TrainState:
+        config, mesh = self.config, self.mesh
+        t = config.train
+        self._check_labels()
+        step_rng = config_lib.rng_for(config, 'train')
+        train_iter = data_lib.create_train_iterator(config)
+        manager = checkpointing.create_checkpoint_manager(workdir, config)
+        try:
+            if checkpointing.has_checkpoints(manager):
+                _, state, data_state = checkpointing.restore_checkpoint(
+                    manager, self.abstract_state(), config)
+                # All processes resume their data position, or all restart it together.
+                if parallel.any_process(data_state is None):
+                    logger.warning('No data position saved for %d processes; the data '
+                                   'order restarts.', jax.process_count())
                 else:
-                    state, metrics = train_step(state, batch, step_rng)
-                    timed_steps += 1
-                step += 1
-                pending.append(metrics)
-                writer.advance()
-                is_last = step == t.num_train_steps
-                should_log = step % t.log_every_steps == 0 or is_last
-                preempted = preemption.reached(step)  # The same step on every process.
-                should_save = is_last or preempted or manager.should_save(step)
-                if should_log or should_save:
-                    fetch_and_check()  # A non-finite state is never saved or logged.
-                if should_log:
-                    scalars = summarize_metrics(window)
-                    elapsed = time.perf_counter() - window_start
-                    if timed_steps:
-                        scalars['steps_per_sec'] = timed_steps / elapsed
-                        scalars['images_per_sec'] = (timed_steps * t.global_batch_size
-                                                     / elapsed)
-                    writer.write_scalars(step, scalars)
-                    window = []
-                if should_save and manager.latest_step() != step:
-                    checkpointing.save_checkpoint(manager, step, state, config,
-                                                  train_iter.get_state(),
-                                                  force=is_last or preempted)
-                if write_grid and (is_last or (
-                        t.sample_every_steps > 0 and step % t.sample_every_steps == 0)):
-                    ema_params = checkpointing.select_ema_params(config, state.ema_params)
-                    path = sampling.write_sample_grid(config, model, ema_params, step,
-                                                      workdir, mesh)
-                    if path:
-                        writer.write_text(f'Wrote {path}')
-                if preempted:
-                    writer.write_text(f'Preempted: saved step {step}; stopping.')
-                    break
-                if should_log:  # The next window excludes logging, saving and sampling.
-                    timed_steps, window_start = 0, time.perf_counter()
-        manager.wait_until_finished()
-    finally:
-        manager.close()
-        writer.close()
-        train_iter.close()  # Stops grain's prefetch threads and worker processes.
-    return state
+                    train_iter.set_state(data_state)
+            else:
+                state = self.init_state()
+        except BaseException:
+            manager.close()
+            train_iter.close()
+            raise
+        # The run's checks passed: log it. config.json describes the checkpoints, so it
+        # is (re)written only once this run has saved one.
+        workdir_lib.append_run_record(workdir, 'train', config)
+        config_recorded = False
+        step = int(parallel.to_host(state.step))
+        writer = writers.MetricWriter(os.path.join(workdir, 'tensorboard'),
+                                      total_steps=last_step, initial_step=step)
+        num_params = sum(x.size for x in jax.tree.leaves(state.params))
+        writer.write_text(f'{config.task} ({", ".join(self.task.parts)}): {num_params:,} '
+                          f'parameters; starting at step {step} of {last_step} on '
+                          f'{parallel.num_mesh_devices(mesh)} devices, '
+                          f'{jax.process_count()} processes.')
+        pending = []  # Device metrics not yet fetched.
+        window = []  # Host metrics since the last log line.
+        timed_steps, window_start = 0, None  # Throughput excludes compilation.
+
+        def fetch_and_check():
+            """Fetches pending metrics; raises if any step was not finite."""
+            nonlocal pending
+            host = parallel.to_host(pending)
+            first_step = step - len(pending) + 1
+            pending = []
+            for k, metrics in enumerate(host):
+                if metrics['finite'] < 1:
+                    manager.wait_until_finished()
+                    shown = ', '.join(f'{name}={float(metrics[name])}' for name in metrics
+                                      if name.startswith(('loss', 'grad_norm')))
+                    latest = manager.latest_step()
+                    kept = (f'the last good checkpoint is step {latest} in '
+                            f'{checkpointing.checkpoint_dir(workdir)}' if latest is not None
+                            else 'no checkpoint was written before it')
+                    hint = ('a lower optim.learning_rate' if config.optim.grad_clip_norm > 0
+                            else 'a lower optim.learning_rate or optim.grad_clip_norm > 0')
+                    raise NonFiniteLossError(
+                        f'Non-finite loss or gradient at step {first_step + k} ({shown}). '
+                        f'Training stopped; {kept}. Try {hint}.')
+            window.extend(host)
+
+        try:
+            with PreemptionHandler(t.log_every_steps) as preemption:
+                while step < last_step:
+                    batch = parallel.to_global(next(train_iter), mesh)
+                    if window_start is None:  # First step: compiles once per Trainer.
+                        start = time.perf_counter()
+                        state, metrics = self.train_step(state, batch, step_rng)
+                        jax.block_until_ready(metrics)
+                        writer.write_text(f'First step (with compilation): '
+                                          f'{time.perf_counter() - start:.1f} s.')
+                        window_start = time.perf_counter()
+                    else:
+                        state, metrics = self.train_step(state, batch, step_rng)
+                        timed_steps += 1
+                    step += 1
+                    pending.append(metrics)
+                    writer.advance()
+                    is_last = step == last_step
+                    should_log = step % t.log_every_steps == 0 or is_last
+                    preempted = preemption.reached(step)  # The same step on every process.
+                    should_save = is_last or preempted or manager.should_save(step)
+                    if should_log or should_save:
+                        fetch_and_check()  # A non-finite state is never saved or logged.
+                    if should_log:
+                        scalars = summarize_metrics(window)
+                        elapsed = time.perf_counter() - window_start
+                        if timed_steps:
+                            scalars['steps_per_sec'] = timed_steps / elapsed
+                            scalars['images_per_sec'] = (timed_steps * t.global_batch_size
+                                                         / elapsed)
+                        writer.write_scalars(step, scalars)
+                        window = []
+                    if should_save and manager.latest_step() != step:
+                        checkpointing.save_checkpoint(manager, step, state, config,
+                                                      train_iter.get_state(),
+                                                      force=is_last or preempted)
+                        if not config_recorded:
+                            workdir_lib.write_config_record(config, workdir)
+                            config_recorded = True
+                    if self._grid_fn is not None and (is_last or (
+                            t.sample_every_steps > 0 and step % t.sample_every_steps == 0)):
+                        path = self._write_grid(state, step, workdir)
+                        if path:
+                            writer.write_text(f'Wrote {path}')
+                    if preempted:
+                        writer.write_text(f'Preempted: saved step {step}; stopping.')
+                        break
+                    if should_log:  # The next window excludes logging, saving and grids.
+                        timed_steps, window_start = 0, time.perf_counter()
+            manager.wait_until_finished()
+        finally:
+            manager.close()
+            writer.close()
+            train_iter.close()  # Stops grain's prefetch threads and worker processes.
+        return state
+
+
+def run_training(config: ml_collections.ConfigDict, workdir: str, *,
+                 mesh: jax.sharding.Mesh | None = None) -> state_lib.TrainState:
+    """`--mode=train`: `Trainer(config, mesh=mesh).train(workdir)`."""
+    return Trainer(config, mesh=mesh).train(workdir)

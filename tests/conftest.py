@@ -1,4 +1,4 @@
-"""Shared test setup: four host CPU devices, float64 off, and a tiny config fixture."""
+"""Shared test setup: four host CPU devices, the tiny configs and config helpers."""
 
 import os
 
@@ -7,6 +7,7 @@ os.environ['XLA_FLAGS'] = (
     os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=4').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
+import ml_collections  # noqa: E402
 import pytest  # noqa: E402
 
 from configs import default  # noqa: E402
@@ -36,4 +37,31 @@ def tiny_config():
     config.sample.global_batch_size = 4
     config.eval.num_images = 8
     config.eval.global_batch_size = 4
+    return config
+
+
+@pytest.fixture
+def small_config(tiny_config):
+    """tiny_config with a one-level UNet without attention: quick to compile.
+
+    The architecture is tested elsewhere; here only the wiring around it matters.
+    """
+    tiny_config.model.channel_mult = (1,)
+    tiny_config.model.attention_resolutions = ()
+    return tiny_config
+
+
+def make_conditional(config, num_classes=3, class_dropout_prob=0.1):
+    config.model.num_classes = num_classes
+    config.model.class_dropout_prob = class_dropout_prob
+    return config
+
+
+def make_classifier_config(config, num_classes=3):
+    config = ml_collections.ConfigDict(config.to_dict())  # A copy.
+    config.task = 'classifier'
+    config.model.name = 'classifier'
+    config.model.num_classes = num_classes
+    config.model.class_dropout_prob = 0.0
+    config.model.pool = 'adaptive'
     return config

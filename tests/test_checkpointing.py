@@ -5,6 +5,7 @@ no train step is compiled here.
 """
 
 import copy
+import os
 
 import chex
 import jax
@@ -12,9 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from ddpm_jax import checkpointing, parallel, train
+from ddpm_jax import checkpointing, config_lib, parallel, state as state_lib, tasks, train
 from ddpm_jax import data as data_lib
-from ddpm_jax.models import create_model
 
 
 def _mesh(n):
@@ -23,7 +23,7 @@ def _mesh(n):
 
 def _random_state(config, mesh, seed=0):
     """A TrainState with random (non-init) values, replicated over `mesh`."""
-    abstract = train.create_abstract_train_state(config, create_model(config), mesh)
+    abstract = state_lib.create_abstract_train_state(tasks.create_task(config), mesh)
     leaves, treedef = jax.tree.flatten(abstract)
     rng = np.random.default_rng(seed)
     values = [rng.normal(size=x.shape).astype(x.dtype) if np.issubdtype(x.dtype, np.floating)
@@ -40,7 +40,7 @@ def _save(config, workdir, state, step, data_state=None):
 
 def test_restore_onto_fewer_devices(tiny_config, tmp_path):
     config = tiny_config
-    config.diffusion.timestep_sampler = 'loss_aware'
+    config.diffusion.timestep_sampling = 'loss_aware'
     saved = _random_state(config, _mesh(4))
     iterator = data_lib.create_train_iterator(config)
     next(iterator), next(iterator)
@@ -48,7 +48,7 @@ def test_restore_onto_fewer_devices(tiny_config, tmp_path):
     expected = parallel.to_host(saved)
     for n in (2, 1):
         mesh = _mesh(n)
-        abstract = train.create_abstract_train_state(config, create_model(config), mesh)
+        abstract = state_lib.create_abstract_train_state(tasks.create_task(config), mesh)
         with checkpointing.create_checkpoint_manager(str(tmp_path), config) as manager:
             step, state, data_state = checkpointing.restore_checkpoint(manager, abstract,
                                                                        config)
@@ -73,7 +73,7 @@ def test_mismatched_config_is_refused(tiny_config, tmp_path):
     other.optim.learning_rate = 1e-3  # Not structural: allowed to change on resume.
     other.model.dtype = 'bfloat16'  # Compute only: allowed.
     with pytest.raises(checkpointing.CheckpointMismatchError) as info:
-        train.train_and_evaluate(other, str(tmp_path), mesh=_mesh(1))
+        train.run_training(other, str(tmp_path), mesh=_mesh(1))
     message = str(info.value)
     assert 'model.base_channels: checkpoint=8, config=16' in message
     assert 'diffusion.num_timesteps: checkpoint=20, config=30' in message
@@ -93,7 +93,7 @@ def test_partial_checkpoint_is_ignored(tiny_config, tmp_path):
     partial = checkpointing.checkpoint_dir(str(tmp_path)) / '4.orbax-checkpoint-tmp-1234'
     (partial / 'state').mkdir(parents=True)
     (partial / 'state' / 'garbage').write_text('half-written')
-    abstract = train.create_abstract_train_state(config, create_model(config), _mesh(1))
+    abstract = state_lib.create_abstract_train_state(tasks.create_task(config), _mesh(1))
     with checkpointing.create_checkpoint_manager(str(tmp_path), config) as manager:
         assert manager.all_steps() == [2]
         step, restored, _ = checkpointing.restore_checkpoint(manager, abstract, config)
@@ -145,7 +145,7 @@ def test_relative_workdir_saves_and_restores(tiny_config, tmp_path, monkeypatch)
     saved = _random_state(tiny_config, mesh)
     _save(tiny_config, 'run', saved, 3)
     assert (tmp_path / 'run' / 'checkpoints' / '3').is_dir()
-    abstract = train.create_abstract_train_state(tiny_config, create_model(tiny_config), mesh)
+    abstract = state_lib.create_abstract_train_state(tasks.create_task(tiny_config), mesh)
     with checkpointing.create_checkpoint_manager('run', tiny_config) as manager:
         step, state, _ = checkpointing.restore_checkpoint(manager, abstract, tiny_config,
                                                           restore_data=False)
@@ -171,7 +171,7 @@ def test_turning_on_gradient_clipping_keeps_the_optimizer_state_layout(tiny_conf
     for clip in (0.0, 1.0):
         config = copy.deepcopy(tiny_config)
         config.optim.grad_clip_norm = clip
-        tx = train.create_optimizer(config)
+        tx = state_lib.create_optimizer(config.optim, config.train.num_train_steps).tx
         state = tx.init(params)
         _, state = tx.update(grads, state, params)
         structures.append(jax.tree.structure(state))
@@ -180,3 +180,76 @@ def test_turning_on_gradient_clipping_keeps_the_optimizer_state_layout(tiny_conf
     b1 = tiny_config.optim.b1
     np.testing.assert_allclose(first_moments[0], (1 - b1) * 100.0, rtol=1e-6)  # Unclipped.
     np.testing.assert_allclose(first_moments[1], (1 - b1) * 0.5, rtol=1e-5)  # Norm 200 -> 1.
+
+
+def _truncate_array_file(step_dir):
+    data_files = sorted((step_dir / 'state' / 'd').iterdir())
+    with open(data_files[0], 'r+b') as f:
+        f.truncate(os.path.getsize(data_files[0]) // 2)
+    return f'state/d/{data_files[0].name}'
+
+
+@pytest.mark.parametrize('damage', ['truncate_array', 'empty_state_metadata', 'empty_data',
+                                    'empty_config', 'bad_json_meta', 'missing_state_metadata'])
+def test_damaged_latest_step_is_set_aside_and_the_previous_one_used(tiny_config, tmp_path,
+                                                                     damage, caplog):
+    config = tiny_config
+    older, newer = _random_state(config, _mesh(1), seed=1), _random_state(config, _mesh(1))
+    _save(config, tmp_path, older, 2, {'next_index': 16})
+    _save(config, tmp_path, newer, 4, {'next_index': 32})
+    step_dir = checkpointing.checkpoint_dir(str(tmp_path)) / '4'
+    if damage == 'truncate_array':
+        expected_file = _truncate_array_file(step_dir)
+    else:
+        expected_file = {'empty_state_metadata': 'state/_METADATA',
+                         'empty_data': 'data/process_0-of-1.json',
+                         'empty_config': 'config/metadata', 'bad_json_meta': 'meta/metadata',
+                         'missing_state_metadata': 'state/_METADATA'}[damage]
+        if damage == 'missing_state_metadata':
+            (step_dir / expected_file).unlink()
+        else:
+            (step_dir / expected_file).write_text('{"truncat' if 'json' in damage else '')
+    abstract = state_lib.create_abstract_train_state(tasks.create_task(config), _mesh(1))
+    with checkpointing.create_checkpoint_manager(str(tmp_path), config) as manager:
+        step, state, data_state = checkpointing.restore_checkpoint(manager, abstract, config)
+        assert manager.all_steps() == [2]
+    assert step == 2 and data_state == {'next_index': 16}
+    chex.assert_trees_all_equal(parallel.to_host(state), parallel.to_host(older))
+    warnings = [r.getMessage() for r in caplog.records if 'unreadable' in r.getMessage()]
+    assert len(warnings) == 1 and 'step 4' in warnings[0] and expected_file in warnings[0]
+    assert 'Event loop is closed' not in caplog.text
+    set_aside = tmp_path / checkpointing.DAMAGED_SUBDIR / '4'
+    assert set_aside.is_dir() and not step_dir.exists()  # Moved, never deleted.
+
+
+def test_no_readable_step_is_one_clear_error(tiny_config, tmp_path):
+    config = tiny_config
+    _save(config, tmp_path, _random_state(config, _mesh(1)), 2)
+    (checkpointing.checkpoint_dir(str(tmp_path)) / '2' / 'config' / 'metadata').write_text('')
+    with pytest.raises(FileNotFoundError, match=r'No readable checkpoint .*steps \[2\]'):
+        checkpointing.restore_for_inference(config, str(tmp_path), _mesh(1))
+    assert (tmp_path / checkpointing.DAMAGED_SUBDIR / '2').is_dir()
+
+
+def test_checkpoint_of_version_0_1_is_converted(tiny_config, tmp_path):
+    """A 0.1 checkpoint: params at the top level, `sampler_state`, no `meta/` item."""
+    config = tiny_config
+    config.diffusion.timestep_sampling = 'loss_aware'
+    state = _random_state(config, _mesh(1))
+    old_layout = {'step': state.step, 'params': state.params['model'],
+                  'ema_params': tuple(e['model'] for e in state.ema_params),
+                  'opt_state': state.opt_state['model'], 'sampler_state': state.task_state}
+    old_config = config_lib.to_json_dict(config)
+    del old_config['task']
+    old_config['diffusion']['timestep_sampler'] = old_config['diffusion'].pop(
+        'timestep_sampling')
+    with checkpointing.create_checkpoint_manager(str(tmp_path), config) as manager:
+        manager.save(5, args=checkpointing.ocp.args.Composite(
+            state=checkpointing.ocp.args.StandardSave(old_layout),
+            config=checkpointing.ocp.args.JsonSave(old_config)), force=True)
+        manager.wait_until_finished()
+    step, params, ema = checkpointing.restore_for_inference(config, str(tmp_path), _mesh(1))
+    assert step == 5
+    chex.assert_trees_all_equal(parallel.to_host(params), parallel.to_host(state.params))
+    chex.assert_trees_all_equal(parallel.to_host(ema), parallel.to_host(state.ema_params[0]))
+    assert checkpointing.load_config(str(tmp_path)).task == 'diffusion'

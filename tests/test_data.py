@@ -6,13 +6,11 @@ import os
 import time
 
 import grain
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
-from jax.sharding import NamedSharding, PartitionSpec as P
 from sklearn import datasets as sk_datasets
 
 from ddpm_jax import data
@@ -304,22 +302,6 @@ def test_missing_tfds_dataset_fails_fast(tiny_config, tmp_path):
     tiny_config.data.dataset = 'no_such_dataset_xyz'
     with pytest.raises(FileNotFoundError, match='no_such_dataset_xyz'):
         data.dataset_info(tiny_config)
-
-
-def test_to_global_batch_on_four_device_mesh():
-    assert jax.device_count() == 4
-    mesh = jax.make_mesh((4,), ('data',))
-    sharding = NamedSharding(mesh, P('data'))
-    local = {'image': np.arange(8 * 2 * 2 * 1, dtype=np.float32).reshape(8, 2, 2, 1),
-             'label': np.arange(8, dtype=np.int32)}
-    batch = data.to_global_batch(local, sharding)
-    for key, value in local.items():
-        assert batch[key].shape == value.shape and batch[key].dtype == value.dtype
-        assert batch[key].sharding == sharding
-        np.testing.assert_array_equal(np.asarray(batch[key]), value)
-        shards = sorted(batch[key].addressable_shards, key=lambda s: s.index[0].start)
-        assert [s.data.shape[0] for s in shards] == [2, 2, 2, 2]
-        np.testing.assert_array_equal(np.asarray(shards[1].data), value[2:4])
 
 
 @pytest.mark.slow

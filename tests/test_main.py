@@ -1,6 +1,5 @@
 """Tests for main.py: bad input fails fast, before anything is compiled."""
 
-import json
 import os
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import pytest
 from absl import flags
 
 import main
-from ddpm_jax import sampling, train
+from ddpm_jax import sample_mode, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, 'configs', 'default.py')
@@ -18,11 +17,11 @@ CONFIG = os.path.join(REPO, 'configs', 'default.py')
 
 @pytest.fixture
 def no_compile(monkeypatch):
-    """Makes any attempt to build the train step (or train at all) fail loudly."""
+    """Makes any attempt to run a compiled train step or init fail loudly."""
     def fail(*args, **kwargs):
         raise AssertionError('reached compilation')
-    monkeypatch.setattr(train, '_jitted_fns', fail)
-    monkeypatch.setattr(train, 'create_sharded_train_state', fail)
+    monkeypatch.setattr(train, 'jit_train_step', lambda step_fn, mesh: fail)
+    monkeypatch.setattr(train.Trainer, 'init_state', fail)
 
 
 def _run_main(argv):
@@ -85,19 +84,43 @@ def test_unknown_name(no_compile, tmp_path):
     assert "diffusion.schedule='cosin'" in message and "'cosine'" in message
 
 
-def test_dispatch_and_config_json(monkeypatch, tmp_path):
+def test_dispatch(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(train, 'train_and_evaluate',
+    monkeypatch.setattr(train, 'run_training',
                         lambda config, workdir: calls.append(('train', config, workdir)))
-    monkeypatch.setattr(sampling, 'sample_and_save',
+    monkeypatch.setattr(sample_mode, 'sample_and_save',
                         lambda config, workdir: calls.append(('sample', config, workdir)))
     _run_main([f'--workdir={tmp_path}', '--config.optim.learning_rate=1e-4',
                '--config.train.global_batch_size=8'])
     _run_main([f'--workdir={tmp_path}', '--mode=sample', '--config.sample.num_images=4'])
     assert [c[0] for c in calls] == ['train', 'sample']
     assert calls[0][1].optim.learning_rate == 1e-4 and calls[0][2] == str(tmp_path)
-    saved = json.loads((tmp_path / 'config.json').read_text())
-    assert saved['optim']['learning_rate'] == 1e-4
-    assert saved['model']['channel_mult'] == [1, 2]
-    assert json.loads((tmp_path / 'config_sample.json').read_text())['sample'][
-        'num_images'] == 4
+    assert calls[1][1].sample.num_images == 4
+
+
+def test_value_of_the_wrong_type_is_one_error_line(no_compile, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        _run_main([f'--workdir={tmp_path}', '--config.train.global_batch_size=abc'])
+    message = str(info.value.code)
+    assert message.startswith('ERROR: flag --config.train.global_batch_size=abc')
+    assert '\n' not in message
+
+
+def test_misspelt_override_names_only_itself(no_compile, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        _run_main([f'--workdir={tmp_path}', '--config.train.global_batch=3',
+                   '--config.train.global_batch_size=8'])
+    message = str(info.value.code)
+    assert 'in --config.train.global_batch=3:' in message
+    assert 'global_batch_size=8' not in message
+
+
+def test_missing_config_file_is_one_error_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, 'main.py'), '--config=configs/no_such.py',
+         f'--workdir={tmp_path}'], capture_output=True, text=True, cwd=REPO, timeout=300,
+        check=False)
+    assert result.returncode != 0 and 'Traceback' not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "ERROR: --config=configs/no_such.py: [Errno 2] No such file or directory: "
+        "'configs/no_such.py'")

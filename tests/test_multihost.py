@@ -30,16 +30,16 @@ def _worker(process_id: int, port: int, config_path: str, workdir: str) -> None:
     jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=process_id)
     import numpy as np
 
-    from ddpm_jax import checkpointing, parallel, train
+    from ddpm_jax import config_lib, parallel, train
 
     with open(config_path) as f:
-        config = checkpointing.config_from_json_dict(json.load(f))
+        config = config_lib.from_json_dict(json.load(f))
     assert jax.device_count() == 4 and jax.local_device_count() == 2
     first = config.copy_and_resolve_references()
     first.train.num_train_steps = 2
-    state = train.train_and_evaluate(first, workdir)
+    state = train.run_training(first, workdir)
     assert int(parallel.to_host(state.step)) == 2
-    state = train.train_and_evaluate(config, workdir)  # Restores step 2.
+    state = train.run_training(config, workdir)  # Restores step 2.
     host = parallel.to_host(state)
     leaves = jax.tree.leaves((host.params, host.ema_params, host.opt_state))
     result = {'process': jax.process_index(), 'step': int(host.step),
@@ -64,10 +64,10 @@ def _preemption_worker(process_id: int, port: int, config_path: str, workdir: st
     jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=process_id)
     import numpy as np
 
-    from ddpm_jax import checkpointing, data as data_lib, parallel, train
+    from ddpm_jax import config_lib, data as data_lib, parallel, train
 
     with open(config_path) as f:
-        config = checkpointing.config_from_json_dict(json.load(f))
+        config = config_lib.from_json_dict(json.load(f))
     if mode == 'preempt':  # Slow steps, so the signal lands mid-run.
         real = data_lib.create_train_iterator
 
@@ -85,13 +85,13 @@ def _preemption_worker(process_id: int, port: int, config_path: str, workdir: st
                 return getattr(self._it, name)
 
         handlers = set()
-        train.data_lib.create_train_iterator = lambda c: Slow(real(c))
-        host = parallel.to_host(train.train_and_evaluate(config, workdir))
+        data_lib.create_train_iterator = lambda c: Slow(real(c))
+        host = parallel.to_host(train.run_training(config, workdir))
         result = {'step': int(host.step), 'checksum': _checksum(host),
                   'default_sigterm': handlers == {signal.SIG_DFL}}
     else:
-        host = parallel.to_host(train.train_and_evaluate(config, workdir))
-        reference = parallel.to_host(train.train_and_evaluate(config, reference_dir))
+        host = parallel.to_host(train.run_training(config, workdir))
+        reference = parallel.to_host(train.run_training(config, reference_dir))
         same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(host),
                                                          jax.tree.leaves(reference)))
         result = {'step': int(host.step), 'checksum': _checksum(host),
@@ -109,11 +109,11 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_train_checkpoint_and_agree(tiny_config, tmp_path):
-    from ddpm_jax import checkpointing
+    from ddpm_jax import config_lib
     config = tiny_config
     config.train.num_grid_samples = 0
     config_path = tmp_path / 'config.json'
-    config_path.write_text(json.dumps(checkpointing.config_to_json_dict(config)))
+    config_path.write_text(json.dumps(config_lib.to_json_dict(config)))
     workdir = tmp_path / 'run'
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS='cpu',
@@ -197,14 +197,14 @@ class _Pair:
 @pytest.mark.slow
 def test_two_processes_preempted_by_sigterm_to_one_stop_together_and_resume(
         tiny_config, tmp_path):
-    from ddpm_jax import checkpointing
+    from ddpm_jax import config_lib
     config = tiny_config
     config.train.num_grid_samples = 0
     config.train.num_train_steps = 60
     config.train.log_every_steps = 1
     config.train.checkpoint_every_steps = 1000  # Only the preemption and final saves.
     config_path = tmp_path / 'config.json'
-    config_path.write_text(json.dumps(checkpointing.config_to_json_dict(config)))
+    config_path.write_text(json.dumps(config_lib.to_json_dict(config)))
     workdir, reference_dir = tmp_path / 'run', tmp_path / 'reference'
     env = dict(os.environ, JAX_PLATFORMS='cpu',
                XLA_FLAGS='--xla_force_host_platform_device_count=2',

@@ -11,6 +11,7 @@ schedule, so a sampler that mixes up step indices and timesteps fails.
 import functools
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -605,3 +606,33 @@ def test_dpm_solver_guidance_and_bad_inputs():
                                    cond_fn=lambda x, t: x)
     with pytest.raises(ValueError, match='channels'):
         samplers.dpm_solver_sample(model_fn, sched, shape, rng, var_type='learned')
+
+
+class _LinearClassifier(nn.Module):
+    """logits = flatten(x) @ W: its log-softmax gradient has a closed form."""
+    num_classes: int = 3
+
+    @nn.compact
+    def __call__(self, x, t, train=False):
+        del t, train
+        return nn.Dense(self.num_classes, use_bias=False,
+                        kernel_init=nn.initializers.normal(0.5))(x.reshape(x.shape[0], -1))
+
+
+def test_classifier_cond_fn_matches_closed_form():
+    classifier = _LinearClassifier()
+    x = jax.random.normal(jax.random.key(0), (5, 2, 2, 1))
+    params = classifier.init(jax.random.key(1), x, jnp.zeros(5, jnp.int32))['params']
+    y = np.array([0, 1, 2, 1, 0], np.int32)
+    logits_fn = lambda x_in, t: classifier.apply({'params': params}, x_in, t)  # noqa: E731
+    grad = samplers.make_classifier_grad_fn(logits_fn)(
+        x, jnp.zeros(5, jnp.int32), y=jnp.asarray(y))
+    # d/dx log softmax(x W)[y] = W[:, y] - sum_k softmax_k W[:, k].
+    w = np.asarray(params['Dense_0']['kernel'], np.float64)  # [4, 3]
+    xf = np.asarray(x, np.float64).reshape(5, -1)
+    logits = xf @ w
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    expected = w[:, y].T - probs @ w.T
+    np.testing.assert_allclose(np.asarray(grad).reshape(5, -1), expected, rtol=1e-5,
+                               atol=1e-6)

@@ -1,9 +1,10 @@
 """Tests for ddpm_jax.train: end to end, exact resume, sharding, accumulation, failures.
 
-Compiled functions are cached per (config, mesh) inside a process, so tests that share
-the tiny config and mesh pay for compilation once.
+Tests that share the tiny reference config share one `Trainer` (`_trainer`), so they
+pay for compilation once per process.
 """
 
+import json
 import os
 import re
 import signal
@@ -13,9 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpointing, parallel, train
+from ddpm_jax import checkpointing, config_lib, parallel, state as state_lib, tasks, train
+from ddpm_jax import workdir as workdir_lib
 from ddpm_jax import data as data_lib
-from ddpm_jax.models import create_model
 
 
 def _mesh(n):
@@ -24,9 +25,20 @@ def _mesh(n):
 
 def _quiet(config):
     """The config of the shared reference run (compiled once for all tests using it)."""
-    config.diffusion.timestep_sampler = 'loss_aware'  # Its state must resume exactly too.
+    config.diffusion.timestep_sampling = 'loss_aware'  # Its state must resume exactly too.
     config.train.num_grid_samples = 0  # Only the end-to-end test writes sample grids.
     return config
+
+
+_TRAINERS = {}
+
+
+def _trainer(config, num_devices=1):
+    """One `Trainer` per (config, device count) for the whole test process."""
+    key = (config.to_json(), num_devices)
+    if key not in _TRAINERS:
+        _TRAINERS[key] = train.Trainer(config, mesh=_mesh(num_devices))
+    return _TRAINERS[key]
 
 
 def _host(tree):
@@ -63,7 +75,7 @@ class _Iterator:
 
 def _patch_iterator(monkeypatch, hook):
     real = data_lib.create_train_iterator
-    monkeypatch.setattr(train.data_lib, 'create_train_iterator',
+    monkeypatch.setattr(data_lib, 'create_train_iterator',
                         lambda config: _Iterator(real(config), hook))
 
 
@@ -74,8 +86,7 @@ def _reference_run(config, tmp_path_factory):
     """An uninterrupted 4-step run on 1 device (computed once per process)."""
     if 'state' not in _REFERENCE:
         workdir = tmp_path_factory.mktemp('reference')
-        _REFERENCE['state'] = _host(train.train_and_evaluate(config, str(workdir),
-                                                             mesh=_mesh(1)))
+        _REFERENCE['state'] = _host(_trainer(config).train(str(workdir)))
         _REFERENCE['workdir'] = workdir
     return _REFERENCE['state'], _REFERENCE['workdir']
 
@@ -89,7 +100,7 @@ def test_train_end_to_end(tiny_config, tmp_path, capsys):
     config = _quiet(tiny_config)
     config.train.num_grid_samples = 4  # Not part of the step: the compile is shared.
     config.sample.respacing = '5'
-    state = train.train_and_evaluate(config, str(tmp_path), mesh=_mesh(1))
+    state = train.run_training(config, str(tmp_path), mesh=_mesh(1))
     out = capsys.readouterr().out
     losses = [float(x) for x in re.findall(r' loss=([^,\s]+)', out)]
     assert len(losses) == 4 and np.all(np.isfinite(losses)), out
@@ -110,17 +121,13 @@ def test_resume_is_bit_for_bit(tiny_config, tmp_path, tmp_path_factory):
     config = _quiet(tiny_config)
     reference, reference_dir = _reference_run(config.copy_and_resolve_references(),
                                               tmp_path_factory)
-    first = config.copy_and_resolve_references()
-    first.train.num_train_steps = 2
-    train.train_and_evaluate(first, str(tmp_path), mesh=_mesh(1))
+    _trainer(config).train(str(tmp_path), stop_at_step=2)
     assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['2']
-    resumed = train.train_and_evaluate(config, str(tmp_path), mesh=_mesh(1))
-    _assert_trees_equal(resumed, reference)  # step, params, EMA, opt state, sampler
-    assert int(reference.sampler_state.counts.sum()) > 0
+    # A new Trainer, as a restarted process would build.
+    resumed = train.Trainer(config, mesh=_mesh(1)).train(str(tmp_path))
+    _assert_trees_equal(resumed, reference)  # step, params, EMA, opt state, task state
+    assert int(reference.task_state.counts.sum()) == 4 * config.train.global_batch_size
     assert _data_position(tmp_path, 4) == _data_position(reference_dir, 4)
-    # The restored state has the same types as a fresh one: no retrace on resume.
-    _, step_fn = train._jitted_fns(config, _mesh(1))  # pylint: disable=protected-access
-    assert step_fn._cache_size() == 1  # pylint: disable=protected-access
 
 
 def test_preemption_saves_and_resumes(tiny_config, tmp_path, tmp_path_factory, monkeypatch):
@@ -134,11 +141,11 @@ def test_preemption_saves_and_resumes(tiny_config, tmp_path, tmp_path_factory, m
 
     with monkeypatch.context() as patch:
         _patch_iterator(patch, sigterm_at_third_batch)
-        stopped = train.train_and_evaluate(config, str(tmp_path), mesh=_mesh(1))
+        stopped = _trainer(config).train(str(tmp_path))
     assert int(stopped.step) == 3  # Step 3 is not a periodic save: saved for SIGTERM.
     assert sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir()) == [2, 3]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # Handler restored.
-    resumed = train.train_and_evaluate(config, str(tmp_path), mesh=_mesh(1))
+    resumed = _trainer(config).train(str(tmp_path))
     _assert_trees_equal(resumed, reference)
 
 
@@ -153,7 +160,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_p
 
     _patch_iterator(monkeypatch, nan_at_third_batch)
     with pytest.raises(train.NonFiniteLossError, match='Non-finite loss .* at step 3.*step 2'):
-        train.train_and_evaluate(config, str(tmp_path), mesh=_mesh(1))
+        _trainer(config).train(str(tmp_path))
     assert sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir()) == [2]
     step, params, ema = checkpointing.restore_for_inference(config, str(tmp_path), _mesh(1))
     assert step == 2
@@ -162,8 +169,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_p
 
 def _initial_state(config):
     """A fresh train state on the host (compiled once, not once per mesh)."""
-    model = create_model(config)
-    return _host(jax.jit(lambda rng: train.create_train_state(config, model, rng))(
+    task = tasks.create_task(config)
+    return _host(jax.jit(lambda rng: state_lib.create_train_state(task, rng))(
         jax.random.key(0)))
 
 
@@ -173,14 +180,13 @@ def _run_steps(config, mesh, initial, batch, num_steps=1):
     Returns:
         (final state, last metrics), on the host.
     """
-    model = create_model(config)
     state = jax.device_put(initial, parallel.replicated_sharding(mesh))
     chex.clear_trace_counter()  # Chex counts per function body, across meshes.
-    traced = chex.assert_max_traces(train.make_train_step_fn(config, model, mesh), n=1)
+    traced = chex.assert_max_traces(train.make_train_step_fn(tasks.create_task(config), mesh),
+                                    n=1)
     step_fn = train.jit_train_step(traced, mesh)
     for _ in range(num_steps):
         state, metrics = step_fn(state, parallel.to_global(batch, mesh), jax.random.key(1))
-    assert step_fn._cache_size() == 1  # pylint: disable=protected-access
     return _host(state), _host(metrics)
 
 
@@ -188,7 +194,7 @@ def test_sharded_step_matches_single_device(tiny_config):
     """Two steps (compiled once) on 4 devices equal those on 1, for the loss-aware
     sampler, classifier-free-guidance label dropout and two EMA decays."""
     config = tiny_config
-    config.diffusion.timestep_sampler = 'loss_aware'  # Its update must see all devices.
+    config.diffusion.timestep_sampling = 'loss_aware'  # Its update must see all devices.
     config.model.num_classes = 10
     config.model.class_dropout_prob = 0.5
     config.optim.ema_decays = (0.9, 0.5)
@@ -199,7 +205,7 @@ def test_sharded_step_matches_single_device(tiny_config):
     assert int(state4.step) == 2
     chex.assert_trees_all_close(state4, state1, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(metrics4, metrics1, rtol=1e-5, atol=1e-6)
-    assert int(state4.sampler_state.counts.sum()) == 2 * config.train.global_batch_size
+    assert int(state4.task_state.counts.sum()) == 2 * config.train.global_batch_size
 
 
 def test_grad_accumulation_matches_big_batch(tiny_config):
@@ -220,22 +226,27 @@ def test_grad_accumulation_matches_big_batch(tiny_config):
     expected = jax.tree.map(lambda a, b: decay * a + (1 - decay) * b, initial.params,
                             big.params)
     chex.assert_trees_all_close(big.ema_params[0], expected, rtol=1e-5, atol=1e-7)
-    assert big.sampler_state.shape == ()  # Uniform sampler: a scalar placeholder.
+    assert big.task_state.shape == ()  # Uniform timesteps: a scalar placeholder.
 
 
-def test_classifier_training(tiny_config, tmp_path, capsys):
+def test_classifier_training(tiny_config, tmp_path):
+    """The classifier task: zero-initialised logits give loss log(10) and predict
+    class 0 at the first step, so its accuracy is the batch's share of 0s."""
     config = tiny_config
+    config.task = 'classifier'
     config.model.name = 'classifier'
+    config.model.pool = 'adaptive'  # Its output layer starts at zero.
     config.model.num_classes = 10
     config.train.num_train_steps = 2
-    state = train.train_and_evaluate(config, str(tmp_path), mesh=_mesh(1))
-    out = capsys.readouterr().out
-    assert int(state.step) == 2
-    accuracy = [float(x) for x in re.findall(r' accuracy=([^,\s]+)', out)]
-    losses = [float(x) for x in re.findall(r' loss=([^,\s]+)', out)]
-    assert len(accuracy) == 2 and all(0 <= a <= 1 for a in accuracy)
-    assert np.all(np.isfinite(losses)) and losses[0] > 1.0  # ~log(10) at init.
-    assert (tmp_path / 'checkpoints' / '2').is_dir()
+    config.train.num_grid_samples = 0
+    batch = next(data_lib.create_train_iterator(config))
+    state, metrics = _run_steps(config, _mesh(1), _initial_state(config), batch)
+    np.testing.assert_allclose(metrics['loss'], np.log(10), rtol=1e-6)
+    np.testing.assert_allclose(metrics['accuracy'], np.mean(batch['label'] == 0), atol=1e-7)
+    _, metrics = _run_steps(config, _mesh(1), state, batch)
+    assert metrics['loss'] < np.log(10)  # The step moved towards the labels.
+    final = train.run_training(config, str(tmp_path), mesh=_mesh(1))
+    assert int(final.step) == 2 and (tmp_path / 'checkpoints' / '2').is_dir()
 
 
 def test_learning_rate_schedule(tiny_config):
@@ -243,28 +254,13 @@ def test_learning_rate_schedule(tiny_config):
     config.optim.warmup_steps = 4
     config.optim.lr_schedule = 'cosine'
     config.train.num_train_steps = 12
-    lr = train.create_learning_rate_fn(config)
+    lr = state_lib.create_learning_rate_fn(config.optim, config.train.num_train_steps)
     peak = config.optim.learning_rate
     np.testing.assert_allclose([lr(s) for s in range(4)], peak * np.arange(1, 5) / 4,
                                rtol=1e-6)
     np.testing.assert_allclose(lr(4), peak, rtol=1e-6)
     np.testing.assert_allclose(lr(8), peak * 0.5 * (1 + np.cos(np.pi * 4 / 8)), rtol=1e-5)
     np.testing.assert_allclose(lr(12), 0.0, atol=1e-12)
-
-
-@pytest.mark.parametrize('field, value, match', [
-    ('diffusion.schedule', 'cosin', r"diffusion.schedule='cosin'.*'cosine'"),
-    ('optim.optimizer', 'sgd', r"optim.optimizer='sgd'.*'adam', 'adamw'"),
-    ('train.global_batch_size', 6, r'train.global_batch_size=6 .*device count \(4\)'),
-    ('train.grad_accum_steps', 3, r'train.global_batch_size=8 is not divisible by '
-                                  r'train.grad_accum_steps=3'),
-    ('diffusion.var_type', 'learned_range', r'model.learn_sigma=True'),
-])
-def test_validate_config_names_the_field(tiny_config, field, value, match):
-    section, name = field.split('.')
-    tiny_config[section][name] = value
-    with pytest.raises(ValueError, match=match):
-        train.validate_config(tiny_config, num_devices=4)
 
 
 def test_summarize_metrics_quartiles():
@@ -281,9 +277,123 @@ def test_train_on_tfds_mock_data(tiny_config, tmp_path):
     tiny_config.train.num_train_steps = 2
     tiny_config.train.num_grid_samples = 0
     with tfds.testing.mock_data(num_examples=32, policy=tfds.testing.MockPolicy.USE_CODE):
-        state = train.train_and_evaluate(tiny_config, str(tmp_path), mesh=_mesh(1))
-    params = _host(state.params)
+        state = train.run_training(tiny_config, str(tmp_path), mesh=_mesh(1))
+    params = _host(state.params['model'])
     assert int(state.step) == 2
     assert params['conv_in']['kernel'].shape[-2] == 3  # RGB input from the TFDS source.
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(params))
     assert (tmp_path / 'checkpoints' / '2').is_dir()
+
+
+def test_too_few_classes_for_the_dataset_is_refused_before_anything_runs(tiny_config,
+                                                                         tmp_path):
+    tiny_config.model.num_classes = 5  # The digits have 10.
+    with pytest.raises(ValueError, match=r'model.num_classes=5 is smaller than the 10 classes '
+                                         r"of data.dataset='digits'"):
+        train.run_training(tiny_config, str(tmp_path), mesh=_mesh(1))
+    assert not (tmp_path / 'checkpoints').exists() and not (tmp_path / 'config.json').exists()
+    assert not (tmp_path / workdir_lib.LOCK_NAME).exists()  # Released.
+
+
+def test_a_second_trainer_on_the_workdir_is_refused(tiny_config, tmp_path):
+    with workdir_lib.TrainLock(str(tmp_path)):
+        with pytest.raises(workdir_lib.WorkdirLockedError, match=f'pid {os.getpid()}'):
+            train.run_training(_quiet(tiny_config), str(tmp_path), mesh=_mesh(1))
+    assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_failing_runs_do_not_rewrite_the_config_record(tiny_config, tmp_path, monkeypatch):
+    config = _quiet(tiny_config)
+    _trainer(config).train(str(tmp_path), stop_at_step=2)
+    record = (tmp_path / 'config.json').read_text()
+    assert json.loads(record)['optim']['learning_rate'] == config.optim.learning_rate
+    wide = config.copy_and_resolve_references()
+    wide.model.base_channels = 16  # Another model: refused before anything is written.
+    with pytest.raises(checkpointing.CheckpointMismatchError):
+        train.run_training(wide, str(tmp_path), mesh=_mesh(1))
+    unknown = config.copy_and_resolve_references()
+    unknown.data.dataset = 'no_such_dataset_xyz'
+    with pytest.raises(FileNotFoundError, match='neither a TFDS dataset name'):
+        train.run_training(unknown, str(tmp_path), mesh=_mesh(1))
+
+    def nan_batches(k, batch):
+        return dict(batch, image=np.full_like(batch['image'], np.nan))
+
+    _patch_iterator(monkeypatch, nan_batches)
+    hot = config.copy_and_resolve_references()
+    hot.optim.learning_rate = 1e5
+    with pytest.raises(train.NonFiniteLossError, match='last good checkpoint is step 2.*'
+                                                       'Try a lower optim.learning_rate\\.'):
+        train.run_training(hot, str(tmp_path), mesh=_mesh(1))
+    assert (tmp_path / 'config.json').read_text() == record
+    runs = [json.loads(line) for line in (tmp_path / workdir_lib.RUN_LOG).read_text()
+            .splitlines()]
+    assert [r['config']['optim']['learning_rate'] for r in runs] == [
+        config.optim.learning_rate, 1e5]  # The refused runs never started.
+
+
+_KILL_SCRIPT = '''
+import json, sys
+import numpy as np
+sys.path.insert(0, {repo!r})
+import jax
+from ddpm_jax import config_lib, data as data_lib, parallel, train
+config = config_lib.from_json_dict(json.load(open(sys.argv[1])))
+if sys.argv[3] == 'slow':  # Slow steps, so the kill lands while a save is under way.
+    import time
+    real = data_lib.create_train_iterator
+    class Slow:
+        def __init__(self, it): self._it = it
+        def __next__(self):
+            time.sleep(0.05)
+            return next(self._it)
+        def __getattr__(self, name): return getattr(self._it, name)
+    data_lib.create_train_iterator = lambda c: Slow(real(c))
+state = parallel.to_host(train.run_training(config, sys.argv[2]))
+np.savez(sys.argv[2] + '.npz', *jax.tree.leaves(state))
+'''
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_save_then_resume_is_bit_for_bit(tiny_config, tmp_path):
+    """SIGKILL while a checkpoint is being written; the restart equals an uninterrupted
+    run leaf for leaf (params, EMA, optimiser, task state and data position)."""
+    import subprocess
+    import sys
+    import time
+    config = _quiet(tiny_config)
+    config.train.num_train_steps = 12
+    config.train.checkpoint_every_steps = 1
+    config.train.keep_checkpoints = 20
+    config.train.log_every_steps = 100
+    config_path = tmp_path / 'config.json'
+    config_path.write_text(json.dumps(config_lib.to_json_dict(config)))
+    script = tmp_path / 'run.py'
+    script.write_text(_KILL_SCRIPT.format(repo=os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))))
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+               JAX_PLATFORMS='cpu')
+    run = str(tmp_path / 'run')
+    process = subprocess.Popen([sys.executable, str(script), str(config_path), run, 'slow'],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoints = tmp_path / 'run' / 'checkpoints'
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        names = [p.name for p in checkpoints.iterdir()] if checkpoints.exists() else []
+        if any('tmp' in n for n in names) and any(n.isdigit() and int(n) >= 3 for n in names):
+            break  # A save is in flight, with earlier steps finished.
+        time.sleep(0.005)
+    assert process.poll() is None, process.stderr.read().decode()[-2000:]
+    process.kill()
+    process.wait()
+    assert not (tmp_path / 'run.npz').exists()
+    for name, args in (('run', [run, 'fast']), ('reference', [str(tmp_path / 'reference'),
+                                                               'fast'])):
+        done = subprocess.run([sys.executable, str(script), str(config_path)] + args, env=env,
+                              capture_output=True, text=True, timeout=600, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+    with np.load(tmp_path / 'run.npz') as resumed, np.load(
+            tmp_path / 'reference.npz') as reference:
+        assert len(resumed.files) == len(reference.files) > 10
+        for key in reference.files:
+            np.testing.assert_array_equal(resumed[key], reference[key])

@@ -1,12 +1,15 @@
 """Model construction: the diffusion UNet and the noise-aware classifier.
 
-`create_model(config)` builds the module named by config.model.name from the whole
-config and validates it against config.data; `count_params` counts parameters
-through `jax.eval_shape`, so even a 500M-parameter model is never allocated.
+`create_model(config)` builds the module that `MODELS` names for config.model.name
+and validates it against config.data; `count_params` counts parameters through
+`jax.eval_shape`, so even a 500M-parameter model is never allocated;
+`make_model_fn` turns a module and its parameters into the samplers' and losses'
+`model_fn(x, t, **kwargs)`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -19,12 +22,34 @@ from ddpm_jax.models import layers
 from ddpm_jax.models.classifier import Classifier
 from ddpm_jax.models.unet import UNet
 
-__all__ = ['UNet', 'Classifier', 'create_model', 'example_inputs', 'param_shapes', 'count_params']
+__all__ = ['MODELS', 'UNet', 'Classifier', 'create_model', 'example_inputs', 'make_model_fn',
+           'param_shapes', 'count_params']
 
 _COMMON_FIELDS = ('variant', 'base_channels', 'channel_mult', 'num_res_blocks',
                   'attention_resolutions', 'num_heads', 'num_head_channels', 'dropout',
                   'resblock_updown', 'use_scale_shift_norm', 'conv_resample', 'num_groups',
                   'num_classes', 'dtype', 'remat')
+
+
+def _create_unet(config: ml_collections.ConfigDict, **kwargs) -> nn.Module:
+    m = config.model
+    return UNet(class_dropout_prob=m.class_dropout_prob, learn_sigma=m.learn_sigma, **kwargs)
+
+
+def _create_classifier(config: ml_collections.ConfigDict, **kwargs) -> nn.Module:
+    m = config.model
+    if m.pool not in layers.POOLS:
+        raise ValueError(f'model.pool must be one of {layers.POOLS}, got {m.pool!r}.')
+    if m.num_classes < 1:
+        raise ValueError(f'A classifier needs model.num_classes >= 1, got {m.num_classes}.')
+    return Classifier(pool=m.pool, **kwargs)
+
+
+# The networks selectable by `model.name`: name -> builder(config, **common fields).
+MODELS: Mapping[str, Callable[..., nn.Module]] = {
+    'unet': _create_unet,
+    'classifier': _create_classifier,
+}
 
 
 def create_model(config: ml_collections.ConfigDict) -> nn.Module:
@@ -34,31 +59,47 @@ def create_model(config: ml_collections.ConfigDict) -> nn.Module:
         config: the whole config (reads config.model and config.data.image_size).
 
     Returns:
-        A `UNet` (config.model.name == 'unet') or a `Classifier` ('classifier').
+        The module `MODELS[config.model.name]` builds (`UNet`, `Classifier`).
 
     Raises:
         ValueError: for an unknown model name or an invalid architecture (the
             message names the config field).
     """
     m = config.model
+    if m.name not in MODELS:
+        raise ValueError(f'model.name={m.name!r} is not valid; choose one of {tuple(MODELS)}.')
     kwargs = {f: m[f] for f in _COMMON_FIELDS}
     kwargs['channel_mult'] = tuple(m.channel_mult)
     kwargs['attention_resolutions'] = tuple(m.attention_resolutions)
-    if m.name == 'unet':
-        model = UNet(class_dropout_prob=m.class_dropout_prob, learn_sigma=m.learn_sigma,
-                     **kwargs)
-        if m.class_dropout_prob > 0 and m.num_classes == 0:
-            raise ValueError('model.class_dropout_prob > 0 needs model.num_classes > 0.')
-    elif m.name == 'classifier':
-        if m.pool not in layers.POOLS:
-            raise ValueError(f'model.pool must be one of {layers.POOLS}, got {m.pool!r}.')
-        if m.num_classes < 1:
-            raise ValueError(f'A classifier needs model.num_classes >= 1, got {m.num_classes}.')
-        model = Classifier(pool=m.pool, **kwargs)
-    else:
-        raise ValueError(f"model.name must be 'unet' or 'classifier', got {m.name!r}.")
+    model = MODELS[m.name](config, **kwargs)
     layers.check_architecture(model, image_size=config.data.image_size)
     return model
+
+
+def make_model_fn(model: nn.Module, params: Any, *, train: bool = False,
+                  rngs: Mapping[str, jax.Array] | None = None,
+                  pass_labels: bool = True) -> Callable[..., jax.Array]:
+    """Wraps `model.apply` as `model_fn(x, t, y=None) -> output`.
+
+    The one adapter between a Flax module and the pure maths (samplers, losses,
+    likelihood), which call `model_fn(x, t, **model_kwargs)`.
+
+    Args:
+        model: A UNet or Classifier.
+        params: Its 'params' collection.
+        train: Training mode (dropout on; needs a 'dropout' rng).
+        rngs: Flax rngs for `apply` (e.g. {'dropout': key}).
+        pass_labels: Give `y` to the model. False for a model that takes no labels
+            (an unconditional UNet, a classifier), where `y` then only feeds
+            classifier guidance and is dropped here.
+
+    Returns:
+        `model_fn(x [B, H, W, C], t int32 [B], y=None)`.
+    """
+    def model_fn(x, t, y=None):
+        kwargs = {'y': y} if pass_labels and y is not None else {}
+        return model.apply({'params': params}, x, t, train=train, rngs=rngs, **kwargs)
+    return model_fn
 
 
 def example_inputs(model: nn.Module, image_size: int, channels: int, batch_size: int = 1

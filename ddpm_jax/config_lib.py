@@ -1,0 +1,268 @@
+"""The rules of the config: validation, JSON records, and the random-stream salts.
+
+This module owns everything that is true of a config independently of what runs it:
+
+* `validate(config, mode=...)` checks every field that the given mode will read
+  (training also checks what its sample grids and periodic evaluations will use),
+  before anything is built or compiled. Every rule is written once, here; each
+  error is a `ValueError` whose message names the field.
+* `to_json_dict` / `from_json_dict` convert a config to and from the JSON stored
+  in checkpoints and workdir records; `upgrade_json_dict` reads configs written by
+  earlier versions of the schema.
+* `RNG_SALTS` is the one table of the numbers folded into the root key
+  `jax.random.key(config.seed)` to give each consumer an independent stream;
+  `rng_for(config, name)` applies it. `DATA_SEED_SALTS` does the same for the
+  NumPy seeds of the input pipeline.
+"""
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+
+from ddpm_jax import diffusion
+from ddpm_jax import losses
+from ddpm_jax import samplers
+from ddpm_jax import schedules
+from ddpm_jax import state
+from ddpm_jax import tasks
+from ddpm_jax import timestep_sampling
+from ddpm_jax import models
+
+MODES = ('train', 'sample', 'eval')
+MODEL_DTYPES = ('float32', 'bfloat16')
+OPTIMIZERS = ('adam', 'adamw')
+LR_SCHEDULES = ('constant', 'cosine', 'linear')
+
+# Folded into jax.random.key(config.seed): one independent stream per consumer.
+RNG_SALTS: Mapping[str, int] = {
+    'init': 0,  # Parameter initialisation.
+    'train': 1,  # Train steps (each folds in its step number too).
+    'grid': 2,  # The trainer's sample grids (the same noise at every grid).
+    'sample': 3,  # --mode=sample (each batch folds in its index).
+    'eval': 4,  # --mode=eval noise (each image folds in its index).
+}
+# Mixed into the NumPy seeds of the input pipeline (`data`).
+DATA_SEED_SALTS: Mapping[str, int] = {'shuffle': 0, 'flip': 1, 'sample_labels': 3}
+
+
+def rng_for(config: ml_collections.ConfigDict, name: str) -> jax.Array:
+    """The root key of stream `name` (a key of `RNG_SALTS`) for `config.seed`."""
+    return jax.random.fold_in(jax.random.key(config.seed), RNG_SALTS[name])
+
+
+# --- JSON records ------------------------------------------------------------------------
+
+
+def to_json_dict(config: ml_collections.ConfigDict) -> dict:
+    """The config as plain JSON types (tuples become lists)."""
+    return json.loads(config.to_json())
+
+
+def from_json_dict(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """Inverse of `to_json_dict` (JSON lists become tuples again)."""
+    return ml_collections.ConfigDict(_lists_to_tuples(dict(saved)))
+
+
+def _lists_to_tuples(tree):
+    if isinstance(tree, Mapping):
+        return {k: _lists_to_tuples(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return tuple(_lists_to_tuples(v) for v in tree)
+    return tree
+
+
+def upgrade_json_dict(saved: Mapping[str, Any]) -> dict:
+    """A config record of an earlier schema in the current one.
+
+    Version 0.1 had no `task` (a classifier was trained when model.name was
+    'classifier') and called `diffusion.timestep_sampling` `timestep_sampler`.
+    """
+    saved = json.loads(json.dumps(saved))  # A deep copy.
+    if 'task' not in saved:
+        is_classifier = saved.get('model', {}).get('name') == 'classifier'
+        saved['task'] = 'classifier' if is_classifier else 'diffusion'
+    d = saved.get('diffusion', {})
+    if 'timestep_sampler' in d:
+        d['timestep_sampling'] = d.pop('timestep_sampler')
+    return saved
+
+
+# --- validation --------------------------------------------------------------------------
+
+
+def check(condition: bool, message: str) -> None:
+    """Raises `ValueError(message)` unless `condition`."""
+    if not condition:
+        raise ValueError(message)
+
+
+def check_choice(field: str, value: Any, choices: Sequence[Any]) -> None:
+    """Raises a `ValueError` naming `field` and the valid choices."""
+    check(value in choices, f'{field}={value!r} is not valid; choose one of {tuple(choices)}.')
+
+
+def check_global_batch(field: str, batch: int, *, num_devices: int = 1,
+                       num_processes: int = 1, accum_steps: int = 1) -> None:
+    """The one rule for a global batch: positive, split evenly over accumulation
+    steps, devices and processes.
+
+    Raises:
+        ValueError: Naming `field` and the count it does not divide by.
+    """
+    check(batch >= 1, f'{field}={batch} must be >= 1.')
+    check(batch % accum_steps == 0,
+          f'{field}={batch} is not divisible by train.grad_accum_steps={accum_steps}.')
+    micro = batch // accum_steps
+    check(micro % num_devices == 0,
+          f'{field}={batch} must be divisible by the device count ({num_devices})'
+          + (f' times train.grad_accum_steps={accum_steps}: each micro-batch of {micro} is '
+             'split evenly over the devices.' if accum_steps > 1 else '.'))
+    check(batch % num_processes == 0,
+          f'{field}={batch} is not divisible by the process count ({num_processes}).')
+
+
+def _validate_data(config: ml_collections.ConfigDict) -> None:
+    d = config.data
+    check(bool(d.dataset), 'data.dataset is empty.')
+    check(d.image_size >= 1, f'data.image_size={d.image_size} must be >= 1.')
+    check(d.channels in (1, 3), f'data.channels={d.channels} must be 1 or 3.')
+    check(d.num_workers >= 0, f'data.num_workers={d.num_workers} must be >= 0.')
+
+
+def _validate_model(config: ml_collections.ConfigDict) -> None:
+    m = config.model
+    check_choice('model.name', m.name, tuple(models.MODELS))
+    check_choice('model.dtype', m.dtype, MODEL_DTYPES)
+    check(m.num_classes >= 0, f'model.num_classes={m.num_classes} must be >= 0.')
+    check(0.0 <= m.class_dropout_prob < 1.0,
+          f'model.class_dropout_prob={m.class_dropout_prob} must be in [0, 1).')
+    check(m.class_dropout_prob == 0 or m.num_classes > 0,
+          'model.class_dropout_prob > 0 needs model.num_classes > 0.')
+    models.create_model(config)  # Architecture rules (sizes, heads, groups).
+
+
+def _validate_diffusion(config: ml_collections.ConfigDict) -> None:
+    d = config.diffusion
+    check_choice('diffusion.schedule', d.schedule, schedules.BETA_SCHEDULES)
+    check_choice('diffusion.mean_type', d.mean_type, diffusion.MEAN_TYPES)
+    check_choice('diffusion.var_type', d.var_type, diffusion.VAR_TYPES)
+    check_choice('diffusion.loss_type', d.loss_type, losses.LOSS_TYPES)
+    check_choice('diffusion.timestep_sampling', d.timestep_sampling,
+                 timestep_sampling.TIMESTEP_SAMPLING)
+    check(d.num_timesteps >= 1, f'diffusion.num_timesteps={d.num_timesteps} must be >= 1.')
+
+
+def _validate_optim(config: ml_collections.ConfigDict) -> None:
+    o = config.optim
+    check_choice('optim.optimizer', o.optimizer, OPTIMIZERS)
+    check_choice('optim.lr_schedule', o.lr_schedule, LR_SCHEDULES)
+    check(o.learning_rate > 0, f'optim.learning_rate={o.learning_rate} must be > 0.')
+    check(o.warmup_steps >= 0, f'optim.warmup_steps={o.warmup_steps} must be >= 0.')
+    check(o.grad_clip_norm >= 0, f'optim.grad_clip_norm={o.grad_clip_norm} must be >= 0.')
+    check(len(o.ema_decays) >= 1, 'optim.ema_decays must list at least one decay rate.')
+    for decay in o.ema_decays:
+        check(0.0 <= decay < 1.0,
+              f'optim.ema_decays={tuple(o.ema_decays)}: each must be in [0, 1).')
+
+
+def _validate_train(config: ml_collections.ConfigDict, num_devices: int,
+                    num_processes: int) -> None:
+    t = config.train
+    check(t.num_train_steps >= 0, f'train.num_train_steps={t.num_train_steps} must be >= 0.')
+    check(t.grad_accum_steps >= 1,
+          f'train.grad_accum_steps={t.grad_accum_steps} must be >= 1.')
+    for field in ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
+        check(t[field] >= 1, f'train.{field}={t[field]} must be >= 1.')
+    for field in ('keep_checkpoint_every_steps', 'sample_every_steps', 'num_grid_samples'):
+        check(t[field] >= 0, f'train.{field}={t[field]} must be >= 0.')
+    check_global_batch('train.global_batch_size', t.global_batch_size,
+                       num_devices=num_devices, num_processes=num_processes,
+                       accum_steps=t.grad_accum_steps)
+
+
+def _validate_sample(config: ml_collections.ConfigDict, *, for_grid: bool,
+                     num_devices: int, num_processes: int) -> None:
+    """The `sample` group; `for_grid`: only what the trainer's grids read."""
+    s, m = config.sample, config.model
+    check_choice('sample.sampler', s.sampler, tuple(samplers.SAMPLERS))
+    try:
+        schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps,
+                                s.respacing or None)
+    except ValueError as e:
+        raise ValueError(f'sample.respacing={s.respacing!r}: {e}') from None
+    check(s.eta >= 0, f'sample.eta={s.eta} must be >= 0.')
+    check(s.guidance_scale >= 0, f'sample.guidance_scale={s.guidance_scale} must be >= 0.')
+    check(s.guidance_scale == 1.0 or (m.num_classes > 0 and m.class_dropout_prob > 0),
+          f'sample.guidance_scale={s.guidance_scale} (classifier-free guidance) needs a '
+          'model trained with label dropout, i.e. model.num_classes > 0 and '
+          f'model.class_dropout_prob > 0 (got num_classes={m.num_classes}, '
+          f'class_dropout_prob={m.class_dropout_prob}); set sample.guidance_scale=1.')
+    state.ema_index(config)  # sample.ema_decay must name one of optim.ema_decays.
+    if for_grid:
+        return
+    check(s.classifier_scale >= 0, f'sample.classifier_scale={s.classifier_scale} must be '
+                                   '>= 0.')
+    check(s.classifier_scale == 0 or bool(s.classifier_workdir),
+          f'sample.classifier_scale={s.classifier_scale} > 0 needs sample.classifier_workdir '
+          "(the workdir of a trained classifier, task='classifier'); it is empty.")
+    check(s.num_images >= 1, f'sample.num_images={s.num_images} must be >= 1.')
+    check_global_batch('sample.global_batch_size', s.global_batch_size,
+                       num_devices=num_devices, num_processes=1)
+    num_classes = m.num_classes
+    if num_classes > 0:
+        check(s.label == -1 or 0 <= s.label < num_classes,
+              f'sample.label={s.label} must be -1 or in [0, {num_classes}).')
+    elif s.classifier_scale == 0:
+        check(s.label == -1, f'sample.label={s.label} needs a class-conditional model or '
+                             'classifier guidance; use -1.')
+
+
+def _validate_eval(config: ml_collections.ConfigDict, num_devices: int,
+                   num_processes: int) -> None:
+    e = config.eval
+    check(e.num_images >= 1, f'eval.num_images={e.num_images} must be >= 1.')
+    check_global_batch('eval.global_batch_size', e.global_batch_size,
+                       num_devices=num_devices, num_processes=num_processes)
+
+
+def validate(config: ml_collections.ConfigDict, *, mode: str = 'train',
+             num_devices: int | None = None, num_processes: int | None = None) -> None:
+    """Checks every field `mode` will read, before anything is built or compiled.
+
+    Args:
+        config: The run's config.
+        mode: 'train' (also checks the fields its sample grids read), 'sample' or
+            'eval'.
+        num_devices: Devices in the mesh (default: all devices).
+        num_processes: Processes feeding it (default: `jax.process_count()`).
+
+    Raises:
+        ValueError: Naming the offending field (and the valid choices for names).
+    """
+    check_choice('--mode', mode, MODES)
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    num_processes = jax.process_count() if num_processes is None else num_processes
+    check_choice('task', config.task, tuple(tasks.TASKS))
+    tasks.TASKS[config.task].validate_config(config)
+    _validate_data(config)
+    _validate_model(config)
+    _validate_diffusion(config)
+    is_diffusion = config.task == 'diffusion'
+    if mode == 'train':
+        _validate_optim(config)
+        _validate_train(config, num_devices, num_processes)
+        if is_diffusion and config.train.num_grid_samples > 0:
+            _validate_sample(config, for_grid=True, num_devices=num_devices,
+                             num_processes=num_processes)
+        return
+    check(is_diffusion, f'--mode={mode} needs a denoiser (task=diffusion), got '
+                        f'task={config.task!r}.')
+    _validate_optim(config)  # The optimiser layout is part of the restored state.
+    if mode == 'sample':
+        _validate_sample(config, for_grid=False, num_devices=num_devices,
+                         num_processes=num_processes)
+    else:
+        _validate_eval(config, num_devices, num_processes)

@@ -1,0 +1,171 @@
+"""The train state: its pytree, optimisers, creation, abstract shape and EMA choice.
+
+Training, sampling, evaluation and checkpointing all import this module (and it
+imports none of them). A `TrainState` holds one or more named parameter trees
+("parts"): a denoiser has one, `'model'`; a GAN has a generator and a
+discriminator, each with its own optimiser state. Which parts exist, and how they
+are initialised and optimised, is the task's (`ddpm_jax.tasks`).
+"""
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ddpm_jax import parallel
+
+# Bumped when the layout of `TrainState` changes; stored with every checkpoint.
+STATE_LAYOUT_VERSION = 2
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training, as one pytree.
+
+    Attributes:
+        step: int32 scalar, train steps taken.
+        params: {part: parameter tree}, e.g. {'model': ...}.
+        ema_params: One {part: tree} per `config.optim.ema_decays`, holding an
+            exponential moving average of the task's `ema_parts`.
+        opt_state: {part: optax state}.
+        task_state: Whatever else the task carries between steps (e.g. the
+            loss-aware timestep sampling's `LossAwareState`); an int32 scalar
+            placeholder when it has none.
+    """
+    step: jax.Array
+    params: dict[str, Any]
+    ema_params: tuple[dict[str, Any], ...]
+    opt_state: dict[str, Any]
+    task_state: Any
+
+
+class Optimizer(NamedTuple):
+    """An optax transformation and its learning-rate schedule (for logging)."""
+    tx: optax.GradientTransformation
+    learning_rate_fn: optax.Schedule
+
+
+def create_learning_rate_fn(optim: ml_collections.ConfigDict,
+                            num_train_steps: int) -> optax.Schedule:
+    """Linear warmup to `optim.learning_rate`, then constant or cosine/linear decay to 0.
+
+    Args:
+        optim: An optimiser config group (fields as `config.optim`).
+        num_train_steps: Where the decay ends.
+    """
+    peak, warmup = optim.learning_rate, optim.warmup_steps
+    decay_steps = max(1, num_train_steps - warmup)
+    if optim.lr_schedule == 'constant':
+        after = optax.constant_schedule(peak)
+    elif optim.lr_schedule == 'cosine':
+        after = optax.cosine_decay_schedule(peak, decay_steps)
+    elif optim.lr_schedule == 'linear':
+        after = optax.linear_schedule(peak, 0.0, decay_steps)
+    else:
+        raise ValueError(f'optim.lr_schedule={optim.lr_schedule!r} is not valid.')
+    if warmup == 0:
+        return after
+    # Step s of warmup uses peak * (s + 1) / warmup so the first update is not zero.
+    warm = optax.linear_schedule(peak / warmup, peak, warmup - 1) if warmup > 1 else (
+        optax.constant_schedule(peak))
+    return optax.join_schedules([warm, after], boundaries=[warmup])
+
+
+def create_optimizer(optim: ml_collections.ConfigDict, num_train_steps: int) -> Optimizer:
+    """Gradient clipping by global norm, then Adam or AdamW.
+
+    The clipping stage is always present (with an infinite norm when
+    `optim.grad_clip_norm == 0`), so turning clipping on when resuming a run keeps the
+    optimiser state's structure and the checkpoint restores.
+
+    Args:
+        optim: An optimiser config group (fields as `config.optim`).
+        num_train_steps: Length of the learning-rate schedule.
+    """
+    lr = create_learning_rate_fn(optim, num_train_steps)
+    if optim.optimizer == 'adam':
+        opt = optax.adam(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps)
+    elif optim.optimizer == 'adamw':
+        opt = optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                          weight_decay=optim.weight_decay)
+    else:
+        raise ValueError(f'optim.optimizer={optim.optimizer!r} is not valid.')
+    max_norm = optim.grad_clip_norm if optim.grad_clip_norm > 0 else float('inf')
+    return Optimizer(optax.chain(optax.clip_by_global_norm(max_norm), opt), lr)
+
+
+def create_train_state(task: Any, rng: jax.Array) -> TrainState:
+    """Initialises the parameters, EMAs (= params), optimisers and task state.
+
+    Pure; call under `jax.jit` (see `create_sharded_train_state`).
+
+    Args:
+        task: A `ddpm_jax.tasks.Task`.
+        rng: Initialisation key.
+    """
+    params = dict(task.init_params(rng))
+    optimizers = task.create_optimizers()
+    ema = {part: params[part] for part in task.ema_parts}
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=tuple(ema for _ in task.config.optim.ema_decays),
+        opt_state={part: optimizers[part].tx.init(params[part]) for part in task.parts},
+        task_state=task.init_task_state(),
+    )
+
+
+def create_sharded_train_state(task: Any, rng: jax.Array,
+                               mesh: jax.sharding.Mesh) -> TrainState:
+    """`create_train_state` compiled with every leaf replicated over `mesh`."""
+    init = jax.jit(functools.partial(create_train_state, task),
+                   out_shardings=parallel.replicated_sharding(mesh))
+    return init(rng)
+
+
+def with_shardings(abstract_tree: Any, sharding: jax.sharding.Sharding) -> Any:
+    """Attaches `sharding` to every `ShapeDtypeStruct` of an abstract pytree."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_tree)
+
+
+def create_abstract_train_state(task: Any, mesh: jax.sharding.Mesh) -> TrainState:
+    """Shapes, dtypes and (replicated) shardings of the state; nothing is allocated."""
+    abstract = jax.eval_shape(functools.partial(create_train_state, task),
+                              jax.random.key(0))
+    return with_shardings(abstract, parallel.replicated_sharding(mesh))
+
+
+def ema_index(config: ml_collections.ConfigDict) -> int:
+    """Which EMA copy `config.sample.ema_decay` names (-1: the first decay).
+
+    Raises:
+        ValueError: If the decay is not one of `config.optim.ema_decays`.
+    """
+    decays = tuple(config.optim.ema_decays)
+    if config.sample.ema_decay == -1:
+        return 0
+    for k, decay in enumerate(decays):
+        if np.isclose(decay, config.sample.ema_decay, rtol=0, atol=1e-12):
+            return k
+    raise ValueError(f'sample.ema_decay={config.sample.ema_decay} is not one of '
+                     f'optim.ema_decays={decays} (or -1 for the first).')
+
+
+def select_ema_params(config: ml_collections.ConfigDict,
+                      ema_params: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The EMA copy ({part: tree}) named by `config.sample.ema_decay`."""
+    return ema_params[ema_index(config)]
+
+
+def update_ema(ema: Mapping[str, Any], params: Mapping[str, Any],
+               decay: float) -> dict[str, Any]:
+    """One EMA step, e <- decay e + (1 - decay) p, for each part of `ema`."""
+    return {part: jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, tree,
+                               params[part]) for part, tree in ema.items()}

@@ -1,0 +1,277 @@
+"""The denoiser task: a diffusion model trained with any parameterisation, and its sampler.
+
+Training: x_0 from the data, timesteps from `timestep_sampling` (uniform or
+loss-aware importance sampling, Nichol & Dhariwal 2021, Sec. 3.3), the loss of
+`losses.training_losses` (Ho et al. 2020, Eq. 14; hybrid and KL objectives of
+Nichol & Dhariwal 2021, Sec. 3.1), and labels dropped to the null label for
+classifier-free guidance (Ho & Salimans 2022).
+
+Sampling: `make_sample_fn` builds the (possibly respaced) schedule from the config,
+wraps the UNet as a model function, adds classifier-free guidance and/or
+classifier guidance (Dhariwal & Nichol 2021, Alg. 1 and 2), and jits the whole
+reverse process once with the batch sharded `P('data')` over the mesh and the
+parameters replicated, so sampling is spread over every device of every process.
+Images depend only on (rng, batch size), not on the number of devices or processes
+(JAX's partitionable threefry draws the same numbers for any sharding).
+"""
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ddpm_jax import diffusion
+from ddpm_jax import images as images_lib
+from ddpm_jax import losses
+from ddpm_jax import parallel
+from ddpm_jax import samplers
+from ddpm_jax import schedules
+from ddpm_jax import timestep_sampling
+from ddpm_jax.models import create_model, example_inputs, make_model_fn
+from ddpm_jax.tasks import base
+
+
+def create_sampling_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
+    """The training schedule of `config.diffusion`, respaced by `config.sample.respacing`."""
+    d = config.diffusion
+    return schedules.make_schedule(d.schedule, d.num_timesteps, config.sample.respacing or None)
+
+
+def make_sample_fn(config: ml_collections.ConfigDict, model: nn.Module, *,
+                   classifier: nn.Module | None = None,
+                   mesh: jax.sharding.Mesh | None = None) -> Callable:
+    """Builds the sharded, jitted sampler for `config.sample` and `config.diffusion`.
+
+    The returned function compiles once per batch size (the first call) and then
+    runs the whole reverse process on the devices; keep it to reuse the program.
+    Labels always give the batch size: for an unconditional model without
+    classifier guidance they are ignored (pass zeros).
+
+    Args:
+        config: The run's config, validated (reads `diffusion`, `data`, `model`,
+            `sample`).
+        model: The UNet (from `models.create_model(config)`).
+        classifier: A noise-aware `Classifier`; used when
+            `config.sample.classifier_scale > 0`.
+        mesh: The `('data',)` mesh; default: all devices.
+
+    Returns:
+        `sample_fn(params, rng, labels, classifier_params=None) -> images`, with
+        params the UNet's tree (replicated), `rng` a key, labels int32 [B] (a host
+        array that is the same on every process, or a global array sharded
+        `P('data')`; B a multiple of the mesh size). Images are float32
+        [B, H, W, C] in [-1, 1], a global array sharded `P('data')` (see
+        `parallel.gather`).
+
+    Raises:
+        ValueError: A classifier that is missing or has other classes than the
+            model; at call time, a batch not divisible by the mesh size, labels out
+            of range, or missing classifier parameters.
+    """
+    mesh = parallel.create_mesh() if mesh is None else mesh
+    num_devices = parallel.num_mesh_devices(mesh)
+    replicated = parallel.replicated_sharding(mesh)
+    batch_sharded = parallel.batch_sharding(mesh)
+    d, s, m = config.diffusion, config.sample, config.model
+    sched = create_sampling_schedule(config)
+    image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+    conditional = m.num_classes > 0
+    guided = s.classifier_scale > 0
+    if guided and classifier is None:
+        raise ValueError(f'sample.classifier_scale={s.classifier_scale} > 0 needs a '
+                         'classifier (set sample.classifier_workdir).')
+    if guided and conditional and classifier.num_classes != m.num_classes:
+        raise ValueError(f'The classifier has {classifier.num_classes} classes but the model '
+                         f'model.num_classes={m.num_classes}; sample.classifier_workdir must '
+                         'hold a classifier of the same classes.')
+    num_label_classes = label_classes(config, classifier)
+    spec = samplers.SAMPLERS[s.sampler]
+    # Read now (the config may change later); Python scalars become program constants.
+    options = dict(mean_type=d.mean_type, var_type=d.var_type,
+                   clip_denoised=bool(s.clip_denoised), classifier_scale=float(s.classifier_scale))
+    if spec.uses_eta:
+        options['eta'] = float(s.eta)
+    guidance_scale = float(s.guidance_scale)
+
+    def constrain(x):
+        return jax.lax.with_sharding_constraint(x, batch_sharded)
+
+    def sample(params, rng, labels, classifier_params):
+        base_fn = make_model_fn(model, params, pass_labels=conditional)
+        if guidance_scale != 1.0:
+            # The null label is num_classes (Ho & Salimans 2022, Eq. 6).
+            base_fn = samplers.make_cfg_model_fn(base_fn, guidance_scale, m.num_classes)
+
+        def model_fn(x, t, **kwargs):
+            # Keeps the scan carry (and so every step) data-parallel.
+            return constrain(base_fn(constrain(x), t, **kwargs))
+
+        cond_fn = None
+        if guided:
+            cond_fn = samplers.make_classifier_grad_fn(
+                make_model_fn(classifier, classifier_params, pass_labels=False))
+        use_labels = conditional or guided
+        shape = (labels.shape[0],) + image_shape
+        x = spec.fn(model_fn, sched, shape, rng, cond_fn=cond_fn,
+                    model_kwargs={'y': labels} if use_labels else None, **options)
+        return jnp.clip(x, -1.0, 1.0)
+
+    if guided:
+        jitted = jax.jit(sample, in_shardings=(replicated, replicated, batch_sharded,
+                                               replicated), out_shardings=batch_sharded)
+    else:
+        jitted = jax.jit(lambda params, rng, labels: sample(params, rng, labels, None),
+                         in_shardings=(replicated, replicated, batch_sharded),
+                         out_shardings=batch_sharded)
+
+    def sample_fn(params, rng, labels, classifier_params=None):
+        if not isinstance(labels, jax.Array):
+            labels = _check_labels(labels, num_devices, num_label_classes)
+            labels = parallel.shard_host_array(labels, mesh)
+        if guided:
+            if classifier_params is None:
+                raise ValueError('sample.classifier_scale > 0: pass classifier_params.')
+            return jitted(params, rng, labels, classifier_params)
+        return jitted(params, rng, labels)
+
+    sample_fn.jitted = jitted  # The compiled program, e.g. to count compilations.
+    return sample_fn
+
+
+def _check_labels(labels: Any, num_devices: int, num_classes: int) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.shape[0] < 1 or labels.shape[0] % num_devices:
+        raise ValueError(f'The sampling batch (labels of shape {labels.shape}) must be a '
+                         f'positive multiple of the {num_devices} mesh devices.')
+    labels = labels.astype(np.int32)
+    if num_classes > 0 and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f'labels must be in [0, {num_classes}), got values in '
+                         f'[{labels.min()}, {labels.max()}]')
+    return labels
+
+
+def label_classes(config: ml_collections.ConfigDict, classifier: nn.Module | None) -> int:
+    """Classes labels are drawn from: the model's, else the guiding classifier's, else 0."""
+    if config.model.num_classes > 0:
+        return config.model.num_classes
+    if classifier is not None and config.sample.classifier_scale > 0:
+        return classifier.num_classes
+    return 0
+
+
+class DiffusionTask(base.Task):
+    """A denoising diffusion model (`model.name='unet'`) as one part, 'model'."""
+    name = 'diffusion'
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        super().__init__(config)
+        d = config.diffusion
+        self.model = create_model(config)
+        self.sched = schedules.make_schedule(d.schedule, d.num_timesteps)
+        self.loss_aware = d.timestep_sampling == 'loss_aware'
+        self.conditional = config.model.num_classes > 0
+
+    @staticmethod
+    def validate_config(config: ml_collections.ConfigDict) -> None:
+        m, d = config.model, config.diffusion
+        if m.name != 'unet':
+            raise ValueError(f"task='diffusion' needs model.name='unet', got {m.name!r}.")
+        learned = d.var_type in diffusion.LEARNED_VAR_TYPES
+        if learned != bool(m.learn_sigma):
+            raise ValueError(f'diffusion.var_type={d.var_type!r} needs model.learn_sigma='
+                             f'{learned} (got {m.learn_sigma}).')
+
+    def init_params(self, rng: jax.Array) -> dict[str, Any]:
+        x, t, kwargs = example_inputs(self.model, self.config.data.image_size,
+                                      self.config.data.channels)
+        params_rng, dropout_rng = jax.random.split(rng)
+        variables = self.model.init({'params': params_rng, 'dropout': dropout_rng}, x, t,
+                                    **kwargs, train=False)
+        return {'model': variables['params']}
+
+    def init_task_state(self) -> Any:
+        if self.loss_aware:
+            return timestep_sampling.init_loss_aware_state(self.sched.num_timesteps)
+        return jnp.zeros((), jnp.int32)
+
+    def prepare_batch(self, batch, rng, task_state):
+        t_rng, noise_rng, label_rng = jax.random.split(rng, 3)
+        x0 = batch['image'].astype(jnp.float32)  # [B, H, W, C]
+        labels = batch['label'].astype(jnp.int32)  # [B]
+        batch_size = x0.shape[0]
+        i, weights = timestep_sampling.sample_timesteps(
+            t_rng, batch_size, self.sched.num_timesteps,
+            method=self.config.diffusion.timestep_sampling,
+            state=task_state if self.loss_aware else None)
+        noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
+        dropout = self.config.model.class_dropout_prob
+        if self.conditional and dropout > 0:
+            drop = jax.random.bernoulli(label_rng, dropout, (batch_size,))
+            labels = jnp.where(drop, self.config.model.num_classes, labels)
+        return {'image': x0, 'label': labels, 'i': i, 'noise': noise, 'weights': weights}
+
+    def loss(self, phase, params, examples, rng):
+        del phase
+        d = self.config.diffusion
+        model_fn = make_model_fn(self.model, params['model'], train=True,
+                                 rngs={'dropout': rng}, pass_labels=self.conditional)
+        model_kwargs = {'y': examples['label']} if self.conditional else None
+        terms = losses.training_losses(model_fn, self.sched, examples['image'], examples['i'],
+                                       examples['noise'], mean_type=d.mean_type,
+                                       var_type=d.var_type, loss_type=d.loss_type,
+                                       model_kwargs=model_kwargs)
+        terms = {k: v for k, v in terms.items() if k in ('loss', 'mse', 'vb')}
+        return jnp.mean(terms['loss'] * examples['weights']), terms
+
+    def update_task_state(self, task_state, examples, terms):
+        if not self.loss_aware:
+            return task_state
+        return timestep_sampling.update_loss_aware_state(task_state, examples['i'],
+                                                         terms[0]['loss'])
+
+    def step_metrics(self, examples, terms):
+        """Means of the weighted terms, and their sums per quarter of the timestep
+        range with example counts (Nichol & Dhariwal 2021 log each term per quarter)."""
+        weighted = {k: v * examples['weights'] for k, v in terms[0].items()}
+        quarter = diffusion.timestep_quarter(examples['i'], self.sched.num_timesteps)
+        metrics = {name: jnp.mean(value) for name, value in weighted.items() if name != 'loss'}
+        for q in range(diffusion.NUM_QUARTERS):
+            mask = (quarter == q).astype(jnp.float32)
+            metrics[f'count_q{q}'] = jnp.sum(mask)
+            for name, value in weighted.items():
+                metrics[f'{name}_q{q}_sum'] = jnp.sum(value * mask)
+        return metrics
+
+    def make_grid_fn(self, mesh, rng):
+        """Samples `train.num_grid_samples` images with the EMA parameters.
+
+        Every grid of a run uses the same noise (`rng`, the trainer's 'grid' stream,
+        not the step), so successive grids show training progress on the same
+        starting points.
+        Class-conditional models get labels 0, 1, ..., num_classes - 1 cycling, one
+        class per column when the grid is at least num_classes wide. Classifier
+        guidance is not applied (the trainer has no classifier); classifier-free
+        guidance follows `sample.guidance_scale`. The batch is padded to a multiple
+        of the mesh size.
+        """
+        num = self.config.train.num_grid_samples
+        if num <= 0:
+            return None
+        grid_config = ml_collections.ConfigDict(self.config.to_dict())
+        grid_config.sample.classifier_scale = 0.0
+        sample_fn = make_sample_fn(grid_config, self.model, mesh=mesh)
+        num_classes = self.config.model.num_classes
+        num_devices = parallel.num_mesh_devices(mesh)
+        padded = -(-num // num_devices) * num_devices
+        labels = (np.arange(padded) % max(num_classes, 1)).astype(np.int32)
+        columns = images_lib.grid_columns(num, num_classes)
+
+        def grid_fn(ema_params: Mapping[str, Any]):
+            images = parallel.gather(sample_fn(ema_params['model'], rng, labels))[:num]
+            return images, columns
+
+        return grid_fn

@@ -1,0 +1,111 @@
+"""Tests for ddpm_jax.config_lib: every rule names its field; JSON round trip; salts."""
+
+import json
+
+import jax
+import pytest
+
+from configs import default
+from ddpm_jax import config_lib
+from ddpm_jax import samplers
+
+README = open(__file__.replace('tests/test_config_lib.py', 'README.md')).read()
+
+
+@pytest.mark.parametrize('field, value, match', [
+    ('task', 'gan', r"task='gan' is not valid.*'diffusion', 'classifier'"),
+    ('diffusion.schedule', 'cosin', r"diffusion.schedule='cosin'.*'cosine'"),
+    ('diffusion.timestep_sampling', 'importance', r"diffusion.timestep_sampling='importance'"),
+    ('optim.optimizer', 'sgd', r"optim.optimizer='sgd'.*'adam', 'adamw'"),
+    ('train.global_batch_size', 6, r'train.global_batch_size=6 .*device count \(4\)'),
+    ('train.grad_accum_steps', 3, r'train.global_batch_size=8 is not divisible by '
+                                  r'train.grad_accum_steps=3'),
+    ('diffusion.var_type', 'learned_range', r'model.learn_sigma=True'),
+    ('model.class_dropout_prob', 0.1, r'model.class_dropout_prob > 0 needs model.num_classes'),
+    ('model.name', 'classifier', r"task='diffusion' needs model.name='unet'"),
+    ('sample.sampler', 'euler', r"sample.sampler='euler'.*'ddpm', 'ddim', 'dpm_solver'"),
+    ('sample.respacing', '25', r"sample.respacing='25'"),
+    ('sample.guidance_scale', 2.0, r'sample.guidance_scale=2.0 .*label dropout'),
+    ('sample.ema_decay', 0.5, r'sample.ema_decay=0.5 is not one of optim.ema_decays'),
+    ('optim.ema_decays', (1.0,), r'optim.ema_decays=\(1.0,\)'),
+])
+def test_train_mode_checks_name_the_field(tiny_config, field, value, match):
+    """Training checks what its end-of-run sample grid will use, too."""
+    node = tiny_config
+    *groups, name = field.split('.')
+    for group in groups:
+        node = node[group]
+    node[name] = value
+    with pytest.raises(ValueError, match=match):
+        config_lib.validate(tiny_config, mode='train', num_devices=4)
+
+
+@pytest.mark.parametrize('mode, field, value, match', [
+    ('sample', 'sample.global_batch_size', 6, r'sample.global_batch_size=6 .*device count'),
+    ('sample', 'sample.num_images', 0, r'sample.num_images=0 must be >= 1'),
+    ('sample', 'sample.label', 3, r'sample.label=3 needs a class-conditional model'),
+    ('sample', 'sample.classifier_scale', 1.0, r'needs sample.classifier_workdir'),
+    ('eval', 'eval.global_batch_size', 6, r'eval.global_batch_size=6 .*device count'),
+    ('eval', 'eval.num_images', 0, r'eval.num_images=0 must be >= 1'),
+])
+def test_other_modes_check_their_groups(tiny_config, mode, field, value, match):
+    group, name = field.split('.')
+    config_lib.validate(tiny_config, mode=mode, num_devices=4)  # Valid as it is.
+    tiny_config[group][name] = value
+    with pytest.raises(ValueError, match=match):
+        config_lib.validate(tiny_config, mode=mode, num_devices=4)
+
+
+def test_sample_mode_refuses_a_classifier_config(tiny_config):
+    tiny_config.task = 'classifier'
+    tiny_config.model.name = 'classifier'
+    tiny_config.model.num_classes = 10
+    config_lib.validate(tiny_config, mode='train', num_devices=4)
+    with pytest.raises(ValueError, match=r"--mode=sample needs a denoiser"):
+        config_lib.validate(tiny_config, mode='sample', num_devices=4)
+
+
+def test_the_grid_is_not_checked_when_there_is_none(tiny_config):
+    tiny_config.sample.respacing = '25'  # More steps than T=20: only the grid reads it.
+    tiny_config.train.num_grid_samples = 0
+    config_lib.validate(tiny_config, mode='train', num_devices=4)
+
+
+def test_batch_rule_counts_processes():
+    config_lib.check_global_batch('b', 8, num_devices=4, num_processes=2)
+    with pytest.raises(ValueError, match=r'b=6 is not divisible by the process count \(4\)'):
+        config_lib.check_global_batch('b', 6, num_devices=1, num_processes=4)
+    with pytest.raises(ValueError, match=r'b=0 must be >= 1'):
+        config_lib.check_global_batch('b', 0)
+
+
+def test_json_round_trip_and_upgrade_of_old_records():
+    config = default.get_config()
+    restored = config_lib.from_json_dict(json.loads(json.dumps(config_lib.to_json_dict(config))))
+    assert restored.to_dict() == config.to_dict()
+    assert isinstance(restored.model.channel_mult, tuple)
+    old = config_lib.to_json_dict(config)  # As ddpm_jax 0.1 wrote it:
+    del old['task']
+    old['diffusion']['timestep_sampler'] = old['diffusion'].pop('timestep_sampling')
+    old['model']['name'] = 'classifier'
+    upgraded = config_lib.upgrade_json_dict(old)
+    assert upgraded['task'] == 'classifier'
+    assert upgraded['diffusion']['timestep_sampling'] == 'uniform'
+    assert 'timestep_sampler' not in upgraded['diffusion'] and 'task' not in old
+
+
+def test_salts_are_distinct_and_streams_independent():
+    assert len(set(config_lib.RNG_SALTS.values())) == len(config_lib.RNG_SALTS)
+    config = default.get_config()
+    keys = {name: jax.random.key_data(config_lib.rng_for(config, name)).tolist()
+            for name in config_lib.RNG_SALTS}
+    assert len({json.dumps(k) for k in keys.values()}) == len(keys)
+
+
+def test_sampler_table_is_what_the_config_and_readme_document():
+    """Adding a sampler is one function and one table entry; the docs must follow."""
+    comment = [line for line in open(default.__file__).read().splitlines()
+               if 'sample.sampler =' in line][0]
+    for name in samplers.SAMPLERS:
+        assert f"'{name}'" in comment, name
+        assert f'`{name}`' in README, name
