@@ -1,4 +1,4 @@
-"""Command line: train, sample from or evaluate a diffusion model.
+"""Command line: train, sample from or evaluate a diffusion model (bits/dim or FID).
 
     python main.py --config=configs/digits.py --workdir=/tmp/digits
     python main.py --config=configs/digits.py --workdir=/tmp/digits --mode=sample
@@ -18,7 +18,7 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (the same one resumes).')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'], 'What to run.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'fid'], 'What to run.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index.')
@@ -32,14 +32,14 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
         pylogging.getLogger('ddpm_jax').setLevel(pylogging.INFO)
     import jax  # After flag parsing, so a bad flag fails before JAX starts.
-    from ddpm_jax import evaluate, parallel, sample_mode, train
+    from ddpm_jax import evaluate, parallel, sample_mode, sample_quality, train
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                     _PROCESS_ID.value)
     pylogging.getLogger('ddpm_jax').info(
         'Process %d of %d; %d local / %d global devices: %s', jax.process_index(),
         jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices())
     run = {'train': train.run_training, 'sample': sample_mode.sample_and_save,
-           'eval': evaluate.evaluate}[_MODE.value]
+           'eval': evaluate.evaluate, 'fid': sample_quality.evaluate_samples}[_MODE.value]
     try:
         run(_CONFIG.value, _WORKDIR.value)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:

@@ -24,8 +24,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ddpm_jax import data as data_lib  # noqa: E402
-from ddpm_jax import parallel, train  # noqa: E402
-from ddpm_jax.models import create_model  # noqa: E402
+from ddpm_jax import config_lib, parallel, state as state_lib, tasks, train  # noqa: E402
 from common import compiled_flops, load_config, peak_flops  # noqa: E402
 
 def main():
@@ -47,11 +46,11 @@ def main():
         config.train.global_batch_size = args.batch
     mesh = parallel.create_mesh()
     num_devices = parallel.num_mesh_devices(mesh)
-    train.validate_config(config, num_devices=num_devices)
-    model = create_model(config)
-    state = train.create_sharded_train_state(config, model, jax.random.key(0), mesh)
+    config_lib.validate(config, num_devices=num_devices)
+    task = tasks.create_task(config)
+    state = state_lib.create_sharded_train_state(task, jax.random.key(0), mesh)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    step_fn = train.jit_train_step(train.make_train_step_fn(config, model, mesh), mesh)
+    step_fn = train.jit_train_step(train.make_train_step_fn(task, mesh), mesh)
     iterator = data_lib.create_train_iterator(config)
     rng = jax.random.key(1)
     batch = parallel.to_global(next(iterator), mesh)

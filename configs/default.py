@@ -86,6 +86,8 @@ def get_config() -> ml_collections.ConfigDict:
     train.keep_checkpoint_every_steps = 0  # Also keep every checkpoint at multiples of N.
     train.sample_every_steps = 0  # Write an EMA sample grid every N steps (0 = only at end).
     train.num_grid_samples = 64  # Images in each sample grid.
+    train.fid_every_steps = 0  # Score EMA samples (eval.metrics_network) every N steps (0 = off).
+    train.fid_num_samples = 1000  # Samples per periodic score (FID is biased upwards for few).
 
     # --- sampling (--mode=sample and the training grids) ------------------------------
     config.sample = sample = ml_collections.ConfigDict()
@@ -105,5 +107,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval = evaluation = ml_collections.ConfigDict()
     evaluation.num_images = 256  # Test images in the bits/dim estimate.
     evaluation.global_batch_size = 64  # Images per evaluation batch.
+    # --mode=fid (and train.fid_every_steps): FID, sFID, IS, precision/recall.
+    evaluation.metrics_network = 'inception'  # 'inception' (FID's) or 'digits' (bundled).
+    evaluation.inception_path = ''  # pt_inception-2015-12-05-6726825d.pth; '' = $DDPM_JAX_INCEPTION.
+    evaluation.fid_num_samples = 50_000  # Samples scored by --mode=fid.
+    evaluation.fid_batch_size = 250  # Images per sampling / feature batch, over all devices.
+    evaluation.fid_reference = ''  # Reference .npz (ours, or an ADM reference batch); '' =
+    #                                computed from the split below, cached in the workdir.
+    evaluation.fid_reference_split = 'train'  # Split the reference statistics come from.
+    evaluation.fid_reference_num_images = 50_000  # Images of that split used (at most).
+    evaluation.fid_samples = ''  # Score this samples .npz instead of sampling the model.
 
     return config

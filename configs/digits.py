@@ -8,10 +8,13 @@ writes a 10x10 grid of EMA samples (one digit class per column, guidance scale 2
 100 ancestral steps) to <workdir>/samples/. Checkpoints go to <workdir>/checkpoints/
 and TensorBoard logs to <workdir>/tensorboard/; rerunning the command resumes.
 
-Measured on a 2-core CPU shared with other jobs (load average ~4, so noisy): 4.0-5.8
-steps/s (0.17-0.25 s per step, 520-750 images/s), 16 s to compile the step, 5 min 15 s
-wall time for the whole command including the final sample grid. The samples are
-clearly the requested digits (one class per column).
+Measured on a 2-core CPU (2026-11-29, jax 0.10.2): 5.9-7.0 steps/s (750-900
+images/s), 16 s to compile the step, 4 min 17 s wall time for the whole command
+including the final sample grid. The samples are clearly the requested digits (one
+class per column). `--mode=fid` then scores 1,000 samples with the bundled digits
+network against the 297 held-out digits: Frechet distance 12.4 (ancestral, 100
+steps), 12.5 (DDIM, 50), 12.1 (DPM-Solver++, 20) with every label right; real
+training digits score 8.8.
 """
 
 from configs import default
@@ -54,4 +57,11 @@ def get_config():
     config.sample.guidance_scale = 2.0
     config.sample.num_images = 100
     config.sample.global_batch_size = 100
+
+    # --mode=fid: the bundled digits network, against the 297 held-out test digits.
+    config.eval.metrics_network = 'digits'
+    config.eval.fid_num_samples = 1000
+    config.eval.fid_batch_size = 250
+    config.eval.fid_reference_split = 'test'
+    config.eval.fid_reference_num_images = 297
     return config

@@ -30,8 +30,10 @@ from ddpm_jax import state
 from ddpm_jax import tasks
 from ddpm_jax import timestep_sampling
 from ddpm_jax import models
+from ddpm_jax.models import inception
 
-MODES = ('train', 'sample', 'eval')
+MODES = ('train', 'sample', 'eval', 'fid')
+METRICS_NETWORKS = ('inception', 'digits')
 MODEL_DTYPES = ('float32', 'bfloat16')
 OPTIMIZERS = ('adam', 'adamw')
 LR_SCHEDULES = ('constant', 'cosine', 'linear')
@@ -43,6 +45,7 @@ RNG_SALTS: Mapping[str, int] = {
     'grid': 2,  # The trainer's sample grids (the same noise at every grid).
     'sample': 3,  # --mode=sample (each batch folds in its index).
     'eval': 4,  # --mode=eval noise (each image folds in its index).
+    'fid': 5,  # Samples scored by --mode=fid and the trainer's periodic FID.
 }
 # Mixed into the NumPy seeds of the input pipeline (`data`).
 DATA_SEED_SALTS: Mapping[str, int] = {'shuffle': 0, 'flip': 1, 'sample_labels': 3}
@@ -170,17 +173,18 @@ def _validate_optim(config: ml_collections.ConfigDict) -> None:
 
 def _validate_train(config: ml_collections.ConfigDict, num_devices: int,
                     num_processes: int) -> None:
-    t = config.train
-    check(t.num_train_steps >= 0, f'train.num_train_steps={t.num_train_steps} must be >= 0.')
-    check(t.grad_accum_steps >= 1,
-          f'train.grad_accum_steps={t.grad_accum_steps} must be >= 1.')
+    train_opts = config.train
+    check(train_opts.num_train_steps >= 0,
+          f'train.num_train_steps={train_opts.num_train_steps} must be >= 0.')
+    check(train_opts.grad_accum_steps >= 1,
+          f'train.grad_accum_steps={train_opts.grad_accum_steps} must be >= 1.')
     for field in ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
-        check(t[field] >= 1, f'train.{field}={t[field]} must be >= 1.')
+        check(train_opts[field] >= 1, f'train.{field}={train_opts[field]} must be >= 1.')
     for field in ('keep_checkpoint_every_steps', 'sample_every_steps', 'num_grid_samples'):
-        check(t[field] >= 0, f'train.{field}={t[field]} must be >= 0.')
-    check_global_batch('train.global_batch_size', t.global_batch_size,
+        check(train_opts[field] >= 0, f'train.{field}={train_opts[field]} must be >= 0.')
+    check_global_batch('train.global_batch_size', train_opts.global_batch_size,
                        num_devices=num_devices, num_processes=num_processes,
-                       accum_steps=t.grad_accum_steps)
+                       accum_steps=train_opts.grad_accum_steps)
 
 
 def _validate_sample(config: ml_collections.ConfigDict, *, for_grid: bool,
@@ -228,14 +232,31 @@ def _validate_eval(config: ml_collections.ConfigDict, num_devices: int,
                        num_devices=num_devices, num_processes=num_processes)
 
 
+def _validate_fid(config: ml_collections.ConfigDict, num_devices: int, *,
+                  num_samples: int, field: str) -> None:
+    """What scoring samples reads: the network (and its file), batch and counts."""
+    e, d = config.eval, config.data
+    check_choice('eval.metrics_network', e.metrics_network, METRICS_NETWORKS)
+    check(num_samples >= 2, f'{field}={num_samples} must be >= 2.')
+    check_global_batch('eval.fid_batch_size', e.fid_batch_size, num_devices=num_devices)
+    check(e.fid_reference_num_images >= 2,
+          f'eval.fid_reference_num_images={e.fid_reference_num_images} must be >= 2.')
+    if e.metrics_network == 'inception':
+        inception.resolve_inception_path(e.inception_path)  # A missing file stops here.
+    else:
+        check(d.image_size == 8 and d.channels == 1,
+              "eval.metrics_network='digits' scores 8x8 grey images (data.image_size=8, "
+              f'data.channels=1), got {d.image_size}x{d.image_size}x{d.channels}.')
+
+
 def validate(config: ml_collections.ConfigDict, *, mode: str = 'train',
              num_devices: int | None = None, num_processes: int | None = None) -> None:
     """Checks every field `mode` will read, before anything is built or compiled.
 
     Args:
         config: The run's config.
-        mode: 'train' (also checks the fields its sample grids read), 'sample' or
-            'eval'.
+        mode: 'train' (also checks the fields its sample grids and periodic FID
+            read), 'sample', 'eval' or 'fid'.
         num_devices: Devices in the mesh (default: all devices).
         num_processes: Processes feeding it (default: `jax.process_count()`).
 
@@ -254,9 +275,17 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = 'train',
     if mode == 'train':
         _validate_optim(config)
         _validate_train(config, num_devices, num_processes)
-        if is_diffusion and config.train.num_grid_samples > 0:
+        train_opts = config.train
+        check(train_opts.fid_every_steps >= 0,
+              f'train.fid_every_steps={train_opts.fid_every_steps} must be >= 0.')
+        check(is_diffusion or train_opts.fid_every_steps == 0,
+              f'train.fid_every_steps={train_opts.fid_every_steps} needs task=diffusion.')
+        if is_diffusion and (train_opts.num_grid_samples > 0 or train_opts.fid_every_steps > 0):
             _validate_sample(config, for_grid=True, num_devices=num_devices,
                              num_processes=num_processes)
+        if train_opts.fid_every_steps > 0:
+            _validate_fid(config, num_devices, num_samples=train_opts.fid_num_samples,
+                          field='train.fid_num_samples')
         return
     check(is_diffusion, f'--mode={mode} needs a denoiser (task=diffusion), got '
                         f'task={config.task!r}.')
@@ -264,5 +293,11 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = 'train',
     if mode == 'sample':
         _validate_sample(config, for_grid=False, num_devices=num_devices,
                          num_processes=num_processes)
-    else:
+    elif mode == 'eval':
         _validate_eval(config, num_devices, num_processes)
+    else:
+        if not config.eval.fid_samples:
+            _validate_sample(config, for_grid=True, num_devices=num_devices,
+                             num_processes=num_processes)
+        _validate_fid(config, num_devices, num_samples=config.eval.fid_num_samples,
+                      field='eval.fid_num_samples')

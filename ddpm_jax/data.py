@@ -381,12 +381,14 @@ def create_train_iterator(config: ml_collections.ConfigDict, *,
                                      config.data.center_crop)
     dataset = grain.MapDataset.source(source.records)[index::count]
     # Shuffling before repeating gives a fresh permutation of the shard each epoch.
-    dataset = dataset.shuffle(seed=_seed(config.seed, config_lib.DATA_SEED_SALTS['shuffle'])).repeat()
+    shuffle_seed = _seed(config.seed, config_lib.DATA_SEED_SALTS['shuffle'])
+    dataset = dataset.shuffle(seed=shuffle_seed).repeat()
     dataset = dataset.map(preprocess)
     if config.data.random_flip:
         # Seeded by (seed, process) and the element's position in the stream.
         dataset = dataset.random_map(_random_flip,
-                                     seed=_seed(config.seed, config_lib.DATA_SEED_SALTS['flip'], index))
+                                     seed=_seed(config.seed, config_lib.DATA_SEED_SALTS['flip'],
+                                                index))
     dataset = dataset.batch(local_batch_size, drop_remainder=True)
     return _to_iterator(dataset, config)
 

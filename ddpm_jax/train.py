@@ -10,8 +10,9 @@ The loop follows the shape shared by the Flax examples and big_vision:
 4. `train_step(state, batch, rng)` is pure, draws its randomness from
    `jax.random.fold_in(rng, state.step)` (no RNG state to save, so resuming is bit
    for bit) and is compiled once with the state donated.
-5. Metrics, checkpoints and EMA sample grids are written at fixed step intervals;
-   SIGTERM triggers a final checkpoint and a clean exit.
+5. Metrics, checkpoints, EMA sample grids and (optionally) the FID of EMA samples
+   are written at fixed step intervals; SIGTERM triggers a final checkpoint and a
+   clean exit.
 
 What is trained is a task (`ddpm_jax.tasks`): its parameter trees, optimisers,
 update phases, loss and grids. `Trainer` holds the compiled init and step for one
@@ -41,6 +42,7 @@ from ddpm_jax import config_lib
 from ddpm_jax import data as data_lib
 from ddpm_jax import images as images_lib
 from ddpm_jax import parallel
+from ddpm_jax import sample_quality
 from ddpm_jax import state as state_lib
 from ddpm_jax import tasks
 from ddpm_jax import workdir as workdir_lib
@@ -343,9 +345,10 @@ class Trainer:
                 before it is left intact and nothing after it is saved.
         """
         config = self.config
-        t = config.train
-        last_step = t.num_train_steps if stop_at_step is None else min(stop_at_step,
-                                                                         t.num_train_steps)
+        train_opts = config.train
+        last_step = train_opts.num_train_steps
+        if stop_at_step is not None:
+            last_step = min(stop_at_step, last_step)
         checkpointing.check_workdir_compatible(config, workdir)
         workdir_lib.prepare(workdir)
         lock = workdir_lib.TrainLock(workdir)
@@ -375,8 +378,11 @@ class Trainer:
 
     def _train_locked(self, workdir: str, last_step: int) -> state_lib.TrainState:
         config, mesh = self.config, self.mesh
-        t = config.train
+        train_opts = config.train
         self._check_labels()
+        fid_fn = None
+        if train_opts.fid_every_steps > 0:  # Weights and reference load now: fail early.
+            fid_fn = sample_quality.make_training_fid_fn(config, self.task.model, mesh, workdir)
         step_rng = config_lib.rng_for(config, 'train')
         train_iter = data_lib.create_train_iterator(config)
         manager = checkpointing.create_checkpoint_manager(workdir, config)
@@ -435,7 +441,7 @@ class Trainer:
             window.extend(host)
 
         try:
-            with PreemptionHandler(t.log_every_steps) as preemption:
+            with PreemptionHandler(train_opts.log_every_steps) as preemption:
                 while step < last_step:
                     batch = parallel.to_global(next(train_iter), mesh)
                     if window_start is None:  # First step: compiles once per Trainer.
@@ -452,7 +458,7 @@ class Trainer:
                     pending.append(metrics)
                     writer.advance()
                     is_last = step == last_step
-                    should_log = step % t.log_every_steps == 0 or is_last
+                    should_log = step % train_opts.log_every_steps == 0 or is_last
                     preempted = preemption.reached(step)  # The same step on every process.
                     should_save = is_last or preempted or manager.should_save(step)
                     if should_log or should_save:
@@ -462,7 +468,7 @@ class Trainer:
                         elapsed = time.perf_counter() - window_start
                         if timed_steps:
                             scalars['steps_per_sec'] = timed_steps / elapsed
-                            scalars['images_per_sec'] = (timed_steps * t.global_batch_size
+                            scalars['images_per_sec'] = (timed_steps * train_opts.global_batch_size
                                                          / elapsed)
                         writer.write_scalars(step, scalars)
                         window = []
@@ -473,11 +479,15 @@ class Trainer:
                         if not config_recorded:
                             workdir_lib.write_config_record(config, workdir)
                             config_recorded = True
+                    every = train_opts.sample_every_steps
                     if self._grid_fn is not None and (is_last or (
-                            t.sample_every_steps > 0 and step % t.sample_every_steps == 0)):
+                            every > 0 and step % every == 0)):
                         path = self._write_grid(state, step, workdir)
                         if path:
                             writer.write_text(f'Wrote {path}')
+                    if fid_fn is not None and (step % train_opts.fid_every_steps == 0 or is_last):
+                        scores = fid_fn(state_lib.select_ema_params(config, state.ema_params))
+                        writer.write_scalars(step, {f'fid/{k}': v for k, v in scores.items()})
                     if preempted:
                         writer.write_text(f'Preempted: saved step {step}; stopping.')
                         break

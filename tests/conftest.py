@@ -6,6 +6,9 @@ import os
 os.environ['XLA_FLAGS'] = (
     os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=4').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# The digits feature network is trained once and cached (atomically) for all workers.
+os.environ.setdefault('DDPM_JAX_CACHE', os.path.join(os.environ.get('TMPDIR', '/tmp'),
+                                                     'ddpm_jax_test_cache'))
 
 import ml_collections  # noqa: E402
 import pytest  # noqa: E402

@@ -365,7 +365,6 @@ def test_classifier_logits(tiny_config, pool):
     (dict(dtype='float16'), 8, 'model.dtype'),
     (dict(name='vit'), 8, 'model.name'),
     (dict(name='classifier', pool='max', num_classes=3), 8, 'model.pool'),
-    (dict(class_dropout_prob=0.1), 8, 'model.class_dropout_prob'),
 ])
 def test_bad_config_raises_naming_field(tiny_config, overrides, image_size, field):
     config = _config(tiny_config, **overrides)

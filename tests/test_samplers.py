@@ -471,13 +471,36 @@ def test_bad_inputs_raise():
             jnp.zeros(shape), jnp.zeros((2,), jnp.int32))
 
 
-def test_learned_variance_sampling_runs():
-    sched = schedules.make_schedule('linear', 20, 'ddim5')
-    model_fn = make_gaussian_eps_fn(20, num_channels_out=2)
-    for var_type in ['learned', 'learned_range']:
-        x = samplers.ddpm_sample(model_fn, sched, (2, 4, 4, 1), _key(19),
-                                 var_type=var_type)
-        assert x.shape == (2, 4, 4, 1) and bool(jnp.all(jnp.isfinite(x)))
+def test_learned_variances_reduce_to_the_fixed_ones():
+    """learned_range with v = -1 is the clipped posterior variance (fixed_small), and
+    with v = +1 it is beta (Nichol & Dhariwal 2021, Eq. 15); 'learned' outputs the log
+    variance itself. Same noise, so the samples must agree to float rounding."""
+    sched = schedules.make_schedule('linear', 20, 'ddim5')  # Original steps 0, 4, ..., 16.
+    eps_fn = make_gaussian_eps_fn(20)
+    shape = (2, 4, 4, 1)
+
+    def with_var(values):  # values[i] for the respaced step i = t // 4.
+        table = jnp.asarray(values, jnp.float32)
+
+        def model_fn(x, t, **unused):
+            v = table[t // 4].reshape(-1, 1, 1, 1) * jnp.ones_like(x)
+            return jnp.concatenate([eps_fn(x, t), v], axis=-1)
+        return model_fn
+
+    def run(model_fn, var_type):
+        return np.asarray(samplers.ddpm_sample(model_fn, sched, shape, _key(19),
+                                               var_type=var_type))
+
+    fixed_small = run(eps_fn, 'fixed_small')
+    np.testing.assert_allclose(run(with_var([-1.0] * 5), 'learned_range'), fixed_small,
+                               atol=1e-5)
+    np.testing.assert_allclose(
+        run(with_var(np.asarray(sched.posterior_log_variance_clipped)), 'learned'),
+        fixed_small, atol=1e-5)
+    largest = run(with_var([1.0] * 5), 'learned_range')
+    np.testing.assert_allclose(run(with_var(np.log(np.asarray(sched.betas))), 'learned'),
+                               largest, atol=1e-5)
+    assert np.abs(largest - fixed_small).max() > 1e-2  # The two variances differ.
 
 
 # ---------------------------------------------------------------------------

@@ -28,7 +28,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ddpm_jax import schedules
 from ddpm_jax import state as state_lib
+from ddpm_jax.models import create_model, example_inputs
 
 Examples = dict[str, jax.Array]
 
@@ -133,3 +135,27 @@ class Task:
         grids. Built once per trainer, so it compiles once; `rng` is the grids' key."""
         del mesh, rng
         return None
+
+
+class SingleModelTask(Task):
+    """A task of one network, `config.model`, as the part 'model', on the diffusion
+    schedule of `config.diffusion` (the denoiser and the noise-aware classifier).
+
+    Attributes:
+        model: The Flax module (`models.create_model(config)`).
+        sched: The training schedule.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        super().__init__(config)
+        d = config.diffusion
+        self.model = create_model(config)
+        self.sched = schedules.make_schedule(d.schedule, d.num_timesteps)
+
+    def init_params(self, rng: jax.Array) -> dict[str, Any]:
+        x, t, kwargs = example_inputs(self.model, self.config.data.image_size,
+                                      self.config.data.channels)
+        params_rng, dropout_rng = jax.random.split(rng)
+        variables = self.model.init({'params': params_rng, 'dropout': dropout_rng}, x, t,
+                                    **kwargs, train=False)
+        return {'model': variables['params']}

@@ -6,29 +6,20 @@ denoiser's schedule (Dhariwal & Nichol 2021, Sec. 4). Point a denoiser's
 (non-EMA) parameters are used for guidance, as ADM's guided sampling does.
 """
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
 from ddpm_jax import diffusion
-from ddpm_jax import schedules
 from ddpm_jax import timestep_sampling
-from ddpm_jax.models import create_model, example_inputs, make_model_fn
+from ddpm_jax.models import make_model_fn
 from ddpm_jax.tasks import base
 
 
-class ClassifierTask(base.Task):
+class ClassifierTask(base.SingleModelTask):
     """A noise-aware classifier (`model.name='classifier'`) as one part, 'model'."""
     name = 'classifier'
-
-    def __init__(self, config: ml_collections.ConfigDict):
-        super().__init__(config)
-        d = config.diffusion
-        self.model = create_model(config)
-        self.sched = schedules.make_schedule(d.schedule, d.num_timesteps)
 
     @staticmethod
     def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -39,14 +30,6 @@ class ClassifierTask(base.Task):
         if m.num_classes < 1:
             raise ValueError(f"task='classifier' needs model.num_classes >= 1, got "
                              f'{m.num_classes}.')
-
-    def init_params(self, rng: jax.Array) -> dict[str, Any]:
-        x, t, _ = example_inputs(self.model, self.config.data.image_size,
-                                 self.config.data.channels)
-        params_rng, dropout_rng = jax.random.split(rng)
-        variables = self.model.init({'params': params_rng, 'dropout': dropout_rng}, x, t,
-                                    train=False)
-        return {'model': variables['params']}
 
     def prepare_batch(self, batch, rng, task_state):
         del task_state

@@ -31,7 +31,7 @@ from ddpm_jax import parallel
 from ddpm_jax import samplers
 from ddpm_jax import schedules
 from ddpm_jax import timestep_sampling
-from ddpm_jax.models import create_model, example_inputs, make_model_fn
+from ddpm_jax.models import make_model_fn
 from ddpm_jax.tasks import base
 
 
@@ -163,16 +163,13 @@ def label_classes(config: ml_collections.ConfigDict, classifier: nn.Module | Non
     return 0
 
 
-class DiffusionTask(base.Task):
+class DiffusionTask(base.SingleModelTask):
     """A denoising diffusion model (`model.name='unet'`) as one part, 'model'."""
     name = 'diffusion'
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
-        d = config.diffusion
-        self.model = create_model(config)
-        self.sched = schedules.make_schedule(d.schedule, d.num_timesteps)
-        self.loss_aware = d.timestep_sampling == 'loss_aware'
+        self.loss_aware = config.diffusion.timestep_sampling == 'loss_aware'
         self.conditional = config.model.num_classes > 0
 
     @staticmethod
@@ -184,14 +181,6 @@ class DiffusionTask(base.Task):
         if learned != bool(m.learn_sigma):
             raise ValueError(f'diffusion.var_type={d.var_type!r} needs model.learn_sigma='
                              f'{learned} (got {m.learn_sigma}).')
-
-    def init_params(self, rng: jax.Array) -> dict[str, Any]:
-        x, t, kwargs = example_inputs(self.model, self.config.data.image_size,
-                                      self.config.data.channels)
-        params_rng, dropout_rng = jax.random.split(rng)
-        variables = self.model.init({'params': params_rng, 'dropout': dropout_rng}, x, t,
-                                    **kwargs, train=False)
-        return {'model': variables['params']}
 
     def init_task_state(self) -> Any:
         if self.loss_aware:

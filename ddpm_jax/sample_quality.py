@@ -1,0 +1,366 @@
+"""Sample quality: FID, sFID, Inception Score, precision and recall, in JAX.
+
+This module owns measuring a model's samples the way the papers do:
+
+* A feature network (`eval.metrics_network`): 'inception' is the FID Inception-v3
+  (`models.inception`, weights from the user's pytorch-fid file); 'digits' is the
+  small network trained on the bundled digits (`models.digits_net`), which needs
+  no download. `FeatureExtractor` runs it jitted over the `('data',)` mesh: the
+  images stay sharded on the devices, only the features are gathered.
+* `FeatureAccumulator` streams features into float64 statistics (`metrics`), and
+  keeps the pooled features (for precision/recall) and logits (for IS); no image
+  is ever held on one host.
+* Reference statistics: computed once from a data split (or read from an `.npz`:
+  one written here, or an ADM evaluator reference batch with `arr_0` images and
+  optional `mu`/`sigma`/`mu_s`/`sigma_s`), cached in the workdir.
+* `evaluate_samples` (`--mode=fid`) scores a workdir's latest EMA parameters, or a
+  samples `.npz` (`eval.fid_samples`), writes `metrics_<step>.json` and logs to
+  TensorBoard; `make_training_fid_fn` gives the trainer its periodic FID.
+"""
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+
+from ddpm_jax import checkpointing
+from ddpm_jax import config_lib
+from ddpm_jax import data as data_lib
+from ddpm_jax import metrics
+from ddpm_jax import parallel
+from ddpm_jax import workdir as workdir_lib
+from ddpm_jax import writers
+from ddpm_jax.models import create_model
+from ddpm_jax.models import digits_net
+from ddpm_jax.models import inception
+from ddpm_jax.tasks import diffusion as diffusion_task
+
+logger = logging.getLogger('ddpm_jax')
+
+def _to_uint8(x: jax.Array) -> jax.Array:
+    """[-1, 1] floats to uint8 pixels on the device (as `images.to_uint8`)."""
+    return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+class FeatureExtractor:
+    """The feature network of `eval.metrics_network`, jitted over the mesh.
+
+    Calling it with a batch-sharded global image array (uint8 [B, H, W, C], or
+    float in [-1, 1] with `from_unit_range=True`) returns numpy features on every
+    process: 'features' [B, D] (Inception pool3), 'spatial' [B, S] (sFID; Inception
+    only), 'logits' [B, K] (for IS and label accuracy).
+
+    Raises:
+        FileNotFoundError: The Inception weights are missing (one line saying which
+            file and where it is published).
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+        self.name = config.eval.metrics_network
+        self.mesh = mesh
+        if self.name == 'inception':
+            variables = inception.load_inception_variables(config.eval.inception_path)
+            model = inception.InceptionV3()
+
+            def apply(v, images):
+                out = model.apply(v, images)
+                spatial = out['spatial'].reshape(out['spatial'].shape[0], -1)
+                # IS uses the TF graph's softmax(pool3 @ W), without the bias.
+                return {'features': out['pool3'], 'spatial': spatial,
+                        'logits': out['logits_unbiased']}
+        else:
+            variables = digits_net.load_or_train()
+            model = digits_net.DigitsNet()
+
+            def apply(v, images):
+                return model.apply(v, images)
+
+        replicated = parallel.replicated_sharding(mesh)
+        self._variables = jax.device_put(variables, replicated)
+        self._apply = jax.jit(apply, in_shardings=(replicated, parallel.batch_sharding(mesh)),
+                              out_shardings=parallel.batch_sharding(mesh))
+
+    def __call__(self, images: jax.Array, *, from_unit_range: bool = False
+                 ) -> dict[str, np.ndarray]:
+        if from_unit_range:
+            images = jax.jit(_to_uint8, out_shardings=parallel.batch_sharding(self.mesh))(images)
+        out = self._apply(self._variables, images)
+        return {k: parallel.gather(v) for k, v in out.items()}
+
+
+class FeatureAccumulator:
+    """Streams feature batches into statistics; keeps pooled features and logits."""
+
+    def __init__(self, keep_features: bool = True):
+        self.stats: dict[str, metrics.FeatureStats] = {}
+        self.kept: dict[str, list[np.ndarray]] = {'features': [], 'logits': []}
+        self.keep_features = keep_features
+        self.count = 0
+
+    def update(self, features: Mapping[str, np.ndarray], mask: np.ndarray | None = None
+               ) -> None:
+        """Adds a batch; rows with `mask` False (padding) are dropped."""
+        rows = slice(None) if mask is None else np.asarray(mask, bool)
+        for key in ('features', 'spatial'):
+            if key in features:
+                value = np.asarray(features[key], np.float64)[rows]
+                if key not in self.stats:
+                    self.stats[key] = metrics.init_stats(value.shape[-1])
+                self.stats[key] = metrics.update_stats(self.stats[key], value)
+        self.kept['logits'].append(np.asarray(features['logits'], np.float32)[rows])
+        if self.keep_features:
+            self.kept['features'].append(np.asarray(features['features'], np.float32)[rows])
+        self.count += len(np.asarray(features['logits'])[rows])
+
+    def result(self) -> dict[str, np.ndarray]:
+        """{'mu', 'sigma', ['mu_s', 'sigma_s'], 'logits', ['features']} as numpy."""
+        out = {}
+        for key, prefix in (('features', ''), ('spatial', '_s')):
+            if key in self.stats:
+                metrics.check_enough_samples(self.count, self.stats[key].mean.shape[0], key)
+                out[f'mu{prefix}'], out[f'sigma{prefix}'] = metrics.finalize_stats(
+                    self.stats[key])
+        out['logits'] = np.concatenate(self.kept['logits'])
+        if self.kept['features']:
+            out['features'] = np.concatenate(self.kept['features'])
+        return out
+
+
+def score(samples: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], *,
+          labels: np.ndarray | None = None) -> dict[str, float]:
+    """The metrics of sample statistics against reference statistics.
+
+    Returns:
+        'fid' always; 'sfid' with spatial statistics on both sides;
+        'inception_score' and 'inception_score_std' (10 splits); 'precision' and
+        'recall' (k=3) when both sides kept their features; 'label_accuracy' when
+        `labels` (>= 0: the requested class) are given.
+    """
+    result = {'fid': metrics.frechet_distance(samples['mu'], samples['sigma'],
+                                              reference['mu'], reference['sigma'])}
+    if 'mu_s' in samples and 'mu_s' in reference:
+        result['sfid'] = metrics.frechet_distance(samples['mu_s'], samples['sigma_s'],
+                                                  reference['mu_s'], reference['sigma_s'])
+    logits = samples['logits']
+    splits = min(10, len(logits))
+    result['inception_score'], result['inception_score_std'] = metrics.inception_score(
+        logits, num_splits=splits)
+    if 'features' in samples and 'features' in reference:
+        result['precision'], result['recall'] = metrics.precision_recall(
+            reference['features'], samples['features'])
+    if labels is not None and np.any(labels >= 0):
+        chosen = labels >= 0
+        result['label_accuracy'] = float(np.mean(
+            np.argmax(logits[chosen], -1) == labels[chosen]))
+    result['num_samples'] = int(len(logits))
+    return {k: float(v) if k != 'num_samples' else v for k, v in result.items()}
+
+
+# --- reference statistics ------------------------------------------------------------------
+
+
+def _features_of_images(extractor: FeatureExtractor, images: np.ndarray, batch_size: int,
+                        accumulator: FeatureAccumulator) -> None:
+    """Streams host uint8 images (the same array on every process) through `extractor`."""
+    num_devices = parallel.num_mesh_devices(extractor.mesh)
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        padded = -(-len(chunk) // num_devices) * num_devices
+        batch = np.zeros((padded,) + chunk.shape[1:], np.uint8)
+        batch[:len(chunk)] = chunk
+        features = extractor(parallel.shard_host_array(batch, extractor.mesh))
+        accumulator.update(features, np.arange(padded) < len(chunk))
+
+
+def load_reference_npz(path: str, extractor: FeatureExtractor,
+                       batch_size: int) -> dict[str, np.ndarray]:
+    """Reference statistics from an `.npz`: ours (mu, sigma, ...) or an ADM batch.
+
+    An ADM evaluator reference batch holds `arr_0` (uint8 NHWC images) and possibly
+    precomputed `mu`, `sigma`, `mu_s`, `sigma_s`; its statistics are used as they
+    are, and its images give the features for precision/recall.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'eval.fid_reference={path!r} does not exist.')
+    with np.load(path) as f:
+        stored = {k: f[k] for k in f.files}
+    if 'arr_0' not in stored:
+        if 'mu' not in stored or 'sigma' not in stored:
+            raise ValueError(f'eval.fid_reference={path!r} has neither reference images '
+                             f"('arr_0') nor statistics ('mu', 'sigma'): {sorted(stored)}.")
+        return stored
+    images = stored.pop('arr_0')
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"eval.fid_reference={path!r}: 'arr_0' must be uint8 [N, H, W, C], "
+                         f'got {images.dtype} {images.shape}.')
+    accumulator = FeatureAccumulator()
+    _features_of_images(extractor, images, batch_size, accumulator)
+    computed = accumulator.result()
+    return {**computed, **stored}  # Published statistics win over recomputed ones.
+
+
+def reference_statistics(config: ml_collections.ConfigDict, extractor: FeatureExtractor,
+                         cache_dir: str) -> dict[str, np.ndarray]:
+    """The reference: `eval.fid_reference`, or the first `eval.fid_reference_num_images`
+    of `eval.fid_reference_split`, computed once and cached in `cache_dir`."""
+    e = config.eval
+    if e.fid_reference:
+        return load_reference_npz(e.fid_reference, extractor, e.fid_batch_size)
+    name = config.data.dataset.replace('/', '_').replace(':', '_')
+    cache = epath.Path(cache_dir) / (
+        f'fid_reference_{name}_{e.fid_reference_split}_{config.data.image_size}px_'
+        f'{e.metrics_network}_{e.fid_reference_num_images}.npz')
+    if cache.exists():
+        with np.load(os.fspath(cache)) as f:
+            return {k: f[k] for k in f.files}
+    ref_config = ml_collections.ConfigDict(config.to_dict())
+    ref_config.data.eval_split = e.fid_reference_split
+    ref_config.eval.num_images = e.fid_reference_num_images
+    ref_config.eval.global_batch_size = e.fid_batch_size
+    accumulator = FeatureAccumulator()
+    logger.info('Computing reference statistics of %s split %r (up to %d images).',
+                config.data.dataset, e.fid_reference_split, e.fid_reference_num_images)
+    for local in data_lib.create_eval_iterator(ref_config):
+        batch = parallel.to_global({'image': local['image'], 'mask': local['mask']},
+                                   extractor.mesh)
+        features = extractor(batch['image'], from_unit_range=True)
+        accumulator.update(features, parallel.gather(batch['mask']))
+    result = accumulator.result()
+    if jax.process_index() == 0:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f'{os.fspath(cache)}.tmp{os.getpid()}.npz'
+        np.savez(tmp, **result)
+        os.replace(tmp, os.fspath(cache))
+        logger.info('Cached the reference statistics in %s.', cache)
+    return result
+
+
+# --- scoring a model ---------------------------------------------------------------------
+
+
+def _sample_features(config: ml_collections.ConfigDict, sample_fn: Callable, params: Any,
+                     extractor: FeatureExtractor, num: int, rng: jax.Array,
+                     progress: bool) -> tuple[FeatureAccumulator, np.ndarray]:
+    """Samples `num` images in batches of `eval.fid_batch_size`, streaming features."""
+    batch_size = config.eval.fid_batch_size
+    num_classes = config.model.num_classes
+    label_rng = np.random.default_rng([config.seed, config_lib.DATA_SEED_SALTS['sample_labels']])
+    labels = (label_rng.integers(0, num_classes, size=num) if num_classes > 0
+              else np.full(num, -1)).astype(np.int32)
+    accumulator = FeatureAccumulator()
+    num_batches = -(-num // batch_size)
+    batches = range(num_batches)
+    if progress and jax.process_index() == 0 and sys.stdout.isatty():
+        import tqdm  # pylint: disable=import-outside-toplevel  (optional progress bar)
+        batches = tqdm.tqdm(batches, desc='fid samples', unit='batch')
+    for b in batches:
+        chunk = labels[b * batch_size:(b + 1) * batch_size]
+        batch_labels = np.zeros(batch_size, np.int32)
+        batch_labels[:len(chunk)] = np.maximum(chunk, 0)
+        images = sample_fn(params, jax.random.fold_in(rng, b), batch_labels)
+        features = extractor(images, from_unit_range=True)
+        accumulator.update(features, np.arange(batch_size) < len(chunk))
+        if progress and not sys.stdout.isatty() and (b + 1) % 10 == 0:
+            logger.info('FID samples: batch %d/%d.', b + 1, num_batches)
+    return accumulator, labels
+
+
+def make_training_fid_fn(config: ml_collections.ConfigDict, model: Any,
+                         mesh: jax.sharding.Mesh, workdir: str
+                         ) -> Callable[[Mapping[str, Any]], dict[str, float]]:
+    """The trainer's periodic scorer: `fn(ema_params) -> metrics` of
+    `train.fid_num_samples` EMA samples (the same noise every time), built once
+    (feature network and reference loaded now, so a missing file fails before
+    training)."""
+    extractor = FeatureExtractor(config, mesh)
+    reference = reference_statistics(config, extractor, workdir)
+    fid_config = ml_collections.ConfigDict(config.to_dict())
+    fid_config.sample.classifier_scale = 0.0
+    sample_fn = diffusion_task.make_sample_fn(fid_config, create_model(config), mesh=mesh)
+    rng = config_lib.rng_for(config, 'fid')
+
+    def fid_fn(ema_params):
+        accumulator, labels = _sample_features(config, sample_fn, ema_params['model'],
+                                               extractor, config.train.fid_num_samples, rng,
+                                               progress=False)
+        return score(accumulator.result(), reference, labels=labels)
+
+    return fid_fn
+
+
+def _npz_features(path: str, extractor: FeatureExtractor, batch_size: int
+                  ) -> tuple[FeatureAccumulator, np.ndarray | None]:
+    """Features of a samples `.npz` ('images' or 'arr_0' uint8 NHWC), read in batches."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'eval.fid_samples={path!r} does not exist.')
+    with np.load(path, mmap_mode='r') as f:
+        key = 'images' if 'images' in f.files else 'arr_0'
+        if key not in f.files:
+            raise ValueError(f"eval.fid_samples={path!r} has no 'images' or 'arr_0' array.")
+        images = f[key]
+        labels = np.asarray(f['labels']) if 'labels' in f.files else None
+        accumulator = FeatureAccumulator()
+        _features_of_images(extractor, images, batch_size, accumulator)
+    return accumulator, labels
+
+
+def evaluate_samples(config: ml_collections.ConfigDict, workdir: str, *,
+                     mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+    """`--mode=fid`: FID, sFID, IS, precision and recall of a workdir's samples.
+
+    Scores `eval.fid_num_samples` images drawn from the latest EMA parameters with
+    the configured sampler (`sample.*`), or the images of `eval.fid_samples`,
+    against the reference statistics (see `reference_statistics`). Writes
+    `<workdir>/metrics_<step>.json` (`_1`, `_2`, ... when taken), logs the numbers
+    to TensorBoard and `runs.jsonl`.
+
+    Raises:
+        ValueError: A bad config, or too few samples for the feature dimension.
+        FileNotFoundError: No checkpoint, reference, samples or weights file.
+    """
+    mesh = parallel.create_mesh() if mesh is None else mesh
+    config_lib.validate(config, mode='fid', num_devices=parallel.num_mesh_devices(mesh))
+    workdir_lib.require_existing(workdir)
+    extractor = FeatureExtractor(config, mesh)
+    reference = reference_statistics(config, extractor, workdir)
+    if config.eval.fid_samples:
+        accumulator, labels = _npz_features(config.eval.fid_samples, extractor,
+                                            config.eval.fid_batch_size)
+        step, source = -1, config.eval.fid_samples
+    else:
+        step, _, ema_params = checkpointing.restore_for_inference(config, workdir, mesh)
+        fid_config = ml_collections.ConfigDict(config.to_dict())
+        fid_config.sample.classifier_scale = 0.0
+        sample_fn = diffusion_task.make_sample_fn(fid_config, create_model(config), mesh=mesh)
+        logger.info('Scoring %d samples of step %d (%s).', config.eval.fid_num_samples, step,
+                    config.sample.sampler)
+        accumulator, labels = _sample_features(
+            config, sample_fn, ema_params['model'], extractor, config.eval.fid_num_samples,
+            config_lib.rng_for(config, 'fid'), progress=True)
+        source = f'step {step}'
+    result = score(accumulator.result(), reference, labels=labels)
+    result.update(step=int(step), network=config.eval.metrics_network, samples=source)
+    logger.info('%s: %s', source, ', '.join(f'{k}={v:.4g}' for k, v in result.items()
+                                            if isinstance(v, float)))
+    if jax.process_index() == 0:
+        stem = workdir_lib.unique_stem(epath.Path(workdir),
+                                       f'metrics_{step}' if step >= 0 else 'metrics_npz',
+                                       ('.json',))
+        path = f'{stem}.json'
+        epath.Path(path).write_text(json.dumps(result, indent=2))
+        writer = writers.MetricWriter(os.path.join(workdir, 'tensorboard'), enabled=True,
+                                      progress_bar=False)
+        writer.write_scalars(max(step, 0), {f'eval/{k}': v for k, v in result.items()
+                                            if isinstance(v, float)})
+        writer.close()
+        workdir_lib.append_run_record(workdir, 'fid', config, {'json': path})
+        result['json'] = path
+    return result

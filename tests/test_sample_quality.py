@@ -1,0 +1,138 @@
+"""Tests for ddpm_jax.sample_quality: sharded features, streaming statistics, reference
+files and `--mode=fid`, on the bundled digits network (no download)."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from ddpm_jax import config_lib
+from ddpm_jax import data as data_lib
+from ddpm_jax import metrics
+from ddpm_jax import parallel
+from ddpm_jax import sample_quality
+from ddpm_jax import train
+from ddpm_jax.models import inception
+
+
+def _digits_uint8(split):
+    images, labels = data_lib.load_digits(split)
+    return np.round((images + 1) * 127.5).astype(np.uint8), labels
+
+
+@pytest.fixture
+def fid_config(small_config):
+    config = small_config
+    config.eval.metrics_network = 'digits'
+    config.eval.fid_batch_size = 100
+    config.eval.fid_reference_split = 'test'
+    config.eval.fid_reference_num_images = 297
+    config.eval.fid_num_samples = 100
+    return config
+
+
+def test_sharded_features_equal_one_device(fid_config):
+    images, _ = _digits_uint8('test')
+    batch = images[:16]
+    four = sample_quality.FeatureExtractor(fid_config, parallel.create_mesh())
+    one = sample_quality.FeatureExtractor(fid_config, parallel.create_mesh(jax.devices()[:1]))
+    out4 = four(parallel.shard_host_array(batch, four.mesh))
+    out1 = one(parallel.shard_host_array(batch, one.mesh))
+    assert out4['features'].shape == (16, 64) and out4['logits'].shape == (16, 10)
+    for key in out1:
+        np.testing.assert_allclose(out4[key], out1[key], rtol=1e-5, atol=1e-5)
+
+
+def test_streaming_with_padding_equals_one_pass(fid_config):
+    extractor = sample_quality.FeatureExtractor(fid_config, parallel.create_mesh())
+    images, _ = _digits_uint8('test')
+    streamed = sample_quality.FeatureAccumulator()
+    sample_quality._features_of_images(extractor, images, 36, streamed)  # 297 = 8*36 + 9.
+    result = streamed.result()
+    whole = extractor(parallel.shard_host_array(images[:296], extractor.mesh))['features']
+    last = extractor(parallel.shard_host_array(images[-4:], extractor.mesh))['features'][-1:]
+    features = np.concatenate([whole, last]).astype(np.float64)
+    assert result['features'].shape == (297, 64) and streamed.count == 297
+    np.testing.assert_allclose(result['mu'], features.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result['sigma'], np.cov(features, rowvar=False), rtol=1e-4,
+                               atol=1e-6)
+
+
+def test_samples_npz_scored_against_reference(fid_config, tmp_path):
+    """The held-out digits scored against themselves: FID 0, precision = recall = 1,
+    their labels read back; uniform noise is far away."""
+    workdir = tmp_path / 'run'
+    workdir.mkdir()
+    images, labels = _digits_uint8('test')
+    np.savez(tmp_path / 'real.npz', images=images, labels=labels)
+    fid_config.eval.fid_samples = str(tmp_path / 'real.npz')
+    result = sample_quality.evaluate_samples(fid_config, str(workdir))
+    assert abs(result['fid']) < 1e-6
+    assert result['precision'] == 1.0 and result['recall'] == 1.0
+    assert result['label_accuracy'] > 0.95 and result['num_samples'] == 297
+    assert json.loads((workdir / 'metrics_npz.json').read_text())['fid'] == result['fid']
+    cached = list(workdir.glob('fid_reference_digits_test_8px_digits_297.npz'))
+    assert len(cached) == 1  # Computed once, then read from the workdir.
+
+    noise = np.random.default_rng(0).integers(0, 256, (297, 8, 8, 1), dtype=np.uint8)
+    np.savez(tmp_path / 'noise.npz', images=noise)
+    fid_config.eval.fid_samples = str(tmp_path / 'noise.npz')
+    bad = sample_quality.evaluate_samples(fid_config, str(workdir))
+    assert bad['fid'] > 100 * max(result['fid'], 1e-3) and bad['fid'] > 10
+    assert bad['precision'] < 0.1
+    assert (workdir / 'metrics_npz_1.json').exists()  # The first result is kept.
+
+
+def test_adm_reference_batch_is_read_as_published(fid_config, tmp_path):
+    images, _ = _digits_uint8('test')
+    mu, sigma = np.full(64, 0.5), np.eye(64)
+    np.savez(tmp_path / 'ref.npz', arr_0=images, mu=mu, sigma=sigma)
+    extractor = sample_quality.FeatureExtractor(fid_config, parallel.create_mesh())
+    ref = sample_quality.load_reference_npz(str(tmp_path / 'ref.npz'), extractor, 100)
+    np.testing.assert_array_equal(ref['mu'], mu)  # The stored statistics win.
+    np.testing.assert_array_equal(ref['sigma'], sigma)
+    assert ref['features'].shape == (297, 64)  # Features for precision/recall.
+    np.savez(tmp_path / 'empty.npz', x=np.zeros(3))
+    with pytest.raises(ValueError, match="neither reference images"):
+        sample_quality.load_reference_npz(str(tmp_path / 'empty.npz'), extractor, 100)
+
+
+def test_fid_of_a_trained_workdir_and_during_training(fid_config, tmp_path, capsys):
+    config = fid_config
+    config.model.num_classes = 10
+    config.train.num_train_steps = 2
+    config.train.num_grid_samples = 0
+    config.train.fid_every_steps = 2
+    config.train.fid_num_samples = 100
+    config.sample.respacing = '5'
+    workdir = str(tmp_path / 'run')
+    train.run_training(config, workdir, mesh=parallel.create_mesh())
+    assert 'fid/fid=' in capsys.readouterr().out
+    result = sample_quality.evaluate_samples(config, workdir)
+    assert result['step'] == 2 and result['num_samples'] == 100
+    assert result['label_accuracy'] < 0.5  # Two steps of training: not yet the labels.
+    # An untrained model is far from the data (the real digits score 0 here).
+    assert result['fid'] > 10
+
+
+def test_missing_inception_weights_stop_before_anything_runs(fid_config, monkeypatch):
+    monkeypatch.delenv(inception.INCEPTION_ENV_VAR, raising=False)
+    fid_config.eval.metrics_network = 'inception'
+    with pytest.raises(FileNotFoundError) as info:
+        config_lib.validate(fid_config, mode='fid', num_devices=4)
+    message = str(info.value)
+    assert '\n' not in message and inception.INCEPTION_FILENAME in message
+    assert 'eval.inception_path' in message and inception.INCEPTION_ENV_VAR in message
+
+
+def test_digits_network_only_scores_digit_images(fid_config):
+    fid_config.data.image_size = 16
+    fid_config.model.channel_mult = (1,)
+    with pytest.raises(ValueError, match="metrics_network='digits' scores 8x8 grey"):
+        config_lib.validate(fid_config, mode='fid', num_devices=4)
+
+
+def test_too_few_samples_is_one_clear_error():
+    with pytest.raises(ValueError, match='singular covariance'):
+        metrics.check_enough_samples(10, 64, 'features')
