@@ -8,6 +8,7 @@ The conversions, all here and nowhere else:
 
 * `to_global(tree, mesh)`: each process's local rows -> one batch-sharded array.
 * `shard_host_array(x, mesh)`: an array every process holds in full -> batch-sharded.
+* `shard_rows(read_rows, n, mesh)`: rows each process reads for itself -> batch-sharded.
 * `to_host(tree)`: replicated arrays -> numpy on this host (no communication).
 * `gather(x)`: a batch-sharded array -> the whole array as numpy on every process.
 * `any_process(flag)`: a boolean OR over processes.
@@ -15,7 +16,7 @@ The conversions, all here and nowhere else:
 
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -122,6 +123,25 @@ def shard_host_array(x: Any, mesh: Mesh) -> jax.Array:
     """
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, batch_sharding(mesh), lambda index: x[index])
+
+
+def shard_rows(read_rows: Callable[[int, int], np.ndarray], num_rows: int,
+               mesh: Mesh) -> jax.Array:
+    """A global array sharded `P('data')` whose rows each process reads itself.
+
+    `read_rows(start, stop)` returns rows [start, stop) (e.g. from a memory-mapped
+    file); every process calls it only for the rows of its own devices, so no
+    process reads (or holds) the whole array.
+    """
+    first = np.asarray(read_rows(0, 0))  # Shape and dtype of a row, reading nothing.
+    shape = (num_rows,) + first.shape[1:]
+
+    def callback(index):
+        rows = index[0]
+        start, stop = rows.start or 0, num_rows if rows.stop is None else rows.stop
+        return np.asarray(read_rows(start, stop))[(slice(None),) + tuple(index[1:])]
+
+    return jax.make_array_from_callback(shape, batch_sharding(mesh), callback)
 
 
 def to_host(tree: Any) -> Any:

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sys
+import zipfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -169,15 +170,45 @@ def score(samples: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
 
 def _features_of_images(extractor: FeatureExtractor, images: np.ndarray, batch_size: int,
                         accumulator: FeatureAccumulator) -> None:
-    """Streams host uint8 images (the same array on every process) through `extractor`."""
+    """Streams uint8 images (an array or a memory map) through `extractor`; each
+    process reads only the rows of its own devices, batch by batch."""
     num_devices = parallel.num_mesh_devices(extractor.mesh)
     for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        padded = -(-len(chunk) // num_devices) * num_devices
-        batch = np.zeros((padded,) + chunk.shape[1:], np.uint8)
-        batch[:len(chunk)] = chunk
-        features = extractor(parallel.shard_host_array(batch, extractor.mesh))
-        accumulator.update(features, np.arange(padded) < len(chunk))
+        count = min(batch_size, len(images) - start)
+        padded = -(-count // num_devices) * num_devices
+
+        def read_rows(lo, hi, start=start, count=count):
+            out = np.zeros((hi - lo,) + images.shape[1:], np.uint8)  # Padding rows: 0.
+            real = max(0, min(hi, count) - lo)
+            out[:real] = images[start + lo:start + lo + real]
+            return out
+
+        features = extractor(parallel.shard_rows(read_rows, padded, extractor.mesh))
+        accumulator.update(features, np.arange(padded) < count)
+
+
+def open_npz_array(path: str, key: str) -> np.ndarray:
+    """One array of an `.npz`, memory-mapped when stored uncompressed (`np.savez`),
+    so reading a batch of rows reads only those bytes; loaded otherwise."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(f'{key}.npy')
+        if info.compress_type != zipfile.ZIP_STORED:
+            with archive.open(info) as f:
+                return np.lib.format.read_array(f)
+    with open(path, 'rb') as f:
+        f.seek(info.header_offset)
+        local = f.read(30)  # The zip local file header: its name and extra lengths.
+        name_length = int.from_bytes(local[26:28], 'little')
+        extra_length = int.from_bytes(local[28:30], 'little')
+        f.seek(info.header_offset + 30 + name_length + extra_length)
+        major, _ = np.lib.format.read_magic(f)
+        read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+    if fortran:
+        raise ValueError(f'{path}: {key} is stored in Fortran order; save it C-ordered.')
+    return np.memmap(path, dtype=dtype, mode='r', offset=offset, shape=shape)
 
 
 def load_reference_npz(path: str, extractor: FeatureExtractor,
@@ -191,13 +222,14 @@ def load_reference_npz(path: str, extractor: FeatureExtractor,
     if not os.path.exists(path):
         raise FileNotFoundError(f'eval.fid_reference={path!r} does not exist.')
     with np.load(path) as f:
-        stored = {k: f[k] for k in f.files}
-    if 'arr_0' not in stored:
+        stored = {k: f[k] for k in f.files if k != 'arr_0'}  # Statistics: small.
+        has_images = 'arr_0' in f.files
+    if not has_images:
         if 'mu' not in stored or 'sigma' not in stored:
             raise ValueError(f'eval.fid_reference={path!r} has neither reference images '
                              f"('arr_0') nor statistics ('mu', 'sigma'): {sorted(stored)}.")
         return stored
-    images = stored.pop('arr_0')
+    images = open_npz_array(path, 'arr_0')  # Read batch by batch, never whole.
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"eval.fid_reference={path!r}: 'arr_0' must be uint8 [N, H, W, C], "
                          f'got {images.dtype} {images.shape}.')
@@ -301,14 +333,14 @@ def _npz_features(path: str, extractor: FeatureExtractor, batch_size: int
     """Features of a samples `.npz` ('images' or 'arr_0' uint8 NHWC), read in batches."""
     if not os.path.exists(path):
         raise FileNotFoundError(f'eval.fid_samples={path!r} does not exist.')
-    with np.load(path, mmap_mode='r') as f:
+    with np.load(path) as f:
         key = 'images' if 'images' in f.files else 'arr_0'
         if key not in f.files:
             raise ValueError(f"eval.fid_samples={path!r} has no 'images' or 'arr_0' array.")
-        images = f[key]
         labels = np.asarray(f['labels']) if 'labels' in f.files else None
-        accumulator = FeatureAccumulator()
-        _features_of_images(extractor, images, batch_size, accumulator)
+    images = open_npz_array(path, key)
+    accumulator = FeatureAccumulator()
+    _features_of_images(extractor, images, batch_size, accumulator)
     return accumulator, labels
 
 

@@ -46,3 +46,17 @@ def test_shard_host_array_and_to_host():
 def test_any_process_single_process():
     assert parallel.any_process(True) is True
     assert parallel.any_process(False) is False
+
+
+def test_shard_rows_reads_only_each_device_rows():
+    mesh = parallel.create_mesh()
+    data = np.arange(8 * 3, dtype=np.int32).reshape(8, 3)
+    calls = []
+
+    def read_rows(start, stop):
+        calls.append((start, stop))
+        return data[start:stop]
+
+    sharded = parallel.shard_rows(read_rows, 8, mesh)
+    np.testing.assert_array_equal(parallel.gather(sharded), data)
+    assert sorted(c for c in calls if c[1] > c[0]) == [(0, 2), (2, 4), (4, 6), (6, 8)]

@@ -12,8 +12,10 @@ from ddpm_jax import data as data_lib
 from ddpm_jax import metrics
 from ddpm_jax import parallel
 from ddpm_jax import sample_quality
+from ddpm_jax import torch_checkpoint
 from ddpm_jax import train
 from ddpm_jax.models import inception
+from test_inception import random_variables  # Random weights of the real file's shapes.
 
 
 def _digits_uint8(split):
@@ -136,3 +138,39 @@ def test_digits_network_only_scores_digit_images(fid_config):
 def test_too_few_samples_is_one_clear_error():
     with pytest.raises(ValueError, match='singular covariance'):
         metrics.check_enough_samples(10, 64, 'features')
+
+
+def test_npz_arrays_are_read_in_place(tmp_path):
+    images, _ = _digits_uint8('test')
+    np.savez(tmp_path / 'plain.npz', images=images, labels=np.arange(3))
+    np.savez_compressed(tmp_path / 'packed.npz', images=images)
+    mapped = sample_quality.open_npz_array(str(tmp_path / 'plain.npz'), 'images')
+    assert isinstance(mapped, np.memmap)  # Rows are read only when indexed.
+    np.testing.assert_array_equal(mapped, images)
+    np.testing.assert_array_equal(
+        sample_quality.open_npz_array(str(tmp_path / 'packed.npz'), 'images'), images)
+    np.testing.assert_array_equal(
+        sample_quality.open_npz_array(str(tmp_path / 'plain.npz'), 'labels'), np.arange(3))
+
+
+def test_inception_features_sharded_equal_one_device(fid_config, tmp_path, monkeypatch):
+    """The FID network from a weights file (random values, pytorch-fid's names and
+    layout) on 4 devices equals 1 device; pool3, sFID's spatial features and logits."""
+    path = tmp_path / inception.INCEPTION_FILENAME
+    torch_checkpoint.save_state_dict(
+        str(path), inception.torch_state_dict_from_params(random_variables()))
+    real_loader = inception.load_inception_variables
+    monkeypatch.setattr(inception, 'load_inception_variables',
+                        lambda p: real_loader(p, expected_hash_prefix=None))  # Not the real file.
+    fid_config.eval.metrics_network = 'inception'
+    fid_config.eval.inception_path = str(path)
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    outputs = []
+    for mesh in (parallel.create_mesh(), parallel.create_mesh(jax.devices()[:1])):
+        extractor = sample_quality.FeatureExtractor(fid_config, mesh)
+        outputs.append(extractor(parallel.shard_host_array(images, mesh)))
+    assert outputs[0]['features'].shape == (4, 2048)
+    assert outputs[0]['spatial'].shape == (4, 17 * 17 * 7)
+    assert outputs[0]['logits'].shape == (4, 1008)
+    for key in outputs[0]:
+        np.testing.assert_allclose(outputs[0][key], outputs[1][key], rtol=1e-4, atol=1e-4)
