@@ -14,8 +14,9 @@ def get_config() -> ml_collections.ConfigDict:
     """Returns the default config (a tiny unconditional model on the digits)."""
     config = ml_collections.ConfigDict()
     config.seed = 0  # Root seed: parameters, data order, per-step noise.
-    config.task = 'diffusion'  # What is trained: 'diffusion' (a denoiser) or 'classifier'
-    #                            (a noise-aware classifier for guidance); see ddpm_jax.tasks.
+    config.task = 'diffusion'  # What is trained (ddpm_jax.tasks): 'diffusion' (a denoiser),
+    #                            'classifier' (a noise-aware classifier for guidance) or
+    #                            'ddgan' (a denoising diffusion GAN).
 
     # --- data -------------------------------------------------------------------
     config.data = data = ml_collections.ConfigDict()
@@ -49,6 +50,8 @@ def get_config() -> ml_collections.ConfigDict:
     model.class_dropout_prob = 0.0  # If > 0, train for classifier-free guidance: labels
     #                                   are replaced by the null label (= num_classes).
     model.learn_sigma = False  # Output 2*channels: eps and the variance interpolation.
+    model.latent_dim = 0  # > 0: a DDGAN generator G(x_t, z, t) with z of this size.
+    model.mapping_layers = 3  # Dense layers of the generator's latent mapping network.
     model.pool = 'attention'  # Classifier head: 'attention' pooling or 'adaptive' (mean).
     model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay f32).
     model.remat = False  # Rematerialise each block (less memory, more compute).
@@ -56,11 +59,25 @@ def get_config() -> ml_collections.ConfigDict:
     # --- diffusion ----------------------------------------------------------------
     config.diffusion = diffusion = ml_collections.ConfigDict()
     diffusion.num_timesteps = 1000  # T, the training timesteps.
-    diffusion.schedule = 'linear'  # Beta schedule: linear, cosine, sigmoid, quadratic, ...
+    diffusion.schedule = 'linear'  # Beta schedule: linear, cosine, sigmoid, quadratic, vp, ...
     diffusion.mean_type = 'eps'  # Model predicts 'eps', 'x0', 'xprev' or 'v'.
     diffusion.var_type = 'fixed_large'  # fixed_small, fixed_large, learned, learned_range.
     diffusion.loss_type = 'mse'  # mse, rescaled_mse (hybrid), kl, rescaled_kl.
     diffusion.timestep_sampling = 'uniform'  # Loss timesteps: 'uniform' or 'loss_aware'.
+
+    # --- GAN (task='ddgan': a denoising diffusion GAN, Xiao et al. 2022) ----------------
+    config.gan = gan = ml_collections.ConfigDict()
+    gan.disc_base_channels = 32  # Discriminator D(x_{t-1}, x_t, t): channels at level 0.
+    gan.disc_channel_mult = (1, 2)  # Its channel multiplier per resolution level.
+    gan.disc_num_res_blocks = 1  # Its residual blocks per level.
+    gan.disc_attention_resolutions = ()  # Its self-attention resolutions (pixels).
+    gan.disc_num_groups = 8  # Its GroupNorm groups.
+    gan.lr_generator = 1.6e-4  # Generator Adam learning rate (optim.* gives the schedule).
+    gan.lr_discriminator = 1.25e-4  # Discriminator Adam learning rate.
+    gan.b1 = 0.5  # Adam beta1 of both networks.
+    gan.b2 = 0.9  # Adam beta2 of both networks.
+    gan.r1_gamma = 0.02  # R1 penalty weight: (r1_gamma / 2) E||grad D(real)||^2.
+    gan.lazy_reg = 15  # Apply R1 every N steps (lazy regularisation).
 
     # --- optimisation -------------------------------------------------------------
     config.optim = optim = ml_collections.ConfigDict()
@@ -91,7 +108,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- sampling (--mode=sample and the training grids) ------------------------------
     config.sample = sample = ml_collections.ConfigDict()
-    sample.sampler = 'ddpm'  # Image sampler: 'ddpm' (ancestral), 'ddim' or 'dpm_solver'.
+    sample.sampler = 'ddpm'  # 'ddpm' (ancestral), 'ddim', 'dpm_solver' or 'ddgan' (a GAN's).
     sample.respacing = ''  # Steps to sample with: '' (all), '250', 'ddim50', '10,15,20'.
     sample.eta = 0.0  # DDIM eta (0 = deterministic).
     sample.clip_denoised = True  # Clip predicted x_0 to [-1, 1].

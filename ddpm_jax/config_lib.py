@@ -81,7 +81,8 @@ def upgrade_json_dict(saved: Mapping[str, Any]) -> dict:
     """A config record of an earlier schema in the current one.
 
     Version 0.1 had no `task` (a classifier was trained when model.name was
-    'classifier') and called `diffusion.timestep_sampling` `timestep_sampler`.
+    'classifier'), called `diffusion.timestep_sampling` `timestep_sampler`, and had no
+    `model.latent_dim` / `model.mapping_layers` (0 and 3: not a generator).
     """
     saved = json.loads(json.dumps(saved))  # A deep copy.
     if 'task' not in saved:
@@ -90,6 +91,9 @@ def upgrade_json_dict(saved: Mapping[str, Any]) -> dict:
     d = saved.get('diffusion', {})
     if 'timestep_sampler' in d:
         d['timestep_sampling'] = d.pop('timestep_sampler')
+    model = saved.get('model', {})
+    model.setdefault('latent_dim', 0)  # Added with the DDGAN generator.
+    model.setdefault('mapping_layers', 3)
     return saved
 
 
@@ -271,24 +275,25 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = 'train',
     _validate_data(config)
     _validate_model(config)
     _validate_diffusion(config)
-    is_diffusion = config.task == 'diffusion'
+    generates = tasks.TASKS[config.task].sample_part is not None
     if mode == 'train':
         _validate_optim(config)
         _validate_train(config, num_devices, num_processes)
         train_opts = config.train
         check(train_opts.fid_every_steps >= 0,
               f'train.fid_every_steps={train_opts.fid_every_steps} must be >= 0.')
-        check(is_diffusion or train_opts.fid_every_steps == 0,
-              f'train.fid_every_steps={train_opts.fid_every_steps} needs task=diffusion.')
-        if is_diffusion and (train_opts.num_grid_samples > 0 or train_opts.fid_every_steps > 0):
+        check(generates or train_opts.fid_every_steps == 0,
+              f'train.fid_every_steps={train_opts.fid_every_steps} needs a task that '
+              f'generates images, not task={config.task!r}.')
+        if generates and (train_opts.num_grid_samples > 0 or train_opts.fid_every_steps > 0):
             _validate_sample(config, for_grid=True, num_devices=num_devices,
                              num_processes=num_processes)
         if train_opts.fid_every_steps > 0:
             _validate_fid(config, num_devices, num_samples=train_opts.fid_num_samples,
                           field='train.fid_num_samples')
         return
-    check(is_diffusion, f'--mode={mode} needs a denoiser (task=diffusion), got '
-                        f'task={config.task!r}.')
+    check(generates, f'--mode={mode} needs a model that generates images (task=diffusion '
+                     f'or ddgan), got task={config.task!r}.')
     _validate_optim(config)  # The optimiser layout is part of the restored state.
     if mode == 'sample':
         _validate_sample(config, for_grid=False, num_devices=num_devices,

@@ -20,6 +20,7 @@ from ddpm_jax import checkpointing
 from ddpm_jax import config_lib
 from ddpm_jax import images as images_lib
 from ddpm_jax import parallel
+from ddpm_jax import tasks
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.models import create_model
 from ddpm_jax.tasks import diffusion as diffusion_task
@@ -144,6 +145,7 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str, *,
     # Fails on a classifier of other classes before the (large) denoiser is restored.
     sample_fn = diffusion_task.make_sample_fn(config, model, classifier=classifier, mesh=mesh)
     step, _, ema_params = checkpointing.restore_for_inference(config, workdir, mesh)
+    sample_params = ema_params[tasks.TASKS[config.task].sample_part]
 
     num_classes = diffusion_task.label_classes(config, classifier)
     labels = make_labels(config, num_classes, s.num_images)
@@ -163,7 +165,7 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str, *,
         batch_labels = np.zeros((batch_size,), np.int32)
         chunk = labels[b * batch_size:(b + 1) * batch_size]
         batch_labels[:len(chunk)] = np.maximum(chunk, 0)  # -1 (no label) feeds nothing.
-        out = sample_fn(ema_params['model'], jax.random.fold_in(base_rng, b), batch_labels,
+        out = sample_fn(sample_params, jax.random.fold_in(base_rng, b), batch_labels,
                         classifier_params)
         host = parallel.gather(out)[:len(chunk)]
         if is_main:

@@ -37,6 +37,7 @@ from ddpm_jax import config_lib
 from ddpm_jax import data as data_lib
 from ddpm_jax import metrics
 from ddpm_jax import parallel
+from ddpm_jax import tasks
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax import writers
 from ddpm_jax.models import create_model
@@ -305,8 +306,8 @@ def _sample_features(config: ml_collections.ConfigDict, sample_fn: Callable, par
     return accumulator, labels
 
 
-def make_training_fid_fn(config: ml_collections.ConfigDict, model: Any,
-                         mesh: jax.sharding.Mesh, workdir: str
+def make_training_fid_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                         workdir: str
                          ) -> Callable[[Mapping[str, Any]], dict[str, float]]:
     """The trainer's periodic scorer: `fn(ema_params) -> metrics` of
     `train.fid_num_samples` EMA samples (the same noise every time), built once
@@ -320,8 +321,9 @@ def make_training_fid_fn(config: ml_collections.ConfigDict, model: Any,
     rng = config_lib.rng_for(config, 'fid')
 
     def fid_fn(ema_params):
-        accumulator, labels = _sample_features(config, sample_fn, ema_params['model'],
-                                               extractor, config.train.fid_num_samples, rng,
+        params = ema_params[tasks.TASKS[config.task].sample_part]
+        accumulator, labels = _sample_features(config, sample_fn, params, extractor,
+                                               config.train.fid_num_samples, rng,
                                                progress=False)
         return score(accumulator.result(), reference, labels=labels)
 
@@ -375,7 +377,8 @@ def evaluate_samples(config: ml_collections.ConfigDict, workdir: str, *,
         logger.info('Scoring %d samples of step %d (%s).', config.eval.fid_num_samples, step,
                     config.sample.sampler)
         accumulator, labels = _sample_features(
-            config, sample_fn, ema_params['model'], extractor, config.eval.fid_num_samples,
+            config, sample_fn, ema_params[tasks.TASKS[config.task].sample_part], extractor,
+            config.eval.fid_num_samples,
             config_lib.rng_for(config, 'fid'), progress=True)
         source = f'step {step}'
     result = score(accumulator.result(), reference, labels=labels)

@@ -39,6 +39,7 @@ __all__ = [
     'ddim_sample',
     'ddim_invert',
     'dpm_solver_sample',
+    'ddgan_sample',
     'make_cfg_model_fn',
     'make_classifier_grad_fn',
     'dynamic_threshold',
@@ -659,16 +660,76 @@ def make_classifier_grad_fn(logits_fn: Callable[[Array, Array], Array]) -> CondF
     return cond_fn
 
 
+def ddgan_sample(model_fn: ModelFn,
+                 sched,
+                 shape: Sequence[int],
+                 rng: Optional[Array],
+                 *,
+                 latent_dim: int,
+                 mean_type: str = 'x0',
+                 var_type: str = 'fixed_small',
+                 clip_denoised: bool = True,
+                 model_kwargs: Optional[Mapping[str, Any]] = None,
+                 cond_fn: Optional[CondFn] = None,
+                 classifier_scale: float = 1.0,
+                 x_T: Optional[Array] = None,
+                 return_intermediates: bool = False):
+    """Denoising diffusion GAN sampling (Xiao et al. 2022, Sec. 4, Alg. 2).
+
+    For i = N-1, ..., 0: x0 = G(x_i, z, t_i) with a fresh z ~ N(0, I) per step, then
+    x_{i-1} ~ q(x_{i-1} | x_i, x0), the Gaussian posterior (fixed_small) — which is
+    `ddpm_sample` with an x_0-predicting model, so the posterior is the library's.
+    The latent of step i is drawn from a key folded with its original timestep, so
+    a run is reproducible and independent of the batch's sharding.
+
+    Args:
+      model_fn: the generator, `model_fn(x, t, z=z, **model_kwargs)` -> x_0 [B, ...].
+      sched, shape, rng, clip_denoised, model_kwargs, x_T, return_intermediates: as in
+        `ddpm_sample`.
+      latent_dim: size of z.
+      mean_type, var_type: must be 'x0' and 'fixed_small' (what the generator is
+        trained for); taken for the registry's common signature.
+      cond_fn, classifier_scale: classifier guidance is not defined for a GAN; a
+        `cond_fn` is refused.
+
+    Raises:
+      ValueError: other mean/var types, a cond_fn, latent_dim < 1 or no rng.
+    """
+    if mean_type != 'x0' or var_type != 'fixed_small':
+        raise ValueError(f'ddgan_sample: the generator predicts x_0 with the posterior '
+                         f'variance (x0, fixed_small), got ({mean_type}, {var_type}).')
+    if cond_fn is not None:
+        raise ValueError('ddgan_sample: classifier guidance (cond_fn) is not defined for a '
+                         'GAN generator.')
+    del classifier_scale
+    if latent_dim < 1:
+        raise ValueError(f'ddgan_sample: latent_dim must be >= 1, got {latent_dim}.')
+    if rng is None:
+        raise ValueError('ddgan_sample: rng is None but the latents need one.')
+    rng, z_rng = jax.random.split(rng)
+
+    def generator_fn(x, t, **kwargs):
+        z = jax.random.normal(jax.random.fold_in(z_rng, t[0]), (x.shape[0], latent_dim),
+                              jnp.float32)
+        return model_fn(x, t, z=z, **kwargs)
+
+    return ddpm_sample(generator_fn, sched, shape, rng, mean_type='x0',
+                       var_type='fixed_small', clip_denoised=clip_denoised,
+                       model_kwargs=model_kwargs, x_T=x_T,
+                       return_intermediates=return_intermediates)
+
+
 class SamplerSpec(NamedTuple):
     """An image sampler of the registry.
 
     Attributes:
         fn: `fn(model_fn, sched, shape, rng, **options)`; one `lax.scan`.
-        uses_eta: Whether it takes the `eta` option (`sample.eta`).
+        options: The config-driven options it takes besides the common ones: 'eta'
+            (`sample.eta`), 'latent_dim' (`model.latent_dim`).
         description: One line for the docs (config comment, README).
     """
     fn: Callable[..., Any]
-    uses_eta: bool
+    options: tuple[str, ...]
     description: str
 
 
@@ -676,8 +737,10 @@ class SamplerSpec(NamedTuple):
 # above plus an entry here; the config comment and the README are checked against
 # this table by the tests.
 SAMPLERS: Mapping[str, SamplerSpec] = {
-    'ddpm': SamplerSpec(ddpm_sample, False, 'ancestral sampling (Ho et al. 2020, Alg. 2)'),
-    'ddim': SamplerSpec(ddim_sample, True, 'DDIM with eta (Song et al. 2021, Eq. 12)'),
-    'dpm_solver': SamplerSpec(dpm_solver_sample, False,
+    'ddpm': SamplerSpec(ddpm_sample, (), 'ancestral sampling (Ho et al. 2020, Alg. 2)'),
+    'ddim': SamplerSpec(ddim_sample, ('eta',), 'DDIM with eta (Song et al. 2021, Eq. 12)'),
+    'dpm_solver': SamplerSpec(dpm_solver_sample, (),
                               'DPM-Solver++(2M), a fast ODE sampler (Lu et al. 2022)'),
+    'ddgan': SamplerSpec(ddgan_sample, ('latent_dim',),
+                         'a denoising diffusion GAN generator (Xiao et al. 2022)'),
 }

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 BETA_SCHEDULES = ('linear', 'cosine', 'sigmoid', 'quadratic', 'constant', 'jsd',
-                  'warmup10', 'warmup50')
+                  'warmup10', 'warmup50', 'vp')
 
 # Ho et al. 2020 (Sec. 4): linear betas from 1e-4 to 0.02 for T = 1000.
 _BETA_START_1000 = 1e-4
@@ -106,6 +106,18 @@ def _cosine_alpha_bar(t: float, s: float = 0.008) -> float:
     return math.cos((t + s) / (1.0 + s) * math.pi / 2.0) ** 2
 
 
+# The variance-preserving SDE discretised by Xiao et al. 2022 (DDGAN, their App. B and
+# code): beta(t) linear from 0.1 to 20 on t in [1e-3, 1].
+VP_BETA_MIN, VP_BETA_MAX, VP_T_MIN = 0.1, 20.0, 1e-3
+
+
+def vp_alpha_bar(s: float) -> float:
+    """abar of the VP SDE at s in [0, 1]: exp(-t^2 (b_max - b_min) / 2 - t b_min) with
+    t = t_min + s (1 - t_min) (Song et al. 2021b, Eq. 33; Xiao et al. 2022's schedule)."""
+    t = VP_T_MIN + s * (1.0 - VP_T_MIN)
+    return math.exp(-0.5 * t * t * (VP_BETA_MAX - VP_BETA_MIN) - t * VP_BETA_MIN)
+
+
 def get_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
     """Returns the named beta schedule.
 
@@ -122,6 +134,9 @@ def get_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
     - 'jsd': 1/T, 1/(T-1), ..., 1 (Ho et al.'s diffusion_utils; abar_{T-1} = 0).
     - 'warmup10' / 'warmup50': linear from beta_start to beta_end over the first
       int(0.1 T) / int(0.5 T) steps, then beta_end.
+    - 'vp': the VP SDE discretised into T steps, for few-step models (DDGAN, T = 2..8):
+      beta_i = 1 - abar(t_{i+1}) / abar(t_i) of `vp_alpha_bar`, uncapped (Xiao et al.
+      2022's betas; the last one is 0.99945 for T = 2).
 
     Args:
         name: One of `BETA_SCHEDULES`.
@@ -143,6 +158,8 @@ def get_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
         betas = np.linspace(start, end, t, dtype=np.float64)
     elif name == 'cosine':
         return betas_from_alpha_bar(_cosine_alpha_bar, t, max_beta=MAX_BETA)
+    elif name == 'vp':
+        return betas_from_alpha_bar(vp_alpha_bar, t, max_beta=1.0)
     elif name == 'sigmoid':
         x = np.linspace(-6.0, 6.0, t, dtype=np.float64)
         betas = 1.0 / (1.0 + np.exp(-x)) * (end - start) + start

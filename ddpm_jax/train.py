@@ -382,7 +382,7 @@ class Trainer:
         self._check_labels()
         fid_fn = None
         if train_opts.fid_every_steps > 0:  # Weights and reference load now: fail early.
-            fid_fn = sample_quality.make_training_fid_fn(config, self.task.model, mesh, workdir)
+            fid_fn = sample_quality.make_training_fid_fn(config, mesh, workdir)
         step_rng = config_lib.rng_for(config, 'train')
         train_iter = data_lib.create_train_iterator(config)
         manager = checkpointing.create_checkpoint_manager(workdir, config)

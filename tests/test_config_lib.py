@@ -61,7 +61,7 @@ def test_sample_mode_refuses_a_classifier_config(tiny_config):
     tiny_config.model.name = 'classifier'
     tiny_config.model.num_classes = 10
     config_lib.validate(tiny_config, mode='train', num_devices=4)
-    with pytest.raises(ValueError, match=r"--mode=sample needs a denoiser"):
+    with pytest.raises(ValueError, match=r"--mode=sample needs a model that generates"):
         config_lib.validate(tiny_config, mode='sample', num_devices=4)
 
 

@@ -10,7 +10,7 @@ import importlib
 import pytest
 
 from configs import default
-from ddpm_jax import models
+from ddpm_jax import config_lib, models
 
 CONFIGS = ('cifar10', 'celebahq256', 'imagenet64', 'imagenet128', 'imagenet256',
            'imagenet512', 'lsun_bedroom256', 'imagenet64_classifier')
@@ -169,3 +169,29 @@ def test_null_label_row_not_in_published_count():
     assert extra == 4 * config.model.base_channels  # One more embedding row.
     # The unconditional LSUN network is the ImageNet-256 one minus the label table.
     assert PARAMS['imagenet256'] - PARAMS['lsun_bedroom256'] == 1000 * 4 * 256
+
+
+DDGAN_PAPER = {  # DDGAN's released training commands (Xiao et al. 2022).
+    'cifar10_ddgan': dict(T=4, lr_g=1.6e-4, lr_d=1.25e-4, r1=0.02, lazy=15, ema=0.9999,
+                          nz=100, n_mlp=4, mult=(1, 2, 2, 2), width=128),
+    'celebahq256_ddgan': dict(T=2, lr_g=2e-4, lr_d=1e-4, r1=2.0, lazy=10, ema=0.999,
+                              nz=100, n_mlp=3, mult=(1, 1, 2, 2, 4, 4), width=64),
+}
+
+
+@pytest.mark.parametrize('name', sorted(DDGAN_PAPER))
+def test_ddgan_configs(name):
+    module = load(name)
+    assert module.__doc__.startswith(f'python main.py --config=configs/{name}.py '
+                                     '--workdir=/path\n')
+    config = module.get_config()
+    assert set(_flatten(config)) == set(_flatten(default.get_config()))
+    config_lib.validate(config, num_devices=1)
+    want = DDGAN_PAPER[name]
+    got = dict(T=config.diffusion.num_timesteps, lr_g=config.gan.lr_generator,
+               lr_d=config.gan.lr_discriminator, r1=config.gan.r1_gamma,
+               lazy=config.gan.lazy_reg, ema=config.optim.ema_decays[0],
+               nz=config.model.latent_dim, n_mlp=config.model.mapping_layers,
+               mult=tuple(config.model.channel_mult), width=config.model.base_channels)
+    assert got == want
+    assert (config.gan.b1, config.gan.b2, config.diffusion.schedule) == (0.5, 0.9, 'vp')

@@ -33,7 +33,8 @@ _COMMON_FIELDS = ('variant', 'base_channels', 'channel_mult', 'num_res_blocks',
 
 def _create_unet(config: ml_collections.ConfigDict, **kwargs) -> nn.Module:
     m = config.model
-    return UNet(class_dropout_prob=m.class_dropout_prob, learn_sigma=m.learn_sigma, **kwargs)
+    return UNet(class_dropout_prob=m.class_dropout_prob, learn_sigma=m.learn_sigma,
+                latent_dim=m.latent_dim, mapping_layers=m.mapping_layers, **kwargs)
 
 
 def _create_classifier(config: ml_collections.ConfigDict, **kwargs) -> nn.Module:
@@ -94,10 +95,12 @@ def make_model_fn(model: nn.Module, params: Any, *, train: bool = False,
             classifier guidance and is dropped here.
 
     Returns:
-        `model_fn(x [B, H, W, C], t int32 [B], y=None)`.
+        `model_fn(x [B, H, W, C], t int32 [B], y=None, **kwargs)`; other keyword
+        arguments (e.g. a generator's latent `z`) go to the model.
     """
-    def model_fn(x, t, y=None):
-        kwargs = {'y': y} if pass_labels and y is not None else {}
+    def model_fn(x, t, y=None, **kwargs):
+        if pass_labels and y is not None:
+            kwargs['y'] = y
         return model.apply({'params': params}, x, t, train=train, rngs=rngs, **kwargs)
     return model_fn
 
@@ -114,13 +117,15 @@ def example_inputs(model: nn.Module, image_size: int, channels: int, batch_size:
 
     Returns:
         (x [B, H, W, C] float32, t [B] int32, model_kwargs) where model_kwargs holds
-        `y` for a class-conditional UNet.
+        `y` for a class-conditional UNet and `z` for a generator (latent_dim > 0).
     """
     x = jnp.zeros((batch_size, image_size, image_size, channels), jnp.float32)
     t = jnp.zeros((batch_size,), jnp.int32)
     kwargs = {}
     if isinstance(model, UNet) and model.num_classes > 0:
         kwargs['y'] = jnp.zeros((batch_size,), jnp.int32)
+    if isinstance(model, UNet) and model.latent_dim > 0:
+        kwargs['z'] = jnp.zeros((batch_size, model.latent_dim), jnp.float32)
     return x, t, kwargs
 
 

@@ -140,6 +140,12 @@ class UNet(nn.Module):
     Attributes mirror config.model (see configs/default.py). The output has the
     input's channels, doubled when `learn_sigma` (mean output first, then the
     variance interpolation v of Nichol & Dhariwal 2021, Eq. 15).
+
+    With `latent_dim > 0` it is a DDGAN generator G(x_t, z, t) (Xiao et al. 2022,
+    Sec. 4): z ~ N(0, I) is normalised (pixel norm), mapped by `mapping_layers`
+    dense layers (leaky ReLU 0.2, as their StyleGAN-style mapping network) and added
+    to the time embedding, which drives the adaptive group norms of every residual
+    block when `use_scale_shift_norm` is set.
     """
     variant: str = 'adm'
     base_channels: int = 128
@@ -156,6 +162,8 @@ class UNet(nn.Module):
     num_classes: int = 0
     class_dropout_prob: float = 0.0
     learn_sigma: bool = False
+    latent_dim: int = 0
+    mapping_layers: int = 3
     dtype: str = 'float32'
     remat: bool = False
 
@@ -168,7 +176,7 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None,
-                 train: bool = False) -> jax.Array:
+                 train: bool = False, z: jax.Array | None = None) -> jax.Array:
         """Predicts the model output for noisy images.
 
         Args:
@@ -177,6 +185,7 @@ class UNet(nn.Module):
             y: [B] int32 labels in 0..num_classes-1, or num_classes (the null label,
                 only when class_dropout_prob > 0); required iff num_classes > 0.
             train: enables dropout (needs the 'dropout' rng collection).
+            z: [B, latent_dim] latent noise; required iff latent_dim > 0.
 
         Returns:
             [B, H, W, C] float32, or [B, H, W, 2C] with learn_sigma.
@@ -201,6 +210,9 @@ class UNet(nn.Module):
             raise ValueError('The model is unconditional (model.num_classes=0) but a label '
                              'y was given.')
 
+        if (self.latent_dim > 0) != (z is not None):
+            raise ValueError(f'model.latent_dim={self.latent_dim}: a latent z is '
+                             f'{"required" if self.latent_dim > 0 else "not taken"}.')
         batch_size, out_channels = x.shape[0], x.shape[-1] * (2 if self.learn_sigma else 1)
         emb = embed_timesteps(self, t, batch_size)
         if y is not None:
@@ -210,6 +222,9 @@ class UNet(nn.Module):
             emb = emb + nn.Embed(self.num_label_embeddings, emb.shape[-1],
                                  embedding_init=nn.initializers.normal(1.0),
                                  param_dtype=jnp.float32, name='label_emb')(y)
+
+        if z is not None:
+            emb = emb + self._map_latent(z, batch_size, emb.shape[-1])
 
         dtype = layers.get_dtype(self.dtype)
         res_block, attn_block, res_kwargs, attn_kwargs = block_factories(self, train)
@@ -238,3 +253,15 @@ class UNet(nn.Module):
         h = layers.conv(out_channels, self.variant, jnp.float32, zero_init=True,
                         name='conv_out')(h)
         return h.astype(jnp.float32)
+
+    def _map_latent(self, z: jax.Array, batch_size: int, emb_dim: int) -> jax.Array:
+        """The mapping network: pixel norm, then dense layers with leaky ReLU (float32)."""
+        if z.shape != (batch_size, self.latent_dim):
+            raise ValueError(f'z must have shape [{batch_size}, {self.latent_dim}], got '
+                             f'{z.shape}.')
+        h = z.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + 1e-8)
+        for k in range(self.mapping_layers):
+            h = nn.leaky_relu(layers.dense(emb_dim, self.variant, jnp.float32,
+                                           name=f'mapping_{k}')(h), 0.2)
+        return layers.dense(emb_dim, self.variant, jnp.float32, name='latent_emb')(h)

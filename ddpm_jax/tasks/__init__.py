@@ -1,8 +1,9 @@
 """Tasks: the model families the one train loop trains, looked up by `config.task`.
 
 See `ddpm_jax.tasks.base.Task` for the seam. `TASKS` is the registry:
-'diffusion' (a denoiser of any parameterisation) and 'classifier' (a noise-aware
-classifier for guidance).
+'diffusion' (a denoiser of any parameterisation), 'classifier' (a noise-aware
+classifier for guidance) and 'ddgan' (a denoising diffusion GAN: a generator and a
+discriminator with their own optimisers, alternating in one step).
 """
 
 from collections.abc import Mapping
@@ -11,13 +12,15 @@ import ml_collections
 
 from ddpm_jax.tasks.base import Task
 from ddpm_jax.tasks.classifier import ClassifierTask
+from ddpm_jax.tasks.ddgan import DDGANTask
 from ddpm_jax.tasks.diffusion import DiffusionTask
 
-__all__ = ['TASKS', 'Task', 'ClassifierTask', 'DiffusionTask', 'create_task']
+__all__ = ['TASKS', 'Task', 'ClassifierTask', 'DDGANTask', 'DiffusionTask', 'create_task']
 
 TASKS: Mapping[str, type[Task]] = {
     DiffusionTask.name: DiffusionTask,
     ClassifierTask.name: ClassifierTask,
+    DDGANTask.name: DDGANTask,
 }
 
 

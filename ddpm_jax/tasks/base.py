@@ -43,11 +43,14 @@ class Task:
         parts: Names of the parameter trees in `TrainState.params`.
         ema_parts: The parts whose EMAs are kept (and sampled from).
         phases: Parts updated together from one loss, in order, each step.
+        sample_part: The part whose (EMA) parameters generate images (sample mode,
+            FID, grids), or None for a task that does not generate (a classifier).
     """
     name: ClassVar[str] = ''
     parts: tuple[str, ...] = ('model',)
     ema_parts: tuple[str, ...] = ('model',)
     phases: tuple[tuple[str, ...], ...] = (('model',),)
+    sample_part: ClassVar[str | None] = None
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config

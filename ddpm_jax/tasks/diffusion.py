@@ -93,8 +93,10 @@ def make_sample_fn(config: ml_collections.ConfigDict, model: nn.Module, *,
     # Read now (the config may change later); Python scalars become program constants.
     options = dict(mean_type=d.mean_type, var_type=d.var_type,
                    clip_denoised=bool(s.clip_denoised), classifier_scale=float(s.classifier_scale))
-    if spec.uses_eta:
+    if 'eta' in spec.options:
         options['eta'] = float(s.eta)
+    if 'latent_dim' in spec.options:
+        options['latent_dim'] = int(m.latent_dim)
     guidance_scale = float(s.guidance_scale)
 
     def constrain(x):
@@ -166,6 +168,7 @@ def label_classes(config: ml_collections.ConfigDict, classifier: nn.Module | Non
 class DiffusionTask(base.SingleModelTask):
     """A denoising diffusion model (`model.name='unet'`) as one part, 'model'."""
     name = 'diffusion'
+    sample_part = 'model'
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
@@ -181,6 +184,12 @@ class DiffusionTask(base.SingleModelTask):
         if learned != bool(m.learn_sigma):
             raise ValueError(f'diffusion.var_type={d.var_type!r} needs model.learn_sigma='
                              f'{learned} (got {m.learn_sigma}).')
+        if m.latent_dim != 0:
+            raise ValueError(f"model.latent_dim={m.latent_dim} makes a GAN generator; "
+                             "train it with task='ddgan' (or set model.latent_dim=0).")
+        if config.sample.sampler == 'ddgan':
+            raise ValueError("sample.sampler='ddgan' samples a DDGAN generator "
+                             "(task='ddgan'); choose 'ddpm', 'ddim' or 'dpm_solver'.")
 
     def init_task_state(self) -> Any:
         if self.loss_aware:
@@ -260,7 +269,8 @@ class DiffusionTask(base.SingleModelTask):
         columns = images_lib.grid_columns(num, num_classes)
 
         def grid_fn(ema_params: Mapping[str, Any]):
-            images = parallel.gather(sample_fn(ema_params['model'], rng, labels))[:num]
+            images = parallel.gather(sample_fn(ema_params[self.sample_part], rng,
+                                               labels))[:num]
             return images, columns
 
         return grid_fn
