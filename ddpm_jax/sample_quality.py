@@ -37,6 +37,7 @@ from ddpm_jax import config_lib
 from ddpm_jax import data as data_lib
 from ddpm_jax import metrics
 from ddpm_jax import parallel
+from ddpm_jax import sample_mode
 from ddpm_jax import tasks
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax import writers
@@ -47,18 +48,14 @@ from ddpm_jax.tasks import diffusion as diffusion_task
 
 logger = logging.getLogger('ddpm_jax')
 
-def _to_uint8(x: jax.Array) -> jax.Array:
-    """[-1, 1] floats to uint8 pixels on the device (as `images.to_uint8`)."""
-    return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
-
-
 class FeatureExtractor:
     """The feature network of `eval.metrics_network`, jitted over the mesh.
 
     Calling it with a batch-sharded global image array (uint8 [B, H, W, C], or
-    float in [-1, 1] with `from_unit_range=True`) returns numpy features on every
-    process: 'features' [B, D] (Inception pool3), 'spatial' [B, S] (sFID; Inception
-    only), 'logits' [B, K] (for IS and label accuracy).
+    float in [-1, 1] with `from_unit_range=True`, quantised on the devices as
+    `images.to_uint8` does) returns numpy features on every process: 'features'
+    [B, D] (Inception pool3), 'spatial' [B, S] (sFID; Inception only), 'logits'
+    [B, K] (for IS and label accuracy).
 
     Raises:
         FileNotFoundError: The Inception weights are missing (one line saying which
@@ -72,7 +69,7 @@ class FeatureExtractor:
             variables = inception.load_inception_variables(config.eval.inception_path)
             model = inception.InceptionV3()
 
-            def apply(v, images):
+            def network(v, images):
                 out = model.apply(v, images)
                 spatial = out['spatial'].reshape(out['spatial'].shape[0], -1)
                 # IS uses the TF graph's softmax(pool3 @ W), without the bias.
@@ -81,20 +78,22 @@ class FeatureExtractor:
         else:
             variables = digits_net.load_or_train()
             model = digits_net.DigitsNet()
+            network = model.apply
 
-            def apply(v, images):
-                return model.apply(v, images)
+        def apply(v, images, from_unit_range):
+            if from_unit_range:
+                images = jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+            return network(v, images)
 
         replicated = parallel.replicated_sharding(mesh)
         self._variables = jax.device_put(variables, replicated)
-        self._apply = jax.jit(apply, in_shardings=(replicated, parallel.batch_sharding(mesh)),
+        self._apply = jax.jit(apply, static_argnums=2,
+                              in_shardings=(replicated, parallel.batch_sharding(mesh)),
                               out_shardings=parallel.batch_sharding(mesh))
 
     def __call__(self, images: jax.Array, *, from_unit_range: bool = False
                  ) -> dict[str, np.ndarray]:
-        if from_unit_range:
-            images = jax.jit(_to_uint8, out_shardings=parallel.batch_sharding(self.mesh))(images)
-        out = self._apply(self._variables, images)
+        out = self._apply(self._variables, images, from_unit_range)
         return {k: parallel.gather(v) for k, v in out.items()}
 
 
@@ -284,10 +283,7 @@ def _sample_features(config: ml_collections.ConfigDict, sample_fn: Callable, par
                      progress: bool) -> tuple[FeatureAccumulator, np.ndarray]:
     """Samples `num` images in batches of `eval.fid_batch_size`, streaming features."""
     batch_size = config.eval.fid_batch_size
-    num_classes = config.model.num_classes
-    label_rng = np.random.default_rng([config.seed, config_lib.DATA_SEED_SALTS['sample_labels']])
-    labels = (label_rng.integers(0, num_classes, size=num) if num_classes > 0
-              else np.full(num, -1)).astype(np.int32)
+    labels = sample_mode.make_labels(config, config.model.num_classes, num)
     accumulator = FeatureAccumulator()
     num_batches = -(-num // batch_size)
     batches = range(num_batches)

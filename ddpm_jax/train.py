@@ -184,9 +184,10 @@ def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh) -> Callable:
 def summarize_metrics(step_metrics: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Averages per-step metrics over a log window.
 
-    A `<name>_q<k>_sum` metric is divided by the window's `count_q<k>` total (the
-    average over the examples whose timestep fell in quarter k); `finite` and the
-    counts are dropped; the rest are averaged over steps.
+    A `<name>_<group>_sum` metric is divided by the window's `count_<group>` total,
+    giving `<name>_<group>`: the average over the examples (or steps) that the group
+    counted, e.g. `loss_q1` over the examples whose timestep fell in quarter 1.
+    `finite` and the counts are dropped; the rest are averaged over steps.
     """
     if not step_metrics:
         return {}
@@ -194,13 +195,13 @@ def summarize_metrics(step_metrics: Sequence[Mapping[str, Any]]) -> dict[str, fl
     stacked = {k: np.stack([np.asarray(m[k], np.float64) for m in step_metrics]) for k in keys}
     summary = {}
     for key, values in stacked.items():
-        if key.startswith('count_q') or key == 'finite':
+        if key.startswith('count_') or key == 'finite':
             continue
         if key.endswith('_sum'):
-            name, quarter = key[:-len('_sum')].rsplit('_q', 1)
-            count = stacked[f'count_q{quarter}'].sum()
+            name = key[:-len('_sum')]
+            count = stacked[f'count_{name.rsplit("_", 1)[1]}'].sum()
             if count > 0:
-                summary[f'{name}_q{quarter}'] = float(values.sum() / count)
+                summary[name] = float(values.sum() / count)
         else:
             summary[key] = float(values.mean())
     return summary

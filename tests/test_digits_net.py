@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import data, images, metrics
+from ddpm_jax import data, images, sample_quality
 from ddpm_jax.models import digits_net
 
 
@@ -63,84 +63,59 @@ def test_outputs_and_input_scaling(variables, digits):
                                rtol=1e-6, atol=1e-6)
 
 
+def _features(variables, pixels):
+    """The network's outputs on host uint8 pixels, as NumPy (one call, one compile)."""
+    return {k: np.asarray(v, np.float64)
+            for k, v in digits_net.make_feature_fn(variables)(pixels).items()}
+
+
+def _score(variables, pixels, labels=None, reference_pixels=None):
+    """`sample_quality.score` of these digits against the held-out ones: the metric
+    that `--mode=fid` computes with `eval.metrics_network='digits'`."""
+    def stats(x):
+        out = _features(variables, x)
+        features = out['features']
+        return {'mu': features.mean(0), 'sigma': np.cov(features, rowvar=False),
+                'features': features, 'logits': out['logits']}
+    return sample_quality.score(stats(pixels), stats(reference_pixels), labels=labels)
+
+
 def test_held_out_accuracy(variables, digits):
     _, _, test_x, test_y = digits
-    logits = digits_net.compute_features(test_x, variables)['logits']
+    logits = _features(variables, test_x)['logits']
     accuracy = np.mean(np.argmax(logits, axis=-1) == test_y)
     assert accuracy >= 0.95, accuracy
 
 
-def test_compute_features_batches_match_one_call(variables, digits):
-    train_x = digits[0]
-    # 1,500 images span three padded batches; the rows must not depend on batching.
-    batched = digits_net.compute_features(train_x, variables)['features']
-    direct = np.asarray(digits_net.make_feature_fn(variables)(train_x[1000:1100])['features'])
-    np.testing.assert_allclose(batched[1000:1100], direct, rtol=1e-5, atol=1e-5)
-
-
-def test_frechet_distance_matches_closed_form_on_features(variables, digits):
-    train_x, _, test_x, _ = digits
-    result = digits_net.digits_metrics(train_x[:300], variables=variables)
-    a = digits_net.compute_features(train_x[:300], variables)['features'].astype(np.float64)
-    b = digits_net.compute_features(test_x, variables)['features'].astype(np.float64)
-    expected = metrics.frechet_distance(a.mean(0), np.cov(a, rowvar=False),
-                                        b.mean(0), np.cov(b, rowvar=False))
-    assert result['frechet_distance'] == pytest.approx(expected, rel=1e-9)
-    assert result['num_samples'] == 300
-    assert 'label_accuracy' not in result
-    # The held-out digits against themselves: the same Gaussian.
-    same = digits_net.digits_metrics(test_x, variables=variables)['frechet_distance']
-    assert abs(same) < 1e-6
-
-
 def test_metric_ranks_real_digits_far_above_noise_and_blur(variables, digits):
-    train_x, train_y, _, _ = digits
-    real = digits_net.digits_metrics(train_x, train_y, variables=variables)
+    train_x, train_y, test_x, _ = digits
+    real = _score(variables, train_x, train_y, test_x)
     noise_x = np.random.default_rng(0).integers(0, 256, train_x.shape, dtype=np.uint8)
-    noise = digits_net.digits_metrics(noise_x, variables=variables)
-    blur = digits_net.digits_metrics(_box_blur(train_x), train_y, variables=variables)
-    fd_real = real['frechet_distance']
+    noise = _score(variables, noise_x, None, test_x)
+    blur = _score(variables, _box_blur(train_x), train_y, test_x)
+    fd_real = real['fid']
     assert 0 < fd_real < 20, fd_real  # Mostly the finite-sample bias of 297 references.
-    assert noise['frechet_distance'] > 10 * fd_real, (noise, real)
-    assert blur['frechet_distance'] > 10 * fd_real, (blur, real)
+    assert noise['fid'] > 10 * fd_real, (noise, real)
+    assert blur['fid'] > 10 * fd_real, (blur, real)
     # Blurred digits are also much harder to recognise.
     assert blur['label_accuracy'] < real['label_accuracy'] - 0.2
+    assert abs(_score(variables, test_x, None, test_x)['fid']) < 1e-6  # Same Gaussian.
 
 
 def test_label_accuracy_true_shuffled_and_unlabelled(variables, digits):
     _, _, test_x, test_y = digits
-    true = digits_net.digits_metrics(test_x, test_y, variables=variables)
-    assert true['label_accuracy'] >= 0.95
-    assert true['num_labelled'] == len(test_y)
+    assert _score(variables, test_x, test_y, test_x)['label_accuracy'] >= 0.95
     shuffled = np.random.default_rng(1).permutation(test_y)
-    chance = digits_net.digits_metrics(test_x, shuffled, variables=variables)
-    assert 0.03 < chance['label_accuracy'] < 0.2, chance
+    chance = _score(variables, test_x, shuffled, test_x)['label_accuracy']
+    assert 0.03 < chance < 0.2, chance
     # -1 marks unconditional samples: left out of the accuracy, not counted wrong.
     partly = test_y.copy()
     partly[::2] = -1
-    half = digits_net.digits_metrics(test_x, partly, variables=variables)
     keep = partly >= 0
-    predicted = np.argmax(digits_net.compute_features(test_x, variables)['logits'], axis=-1)
-    assert half['num_labelled'] == keep.sum()
-    assert half['label_accuracy'] == pytest.approx(np.mean(predicted[keep] == test_y[keep]))
-    unlabelled = digits_net.digits_metrics(test_x, np.full_like(test_y, -1),
-                                           variables=variables)
-    assert 'label_accuracy' not in unlabelled
-
-
-def test_bad_inputs_raise(variables, digits):
-    test_x, test_y = digits[2], digits[3]
-    dim = digits_net.FEATURE_DIM
-    with pytest.raises(ValueError, match='singular covariance'):
-        digits_net.digits_metrics(test_x[:dim], variables=variables)
-    enough = digits_net.digits_metrics(test_x[:dim + 1], variables=variables)
-    assert enough['num_samples'] == dim + 1
-    with pytest.raises(ValueError, match='sample_labels'):
-        digits_net.digits_metrics(test_x, np.full_like(test_y, 10), variables=variables)
-    with pytest.raises(ValueError, match='sample_labels'):
-        digits_net.digits_metrics(test_x, test_y[:-1], variables=variables)
-    with pytest.raises(ValueError, match=r'\[N, 8, 8, 1\]'):
-        digits_net.digits_metrics(np.zeros((100, 16, 16, 1), np.uint8), variables=variables)
+    predicted = np.argmax(_features(variables, test_x)['logits'], axis=-1)
+    assert _score(variables, test_x, partly, test_x)['label_accuracy'] == pytest.approx(
+        np.mean(predicted[keep] == test_y[keep]))
+    assert 'label_accuracy' not in _score(variables, test_x, np.full_like(test_y, -1), test_x)
 
 
 def test_cache_path_default(monkeypatch, tmp_path):

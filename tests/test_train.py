@@ -263,10 +263,12 @@ def test_learning_rate_schedule(tiny_config):
     np.testing.assert_allclose(lr(12), 0.0, atol=1e-12)
 
 
-def test_summarize_metrics_quartiles():
-    steps = [{'loss': 1.0, 'finite': 1.0, 'loss_q0_sum': 3.0, 'count_q0': 2.0},
-             {'loss': 3.0, 'finite': 1.0, 'loss_q0_sum': 1.0, 'count_q0': 2.0}]
-    assert train.summarize_metrics(steps) == {'loss': 2.0, 'loss_q0': 1.0}
+def test_summarize_metrics_groups():
+    steps = [{'loss': 1.0, 'finite': 1.0, 'loss_q0_sum': 3.0, 'count_q0': 2.0,
+              'r1_lazy_sum': 0.0, 'count_lazy': 0.0},
+             {'loss': 3.0, 'finite': 1.0, 'loss_q0_sum': 1.0, 'count_q0': 2.0,
+              'r1_lazy_sum': 0.5, 'count_lazy': 1.0}]
+    assert train.summarize_metrics(steps) == {'loss': 2.0, 'loss_q0': 1.0, 'r1_lazy': 0.5}
 
 
 def test_train_on_tfds_mock_data(tiny_config, tmp_path):

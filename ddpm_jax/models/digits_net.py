@@ -15,9 +15,9 @@ this module owns a tiny CNN trained on the fly, deterministically, on the digits
   bit-identical parameters on the same machine and JAX build.
 * `load_or_train`: the trained variables cached as an .npz whose name carries
   `VERSION`, written atomically, retrained when missing or unreadable.
-* `make_feature_fn` and `digits_metrics`: the Frechet distance of samples' features
-  to the test split's features, and, for class-conditional samples, the fraction
-  the network assigns to the requested class.
+* `make_feature_fn`: features and logits of uint8 pixels. The metrics computed with
+  them (Frechet distance to the held-out 'test' split, label accuracy) are
+  `ddpm_jax.sample_quality`'s, as for Inception (`eval.metrics_network='digits'`).
 
 The feature dimension is kept at 64 so that the 297 held-out digits give a
 full-rank covariance (a Frechet distance needs more samples than dimensions).
@@ -27,6 +27,7 @@ Numbers from this network are comparable only between runs with the same
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -40,11 +41,10 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from ddpm_jax import data, images, metrics
+from ddpm_jax import data, images
 
 __all__ = ['FEATURE_DIM', 'NUM_CLASSES', 'VERSION', 'CACHE_ENV_VAR', 'DigitsNet',
-           'train_digits_net', 'cache_path', 'load_or_train', 'make_feature_fn',
-           'compute_features', 'digits_metrics']
+           'train_digits_net', 'cache_path', 'load_or_train', 'make_feature_fn']
 
 # Width of the feature layer: small enough for a full-rank covariance from the
 # 297 test digits.
@@ -53,9 +53,6 @@ NUM_CLASSES = 10
 # Bump whenever the architecture or the training recipe changes: it names the cache
 # file, so a stale network is never loaded, and tags the numbers it produces.
 VERSION = 'v1'
-# Part of the cache name: any edit of this module retrains rather than reuse a cache.
-with open(__file__, 'rb') as _source:
-    _SOURCE_HASH = hashlib.sha256(_source.read()).hexdigest()[:8]
 # Directory for the cached variables; defaults to ~/.cache/ddpm_jax.
 CACHE_ENV_VAR = 'DDPM_JAX_CACHE'
 
@@ -71,9 +68,6 @@ _MAX_SHIFT = 1
 _SHIFT_PROB = 0.5
 # Dropout on the features before the classifier: +1-2 points of held-out accuracy.
 _DROPOUT_RATE = 0.3
-# Images per call of the jitted network in `compute_features`; a fixed size means
-# one compilation for any number of samples.
-_FEATURE_BATCH_SIZE = 512
 
 
 class DigitsNet(nn.Module):
@@ -201,7 +195,15 @@ def cache_path(cache_dir: str | None = None) -> str:
     if cache_dir is None:
         cache_dir = os.environ.get(CACHE_ENV_VAR) or os.path.join('~', '.cache', 'ddpm_jax')
     return os.path.join(os.path.expanduser(cache_dir),
-                        f'digits_net_{VERSION}_{_SOURCE_HASH}_seed0.npz')
+                        f'digits_net_{VERSION}_{_source_hash()}_seed0.npz')
+
+
+@functools.cache
+def _source_hash() -> str:
+    """8 hex digits of this module's source: any edit of the recipe retrains rather
+    than reuse a cache, even if VERSION was not bumped (read once, on first use)."""
+    with open(__file__, 'rb') as source:
+        return hashlib.sha256(source.read()).hexdigest()[:8]
 
 
 def _read_cache(path: str) -> dict[str, Any] | None:
@@ -281,89 +283,3 @@ def make_feature_fn(variables: dict[str, Any]) -> Callable[[jax.Array], dict[str
     def feature_fn(pixels: jax.Array) -> dict[str, jax.Array]:
         return _apply(variables, pixels)
     return feature_fn
-
-
-def compute_features(pixels: np.ndarray, variables: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Runs the network over any number of images in fixed-size batches.
-
-    Args:
-        pixels: [N, 8, 8, 1] uint8 pixels (or floats in [0, 255]).
-        variables: `DigitsNet` variables.
-
-    Returns:
-        {'features': float32 [N, FEATURE_DIM], 'logits': float32 [N, NUM_CLASSES]}
-        as NumPy arrays.
-
-    Raises:
-        ValueError: If the images are not [N, 8, 8, 1].
-    """
-    pixels = np.asarray(pixels)
-    if pixels.ndim != 4 or pixels.shape[1:] != (8, 8, 1):
-        raise ValueError(f'digits images must have shape [N, 8, 8, 1], got {pixels.shape}')
-    feature_fn = make_feature_fn(variables)
-    outputs = []
-    for start in range(0, len(pixels), _FEATURE_BATCH_SIZE):
-        chunk = pixels[start:start + _FEATURE_BATCH_SIZE]
-        # Padding the last chunk keeps one input shape, hence one compilation.
-        padded = np.zeros((_FEATURE_BATCH_SIZE,) + chunk.shape[1:], chunk.dtype)
-        padded[:len(chunk)] = chunk
-        out = jax.device_get(feature_fn(padded))
-        outputs.append({k: v[:len(chunk)] for k, v in out.items()})
-    return {k: np.concatenate([o[k] for o in outputs]) if outputs
-            else np.zeros((0, dim), np.float32)
-            for k, dim in (('features', FEATURE_DIM), ('logits', NUM_CLASSES))}
-
-
-def _stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    stats = metrics.update_stats(metrics.init_stats(FEATURE_DIM), features)
-    return metrics.finalize_stats(stats)
-
-
-def digits_metrics(sample_images_uint8: np.ndarray, sample_labels: np.ndarray | None = None,
-                   *, variables: dict[str, Any]) -> dict[str, float]:
-    """Frechet distance to the held-out digits and, if labelled, class accuracy.
-
-    The Frechet distance (Heusel et al. 2017) is taken between Gaussians fitted in
-    float64 to the `DigitsNet` features of the samples and of the 297 'test' digits
-    (quantised to uint8 like the samples), which the network never trained on.
-
-    Args:
-        sample_images_uint8: [N, 8, 8, 1] uint8 samples (`images.to_uint8` of the
-            sampler's output), N > FEATURE_DIM.
-        sample_labels: Optional int [N] requested classes; -1 (or any negative)
-            marks an unconditional sample, which is left out of the accuracy.
-        variables: `DigitsNet` variables, e.g. from `load_or_train()`.
-
-    Returns:
-        {'frechet_distance': float, 'num_samples': int} plus 'label_accuracy' (the
-        fraction of labelled samples whose argmax logit is the requested label) and
-        'num_labelled' when at least one label is >= 0.
-
-    Raises:
-        ValueError: Too few samples for a full-rank covariance, bad shapes, or a
-            label >= NUM_CLASSES.
-    """
-    pixels = np.asarray(sample_images_uint8)
-    num_samples = len(pixels)
-    metrics.check_enough_samples(num_samples, FEATURE_DIM, name='digits samples')
-    labels = None
-    if sample_labels is not None:
-        labels = np.asarray(sample_labels)
-        if labels.shape != (num_samples,):
-            raise ValueError(f'sample_labels must have shape [{num_samples}], got {labels.shape}')
-        if np.any(labels >= NUM_CLASSES):
-            raise ValueError(f'sample_labels must be < {NUM_CLASSES} (negative: unlabelled), '
-                             f'got max {labels.max()}')
-    samples = compute_features(pixels, variables)
-    reference = compute_features(_digits_uint8('test')[0], variables)
-    result = {
-        'frechet_distance': metrics.frechet_distance(*_stats(samples['features']),
-                                                     *_stats(reference['features'])),
-        'num_samples': num_samples,
-    }
-    if labels is not None and np.any(labels >= 0):
-        labelled = labels >= 0
-        predicted = np.argmax(samples['logits'], axis=-1)
-        result['label_accuracy'] = float(np.mean(predicted[labelled] == labels[labelled]))
-        result['num_labelled'] = int(np.sum(labelled))
-    return result

@@ -118,9 +118,9 @@ class Task:
                      terms: tuple[dict[str, jax.Array], ...]) -> dict[str, jax.Array]:
         """Scalars to log besides loss, gradient norm and learning rate.
 
-        A key `<name>_q<k>_sum` with a matching `count_q<k>` is averaged over the
-        counts when a log window is summarised (see `train.summarize_metrics`); other
-        keys are averaged over steps. Default: the mean of every term but 'loss'.
+        A key `<name>_<group>_sum` with a matching `count_<group>` is averaged over
+        the counts when a log window is summarised (see `train.summarize_metrics`);
+        other keys are averaged over steps. Default: the mean of every term but 'loss'.
         """
         del examples
         metrics = {}

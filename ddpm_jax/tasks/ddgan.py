@@ -208,7 +208,8 @@ class DDGANTask(diffusion_task.DiffusionTask):
         metrics = {name: jnp.mean(d_terms[name]) for name in
                    ('d_real_accuracy', 'd_fake_accuracy', 'd_real_logit', 'd_fake_logit')}
         active = examples['r1_active'][0].astype(jnp.float32)
-        # Summed with a count so a log window averages R1 over the steps that computed it.
-        metrics['r1_q0_sum'] = jnp.mean(d_terms['r1']) * active
-        metrics['count_q0'] = active
+        # A sum with a count: a log window averages R1 over the steps that computed it
+        # (logged as 'r1_lazy', see train.summarize_metrics).
+        metrics['r1_lazy_sum'] = jnp.mean(d_terms['r1']) * active
+        metrics['count_lazy'] = active
         return metrics
