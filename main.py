@@ -32,7 +32,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
         pylogging.getLogger('ddpm_jax').setLevel(pylogging.INFO)
     import jax  # After flag parsing, so a bad flag fails before JAX starts.
-    from ddpm_jax import evaluate, parallel, sample_mode, sample_quality, train
+    from ddpm_jax import evaluate, parallel, sample_mode, sample_quality, train, upsampling
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                     _PROCESS_ID.value)
     pylogging.getLogger('ddpm_jax').info(
@@ -40,6 +40,8 @@ def main(argv):
         jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices())
     run = {'train': train.run_training, 'sample': sample_mode.sample_and_save,
            'eval': evaluate.evaluate, 'fid': sample_quality.evaluate_samples}[_MODE.value]
+    if _MODE.value == 'sample' and _CONFIG.value.task == 'super_resolution':
+        run = upsampling.upsample_and_save  # An upsampler: from an .npz or a cascade.
     try:
         run(_CONFIG.value, _WORKDIR.value)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:

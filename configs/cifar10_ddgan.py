@@ -7,7 +7,7 @@ settings of DDGAN's released CIFAR-10 command (--num_timesteps 4 --num_channels_
 4 GPUs, 1800 epochs = 351,562 steps of 256), Adam betas (0.5, 0.9), cosine decay.
 The generator is this library's UNet (ADM blocks, AdaGN driven by the time embedding
 plus the mapped latent), not the paper's NCSN++, so its parameter count differs from
-the paper's; the discriminator is the noise-aware classifier's encoder on the pair.
+the paper's; the discriminator is the paper's small one (models/ddgan_discriminator.py).
 """
 
 from configs import ddgan, default
@@ -30,10 +30,9 @@ def get_config():
     model.attention_resolutions = (16,)
 
     gan = config.gan
-    gan.disc_base_channels = 64
-    gan.disc_channel_mult = (1, 2, 2, 2)
-    gan.disc_num_res_blocks = 2
-    gan.disc_num_groups = 32
+    # The paper's small discriminator (ngf 64): 128 -> 128, 256, 512, 512 channels.
+    gan.disc_base_channels = 128
+    gan.disc_channel_mult = (1, 2, 4, 4)
     gan.lr_generator = 1.6e-4
     gan.lr_discriminator = 1.25e-4
     gan.r1_gamma = 0.02

@@ -16,7 +16,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0  # Root seed: parameters, data order, per-step noise.
     config.task = 'diffusion'  # What is trained (ddpm_jax.tasks): 'diffusion' (a denoiser),
     #                            'classifier' (a noise-aware classifier for guidance) or
-    #                            'ddgan' (a denoising diffusion GAN).
+    #                            'ddgan' (a denoising diffusion GAN), 'autoencoder' (the
+    #                            first stage of latent diffusion), 'latent_diffusion',
+    #                            'super_resolution' (ADM-U, model.low_res_size > 0) or
+    #                            'score' (a continuous-time score model on config.sde).
 
     # --- data -------------------------------------------------------------------
     config.data = data = ml_collections.ConfigDict()
@@ -53,6 +56,20 @@ def get_config() -> ml_collections.ConfigDict:
     model.latent_dim = 0  # > 0: a DDGAN generator G(x_t, z, t) with z of this size.
     model.mapping_layers = 3  # Dense layers of the generator's latent mapping network.
     model.pool = 'attention'  # Classifier head: 'attention' pooling or 'adaptive' (mean).
+    # Released checkpoints (ddpm_jax.released) and ADM's upsamplers:
+    model.legacy_qkv_order = False  # Split the fused qkv into heads before q/k/v (ADM's
+    #                                  QKVAttentionLegacy: released weights but 64x64's).
+    model.timestep_scale = 1.0  # The network sees t * this (Improved DDPM's released
+    #                              models: rescale_timesteps, 1000 / T).
+    model.low_res_size = 0  # > 0: a super-resolution UNet (ADM-U) conditioned on a
+    #                         low-resolution image of this side, upsampled bilinearly.
+    # Cross-attention conditioning (task='latent_diffusion'; Rombach et al. 2022, Sec. 3.3):
+    model.context_encoder = 'none'  # What the attention blocks also attend to: 'none',
+    #                                 'class' (the label's embedding as one token) or
+    #                                 'tokens' (a learned transformer over label tokens).
+    model.context_dim = 0  # Width of the context tokens (> 0 with a context encoder).
+    model.context_layers = 1  # 'tokens': transformer layers of the context encoder.
+    model.context_vocab_size = 0  # 'tokens': token ids 0..this-1 (this = the null token).
     model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay f32).
     model.remat = False  # Rematerialise each block (less memory, more compute).
 
@@ -65,19 +82,61 @@ def get_config() -> ml_collections.ConfigDict:
     diffusion.loss_type = 'mse'  # mse, rescaled_mse (hybrid), kl, rescaled_kl.
     diffusion.timestep_sampling = 'uniform'  # Loss timesteps: 'uniform' or 'loss_aware'.
 
+    # --- score-based SDE (task='score'; Song et al. 2021b; ddpm_jax/tasks/score.py) -------
+    config.sde = sde = ml_collections.ConfigDict()
+    sde.kind = 'vp'  # 'vp', 'subvp' or 've' (variance preserving / sub-VP / exploding).
+    sde.beta_min = 0.1  # VP, sub-VP: beta(0) (score_sde: 0.1).
+    sde.beta_max = 20.0  # VP, sub-VP: beta(1) (score_sde: 20).
+    sde.sigma_min = 0.01  # VE: sigma(0) (score_sde CIFAR-10: 0.01).
+    sde.sigma_max = 50.0  # VE: sigma(1) (score_sde CIFAR-10: 50).
+    sde.num_scales = 1000  # N: steps of the 'pc' / 'sde' samplers; NCSN's noise levels.
+    sde.continuous = True  # False: NCSN's N discrete noise levels (sde.kind='ve' only).
+    sde.training_eps = 1e-5  # Smallest training time t (score_sde: 1e-5).
+    sde.sampling_eps = 1e-3  # Last sampling time (score_sde: 1e-3 VP / sub-VP, 1e-5 VE).
+    sde.weighting = 'standard'  # DSM weight lambda(t): 'standard' (std^2) or 'likelihood'
+    #                             (g^2; Song et al. 2021a, maximum likelihood training).
+    sde.importance_sampling = True  # 'likelihood': draw t ~ g^2 / std^2 (their Sec. 5).
+    sde.reduce_mean = True  # Loss per image: mean over pixels, or False: half the sum.
+
     # --- GAN (task='ddgan': a denoising diffusion GAN, Xiao et al. 2022) ----------------
     config.gan = gan = ml_collections.ConfigDict()
-    gan.disc_base_channels = 32  # Discriminator D(x_{t-1}, x_t, t): channels at level 0.
-    gan.disc_channel_mult = (1, 2)  # Its channel multiplier per resolution level.
-    gan.disc_num_res_blocks = 1  # Its residual blocks per level.
-    gan.disc_attention_resolutions = ()  # Its self-attention resolutions (pixels).
-    gan.disc_num_groups = 8  # Its GroupNorm groups.
+    gan.disc_base_channels = 32  # Discriminator D(x_{t-1}, x_t, t): its input conv's width.
+    gan.disc_channel_mult = (1, 2)  # Its multiplier per residual block; blocks 1.. halve
+    #                                 the resolution (models/ddgan_discriminator.py).
+    gan.disc_downsample_first = False  # Block 0 halves it too (the paper's large D).
     gan.lr_generator = 1.6e-4  # Generator Adam learning rate (optim.* gives the schedule).
     gan.lr_discriminator = 1.25e-4  # Discriminator Adam learning rate.
     gan.b1 = 0.5  # Adam beta1 of both networks.
     gan.b2 = 0.9  # Adam beta2 of both networks.
     gan.r1_gamma = 0.02  # R1 penalty weight: (r1_gamma / 2) E||grad D(real)||^2.
     gan.lazy_reg = 15  # Apply R1 every N steps (lazy regularisation).
+
+    # --- first-stage autoencoder (task='autoencoder'; Esser et al. 2021, Rombach 2022) ---
+    config.autoencoder = ae = ml_collections.ConfigDict()
+    ae.kind = 'kl'  # Latent: 'kl' (Gaussian, KL to N(0, I)) or 'vq' (vector-quantised).
+    ae.base_channels = 128  # Encoder/decoder channels at the first level.
+    ae.channel_mult = (1, 2, 4)  # Multiplier per level; downsampling f = 2^(levels - 1).
+    ae.num_res_blocks = 2  # Residual blocks per level (the decoder has one more).
+    ae.attention_resolutions = ()  # Image-side pixels with self-attention (besides the mid).
+    ae.z_channels = 3  # Latent channels (the VQ codebook's entry width too).
+    ae.num_groups = 32  # GroupNorm groups of the autoencoder.
+    ae.codebook_size = 8192  # 'vq': codebook entries.
+    ae.vq_beta = 0.25  # 'vq': commitment loss weight beta.
+    ae.kl_weight = 1e-6  # 'kl': weight of the KL term (the L1 term is summed over pixels).
+    ae.disc_start = 50_001  # Step from which the adversarial loss and D's updates are on.
+    ae.disc_weight = 0.5  # Factor on the adaptive adversarial weight (taming's disc_weight).
+    ae.disc_base_channels = 64  # Patch discriminator: channels of its first layer.
+    ae.disc_num_layers = 3  # Its stride-2 layers (patch size grows with it).
+    ae.disc_num_groups = 32  # Its GroupNorm groups (0 = no normalisation; taming: BatchNorm).
+    ae.lr_discriminator = 0.0  # Discriminator Adam rate; 0 = optim.learning_rate.
+    ae.lpips_weights_path = ''  # LPIPS weights (.npz) for a perceptual term; '' = L1 only.
+    ae.perceptual_weight = 1.0  # Weight of the LPIPS term when its weights are given.
+
+    # --- latent diffusion (task='latent_diffusion'; Rombach et al. 2022) -------------
+    config.latent = latent = ml_collections.ConfigDict()
+    latent.autoencoder_workdir = ''  # Workdir of a trained task='autoencoder' run (frozen).
+    latent.scale_factor = 0.0  # Latents are multiplied by this; 0 = measure 1/std of the
+    #                            latents of the first batch (kept in the checkpoint).
 
     # --- optimisation -------------------------------------------------------------
     config.optim = optim = ml_collections.ConfigDict()
@@ -108,9 +167,21 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- sampling (--mode=sample and the training grids) ------------------------------
     config.sample = sample = ml_collections.ConfigDict()
-    sample.sampler = 'ddpm'  # 'ddpm' (ancestral), 'ddim', 'dpm_solver' or 'ddgan' (a GAN's).
+    sample.sampler = 'ddpm'  # 'ddpm' (ancestral), 'ddim', 'dpm_solver' (2M), 'ddgan' (a
+    #                          GAN's), 'dpm_solver_3m', 'dpm_solver_2s', 'heun' (Karras et
+    #                          al. 2022), 'ode' (adaptive probability-flow ODE), 'pc'
+    #                          (predictor-corrector) or 'sde' (reverse-time SDE); the last
+    #                          four through the VP view, or the trained SDE (task='score').
     sample.respacing = ''  # Steps to sample with: '' (all), '250', 'ddim50', '10,15,20'.
     sample.eta = 0.0  # DDIM eta (0 = deterministic).
+    sample.num_steps = 18  # 'heun': Karras et al. 2022's steps N (NFE 2N - 1).
+    sample.s_churn = 0.0  # 'heun': Karras et al.'s S_churn (0 = deterministic).
+    sample.ode_solver = 'tsit5'  # 'ode': adaptive diffrax solver, 'tsit5' or 'dopri5' (RK45).
+    sample.ode_rtol = 1e-5  # 'ode': relative tolerance (score_sde: 1e-5).
+    sample.ode_atol = 1e-5  # 'ode': absolute tolerance (score_sde: 1e-5).
+    sample.predictor = 'reverse_diffusion'  # 'pc' / 'sde' predictor, or 'euler_maruyama'.
+    sample.pc_snr = 0.16  # 'pc': Langevin corrector's signal-to-noise ratio r (score_sde:
+    #                       0.16 for VE, 0.01 for VP DDPM models).
     sample.clip_denoised = True  # Clip predicted x_0 to [-1, 1].
     sample.ema_decay = -1.0  # EMA copy to sample from (-1 = the first in optim.ema_decays).
     sample.guidance_scale = 1.0  # Classifier-free scale (1 = plain conditional).
@@ -119,10 +190,28 @@ def get_config() -> ml_collections.ConfigDict:
     sample.num_images = 64  # Images written by --mode=sample.
     sample.global_batch_size = 64  # Images per sampling batch, over all devices.
     sample.label = -1  # Class to sample (-1 = uniformly random labels).
+    # task='super_resolution': what --mode=sample upsamples (one of the two).
+    sample.low_res_npz = ''  # .npz of uint8 [N, s, s, C] images ('images' or 'arr_0';
+    #                          labels from 'labels' or 'arr_1'); the first num_images.
+    sample.base_workdir = ''  # Cascade: a base model's workdir, sampled first with its own
+    #                           config (and the overrides below), then upsampled.
+    sample.base_sampler = ''  # Cascade: the base's sampler ('' = its config's).
+    sample.base_respacing = ''  # Cascade: the base's respacing ('' = its config's).
+    sample.base_guidance_scale = -1.0  # Cascade: the base's classifier-free scale (-1 = its own).
+    sample.base_classifier_scale = -1.0  # Cascade: the base's classifier guidance (-1 = its own).
+    sample.base_classifier_workdir = ''  # Cascade: the base's classifier ('' = its config's).
 
     # --- evaluation ---------------------------------------------------------------
     config.eval = evaluation = ml_collections.ConfigDict()
     evaluation.num_images = 256  # Test images in the bits/dim estimate.
+    evaluation.likelihood = 'vb'  # --mode=eval: 'vb' (variational bound, task=diffusion) or
+    #                               'ode' (exact, probability-flow ODE; Song et al. 2021b).
+    evaluation.ode_trace = 'rademacher'  # 'ode': divergence by 'rademacher' / 'gaussian'
+    #                                      Hutchinson probes, or 'exact' (D JVPs).
+    evaluation.ode_solver = 'tsit5'  # 'ode': adaptive diffrax solver, 'tsit5' or 'dopri5'.
+    evaluation.ode_rtol = 1e-5  # 'ode': relative tolerance (score_sde: 1e-5).
+    evaluation.ode_atol = 1e-5  # 'ode': absolute tolerance (score_sde: 1e-5).
+    evaluation.ode_eps = 1e-5  # 'ode': the likelihood of x(eps) (score_sde: 1e-5).
     evaluation.global_batch_size = 64  # Images per evaluation batch.
     # --mode=fid (and train.fid_every_steps): FID, sFID, IS, precision/recall.
     evaluation.metrics_network = 'inception'  # 'inception' (FID's) or 'digits' (bundled).

@@ -6,8 +6,19 @@
 Xiao et al. 2022 on the quick start's data: a generator G(x_t, z, t, y) (the quick
 start's UNet plus a 3-layer latent mapping network into its adaptive group norms)
 and a time- and class-conditional discriminator D(x_{t-1}, x_t, t), trained
-alternately in one step with DDGAN's Adam settings and R1 penalty, on T = 4 steps
-of the discretised VP schedule. Sampling is 4 generator calls.
+alternately in one step with DDGAN's Adam betas and R1 penalty, on T = 4 steps of
+the discretised VP schedule. Sampling is 4 generator calls.
+
+Tuned for a short CPU run: learning rates 3e-4 (G) / 2.5e-4 (D) instead of the
+paper's 1.6e-4 / 1.25e-4, and an EMA of 0.99 (0.999 would still weigh the
+initial generator by 22% after 1,500 steps).
+
+Measured on the 2-core CPU (2026-11-29, jax 0.10.2) while other jobs shared it:
+969,730 parameters (G 810,049, D 159,681), 23 s to compile, 1.5 steps/s. `--mode=fid`
+(1,000 samples, the digits network against the 297 held-out digits): Frechet
+distance 16.7, label accuracy 0.982, precision 0.66, recall 0.22 (real training
+digits: 8.8; the quick-start DDPM with 4 ancestral steps: 18.1 and 1.00). With the
+paper's learning rates and EMA 0.99 the same run scored 18.1 and 0.921.
 """
 
 from configs import ddgan, digits
@@ -20,13 +31,12 @@ def get_config():
 
     config.gan.disc_base_channels = 32
     config.gan.disc_channel_mult = (1, 2)
-    config.gan.disc_num_res_blocks = 1
-    config.gan.lr_generator = 1.6e-4
-    config.gan.lr_discriminator = 1.25e-4
+    config.gan.lr_generator = 3e-4
+    config.gan.lr_discriminator = 2.5e-4
     config.gan.r1_gamma = 0.02
     config.gan.lazy_reg = 15
 
-    config.optim.ema_decays = (0.999,)
+    config.optim.ema_decays = (0.99,)
 
     config.train.num_train_steps = 1500
     config.train.global_batch_size = 128

@@ -551,8 +551,8 @@ def load_config(workdir: str, step: int | None = None) -> ml_collections.ConfigD
 
 
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
-                          mesh: jax.sharding.Mesh, *,
-                          step: int | None = None) -> tuple[int, Any, Any]:
+                          mesh: jax.sharding.Mesh, *, step: int | None = None,
+                          with_task_state: bool = False) -> tuple[Any, ...]:
     """Restores a checkpoint's parameters, replicated over `mesh`, for sampling/eval.
 
     Args:
@@ -560,10 +560,13 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
         workdir: Run directory holding `checkpoints/`.
         mesh: Target mesh; the restored arrays are replicated over it.
         step: Step to restore; default the latest.
+        with_task_state: Also return the task state (what sampling may need besides
+            the parameters, e.g. a latent diffusion model's measured scale factor).
 
     Returns:
-        `(step, params, ema_params)`: {part: tree} dicts; `ema_params` is the copy
-        chosen by `config.sample.ema_decay` (-1: the first of `optim.ema_decays`).
+        `(step, params, ema_params)`, plus `task_state` last if `with_task_state`:
+        params {part: tree} dicts; `ema_params` is the copy chosen by
+        `config.sample.ema_decay` (-1: the first of `optim.ema_decays`).
 
     Raises:
         FileNotFoundError: No checkpoint in `workdir`.
@@ -575,4 +578,5 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
     with create_checkpoint_manager(workdir, config, read_only=True) as manager:
         step, state, _ = restore_checkpoint(manager, abstract_state, config, step=step,
                                             restore_data=False)
-    return step, state.params, state_lib.select_ema_params(config, state.ema_params)
+    restored = (step, state.params, state_lib.select_ema_params(config, state.ema_params))
+    return restored + (state.task_state,) if with_task_state else restored

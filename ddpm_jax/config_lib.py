@@ -24,8 +24,10 @@ import ml_collections
 
 from ddpm_jax import diffusion
 from ddpm_jax import losses
-from ddpm_jax import samplers
+from ddpm_jax import ode_likelihood
+from ddpm_jax import sampler_registry
 from ddpm_jax import schedules
+from ddpm_jax import sde_samplers
 from ddpm_jax import state
 from ddpm_jax import tasks
 from ddpm_jax import timestep_sampling
@@ -37,6 +39,7 @@ METRICS_NETWORKS = ('inception', 'digits')
 MODEL_DTYPES = ('float32', 'bfloat16')
 OPTIMIZERS = ('adam', 'adamw')
 LR_SCHEDULES = ('constant', 'cosine', 'linear')
+EVAL_LIKELIHOODS = ('vb', 'ode')  # --mode=eval: variational bound or probability-flow ODE.
 
 # Folded into jax.random.key(config.seed): one independent stream per consumer.
 RNG_SALTS: Mapping[str, int] = {
@@ -46,6 +49,8 @@ RNG_SALTS: Mapping[str, int] = {
     'sample': 3,  # --mode=sample (each batch folds in its index).
     'eval': 4,  # --mode=eval noise (each image folds in its index).
     'fid': 5,  # Samples scored by --mode=fid and the trainer's periodic FID.
+    'upsample': 6,  # --mode=sample of an upsampler (task='super_resolution'), per batch;
+    #                 a cascade's base model draws from its own 'sample' stream.
 }
 # Mixed into the NumPy seeds of the input pipeline (`data`).
 DATA_SEED_SALTS: Mapping[str, int] = {'shuffle': 0, 'flip': 1, 'sample_labels': 3}
@@ -94,6 +99,14 @@ def upgrade_json_dict(saved: Mapping[str, Any]) -> dict:
     model = saved.get('model', {})
     model.setdefault('latent_dim', 0)  # Added with the DDGAN generator.
     model.setdefault('mapping_layers', 3)
+    for name in ('disc_num_res_blocks', 'disc_attention_resolutions', 'disc_num_groups'):
+        saved.get('gan', {}).pop(name, None)  # The ADM-encoder discriminator before 0.2.
+    model.setdefault('legacy_qkv_order', False)  # Added with the released checkpoints.
+    model.setdefault('timestep_scale', 1.0)
+    model.setdefault('low_res_size', 0)
+    for name, value in (('context_encoder', 'none'), ('context_dim', 0),
+                        ('context_layers', 1), ('context_vocab_size', 0)):
+        model.setdefault(name, value)  # Added with cross-attention (latent diffusion).
     return saved
 
 
@@ -195,7 +208,8 @@ def _validate_sample(config: ml_collections.ConfigDict, *, for_grid: bool,
                      num_devices: int, num_processes: int) -> None:
     """The `sample` group; `for_grid`: only what the trainer's grids read."""
     s, m = config.sample, config.model
-    check_choice('sample.sampler', s.sampler, tuple(samplers.SAMPLERS))
+    check_choice('sample.sampler', s.sampler, tuple(sampler_registry.SAMPLERS))
+    _validate_sampler_options(config)
     try:
         schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps,
                                 s.respacing or None)
@@ -228,10 +242,37 @@ def _validate_sample(config: ml_collections.ConfigDict, *, for_grid: bool,
                              'classifier guidance; use -1.')
 
 
+def _validate_sampler_options(config: ml_collections.ConfigDict) -> None:
+    """The `sample` fields of the score-based and fast samplers (sampler_registry)."""
+    s = config.sample
+    check(isinstance(s.num_steps, int) and s.num_steps >= 1,
+          f'sample.num_steps={s.num_steps!r} must be an int >= 1.')
+    check(s.s_churn >= 0, f'sample.s_churn={s.s_churn} must be >= 0.')
+    check_choice('sample.ode_solver', s.ode_solver, sde_samplers.ODE_SOLVERS)
+    check(s.ode_rtol > 0, f'sample.ode_rtol={s.ode_rtol} must be > 0.')
+    check(s.ode_atol > 0, f'sample.ode_atol={s.ode_atol} must be > 0.')
+    check_choice('sample.predictor', s.predictor, sampler_registry.PREDICTORS)
+    check(s.pc_snr > 0, f'sample.pc_snr={s.pc_snr} must be > 0.')
+    if config.task != 'score':
+        check(s.sampler not in sampler_registry.FULL_SCHEDULE_SAMPLERS or not s.respacing,
+              f'sample.respacing={s.respacing!r} must be empty for sample.sampler='
+              f"{s.sampler!r}: it chooses its own times on the full training schedule "
+              '(the VP view; set sample.num_steps for heun).')
+
+
 def _validate_eval(config: ml_collections.ConfigDict, num_devices: int,
                    num_processes: int) -> None:
     e = config.eval
     check(e.num_images >= 1, f'eval.num_images={e.num_images} must be >= 1.')
+    check_choice('eval.likelihood', e.likelihood, EVAL_LIKELIHOODS)
+    check(e.likelihood == 'ode' or config.task != 'score',
+          f"eval.likelihood={e.likelihood!r}: task='score' has no variational bound; "
+          "use 'ode'.")
+    check_choice('eval.ode_trace', e.ode_trace, ode_likelihood.TRACE_ESTIMATORS)
+    check_choice('eval.ode_solver', e.ode_solver, sde_samplers.ODE_SOLVERS)
+    check(e.ode_rtol > 0, f'eval.ode_rtol={e.ode_rtol} must be > 0.')
+    check(e.ode_atol > 0, f'eval.ode_atol={e.ode_atol} must be > 0.')
+    check(0 < e.ode_eps < 1, f'eval.ode_eps={e.ode_eps} must be in (0, 1).')
     check_global_batch('eval.global_batch_size', e.global_batch_size,
                        num_devices=num_devices, num_processes=num_processes)
 
@@ -248,8 +289,9 @@ def _validate_fid(config: ml_collections.ConfigDict, num_devices: int, *,
     if e.metrics_network == 'inception':
         inception.resolve_inception_path(e.inception_path)  # A missing file stops here.
     else:
-        check(d.image_size == 8 and d.channels == 1,
-              "eval.metrics_network='digits' scores 8x8 grey images (data.image_size=8, "
+        check(d.image_size % 8 == 0 and d.channels == 1,
+              "eval.metrics_network='digits' scores 8x8 grey images (larger ones are "
+              'averaged down by an integer factor: data.image_size a multiple of 8, '
               f'data.channels=1), got {d.image_size}x{d.image_size}x{d.channels}.')
 
 

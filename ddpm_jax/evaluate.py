@@ -4,7 +4,10 @@ This module owns the likelihood evaluation of a trained denoiser: restore the
 EMA parameters, run `likelihood.calc_bpd_loop` (the full bound
 L_T + sum_t L_{t-1} + L_0 over all T training steps, Ho et al. 2020, Eq. 5) on
 the first `eval.num_images` images of `data.eval_split`, average, log and write
-`<workdir>/eval_<step>.json`.
+`<workdir>/eval_<step>.json`. With `eval.likelihood='ode'` it computes instead the
+exact bits/dim of the probability-flow ODE (Song et al. 2021b, Sec. 4.3;
+`ode_likelihood.ode_bpd`), of a score model (task='score') or of a discrete-time model
+through its VP view.
 
 The per-batch computation is jitted once with the batch sharded `P('data')` and
 the parameters replicated, and reduces to masked sums inside the program, so
@@ -32,10 +35,13 @@ from ddpm_jax import config_lib
 from ddpm_jax import data as data_lib
 from ddpm_jax import diffusion
 from ddpm_jax import likelihood
+from ddpm_jax import ode_likelihood
 from ddpm_jax import parallel
 from ddpm_jax import schedules
+from ddpm_jax import sde as sde_lib
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.models import create_model, make_model_fn
+from ddpm_jax.tasks import score as score_task
 
 logger = logging.getLogger('ddpm_jax')
 
@@ -57,7 +63,8 @@ def make_eval_step_fn(config: ml_collections.ConfigDict, model: nn.Module,
         {'image', 'label', 'mask'} dict sharded `P('data')` and batch_index an
         int32 scalar (global batch j holds images j*B .. j*B + B - 1). It returns
         replicated masked sums over the batch: 'count', 'total_bpd', 'prior_bpd'
-        (scalars) and 'vb', 'mse' ([N], per step i).
+        (scalars) and 'vb', 'mse' ([N], per step i); with eval.likelihood='ode',
+        'count', 'total_bpd' and 'nfe' (the ODE solver's evaluations).
     """
     d = config.diffusion
     sched = schedules.make_schedule(d.schedule, d.num_timesteps)
@@ -67,13 +74,16 @@ def make_eval_step_fn(config: ml_collections.ConfigDict, model: nn.Module,
     replicated = parallel.replicated_sharding(mesh)
     batch_sharded = parallel.batch_sharding(mesh)
 
-    def per_example(params, image, label, rng):
+    def vb_per_example(params, image, label, rng):
         # One image as a batch of one: its noise then depends on its own key only.
         model_fn = make_model_fn(model, params, pass_labels=conditional)
         out = likelihood.calc_bpd_loop(
             model_fn, sched, image[None], rng, mean_type=d.mean_type, var_type=d.var_type,
             clip_denoised=True, model_kwargs={'y': label[None]} if conditional else None)
         return {k: out[k][0] for k in ('total_bpd', 'prior_bpd', 'vb', 'mse')}
+
+    per_example = (_make_ode_per_example_fn(config, model) if config.eval.likelihood == 'ode'
+                   else vb_per_example)
 
     def eval_step(params, batch, batch_index):
         index = batch_index * batch_size + jnp.arange(batch['image'].shape[0])
@@ -91,6 +101,42 @@ def make_eval_step_fn(config: ml_collections.ConfigDict, model: nn.Module,
                    out_shardings=replicated)
 
 
+def _make_ode_per_example_fn(config: ml_collections.ConfigDict, model: nn.Module
+                             ) -> Callable:
+    """`per_example(params, image, label, rng) -> {'total_bpd', 'nfe'}` of the
+    probability-flow ODE likelihood (`ode_likelihood.ode_bpd`: uniform dequantisation,
+    `eval.ode_*`), on the trained SDE of a score model (task='score') or on the VP view
+    of a discrete-time model's full training schedule (`sde.make_vp_score_fn`, no
+    clipping: the drift must be smooth for the adaptive solver).
+
+    Each image is solved alone (under `vmap`), so its step sizes, and so its bits/dim,
+    do not depend on the other images of its batch.
+    """
+    e, d = config.eval, config.diffusion
+    conditional = config.model.num_classes > 0
+    if config.task == score_task.ScoreTask.name:
+        sde = score_task.create_sde(config)
+    else:
+        sched = schedules.make_schedule(d.schedule, d.num_timesteps)
+        sde = sde_lib.vp_view(sched)
+
+    def per_example(params, image, label, rng):
+        model_fn = make_model_fn(model, params, pass_labels=conditional)
+        model_kwargs = {'y': label[None]} if conditional else None
+        if config.task == score_task.ScoreTask.name:
+            score_fn = score_task.make_score_fn(config, sde, model_fn, model_kwargs)
+        else:
+            _, score_fn = sde_lib.make_vp_score_fn(model_fn, sched, mean_type=d.mean_type,
+                                                   var_type=d.var_type, clip_denoised=False,
+                                                   model_kwargs=model_kwargs)
+        bpd, nfe = ode_likelihood.ode_bpd(sde, score_fn, image[None], rng, eps=e.ode_eps,
+                                          trace=e.ode_trace, solver=e.ode_solver,
+                                          rtol=e.ode_rtol, atol=e.ode_atol)
+        return {'total_bpd': bpd[0], 'nfe': nfe.astype(jnp.float32)}
+
+    return per_example
+
+
 def summarize(sums: dict[str, np.ndarray], step: int) -> dict[str, Any]:
     """Turns accumulated sums into the reported averages.
 
@@ -99,6 +145,8 @@ def summarize(sums: dict[str, np.ndarray], step: int) -> dict[str, Any]:
         step: The checkpoint's step.
 
     Returns:
+        With eval.likelihood='ode' (no 'vb' in sums): {'step', 'num_images',
+        'likelihood': 'ode', 'total_bpd', 'nfe' (mean solver NFE per image)}; else
         {'step', 'num_images', 'total_bpd', 'prior_bpd', 'vb_q0'..'vb_q3',
         'mse_q0'..'mse_q3', 'vb_per_step'}: bits/dim averaged over images;
         'vb_q<q>' is the sum over the steps i with floor(4 i / N) == q of the mean
@@ -109,6 +157,10 @@ def summarize(sums: dict[str, np.ndarray], step: int) -> dict[str, Any]:
     count = float(sums['count'])
     if count <= 0:
         raise ValueError('No evaluation images (eval.num_images and the eval split).')
+    if 'vb' not in sums:  # eval.likelihood='ode': the ODE bits/dim and the solver's NFE.
+        return {'step': int(step), 'num_images': int(round(count)), 'likelihood': 'ode',
+                'total_bpd': float(sums['total_bpd']) / count,
+                'nfe': float(sums['nfe']) / count}
     vb = np.asarray(sums['vb'], np.float64) / count
     mse = np.asarray(sums['mse'], np.float64) / count
     num_steps = vb.shape[0]
@@ -177,10 +229,16 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if bar is not None:
         bar.close()
     result = summarize(totals, step)
-    logger.info('Step %d: %.4f bits/dim (prior %.4f; quarters %s) on %d images.', step,
-                result['total_bpd'], result['prior_bpd'],
-                ', '.join(f'{result[f"vb_q{q}"]:.4f}' for q in range(diffusion.NUM_QUARTERS)),
-                result['num_images'])
+    if 'nfe' in result:
+        logger.info('Step %d: %.4f bits/dim (probability-flow ODE, %.1f NFE per image) on '
+                    '%d images.', step, result['total_bpd'], result['nfe'],
+                    result['num_images'])
+    else:
+        logger.info('Step %d: %.4f bits/dim (prior %.4f; quarters %s) on %d images.', step,
+                    result['total_bpd'], result['prior_bpd'],
+                    ', '.join(f'{result[f"vb_q{q}"]:.4f}'
+                              for q in range(diffusion.NUM_QUARTERS)),
+                    result['num_images'])
     if is_main:
         stem = workdir_lib.unique_stem(epath.Path(workdir), f'eval_{step}', ('.json',))
         path = f'{stem}.json'

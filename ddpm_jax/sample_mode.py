@@ -127,7 +127,8 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str, *,
         mesh: Default: all devices.
 
     Returns:
-        {'step': int, 'npz': path, 'png': path, 'num_images': int}; the paths are
+        {'step': int, 'npz': path, 'png': path, 'num_images': int, 'nfe': float (the
+        sampler's model evaluations, the mean over batches)}; the paths are
         None on processes other than 0.
 
     Raises:
@@ -136,6 +137,10 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str, *,
     """
     mesh = parallel.create_mesh() if mesh is None else mesh
     config_lib.validate(config, mode='sample', num_devices=parallel.num_mesh_devices(mesh))
+    if config.model.low_res_size > 0:
+        raise ValueError(f'model.low_res_size={config.model.low_res_size}: an upsampler samples '
+                         'from low-resolution images; use upsampling.upsample_and_save '
+                         '(main.py does for task=\'super_resolution\').')
     workdir_lib.require_existing(workdir)
     s = config.sample
     classifier, classifier_params = None, None
@@ -143,8 +148,9 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str, *,
         classifier, classifier_params = restore_classifier(config, mesh)
     model = create_model(config)
     # Fails on a classifier of other classes before the (large) denoiser is restored.
-    sample_fn = diffusion_task.make_sample_fn(config, model, classifier=classifier, mesh=mesh)
-    step, _, ema_params = checkpointing.restore_for_inference(config, workdir, mesh)
+    sample_fn = tasks.make_sample_fn(config, model, classifier=classifier, mesh=mesh)
+    step, _, ema_params, task_state = checkpointing.restore_for_inference(
+        config, workdir, mesh, with_task_state=True)
     sample_params = ema_params[tasks.TASKS[config.task].sample_part]
 
     num_classes = diffusion_task.label_classes(config, classifier)
@@ -160,13 +166,14 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str, *,
     if is_main and sys.stdout.isatty():
         import tqdm
         batches = tqdm.tqdm(batches, desc='sampling', unit='batch')
-    collected = []
+    collected, nfes = [], []
     for b in batches:
         batch_labels = np.zeros((batch_size,), np.int32)
         chunk = labels[b * batch_size:(b + 1) * batch_size]
         batch_labels[:len(chunk)] = np.maximum(chunk, 0)  # -1 (no label) feeds nothing.
-        out = sample_fn(sample_params, jax.random.fold_in(base_rng, b), batch_labels,
-                        classifier_params)
+        out, nfe = sample_fn(sample_params, jax.random.fold_in(base_rng, b), batch_labels,
+                             classifier_params, task_state=task_state, return_nfe=True)
+        nfes.append(int(nfe))  # Model evaluations (adaptive solvers: per batch).
         host = parallel.gather(out)[:len(chunk)]
         if is_main:
             collected.append(images_lib.to_uint8(host))
@@ -187,6 +194,8 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str, *,
         images_lib.save_png(png_path, grid)
         logger.info('Wrote %s and %s.', npz_path, png_path)
     result = {'step': int(step), 'npz': npz_path, 'png': png_path,
-              'num_images': int(s.num_images)}
+              'num_images': int(s.num_images), 'nfe': float(np.mean(nfes))}
+    logger.info('%s used %.1f model evaluations (NFE) per image on average.', s.sampler,
+                result['nfe'])
     workdir_lib.append_run_record(workdir, 'sample', config, result)
     return result

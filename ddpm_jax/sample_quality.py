@@ -44,7 +44,6 @@ from ddpm_jax import writers
 from ddpm_jax.models import create_model
 from ddpm_jax.models import digits_net
 from ddpm_jax.models import inception
-from ddpm_jax.tasks import diffusion as diffusion_task
 
 logger = logging.getLogger('ddpm_jax')
 
@@ -78,7 +77,16 @@ class FeatureExtractor:
         else:
             variables = digits_net.load_or_train()
             model = digits_net.DigitsNet()
-            network = model.apply
+
+            def network(v, images):
+                # Larger digits (e.g. the 16x16 of latent diffusion) are block-averaged
+                # to the network's 8x8.
+                b, size = images.shape[0], images.shape[1]
+                k = size // 8
+                if k > 1:
+                    images = jnp.asarray(images, jnp.float32).reshape(
+                        b, 8, k, 8, k, images.shape[-1]).mean(axis=(2, 4))
+                return model.apply(v, images)
 
         def apply(v, images, from_unit_range):
             if from_unit_range:
@@ -280,7 +288,8 @@ def reference_statistics(config: ml_collections.ConfigDict, extractor: FeatureEx
 
 def _sample_features(config: ml_collections.ConfigDict, sample_fn: Callable, params: Any,
                      extractor: FeatureExtractor, num: int, rng: jax.Array,
-                     progress: bool) -> tuple[FeatureAccumulator, np.ndarray]:
+                     progress: bool, task_state: Any = None
+                     ) -> tuple[FeatureAccumulator, np.ndarray]:
     """Samples `num` images in batches of `eval.fid_batch_size`, streaming features."""
     batch_size = config.eval.fid_batch_size
     labels = sample_mode.make_labels(config, config.model.num_classes, num)
@@ -294,7 +303,8 @@ def _sample_features(config: ml_collections.ConfigDict, sample_fn: Callable, par
         chunk = labels[b * batch_size:(b + 1) * batch_size]
         batch_labels = np.zeros(batch_size, np.int32)
         batch_labels[:len(chunk)] = np.maximum(chunk, 0)
-        images = sample_fn(params, jax.random.fold_in(rng, b), batch_labels)
+        images = sample_fn(params, jax.random.fold_in(rng, b), batch_labels,
+                           task_state=task_state)
         features = extractor(images, from_unit_range=True)
         accumulator.update(features, np.arange(batch_size) < len(chunk))
         if progress and not sys.stdout.isatty() and (b + 1) % 10 == 0:
@@ -313,7 +323,7 @@ def make_training_fid_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.M
     reference = reference_statistics(config, extractor, workdir)
     fid_config = ml_collections.ConfigDict(config.to_dict())
     fid_config.sample.classifier_scale = 0.0
-    sample_fn = diffusion_task.make_sample_fn(fid_config, create_model(config), mesh=mesh)
+    sample_fn = tasks.make_sample_fn(fid_config, create_model(config), mesh=mesh)
     rng = config_lib.rng_for(config, 'fid')
 
     def fid_fn(ema_params):
@@ -366,16 +376,17 @@ def evaluate_samples(config: ml_collections.ConfigDict, workdir: str, *,
                                             config.eval.fid_batch_size)
         step, source = -1, config.eval.fid_samples
     else:
-        step, _, ema_params = checkpointing.restore_for_inference(config, workdir, mesh)
+        step, _, ema_params, task_state = checkpointing.restore_for_inference(
+            config, workdir, mesh, with_task_state=True)
         fid_config = ml_collections.ConfigDict(config.to_dict())
         fid_config.sample.classifier_scale = 0.0
-        sample_fn = diffusion_task.make_sample_fn(fid_config, create_model(config), mesh=mesh)
+        sample_fn = tasks.make_sample_fn(fid_config, create_model(config), mesh=mesh)
         logger.info('Scoring %d samples of step %d (%s).', config.eval.fid_num_samples, step,
                     config.sample.sampler)
         accumulator, labels = _sample_features(
             config, sample_fn, ema_params[tasks.TASKS[config.task].sample_part], extractor,
             config.eval.fid_num_samples,
-            config_lib.rng_for(config, 'fid'), progress=True)
+            config_lib.rng_for(config, 'fid'), progress=True, task_state=task_state)
         source = f'step {step}'
     result = score(accumulator.result(), reference, labels=labels)
     result.update(step=int(step), network=config.eval.metrics_network, samples=source)

@@ -314,8 +314,8 @@ class Trainer:
 
     def _write_grid(self, state: state_lib.TrainState, step: int, workdir: str) -> str | None:
         """Samples the grid with the chosen EMA copy; process 0 writes the PNG."""
-        images, columns = self._grid_fn(state_lib.select_ema_params(self.config,
-                                                                    state.ema_params))
+        images, columns = self._grid_fn(
+            state_lib.select_ema_params(self.config, state.ema_params), state.task_state)
         if jax.process_index() != 0:
             return None
         grid = images_lib.make_grid(images_lib.to_uint8(images), columns,

@@ -7,7 +7,7 @@ import pytest
 
 from configs import default
 from ddpm_jax import config_lib
-from ddpm_jax import samplers
+from ddpm_jax import sampler_registry
 
 README = open(__file__.replace('tests/test_config_lib.py', 'README.md')).read()
 
@@ -104,8 +104,12 @@ def test_salts_are_distinct_and_streams_independent():
 
 def test_sampler_table_is_what_the_config_and_readme_document():
     """Adding a sampler is one function and one table entry; the docs must follow."""
-    comment = [line for line in open(default.__file__).read().splitlines()
-               if 'sample.sampler =' in line][0]
-    for name in samplers.SAMPLERS:
+    lines = open(default.__file__).read().splitlines()
+    start = [i for i, line in enumerate(lines) if 'sample.sampler =' in line][0]
+    end = start + 1
+    while lines[end].strip().startswith('#'):  # The comment's continuation lines.
+        end += 1
+    comment = ' '.join(lines[start:end])
+    for name in sampler_registry.SAMPLERS:
         assert f"'{name}'" in comment, name
         assert f'`{name}`' in README, name

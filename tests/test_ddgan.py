@@ -11,6 +11,7 @@ from ddpm_jax import config_lib, parallel, samplers, schedules
 from ddpm_jax import data as data_lib
 from ddpm_jax import state as state_lib
 from ddpm_jax import tasks, train
+from ddpm_jax.models import ddgan_discriminator
 
 
 @pytest.fixture
@@ -27,7 +28,6 @@ def gan_config(tiny_config):
     config.diffusion.var_type = 'fixed_small'
     config.gan.disc_base_channels = 8
     config.gan.disc_channel_mult = (1, 2)
-    config.gan.disc_num_groups = 4
     config.gan.lazy_reg = 2
     config.gan.r1_gamma = 1.0
     config.sample.sampler = 'ddgan'
@@ -124,7 +124,7 @@ def test_each_optimiser_moves_only_its_network(gan_config):
     task = tasks.create_task(gan_config)
     state = state_lib.create_sharded_train_state(task, jax.random.key(0), mesh)
     global_batch = parallel.to_global(batch, mesh)
-    # D's head starts at zero, which would give G no gradient: perturb D first.
+    # Perturb D so that G's gradient is far from zero.
     host_state = parallel.to_host(state)
     noise = np.random.default_rng(0)
     host_state = host_state.replace(params=dict(host_state.params, discriminator=jax.tree.map(
@@ -152,6 +152,7 @@ def test_each_optimiser_moves_only_its_network(gan_config):
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads['discriminator'])) > 0
 
 
+@pytest.mark.slow
 def test_ddgan_resumes_bit_for_bit_and_sharding_matches(gan_config, tmp_path):
     config = gan_config
     trainer = train.Trainer(config, mesh=_mesh(1))
@@ -166,6 +167,7 @@ def test_ddgan_resumes_bit_for_bit_and_sharding_matches(gan_config, tmp_path):
                  parallel.to_host(sharded), parallel.to_host(reference))
 
 
+@pytest.mark.slow
 def test_short_digits_run_narrows_the_discriminator_advantage(gan_config, tmp_path):
     """After 40 steps the trained generator's fakes score closer to the real pairs
     under the final discriminator than the initial generator's do; samples from
@@ -214,3 +216,35 @@ def test_ddgan_config_rules(gan_config):
         config[group][name] = value
         with pytest.raises(ValueError, match=match):
             config_lib.validate(config, num_devices=4)
+
+
+def test_minibatch_stddev_against_numpy():
+    rng = np.random.default_rng(0)
+    h = rng.normal(size=(8, 3, 3, 5)).astype(np.float32)
+    out = np.asarray(ddgan_discriminator.minibatch_stddev(jnp.asarray(h), 4))
+    assert out.shape == (8, 3, 3, 6)
+    np.testing.assert_array_equal(out[..., :5], h)
+    h64 = h.astype(np.float64)
+    for b in range(8):  # Example b is grouped with b +- 2, 4, 6 (groups of 4, stride B/4).
+        group = h64[b % 2::2]
+        expected = np.mean(np.sqrt(np.var(group, axis=0) + 1e-8))
+        np.testing.assert_allclose(out[b, ..., 5], expected, rtol=1e-5)
+    # A batch of 6 is split into groups of 3, the largest divisor up to 4.
+    out6 = np.asarray(ddgan_discriminator.minibatch_stddev(jnp.asarray(h[:6]), 4))
+    np.testing.assert_allclose(out6[0, 0, 0, 5],
+                               np.mean(np.sqrt(np.var(h64[0:6:2], axis=0) + 1e-8)), rtol=1e-5)
+
+
+def test_discriminator_logit_depends_on_pair_time_and_label():
+    disc = ddgan_discriminator.DDGANDiscriminator(base_channels=8, channel_mult=(1, 2),
+                                                  num_classes=3)
+    rng = np.random.default_rng(1)
+    pair = jnp.asarray(rng.normal(size=(4, 8, 8, 2)), jnp.float32)
+    t, y = jnp.array([0, 1, 2, 3]), jnp.array([0, 1, 2, 0])
+    params = disc.init(jax.random.key(0), pair, t, y)
+    base = np.asarray(disc.apply(params, pair, t, y))
+    assert base.shape == (4,) and np.abs(base).max() > 0.05  # No zero-initialised head.
+    for changed in (disc.apply(params, pair.at[:, :, :, 0].add(0.5), t, y),
+                    disc.apply(params, pair, t + 1, y),
+                    disc.apply(params, pair, t, (y + 1) % 3)):
+        assert np.all(np.abs(np.asarray(changed) - base) > 1e-6)

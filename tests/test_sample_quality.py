@@ -128,10 +128,26 @@ def test_missing_inception_weights_stop_before_anything_runs(fid_config, monkeyp
 
 
 def test_digits_network_only_scores_digit_images(fid_config):
+    for field, value in (('image_size', 12), ('channels', 3)):
+        config = fid_config.copy_and_resolve_references()
+        config.data[field] = value
+        with pytest.raises(ValueError, match="metrics_network='digits' scores 8x8 grey"):
+            config_lib.validate(config, mode='fid', num_devices=4)
+
+
+def test_digits_network_block_averages_larger_digits(fid_config):
+    """16x16 digits (latent diffusion's) are averaged 2x2 down to the network's 8x8."""
+    images, _ = _digits_uint8('test')
+    big = images[:8].astype(np.float64).repeat(2, axis=1).repeat(2, axis=2)
+    big[:, ::2, ::2] += 3.0  # The 2x2 means are the 8x8 image + 0.75.
+    small = images[:8].astype(np.float64) + 0.75
     fid_config.data.image_size = 16
-    fid_config.model.channel_mult = (1,)
-    with pytest.raises(ValueError, match="metrics_network='digits' scores 8x8 grey"):
-        config_lib.validate(fid_config, mode='fid', num_devices=4)
+    config_lib.validate(fid_config, mode='fid', num_devices=4)
+    extractor = sample_quality.FeatureExtractor(fid_config, parallel.create_mesh())
+    out_big = extractor(parallel.shard_host_array(big.astype(np.float32), extractor.mesh))
+    out_small = extractor(parallel.shard_host_array(small.astype(np.float32), extractor.mesh))
+    np.testing.assert_allclose(out_big['features'], out_small['features'], rtol=1e-4,
+                               atol=1e-4)
 
 
 def test_npz_arrays_are_read_in_place(tmp_path):

@@ -28,13 +28,14 @@ __all__ = ['MODELS', 'UNet', 'Classifier', 'create_model', 'example_inputs', 'ma
 _COMMON_FIELDS = ('variant', 'base_channels', 'channel_mult', 'num_res_blocks',
                   'attention_resolutions', 'num_heads', 'num_head_channels', 'dropout',
                   'resblock_updown', 'use_scale_shift_norm', 'conv_resample', 'num_groups',
-                  'num_classes', 'dtype', 'remat')
+                  'num_classes', 'legacy_qkv_order', 'dtype', 'remat')
 
 
 def _create_unet(config: ml_collections.ConfigDict, **kwargs) -> nn.Module:
     m = config.model
     return UNet(class_dropout_prob=m.class_dropout_prob, learn_sigma=m.learn_sigma,
-                latent_dim=m.latent_dim, mapping_layers=m.mapping_layers, **kwargs)
+                latent_dim=m.latent_dim, mapping_layers=m.mapping_layers,
+                timestep_scale=m.timestep_scale, low_res_size=m.low_res_size, **kwargs)
 
 
 def _create_classifier(config: ml_collections.ConfigDict, **kwargs) -> nn.Module:
@@ -117,7 +118,8 @@ def example_inputs(model: nn.Module, image_size: int, channels: int, batch_size:
 
     Returns:
         (x [B, H, W, C] float32, t [B] int32, model_kwargs) where model_kwargs holds
-        `y` for a class-conditional UNet and `z` for a generator (latent_dim > 0).
+        `y` for a class-conditional UNet, `z` for a generator (latent_dim > 0) and
+        `low_res` for a super-resolution UNet (low_res_size > 0).
     """
     x = jnp.zeros((batch_size, image_size, image_size, channels), jnp.float32)
     t = jnp.zeros((batch_size,), jnp.int32)
@@ -126,6 +128,9 @@ def example_inputs(model: nn.Module, image_size: int, channels: int, batch_size:
         kwargs['y'] = jnp.zeros((batch_size,), jnp.int32)
     if isinstance(model, UNet) and model.latent_dim > 0:
         kwargs['z'] = jnp.zeros((batch_size, model.latent_dim), jnp.float32)
+    if isinstance(model, UNet) and model.low_res_size > 0:
+        kwargs['low_res'] = jnp.zeros((batch_size, model.low_res_size, model.low_res_size,
+                                       channels), jnp.float32)
     return x, t, kwargs
 
 

@@ -39,6 +39,7 @@ class Classifier(nn.Module):
     num_groups: int = 32
     num_classes: int = 1000
     pool: str = 'attention'
+    legacy_qkv_order: bool = False  # See layers.AttentionBlock (the pool's is never legacy).
     dtype: str = 'float32'
     remat: bool = False
 

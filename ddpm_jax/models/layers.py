@@ -170,6 +170,28 @@ def upsample_nearest(x: jax.Array) -> jax.Array:
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
+def upsample_bilinear(x: jax.Array, size: int) -> jax.Array:
+    """Bilinear resize of [B, h, w, C] to [B, size, size, C] with half-pixel centres.
+
+    PyTorch's `F.interpolate(mode='bilinear', align_corners=False)`, which ADM's
+    super-resolution model applies to its low-resolution input: output pixel i samples
+    the input at max(0, (i + 0.5) h / size - 0.5), between the two nearest pixels
+    (the last one repeated at the border). Computed in float32.
+    """
+    def weights(n_in: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+        src = (jnp.arange(size, dtype=jnp.float32) + 0.5) * (n_in / size) - 0.5
+        src = jnp.maximum(src, 0.0)
+        lo = jnp.minimum(jnp.floor(src).astype(jnp.int32), n_in - 1)
+        hi = jnp.minimum(lo + 1, n_in - 1)
+        return lo, hi, src - lo.astype(jnp.float32)
+
+    x = x.astype(jnp.float32)
+    lo, hi, frac = weights(x.shape[2])  # Along the width first, as PyTorch.
+    x = x[:, :, lo] * (1 - frac)[None, None, :, None] + x[:, :, hi] * frac[None, None, :, None]
+    lo, hi, frac = weights(x.shape[1])
+    return x[:, lo] * (1 - frac)[None, :, None, None] + x[:, hi] * frac[None, :, None, None]
+
+
 def avg_pool_2x(x: jax.Array) -> jax.Array:
     """2x2 average pooling with stride 2 of [B, H, W, C] to [B, H/2, W/2, C]."""
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
@@ -308,12 +330,17 @@ class AttentionBlock(nn.Module):
         num_groups: GroupNorm groups.
         variant: 'ddpm' or 'adm'.
         dtype: compute dtype.
+        legacy_qkv_order: 'adm' only. False splits the fused qkv output into q, k, v
+            and then each into heads (guided-diffusion's QKVAttention); True splits it
+            into heads first, each head's slice holding its q, k, v (QKVAttentionLegacy,
+            used by every released ADM and Improved DDPM model except 64x64_diffusion.pt).
     """
     num_heads: int = 1
     num_head_channels: int = -1
     num_groups: int = 32
     variant: str = 'adm'
     dtype: Dtype = jnp.float32
+    legacy_qkv_order: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -330,15 +357,19 @@ class AttentionBlock(nn.Module):
         heads = num_attention_heads(c, self.num_heads, self.num_head_channels)
         h = GroupNorm(self.num_groups, self.variant, self.dtype, name='norm')(x)
         h = h.reshape(b, height * width, c)  # [B, T, C]
+        split = lambda a: a.reshape(b, height * width, heads, -1)  # [B, T, N, D or 3D]
         if self.variant == 'ddpm':
             q = dense(c, self.variant, self.dtype, name='q')(h)
             k = dense(c, self.variant, self.dtype, name='k')(h)
             v = dense(c, self.variant, self.dtype, name='v')(h)
+            q, k, v = split(q), split(k), split(v)
         else:
-            q, k, v = jnp.split(dense(3 * c, self.variant, self.dtype, name='qkv')(h), 3,
-                                axis=-1)
-        split = lambda a: a.reshape(b, height * width, heads, c // heads)  # [B, T, N, D]
-        h = jax.nn.dot_product_attention(split(q), split(k), split(v))
+            qkv = dense(3 * c, self.variant, self.dtype, name='qkv')(h)
+            if self.legacy_qkv_order:  # Channels [3Dn, 3D(n+1)) are head n's q, k, v.
+                q, k, v = jnp.split(split(qkv), 3, axis=-1)
+            else:
+                q, k, v = (split(a) for a in jnp.split(qkv, 3, axis=-1))
+        h = jax.nn.dot_product_attention(q, k, v)
         h = h.reshape(b, height * width, c)
         h = dense(c, self.variant, self.dtype, zero_init=True, name='proj_out')(h)
         return x + h.reshape(b, height, width, c)

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddpm_jax.models import conditioning
 from ddpm_jax.models import layers
 
 
@@ -52,12 +53,28 @@ def block_factories(arch: Any, train: bool
     res_kwargs = dict(dropout=arch.dropout, use_scale_shift_norm=arch.use_scale_shift_norm,
                       deterministic=not train, **common)
     attn_kwargs = dict(num_heads=arch.num_heads, num_head_channels=arch.num_head_channels,
-                       **common)
+                       legacy_qkv_order=arch.legacy_qkv_order, **common)
     return res_block, attn_block, res_kwargs, attn_kwargs
 
 
-def encode(arch: Any, x: jax.Array, emb: jax.Array, train: bool
-           ) -> tuple[jax.Array, list[jax.Array]]:
+def attend(attn_block: type[nn.Module], attn_kwargs: dict, name: str, h: jax.Array,
+           context: jax.Array | None) -> jax.Array:
+    """Self-attention, then (with a context) cross-attention to the context.
+
+    The cross-attention block is named '<name>_cross', so a model without a context
+    has exactly the parameters of one without cross-attention.
+    """
+    h = attn_block(name=name, **attn_kwargs)(h)
+    if context is not None:
+        h = conditioning.CrossAttentionBlock(
+            num_heads=attn_kwargs['num_heads'], num_head_channels=attn_kwargs['num_head_channels'],
+            num_groups=attn_kwargs['num_groups'], dtype=attn_kwargs['dtype'],
+            name=f'{name}_cross')(h, context)
+    return h
+
+
+def encode(arch: Any, x: jax.Array, emb: jax.Array, train: bool,
+           context: jax.Array | None = None) -> tuple[jax.Array, list[jax.Array]]:
     """The input blocks and middle block of the UNet.
 
     Must be called from inside the compact `__call__` of `arch`, which owns the
@@ -68,6 +85,7 @@ def encode(arch: Any, x: jax.Array, emb: jax.Array, train: bool
         x: [B, H, W, C] input images.
         emb: [B, 4 * base_channels] conditioning embedding.
         train: enables dropout.
+        context: [B, L, D] tokens the attention blocks also attend to, or None.
 
     Returns:
         (h, skips): the middle block's output [B, H / 2^(L-1), W / 2^(L-1), C_L] and
@@ -84,7 +102,7 @@ def encode(arch: Any, x: jax.Array, emb: jax.Array, train: bool
         for i in range(arch.num_res_blocks):
             h = res_block(ch, name=f'down_{level}_res_{i}', **res_kwargs)(h, emb)
             if resolution in arch.attention_resolutions:
-                h = attn_block(name=f'down_{level}_attn_{i}', **attn_kwargs)(h)
+                h = attend(attn_block, attn_kwargs, f'down_{level}_attn_{i}', h, context)
             skips.append(h)
         if level != len(chans) - 1:
             if arch.resblock_updown:
@@ -97,7 +115,7 @@ def encode(arch: Any, x: jax.Array, emb: jax.Array, train: bool
             resolution //= 2
 
     h = res_block(chans[-1], name='mid_res_0', **res_kwargs)(h, emb)
-    h = attn_block(name='mid_attn', **attn_kwargs)(h)
+    h = attend(attn_block, attn_kwargs, 'mid_attn', h, context)
     h = res_block(chans[-1], name='mid_res_1', **res_kwargs)(h, emb)
     return h, skips
 
@@ -146,6 +164,22 @@ class UNet(nn.Module):
     dense layers (leaky ReLU 0.2, as their StyleGAN-style mapping network) and added
     to the time embedding, which drives the adaptive group norms of every residual
     block when `use_scale_shift_norm` is set.
+
+    With `low_res_size > 0` it is ADM's super-resolution model ("ADM-U", Dhariwal &
+    Nichol 2021, App. I; guided-diffusion's SuperResModel): the low-resolution image
+    (`low_res`, [B, low_res_size, low_res_size, C]) is upsampled bilinearly to the
+    input's size and concatenated after x on the channels, so the first convolution
+    sees 2C channels; the output keeps C (2C with learn_sigma).
+
+    `timestep_scale` multiplies t before the embedding: 1000 / T for Improved DDPM's
+    released models, trained with `rescale_timesteps` (their T = 4000).
+
+    With `context_encoder` 'class' or 'tokens' the labels y are turned into a context
+    sequence [B, L, context_dim] (`ddpm_jax.models.conditioning`) that every
+    attention block attends to after its self-attention (LDM's cross-attention,
+    Rombach et al. 2022, Sec. 3.3); they are then not added to the time embedding.
+    The null label (num_classes, or the null token) gives the null context of
+    classifier-free guidance.
     """
     variant: str = 'adm'
     base_channels: int = 128
@@ -164,6 +198,13 @@ class UNet(nn.Module):
     learn_sigma: bool = False
     latent_dim: int = 0
     mapping_layers: int = 3
+    legacy_qkv_order: bool = False
+    timestep_scale: float = 1.0
+    low_res_size: int = 0
+    context_encoder: str = 'none'
+    context_dim: int = 0
+    context_layers: int = 1
+    context_vocab_size: int = 0
     dtype: str = 'float32'
     remat: bool = False
 
@@ -176,7 +217,8 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None,
-                 train: bool = False, z: jax.Array | None = None) -> jax.Array:
+                 train: bool = False, z: jax.Array | None = None,
+                 low_res: jax.Array | None = None) -> jax.Array:
         """Predicts the model output for noisy images.
 
         Args:
@@ -186,6 +228,8 @@ class UNet(nn.Module):
                 only when class_dropout_prob > 0); required iff num_classes > 0.
             train: enables dropout (needs the 'dropout' rng collection).
             z: [B, latent_dim] latent noise; required iff latent_dim > 0.
+            low_res: [B, low_res_size, low_res_size, C] images in [-1, 1]; required iff
+                low_res_size > 0 (a super-resolution model).
 
         Returns:
             [B, H, W, C] float32, or [B, H, W, 2C] with learn_sigma.
@@ -214,8 +258,16 @@ class UNet(nn.Module):
             raise ValueError(f'model.latent_dim={self.latent_dim}: a latent z is '
                              f'{"required" if self.latent_dim > 0 else "not taken"}.')
         batch_size, out_channels = x.shape[0], x.shape[-1] * (2 if self.learn_sigma else 1)
+        if low_res is not None or self.low_res_size:
+            x = self._concat_low_res(x, low_res)
+        if self.timestep_scale != 1.0:
+            t = jnp.asarray(t, jnp.float32) * self.timestep_scale
         emb = embed_timesteps(self, t, batch_size)
-        if y is not None:
+        context = None
+        if self.context_encoder != 'none':  # The labels enter by cross-attention only.
+            conditioning.check_context(self)
+            context = conditioning.create_context_encoder(self, self.num_label_embeddings)(y)
+        elif y is not None:
             if y.shape != (batch_size,):
                 raise ValueError(f'Labels y must have shape [{batch_size}], got {y.shape}.')
             # N(0, 1) rows as ADM's nn.Embedding (Flax's default is ~1/sqrt(D)).
@@ -230,14 +282,14 @@ class UNet(nn.Module):
         res_block, attn_block, res_kwargs, attn_kwargs = block_factories(self, train)
         chans = layers.level_channels(self.base_channels, self.channel_mult)
 
-        h, skips = encode(self, x, emb, train)
+        h, skips = encode(self, x, emb, train, context)
         resolution = h.shape[1]
         for level in reversed(range(len(chans))):
             for i in range(self.num_res_blocks + 1):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
                 h = res_block(chans[level], name=f'up_{level}_res_{i}', **res_kwargs)(h, emb)
                 if resolution in self.attention_resolutions:
-                    h = attn_block(name=f'up_{level}_attn_{i}', **attn_kwargs)(h)
+                    h = attend(attn_block, attn_kwargs, f'up_{level}_attn_{i}', h, context)
             if level != 0:
                 if self.resblock_updown:
                     h = res_block(chans[level], up=True, name=f'up_{level}_upsample',
@@ -253,6 +305,21 @@ class UNet(nn.Module):
         h = layers.conv(out_channels, self.variant, jnp.float32, zero_init=True,
                         name='conv_out')(h)
         return h.astype(jnp.float32)
+
+    def _concat_low_res(self, x: jax.Array, low_res: jax.Array | None) -> jax.Array:
+        """[x, bilinear upsampling of low_res] on channels (SuperResModel.forward)."""
+        if self.low_res_size <= 0 or low_res is None:
+            raise ValueError(f'model.low_res_size={self.low_res_size}: a low-resolution image '
+                             f'low_res is {"required" if low_res is None else "not taken"}.')
+        want = (x.shape[0], self.low_res_size, self.low_res_size, x.shape[-1])
+        if low_res.shape != want:
+            raise ValueError(f'The upsampler takes low_res images of shape {want} '
+                             f'(model.low_res_size={self.low_res_size}), got {low_res.shape}.')
+        if self.low_res_size > x.shape[1]:
+            raise ValueError(f'model.low_res_size={self.low_res_size} exceeds the output size '
+                             f'data.image_size={x.shape[1]}.')
+        upsampled = layers.upsample_bilinear(low_res, x.shape[1])
+        return jnp.concatenate([x, upsampled.astype(x.dtype)], axis=-1)
 
     def _map_latent(self, z: jax.Array, batch_size: int, emb_dim: int) -> jax.Array:
         """The mapping network: pixel norm, then dense layers with leaky ReLU (float32)."""

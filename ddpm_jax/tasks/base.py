@@ -131,11 +131,13 @@ class Task:
         return metrics
 
     def make_grid_fn(self, mesh: jax.sharding.Mesh, rng: jax.Array
-                     ) -> Callable[[Mapping[str, Any]], tuple[Any, int]] | None:
-        """A function from EMA parameters ({part: tree}) to (images, columns) for the
-        periodic sample grid (images a float32 [N, H, W, C] array in [-1, 1] on the
-        host, the same on every process; all processes call it), or None for no
-        grids. Built once per trainer, so it compiles once; `rng` is the grids' key."""
+                     ) -> Callable[[Mapping[str, Any], Any], tuple[Any, int]] | None:
+        """`grid_fn(ema_params, task_state) -> (images, columns)` for the periodic
+        sample grid, from the chosen EMA parameters ({part: tree}) and the task state
+        (e.g. a measured latent scale, or stored input images to reconstruct); images
+        a float32 [N, H, W, C] array in [-1, 1] on the host, the same on every
+        process (all processes call it). None for no grids. Built once per trainer,
+        so it compiles once; `rng` is the grids' key."""
         del mesh, rng
         return None
 

@@ -28,26 +28,21 @@ import ml_collections
 from ddpm_jax import diffusion
 from ddpm_jax import schedules
 from ddpm_jax import state as state_lib
-from ddpm_jax.models import Classifier, create_model, example_inputs, make_model_fn
-from ddpm_jax.models import layers
+from ddpm_jax.models import create_model, example_inputs, make_model_fn
+from ddpm_jax.models.ddgan_discriminator import DDGANDiscriminator
 from ddpm_jax.tasks import base
 from ddpm_jax.tasks import diffusion as diffusion_task
 
 
-def create_discriminator(config: ml_collections.ConfigDict) -> Classifier:
-    """D: the classifier encoder (time-conditioned residual blocks, mean pooling) over
-    the pair (x_{t-1}, x_t) stacked on channels; one logit per class (1 if none)."""
-    g, m = config.gan, config.model
-    disc = Classifier(variant='adm', base_channels=g.disc_base_channels,
-                      channel_mult=tuple(g.disc_channel_mult),
-                      num_res_blocks=g.disc_num_res_blocks,
-                      attention_resolutions=tuple(g.disc_attention_resolutions),
-                      num_heads=1, num_head_channels=-1, dropout=0.0,
-                      resblock_updown=True, use_scale_shift_norm=True, conv_resample=True,
-                      num_groups=g.disc_num_groups, num_classes=max(m.num_classes, 1),
-                      dtype=m.dtype, remat=False, pool='adaptive')
-    layers.check_architecture(disc, image_size=config.data.image_size)
-    return disc
+def create_discriminator(config: ml_collections.ConfigDict) -> DDGANDiscriminator:
+    """D(x_{t-1}, x_t, t, y): DDGAN's residual LeakyReLU discriminator over the pair
+    stacked on channels (see `models.ddgan_discriminator`); label projection if the
+    model is class-conditional."""
+    g = config.gan
+    return DDGANDiscriminator(base_channels=g.disc_base_channels,
+                              channel_mult=tuple(g.disc_channel_mult),
+                              downsample_first=g.disc_downsample_first,
+                              num_classes=config.model.num_classes)
 
 
 class DDGANTask(diffusion_task.DiffusionTask):
@@ -103,8 +98,9 @@ class DDGANTask(diffusion_task.DiffusionTask):
         size, channels = self.config.data.image_size, self.config.data.channels
         x, t, kwargs = example_inputs(self.model, size, channels)
         generator = self.model.init({'params': g_rng, 'dropout': g_rng}, x, t, **kwargs)
-        pair, t, _ = example_inputs(self.discriminator, size, 2 * channels)
-        disc = self.discriminator.init({'params': d_rng, 'dropout': d_rng}, pair, t)
+        pair = jnp.zeros((1, size, size, 2 * channels), jnp.float32)
+        labels = jnp.zeros((1,), jnp.int32) if self.conditional else None
+        disc = self.discriminator.init(d_rng, pair, jnp.zeros((1,), jnp.int32), labels)
         return {'generator': generator['params'], 'discriminator': disc['params']}
 
     def create_optimizers(self) -> dict[str, state_lib.Optimizer]:
@@ -162,11 +158,10 @@ class DDGANTask(diffusion_task.DiffusionTask):
 
     def discriminator_logits(self, disc_params, prev, x_t, i, labels):
         """D(x_{i-1}, x_i, t_i) [B]: the logit of each example's class."""
-        logits = self.discriminator.apply({'params': disc_params},
-                                          jnp.concatenate([prev, x_t], axis=-1),
-                                          self.sched.timesteps[i], train=False)
-        column = labels if self.conditional else jnp.zeros_like(labels)
-        return jnp.take_along_axis(logits, column[:, None], axis=-1)[:, 0]
+        return self.discriminator.apply({'params': disc_params},
+                                        jnp.concatenate([prev, x_t], axis=-1),
+                                        self.sched.timesteps[i],
+                                        labels if self.conditional else None)
 
     def r1_penalty(self, disc_params, prev, x_t, i, labels) -> jax.Array:
         """||grad_{x_{i-1}} D(x_{i-1}, x_i, t_i)||^2 per example, on real pairs."""

@@ -28,6 +28,7 @@ from ddpm_jax import diffusion
 from ddpm_jax import images as images_lib
 from ddpm_jax import losses
 from ddpm_jax import parallel
+from ddpm_jax import sampler_registry
 from ddpm_jax import samplers
 from ddpm_jax import schedules
 from ddpm_jax import timestep_sampling
@@ -41,9 +42,30 @@ def create_sampling_schedule(config: ml_collections.ConfigDict) -> schedules.Sch
     return schedules.make_schedule(d.schedule, d.num_timesteps, config.sample.respacing or None)
 
 
+def sampled_grid_fn(config: ml_collections.ConfigDict, sample_fn: Callable, part: str,
+                    mesh: jax.sharding.Mesh, rng: jax.Array) -> Callable:
+    """The trainer's `grid_fn(ema_params, task_state)` of a sampler with the interface
+    of `make_sample_fn`: `train.num_grid_samples` images from the same noise (`rng`)
+    every time, labels 0, 1, ..., num_classes - 1 cycling (one class per column when
+    the grid is at least num_classes wide), the batch padded to the mesh size."""
+    num = config.train.num_grid_samples
+    num_classes = config.model.num_classes
+    num_devices = parallel.num_mesh_devices(mesh)
+    padded = -(-num // num_devices) * num_devices
+    labels = (np.arange(padded) % max(num_classes, 1)).astype(np.int32)
+    columns = images_lib.grid_columns(num, num_classes)
+
+    def grid_fn(ema_params: Mapping[str, Any], task_state: Any):
+        images = sample_fn(ema_params[part], rng, labels, task_state=task_state)
+        return parallel.gather(images)[:num], columns
+
+    return grid_fn
+
+
 def make_sample_fn(config: ml_collections.ConfigDict, model: nn.Module, *,
                    classifier: nn.Module | None = None,
-                   mesh: jax.sharding.Mesh | None = None) -> Callable:
+                   mesh: jax.sharding.Mesh | None = None,
+                   decode: Callable[[Any, jax.Array], jax.Array] | None = None) -> Callable:
     """Builds the sharded, jitted sampler for `config.sample` and `config.diffusion`.
 
     The returned function compiles once per batch size (the first call) and then
@@ -58,19 +80,31 @@ def make_sample_fn(config: ml_collections.ConfigDict, model: nn.Module, *,
         classifier: A noise-aware `Classifier`; used when
             `config.sample.classifier_scale > 0`.
         mesh: The `('data',)` mesh; default: all devices.
+        decode: For a model of latents (latent diffusion): `decode(decode_args, z)`
+            maps the sampler's output to images, inside the same program;
+            `decode_args` (e.g. the decoder's parameters) is given at call time and
+            replicated. `config.data` then describes the latents.
 
     Returns:
-        `sample_fn(params, rng, labels, classifier_params=None) -> images`, with
+        `sample_fn(params, rng, labels, classifier_params=None, *, low_res=None,
+        decode_args=None, task_state=None, return_nfe=False) -> images` (`task_state`,
+        the checkpoint's, is not needed here: see `tasks.make_sample_fn`)
+        (or `(images, nfe)`, nfe an int32 scalar: the model
+        evaluations the sampler used, `sampler_registry.run_sampler`), with
         params the UNet's tree (replicated), `rng` a key, labels int32 [B] (a host
         array that is the same on every process, or a global array sharded
-        `P('data')`; B a multiple of the mesh size). Images are float32
+        `P('data')`; B a multiple of the mesh size), and for a super-resolution
+        model (`model.low_res_size` > 0, and only then) `low_res`, float32
+        [B, s, s, C] in [-1, 1] (host or `P('data')`-sharded, like the labels), given
+        to the model through the sampler's `model_kwargs`. Images are float32
         [B, H, W, C] in [-1, 1], a global array sharded `P('data')` (see
         `parallel.gather`).
 
     Raises:
         ValueError: A classifier that is missing or has other classes than the
             model; at call time, a batch not divisible by the mesh size, labels out
-            of range, or missing classifier parameters.
+            of range, missing classifier parameters, or `low_res` missing for a
+            super-resolution model, given to another, or of the wrong shape.
     """
     mesh = parallel.create_mesh() if mesh is None else mesh
     num_devices = parallel.num_mesh_devices(mesh)
@@ -89,20 +123,17 @@ def make_sample_fn(config: ml_collections.ConfigDict, model: nn.Module, *,
                          f'model.num_classes={m.num_classes}; sample.classifier_workdir must '
                          'hold a classifier of the same classes.')
     num_label_classes = label_classes(config, classifier)
-    spec = samplers.SAMPLERS[s.sampler]
     # Read now (the config may change later); Python scalars become program constants.
     options = dict(mean_type=d.mean_type, var_type=d.var_type,
                    clip_denoised=bool(s.clip_denoised), classifier_scale=float(s.classifier_scale))
-    if 'eta' in spec.options:
-        options['eta'] = float(s.eta)
-    if 'latent_dim' in spec.options:
-        options['latent_dim'] = int(m.latent_dim)
+    options.update(sampler_registry.sampler_options(config, s.sampler))  # eta, latent_dim, ...
+    sampler_name = s.sampler
     guidance_scale = float(s.guidance_scale)
 
     def constrain(x):
         return jax.lax.with_sharding_constraint(x, batch_sharded)
 
-    def sample(params, rng, labels, classifier_params):
+    def sample(params, rng, labels, classifier_params, low_res, decode_args):
         base_fn = make_model_fn(model, params, pass_labels=conditional)
         if guidance_scale != 1.0:
             # The null label is num_classes (Ho & Salimans 2022, Eq. 6).
@@ -118,30 +149,63 @@ def make_sample_fn(config: ml_collections.ConfigDict, model: nn.Module, *,
                 make_model_fn(classifier, classifier_params, pass_labels=False))
         use_labels = conditional or guided
         shape = (labels.shape[0],) + image_shape
-        x = spec.fn(model_fn, sched, shape, rng, cond_fn=cond_fn,
-                    model_kwargs={'y': labels} if use_labels else None, **options)
-        return jnp.clip(x, -1.0, 1.0)
+        model_kwargs = {'y': labels} if use_labels else {}
+        if low_res is not None:
+            model_kwargs['low_res'] = low_res
+        x, nfe = sampler_registry.run_sampler(
+            sampler_name, model_fn, sched, shape, rng, cond_fn=cond_fn,
+            model_kwargs=model_kwargs or None, **options)
+        if decode is not None:
+            x = constrain(decode(decode_args, x))
+        return jnp.clip(x, -1.0, 1.0), nfe
 
     if guided:
         jitted = jax.jit(sample, in_shardings=(replicated, replicated, batch_sharded,
-                                               replicated), out_shardings=batch_sharded)
+                                               replicated, batch_sharded, replicated),
+                         out_shardings=(batch_sharded, replicated))
     else:
-        jitted = jax.jit(lambda params, rng, labels: sample(params, rng, labels, None),
-                         in_shardings=(replicated, replicated, batch_sharded),
-                         out_shardings=batch_sharded)
+        jitted = jax.jit(lambda params, rng, labels, low_res, decode_args: sample(
+            params, rng, labels, None, low_res, decode_args),
+                         in_shardings=(replicated, replicated, batch_sharded, batch_sharded,
+                                       replicated),
+                         out_shardings=(batch_sharded, replicated))
 
-    def sample_fn(params, rng, labels, classifier_params=None):
+    def sample_fn(params, rng, labels, classifier_params=None, *, low_res=None,
+                  decode_args=None, task_state=None, return_nfe=False):
+        del task_state  # A pixel-space model needs only its parameters.
         if not isinstance(labels, jax.Array):
             labels = _check_labels(labels, num_devices, num_label_classes)
             labels = parallel.shard_host_array(labels, mesh)
+        low_res = _check_low_res(low_res, m.low_res_size, labels.shape[0], image_shape[-1],
+                                 mesh)
         if guided:
             if classifier_params is None:
                 raise ValueError('sample.classifier_scale > 0: pass classifier_params.')
-            return jitted(params, rng, labels, classifier_params)
-        return jitted(params, rng, labels)
+            images, nfe = jitted(params, rng, labels, classifier_params, low_res, decode_args)
+        else:
+            images, nfe = jitted(params, rng, labels, low_res, decode_args)
+        return (images, nfe) if return_nfe else images
 
     sample_fn.jitted = jitted  # The compiled program, e.g. to count compilations.
     return sample_fn
+
+
+def _check_low_res(low_res: Any, low_res_size: int, batch_size: int, channels: int,
+                   mesh: jax.sharding.Mesh) -> jax.Array | None:
+    """The low-resolution inputs of a super-resolution model as a `P('data')` array."""
+    if (low_res is None) != (low_res_size <= 0):
+        raise ValueError(f'model.low_res_size={low_res_size}: low-resolution images (low_res) '
+                         + ('are required (in --mode=sample: sample.low_res_npz or '
+                            'sample.base_workdir).' if low_res is None else 'are not taken.'))
+    if low_res is None:
+        return None
+    want = (batch_size, low_res_size, low_res_size, channels)
+    if tuple(low_res.shape) != want:
+        raise ValueError(f'low_res must have shape {want} (model.low_res_size={low_res_size}), '
+                         f'got {tuple(low_res.shape)}.')
+    if isinstance(low_res, jax.Array):
+        return low_res
+    return parallel.shard_host_array(np.asarray(low_res, np.float32), mesh)
 
 
 def _check_labels(labels: Any, num_devices: int, num_classes: int) -> np.ndarray:
@@ -190,6 +254,9 @@ class DiffusionTask(base.SingleModelTask):
         if config.sample.sampler == 'ddgan':
             raise ValueError("sample.sampler='ddgan' samples a DDGAN generator "
                              "(task='ddgan'); choose 'ddpm', 'ddim' or 'dpm_solver'.")
+        if m.low_res_size > 0 and config.task != 'super_resolution':
+            raise ValueError(f'model.low_res_size={m.low_res_size} makes a super-resolution '
+                             "model; train and sample it with task='super_resolution'.")
 
     def init_task_state(self) -> Any:
         if self.loss_aware:
@@ -217,13 +284,17 @@ class DiffusionTask(base.SingleModelTask):
         d = self.config.diffusion
         model_fn = make_model_fn(self.model, params['model'], train=True,
                                  rngs={'dropout': rng}, pass_labels=self.conditional)
-        model_kwargs = {'y': examples['label']} if self.conditional else None
+        model_kwargs = self.model_kwargs(examples)
         terms = losses.training_losses(model_fn, self.sched, examples['image'], examples['i'],
                                        examples['noise'], mean_type=d.mean_type,
                                        var_type=d.var_type, loss_type=d.loss_type,
                                        model_kwargs=model_kwargs)
         terms = {k: v for k, v in terms.items() if k in ('loss', 'mse', 'vb')}
         return jnp.mean(terms['loss'] * examples['weights']), terms
+
+    def model_kwargs(self, examples: base.Examples) -> dict[str, jax.Array] | None:
+        """The model's inputs besides (x_t, t) in the loss: the (dropped) labels."""
+        return {'y': examples['label']} if self.conditional else None
 
     def update_task_state(self, task_state, examples, terms):
         if not self.loss_aware:
@@ -256,21 +327,9 @@ class DiffusionTask(base.SingleModelTask):
         guidance follows `sample.guidance_scale`. The batch is padded to a multiple
         of the mesh size.
         """
-        num = self.config.train.num_grid_samples
-        if num <= 0:
+        if self.config.train.num_grid_samples <= 0:
             return None
         grid_config = ml_collections.ConfigDict(self.config.to_dict())
         grid_config.sample.classifier_scale = 0.0
-        sample_fn = make_sample_fn(grid_config, self.model, mesh=mesh)
-        num_classes = self.config.model.num_classes
-        num_devices = parallel.num_mesh_devices(mesh)
-        padded = -(-num // num_devices) * num_devices
-        labels = (np.arange(padded) % max(num_classes, 1)).astype(np.int32)
-        columns = images_lib.grid_columns(num, num_classes)
-
-        def grid_fn(ema_params: Mapping[str, Any]):
-            images = parallel.gather(sample_fn(ema_params[self.sample_part], rng,
-                                               labels))[:num]
-            return images, columns
-
-        return grid_fn
+        return sampled_grid_fn(self.config, make_sample_fn(grid_config, self.model, mesh=mesh),
+                               self.sample_part, mesh, rng)

@@ -1,0 +1,78 @@
+"""python main.py --config=configs/ldm_imagenet256.py --workdir=/path --config.latent.autoencoder_workdir=/path/to/vq_f4
+
+Class-conditional LDM-4 on ImageNet 256 (Rombach et al. 2022, Tab. 3: FID 3.60 with
+classifier-free guidance 1.5 and 250 DDIM steps; the released
+configs/latent-diffusion/cin256-v2.yaml): an ADM UNet on the 64x64x3 latents of the
+VQ-f4 autoencoder (configs/autoencoder_vq_f4.py), channels 192 with multipliers
+1, 2, 3, 5, two residual blocks per level, one attention head, attention at latent
+sides 32, 16, 8 (image pixels 128, 64, 32 here), each followed by cross-attention to
+the label's learned 512-wide embedding (one token; 1,001 rows, the last the null
+label of classifier-free guidance, dropped 10% of the time); eps prediction,
+T = 1000; AdamW at 1e-4. Differs from the paper: our cross-attention block is one
+attention layer (LDM's SpatialTransformer adds self-attention and a feed-forward
+layer), the betas are 'quadratic' between 1e-4 and 0.02 (LDM: 0.0015 to 0.0195), and
+the first stage has no LPIPS term. Batch and steps are ours (the repository's config
+gives neither). UNet parameters (jax.eval_shape): 290,377,411 (the paper's 400M
+includes the SpatialTransformers' self-attention and feed-forward layers).
+"""
+
+from configs import default
+
+
+def get_config():
+    """Returns the class-conditional LDM-4 ImageNet 256 config."""
+    config = default.get_config()
+    config.task = 'latent_diffusion'
+
+    data = config.data
+    data.dataset = 'imagenet2012'
+    data.image_size = 256
+    data.channels = 3
+    data.center_crop = True
+
+    config.latent.autoencoder_workdir = '/path/to/vq_f4'
+    config.latent.scale_factor = 1.0
+
+    m = config.model
+    m.variant = 'adm'
+    m.base_channels = 192
+    m.channel_mult = (1, 2, 3, 5)
+    m.num_res_blocks = 2
+    m.attention_resolutions = (128, 64, 32)  # Image pixels: latent sides 32, 16, 8.
+    m.num_heads = 1
+    m.num_head_channels = -1
+    m.num_groups = 32
+    m.num_classes = 1000
+    m.class_dropout_prob = 0.1
+    m.context_encoder = 'class'
+    m.context_dim = 512
+
+    d = config.diffusion
+    d.num_timesteps = 1000
+    d.schedule = 'quadratic'
+    d.mean_type = 'eps'
+    d.var_type = 'fixed_small'
+
+    optim = config.optim
+    optim.optimizer = 'adamw'
+    optim.weight_decay = 0.01  # torch.optim.AdamW's default, which LDM uses.
+    optim.learning_rate = 1e-4
+    optim.grad_clip_norm = 0.0
+    optim.ema_decays = (0.9999,)
+
+    train = config.train
+    train.global_batch_size = 256
+    train.num_train_steps = 500_000
+    train.log_every_steps = 100
+    train.checkpoint_every_steps = 10_000
+    train.keep_checkpoint_every_steps = 100_000
+    train.num_grid_samples = 16
+
+    s = config.sample
+    s.sampler = 'ddim'
+    s.respacing = 'ddim250'
+    s.guidance_scale = 1.5
+    s.clip_denoised = False
+    s.num_images = 16
+    s.global_batch_size = 16
+    return config

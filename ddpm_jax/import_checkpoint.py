@@ -1,0 +1,185 @@
+"""Command: a released PyTorch checkpoint as a new ddpm_jax workdir.
+
+    python -m ddpm_jax.import_checkpoint --checkpoint=64x64_diffusion.pt \
+        --config=configs/released/adm_64x64_diffusion.py --workdir=/tmp/adm64
+
+reads the `.pt` state dict without torch (`torch_checkpoint`), maps it onto the
+config's model (`released`), and writes step 0 of an orbax checkpoint through
+`checkpointing` whose parameters and every EMA copy are the imported weights, with
+a fresh optimiser state and task state, plus `config.json` and a `runs.jsonl` line.
+Every mode then works on the workdir unchanged: `--mode=sample` / `eval` / `fid`
+read the EMA weights, a classifier's workdir serves `sample.classifier_workdir`,
+and `--mode=train` fine-tunes from it. A workdir that already holds a checkpoint
+is refused, never overwritten.
+
+When the file does not fit `--config`, the error names every missing, extra or
+mis-shaped tensor and the configs next to `--config` (e.g. all of
+configs/released/) that the file does fit.
+"""
+
+import importlib.util
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from ddpm_jax import checkpointing
+from ddpm_jax import parallel
+from ddpm_jax import released
+from ddpm_jax import state as state_lib
+from ddpm_jax import tasks
+from ddpm_jax import workdir as workdir_lib
+
+logger = logging.getLogger('ddpm_jax')
+
+__all__ = ['create_imported_state', 'import_checkpoint', 'load_sibling_configs']
+
+
+def load_sibling_configs(config_path: str) -> dict[str, ml_collections.ConfigDict]:
+    """{file stem: config} of every config file in the directory of `config_path`.
+
+    These are the candidates an error names when a file does not fit its config.
+    Files that fail to load are skipped.
+    """
+    directory = os.path.dirname(os.path.abspath(config_path))
+    configs = {}
+    for filename in sorted(os.listdir(directory)):
+        if not filename.endswith('.py') or filename.startswith('_'):
+            continue
+        path = os.path.join(directory, filename)
+        spec = importlib.util.spec_from_file_location(f'_candidate_{filename[:-3]}', path)
+        try:
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            configs[filename[:-3]] = module.get_config()
+        except Exception:  # pylint: disable=broad-except  # Not a config file.
+            continue
+    return configs
+
+
+def create_imported_state(config: ml_collections.ConfigDict, params: Mapping[str, Any],
+                          mesh: jax.sharding.Mesh) -> state_lib.TrainState:
+    """Step 0 of training from `params`: EMAs equal to them, a fresh optimiser state.
+
+    Args:
+        config: The run's config (task 'diffusion' or 'classifier').
+        params: The model's parameter tree (host arrays).
+        mesh: Every leaf is replicated over it.
+
+    Raises:
+        ValueError: A task with several parameter trees (e.g. 'ddgan').
+    """
+    task = tasks.create_task(config)
+    if tuple(task.parts) != ('model',) or tuple(task.ema_parts) != ('model',):
+        raise ValueError(f'task={config.task!r} has the parts {task.parts}; a released '
+                         "checkpoint holds one network ('diffusion' or 'classifier').")
+    replicated = parallel.replicated_sharding(mesh)
+    tree = jax.device_put(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params),
+                          replicated)
+    optimizer = task.create_optimizers()['model']
+    opt_state = jax.jit(optimizer.tx.init, out_shardings=replicated)(tree)
+    state = state_lib.TrainState(
+        step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+        params={'model': tree},
+        ema_params=tuple({'model': tree} for _ in config.optim.ema_decays),
+        opt_state={'model': opt_state},
+        task_state=jax.device_put(task.init_task_state(), replicated))
+    # The trainer and the inference modes restore against this abstract state.
+    abstract = state_lib.create_abstract_train_state(task, mesh)
+    got = jax.tree.map(lambda a: (a.shape, a.dtype), state)
+    want = jax.tree.map(lambda a: (a.shape, a.dtype), abstract)
+    if got != want:
+        raise AssertionError('The imported state does not have the train state layout.')
+    return state
+
+
+def import_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, workdir: str, *,
+                      candidates: Mapping[str, ml_collections.ConfigDict] | None = None,
+                      mesh: jax.sharding.Mesh | None = None) -> str:
+    """Writes `checkpoint` (a released `.pt`) as step 0 of a new workdir.
+
+    Args:
+        checkpoint: Path of the PyTorch state dict.
+        config: The config whose model the file holds (e.g. configs/released/*.py).
+        workdir: The run directory to create; it must hold no checkpoint yet.
+        candidates: Configs to name when the file does not fit `config`.
+        mesh: Default: all devices.
+
+    Returns:
+        The step directory written.
+
+    Raises:
+        FileNotFoundError: No such checkpoint file.
+        ValueError: The workdir already holds a checkpoint; the file is not a state
+            dict or does not fit `config` (naming the tensors and the fitting
+            candidates); a config the reference networks cannot express.
+    """
+    if not workdir:
+        raise ValueError('--workdir must be set.')
+    directory = checkpointing.checkpoint_dir(workdir)
+    if directory.exists() and any(directory.iterdir()):
+        raise ValueError(f'--workdir={workdir} already holds checkpoints ({directory}); '
+                         'importing never overwrites one: choose a new --workdir.')
+    type(tasks.create_task(config)).validate_config(config)  # Unknown tasks raise too.
+    params = released.load_checkpoint(checkpoint, config, candidates=candidates)
+    mesh = parallel.create_mesh() if mesh is None else mesh
+    state = create_imported_state(config, params, mesh)
+
+    workdir_lib.prepare(workdir)
+    with workdir_lib.TrainLock(workdir):
+        manager = checkpointing.create_checkpoint_manager(workdir, config)
+        try:
+            if checkpointing.has_checkpoints(manager):  # Written since the check above.
+                raise ValueError(f'--workdir={workdir} already holds checkpoints; importing '
+                                 'never overwrites one.')
+            checkpointing.save_checkpoint(manager, 0, state, config, force=True)
+            manager.wait_until_finished()
+        finally:
+            manager.close()
+        workdir_lib.write_config_record(config, workdir)
+        step_dir = str(directory / '0')
+        workdir_lib.append_run_record(workdir, 'import', config,
+                                      {'checkpoint': os.path.abspath(checkpoint),
+                                       'step_dir': step_dir})
+    logger.info('Imported %s into %s (step 0: params and %d EMA copies).', checkpoint,
+                step_dir, len(config.optim.ema_decays))
+    return step_dir
+
+
+def define_flags() -> None:
+    """The command's flags; defined only when it runs, so that importing this module
+    beside `main.py` (which has its own --config and --workdir) is possible."""
+    config_flags.DEFINE_config_file('config', None, 'Config of the released model.',
+                                    lock_config=True)
+    flags.DEFINE_string('checkpoint', None, 'The released .pt state dict.')
+    flags.DEFINE_string('workdir', None, 'The new run directory.')
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    if not flags.FLAGS['verbosity'].present:  # Our lines at INFO, JAX's only as warnings.
+        absl_logging.set_verbosity(absl_logging.WARNING)
+        logging.getLogger('ddpm_jax').setLevel(logging.INFO)
+    config_path = flags.FLAGS['config'].config_filename
+    try:
+        import_checkpoint(flags.FLAGS.checkpoint, flags.FLAGS.config, flags.FLAGS.workdir,
+                          candidates=load_sibling_configs(config_path))
+    except (ValueError, FileNotFoundError) as e:
+        if flags.FLAGS['verbosity'].present:
+            raise
+        sys.exit(f'ERROR: {e}\n(--verbosity=0 shows the traceback.)')
+
+
+if __name__ == '__main__':
+    define_flags()
+    flags.mark_flags_as_required(['config', 'checkpoint', 'workdir'])
+    app.run(main)

@@ -1,0 +1,843 @@
+"""Score-based and fast ODE samplers: Langevin, reverse SDE, PC, probability-flow ODE,
+Karras et al.'s Heun sampler and DPM-Solver++ (3M and 2S).
+
+This module owns the samplers of the continuous-time view (`ddpm_jax.sde`):
+
+* `annealed_langevin_sample`: NCSN's annealed Langevin dynamics (Song & Ermon 2019, Alg. 1);
+* `pc_sample`: reverse-time SDE samplers, Euler-Maruyama or the reverse-diffusion
+  predictor, optionally with the Langevin corrector (Song et al. 2021b, Alg. 1-5);
+* `ode_sample`: the probability-flow ODE with an adaptive diffrax solver (Tsit5 or Dopri5,
+  PID step-size control), the whole solve under `jit`;
+* `karras_sample`: Karras et al. 2022's 2nd-order Heun sampler with their sigma schedule
+  and optional churn, on a denoiser D(x, sigma); `make_vp_denoiser` adapts a discrete
+  VP model to it;
+
+and, on a discrete `Schedule` with the signature of `samplers.SAMPLERS`' functions
+(`fn(model_fn, sched, shape, rng, *, mean_type, var_type, clip_denoised, ...)`),
+
+* `dpm_solver_3m_sample` and `dpm_solver_2s_sample`: DPM-Solver++(3M) and (2S)
+  (Lu et al. 2022b), beside `samplers.dpm_solver_sample`'s 2M;
+* `vp_ode_sample`, `vp_pc_sample` and `vp_heun_sample`: the ODE, PC and Heun samplers
+  for a trained discrete-time model through its VP view (`sde.make_vp_score_fn`).
+
+Every sampler is one `lax.scan` or one diffrax solve, so jitting it with the score /
+model / denoiser function static compiles one program per shape. The score-based
+samplers return `SampleOutput(samples, nfe)`; the schedule-based ones return what
+`samplers.ddpm_sample` returns, and `(that, nfe)` with `return_nfe=True`. NFE counts
+the model (score / denoiser) evaluations actually executed.
+
+Everything here is pure JAX: no Flax, no I/O, no global state.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_jax import diffusion
+from ddpm_jax import samplers
+from ddpm_jax import sde as sde_lib
+from ddpm_jax.schedules import Schedule
+
+Array = jax.Array
+ScoreFn = Callable[[Array, Array], Array]
+DenoiserFn = Callable[[Array, Array], Array]
+
+PREDICTORS = ('euler_maruyama', 'reverse_diffusion', 'none')
+CORRECTORS = ('langevin', 'none')
+ODE_SOLVERS = ('tsit5', 'dopri5')
+# Model evaluations per diffrax step: both are 7-stage FSAL Runge-Kutta methods, so a
+# step (accepted or rejected) costs 6 new evaluations, plus 1 for the first stage at t0
+# (measured with a counting vector field and checked by the tests).
+_EVALS_PER_STEP = {'tsit5': 6, 'dopri5': 6}
+
+
+class SampleOutput(NamedTuple):
+    """samples: [B, ...]; nfe: int32 scalar, model evaluations executed."""
+    samples: Array
+    nfe: Array
+
+
+def _bcast(v: Array, x: Array) -> Array:
+    v = jnp.asarray(v, x.dtype)
+    return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f'{name} must be an int >= {minimum}, got {value!r}.')
+    return int(value)
+
+
+def _check_positive(name: str, value: Any) -> None:
+    v = samplers._concrete_float(value)
+    if v is not None and not v > 0.0:
+        raise ValueError(f'{name} must be > 0, got {value!r}.')
+
+
+def _init(shape, rng, x_init, scale: float, name: str, needs_noise: bool):
+    """(x_init, noise_rng): x_init defaults to scale * N(0, I)."""
+    shape = samplers._check_shape(shape)
+    if x_init is not None:
+        x_init = jnp.asarray(x_init)
+        if tuple(x_init.shape) != shape:
+            raise ValueError(f'{name}: x_init has shape {tuple(x_init.shape)} but shape is '
+                             f'{shape}.')
+    if rng is None:
+        if x_init is None or needs_noise:
+            raise ValueError(f'{name}: rng is None but is needed (x_init not given or '
+                             'noise is added).')
+        return x_init.astype(jnp.float32), None
+    init_rng, noise_rng = jax.random.split(rng)
+    if x_init is None:
+        x_init = scale * jax.random.normal(init_rng, shape, jnp.float32)
+    return x_init.astype(jnp.float32), noise_rng
+
+
+def _batch(v, x):
+    return jnp.broadcast_to(jnp.asarray(v, jnp.float32), (x.shape[0],))
+
+
+def _norms(x):
+    return jnp.sqrt(jnp.sum(jnp.square(x.reshape(x.shape[0], -1)), axis=-1))
+
+
+# ---------------------------------------------------------------------------
+# Annealed Langevin dynamics (NCSN).
+# ---------------------------------------------------------------------------
+
+
+def annealed_langevin_sample(score_fn: ScoreFn, sigmas, shape: Sequence[int],
+                             rng: Array, *, step_size: float = 2e-5,
+                             steps_per_level: int = 100, x_init: Optional[Array] = None,
+                             denoise: bool = False) -> SampleOutput:
+    """Annealed Langevin dynamics (Song & Ermon 2019, Alg. 1).
+
+    For each noise level sigma_i of sigma_1 > ... > sigma_L, with
+    alpha_i = step_size sigma_i^2 / sigma_L^2, `steps_per_level` times:
+    x <- x + alpha_i / 2 s(x, sigma_i) + sqrt(alpha_i) z. With `denoise`, a last
+    Tweedie step x + sigma_L^2 s(x, sigma_L) removes the remaining noise (Song & Ermon
+    2020, NCSNv2's final denoising; one more evaluation).
+
+    Args:
+        score_fn: s(x [B, ...], sigma [B]) -> [B, ...], a noise-conditional score.
+        sigmas: [L] decreasing noise levels (e.g. `sde.ncsn_sigmas`).
+        shape: [B, ...] static.
+        rng: `jax.random.key`.
+        step_size: eps > 0 of Alg. 1 (NCSN: 2e-5).
+        steps_per_level: T >= 1 (NCSN: 100).
+        x_init: start; default sigma_1 N(0, I) (the VE prior).
+        denoise: Add the final Tweedie step.
+
+    Returns:
+        `SampleOutput`, nfe = L T (+ 1).
+
+    Raises:
+        ValueError: Bad sigmas / step_size / steps_per_level / shapes.
+    """
+    _check_positive('step_size', step_size)
+    steps_per_level = _check_int('steps_per_level', steps_per_level, 1)
+    sigmas = jnp.asarray(sigmas, jnp.float32)
+    if sigmas.ndim != 1 or sigmas.shape[0] < 1:
+        raise ValueError(f'sigmas must be a non-empty 1-D array, got shape {sigmas.shape}.')
+    num_levels = sigmas.shape[0]
+    x, noise_rng = _init(shape, rng, x_init, 1.0, 'annealed_langevin_sample', True)
+    if x_init is None:
+        x = x * sigmas[0]
+    sigma_last = sigmas[-1]
+
+    def body(x, k):
+        sigma = sigmas[k // steps_per_level]
+        alpha = step_size * jnp.square(sigma / sigma_last)
+        z = jax.random.normal(jax.random.fold_in(noise_rng, k), x.shape, x.dtype)
+        x = x + 0.5 * alpha * score_fn(x, _batch(sigma, x)) + jnp.sqrt(alpha) * z
+        return x, None
+
+    x, _ = jax.lax.scan(body, x, jnp.arange(num_levels * steps_per_level, dtype=jnp.int32))
+    nfe = num_levels * steps_per_level
+    if denoise:
+        x = x + jnp.square(sigma_last) * score_fn(x, _batch(sigma_last, x))
+        nfe += 1
+    return SampleOutput(x, jnp.asarray(nfe, jnp.int32))
+
+
+# ---------------------------------------------------------------------------
+# Predictor-corrector samplers of the reverse-time SDE.
+# ---------------------------------------------------------------------------
+
+
+def pc_sample(sde, score_fn: ScoreFn, shape: Sequence[int], rng: Array, *,
+              num_steps: int, eps: float = 1e-3, predictor: str = 'euler_maruyama',
+              corrector: str = 'none', snr: float = 0.16, corrector_steps: int = 1,
+              denoise: bool = True, x_init: Optional[Array] = None) -> SampleOutput:
+    """Reverse-time SDE sampling with a predictor and an optional corrector
+    (Song et al. 2021b, Sec. 4.2 and App. G, Alg. 1-5, as score_sde's `pc_sampler`).
+
+    Times t_0 = 1 > ... > t_{N-1} = eps = linspace(1, eps, N). At each t_k, first the
+    corrector, then the predictor:
+
+    * 'euler_maruyama': x_mean = x - [f - g^2 s] dt_abs, x = x_mean + g sqrt(dt_abs) z
+      with dt_abs = 1 / N (score_sde's reverse-SDE Euler-Maruyama step);
+    * 'reverse_diffusion': x_mean = x - rev_f, x = x_mean + G z with the reversed
+      discretisation (`sde.reverse_discretize`, Eq. 46-47; it assumes N equals the
+      SDE's num_scales, as in score_sde);
+    * 'none': corrector only (for VE: annealed Langevin on the SDE's ladder).
+
+    Langevin corrector, `corrector_steps` times: step = 2 alpha_i (r ||z|| / ||s||)^2,
+    x_mean = x + step s, x = x_mean + sqrt(2 step) z (Alg. 4/5; alpha_i = 1 - beta_i for
+    VP, 1 for VE), with ||z|| and ||s|| averaged over the whole batch as score_sde does
+    (under a sharded `jit` the mean is global, like its `pmean`). Per-example norms make
+    the step depend on the state (large where the score is small) and bias the
+    stationary law: on a 32-dim Gaussian they inflated the variance by 40 %. The cost is
+    that a sample depends on its batch companions (not on the sharding).
+
+    Args:
+        sde: A `sde_lib` SDE (closed over, static).
+        score_fn: s(x [B, ...], t [B]) -> [B, ...].
+        shape: [B, ...] static.
+        rng: `jax.random.key`.
+        num_steps: N >= 1.
+        eps: Last time, in (0, 1) (score_sde: 1e-3 for VP, 1e-5 for VE).
+        predictor: One of `PREDICTORS`.
+        corrector: One of `CORRECTORS`.
+        snr: r > 0 of the Langevin corrector (score_sde: 0.16 for VE, 0.01-0.27 VP).
+        corrector_steps: Corrector iterations per step, >= 1.
+        denoise: Return the last noise-free mean (score_sde's `noise_removal`).
+        x_init: Start; default a draw of the prior.
+
+    Returns:
+        `SampleOutput`, nfe = N ([predictor != 'none'] + corrector_steps [langevin]).
+
+    Raises:
+        ValueError: Unknown predictor / corrector, both 'none', or bad numbers.
+    """
+    sde_lib.validate_sde(sde)
+    if predictor not in PREDICTORS:
+        raise ValueError(f'Unknown predictor {predictor!r}; valid: {PREDICTORS}.')
+    if corrector not in CORRECTORS:
+        raise ValueError(f'Unknown corrector {corrector!r}; valid: {CORRECTORS}.')
+    if predictor == 'none' and corrector == 'none':
+        raise ValueError("predictor and corrector cannot both be 'none'.")
+    num_steps = _check_int('num_steps', num_steps, 1)
+    corrector_steps = _check_int('corrector_steps', corrector_steps, 1)
+    e = samplers._concrete_float(eps)
+    if e is not None and not 0.0 < e < 1.0:
+        raise ValueError(f'eps must be in (0, 1), got {eps!r}.')
+    _check_positive('snr', snr)
+    x, noise_rng = _init(shape, rng, x_init, sde_lib.prior_std(sde), 'pc_sample', True)
+    timesteps = jnp.linspace(1.0, eps, num_steps, dtype=jnp.float32)
+    dt = 1.0 / num_steps
+
+    def correct(x, t, key):
+        alpha = _bcast(sde_lib.discrete_alphas(sde, t), x)
+        x_mean = x
+        for j in range(corrector_steps):
+            grad = score_fn(x, t)
+            z = jax.random.normal(jax.random.fold_in(key, j), x.shape, x.dtype)
+            # Batch means of the norms, as score_sde (its pmean is the global mean here).
+            ratio = snr * jnp.mean(_norms(z)) / jnp.mean(_norms(grad))
+            step = 2.0 * alpha * jnp.square(ratio)
+            x_mean = x + step * grad
+            x = x_mean + jnp.sqrt(2.0 * step) * z
+        return x, x_mean
+
+    def predict(x, t, key):
+        z = jax.random.normal(key, x.shape, x.dtype)
+        if predictor == 'euler_maruyama':
+            drift, g = sde_lib.reverse_drift_diffusion(sde, score_fn, x, t)
+            x_mean = x - drift * dt
+            return x_mean + _bcast(g * math.sqrt(dt), x) * z, x_mean
+        rev_f, rev_g = sde_lib.reverse_discretize(sde, score_fn, x, t)
+        x_mean = x - rev_f
+        return x_mean + _bcast(rev_g, x) * z, x_mean
+
+    def body(carry, k):
+        x, _ = carry
+        t = _batch(timesteps[k], x)
+        key = jax.random.fold_in(noise_rng, k)
+        x_mean = x
+        if corrector == 'langevin':
+            x, x_mean = correct(x, t, jax.random.fold_in(key, 1))
+        if predictor != 'none':
+            x, x_mean = predict(x, t, jax.random.fold_in(key, 0))
+        return (x, x_mean), None
+
+    (x, x_mean), _ = jax.lax.scan(body, (x, x), jnp.arange(num_steps, dtype=jnp.int32))
+    per_step = (predictor != 'none') + (corrector_steps if corrector == 'langevin' else 0)
+    return SampleOutput(x_mean if denoise else x,
+                        jnp.asarray(num_steps * per_step, jnp.int32))
+
+
+# ---------------------------------------------------------------------------
+# Probability-flow ODE with diffrax.
+# ---------------------------------------------------------------------------
+
+
+def _solver(name: str):
+    if name not in ODE_SOLVERS:
+        raise ValueError(f'Unknown solver {name!r}; valid: {ODE_SOLVERS}.')
+    return diffrax.Tsit5() if name == 'tsit5' else diffrax.Dopri5()
+
+
+def solve_ode(vector_field: Callable[[Array, Any], Any], y0: Any, t0: float, t1: float, *,
+              solver: str = 'tsit5', rtol: float = 1e-5, atol: float = 1e-5,
+              max_steps: int = 4096) -> tuple[Any, Array]:
+    """Integrates dy/dt = vector_field(t, y) from t0 to t1 (either direction) with an
+    adaptive diffrax solver and a PID step-size controller.
+
+    Returns:
+        (y(t1), nfe) with nfe the vector-field evaluations (int32).
+
+    Raises:
+        ValueError: Unknown solver, non-positive tolerances or max_steps < 1.
+    """
+    method = _solver(solver)
+    _check_positive('rtol', rtol)
+    _check_positive('atol', atol)
+    max_steps = _check_int('max_steps', max_steps, 1)
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(lambda t, y, args: vector_field(t, y)), method, t0=t0, t1=t1,
+        dt0=None, y0=y0, saveat=diffrax.SaveAt(t1=True),
+        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+        max_steps=max_steps)
+    y1 = jax.tree.map(lambda a: a[0], sol.ys)
+    nfe = _EVALS_PER_STEP[solver] * sol.stats['num_steps'] + 1
+    return y1, jnp.asarray(nfe, jnp.int32)
+
+
+def ode_sample(sde, score_fn: ScoreFn, shape: Sequence[int], rng: Optional[Array], *,
+               eps: float = 1e-3, solver: str = 'tsit5', rtol: float = 1e-5,
+               atol: float = 1e-5, max_steps: int = 4096, x_init: Optional[Array] = None,
+               denoise: bool = False) -> SampleOutput:
+    """Samples by solving the probability-flow ODE dx/dt = f - g^2 s / 2 from t = 1 to eps
+    (Song et al. 2021b, Eq. 13 and Sec. 4.3) with diffrax (adaptive step, PID controller;
+    score_sde used scipy's RK45 with rtol = atol = 1e-5). With `denoise`, one
+    reverse-diffusion mean step at eps follows (score_sde's `denoise`; one evaluation).
+
+    Args:
+        sde, score_fn: As in `pc_sample`.
+        shape: [B, ...] static.
+        rng: Draws the prior sample; may be None with `x_init`.
+        eps: End time in (0, 1).
+        solver: 'tsit5' (default) or 'dopri5' (RK45).
+        rtol, atol: Tolerances of the PID controller.
+        max_steps: Solver step cap (an error is raised at run time past it).
+        x_init: Start x(1); default a draw of the prior.
+        denoise: Add the final denoising step.
+
+    Returns:
+        `SampleOutput` with the solver's NFE.
+
+    Raises:
+        ValueError: Bad solver / tolerances / eps / shapes.
+    """
+    sde_lib.validate_sde(sde)
+    e = samplers._concrete_float(eps)
+    if e is not None and not 0.0 < e < 1.0:
+        raise ValueError(f'eps must be in (0, 1), got {eps!r}.')
+    x, _ = _init(shape, rng, x_init, sde_lib.prior_std(sde), 'ode_sample', False)
+    x, nfe = solve_ode(lambda t, y: sde_lib.ode_drift(sde, score_fn, y, t), x, 1.0, eps,
+                       solver=solver, rtol=rtol, atol=atol, max_steps=max_steps)
+    if denoise:
+        rev_f, _ = sde_lib.reverse_discretize(sde, score_fn, x, _batch(eps, x))
+        x, nfe = x - rev_f, nfe + 1
+    return SampleOutput(x, nfe)
+
+
+# ---------------------------------------------------------------------------
+# Karras et al. 2022: sigma schedule, Heun sampler, VP adapter.
+# ---------------------------------------------------------------------------
+
+
+def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                  rho: float = 7.0) -> Array:
+    """sigma_i = (sigma_max^(1/rho) + i / (N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,
+    i < N, and sigma_N = 0 (Karras et al. 2022, Eq. 5). float32 [N + 1] from float64.
+
+    Raises:
+        ValueError: num_steps < 1, not 0 < sigma_min < sigma_max, rho <= 0.
+    """
+    num_steps = _check_int('num_steps', num_steps, 1)
+    if not 0.0 < float(sigma_min) < float(sigma_max):
+        raise ValueError(f'need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, '
+                         f'sigma_max={sigma_max}.')
+    if not float(rho) > 0.0:
+        raise ValueError(f'rho must be > 0, got {rho}.')
+    frac = np.arange(num_steps, dtype=np.float64) / max(num_steps - 1, 1)
+    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+    sig = (hi + frac * (lo - hi)) ** rho
+    return jnp.asarray(np.append(sig, 0.0), jnp.float32)
+
+
+def karras_sample(denoiser_fn: DenoiserFn, sigmas, shape: Sequence[int],
+                  rng: Optional[Array], *, second_order: bool = True,
+                  s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float('inf'),
+                  s_noise: float = 1.0, x_init: Optional[Array] = None,
+                  return_intermediates: bool = False):
+    """Karras et al. 2022's sampler (Alg. 2; Alg. 1 when s_churn = 0).
+
+    For i = 0..N-1: gamma_i = min(S_churn / N, sqrt(2) - 1) if S_tmin <= sigma_i <= S_tmax
+    else 0; sigma_hat = sigma_i (1 + gamma_i); x_hat = x + sqrt(sigma_hat^2 - sigma_i^2)
+    S_noise z; d = (x_hat - D(x_hat, sigma_hat)) / sigma_hat; Euler
+    x' = x_hat + (sigma_{i+1} - sigma_hat) d; and, if sigma_{i+1} > 0 and `second_order`,
+    Heun's correction x' = x_hat + (sigma_{i+1} - sigma_hat) (d + d') / 2 with
+    d' = (x' - D(x', sigma_{i+1})) / sigma_{i+1}. The correction sits in a `lax.cond`, so
+    the NFE executed is N + #{i: sigma_{i+1} > 0} (2N - 1 for `karras_sigmas`).
+
+    With `second_order=False` and s_churn = 0 this is Euler in (y = x / alpha, sigma),
+    which on a VP model's own sigmas is exactly DDIM with eta = 0.
+
+    Args:
+        denoiser_fn: D(x [B, ...], sigma [B]) -> [B, ...].
+        sigmas: [N + 1] decreasing, last usually 0 (`karras_sigmas`).
+        shape: [B, ...] static.
+        rng: Draws x_init = sigmas[0] z and the churn noise; may be None with x_init and
+            s_churn = 0.
+        second_order, s_churn, s_tmin, s_tmax, s_noise: As above.
+        x_init: Start; default sigmas[0] N(0, I).
+        return_intermediates: Also return {'x': [N, B, ...] the state entering each step,
+            'denoised': [N, B, ...] D at that step}.
+
+    Returns:
+        `SampleOutput` (and the intermediates dict with `return_intermediates`).
+
+    Raises:
+        ValueError: Negative churn / noise, sigmas not 1-D of >= 2 entries.
+    """
+    samplers._check_nonnegative('s_churn', s_churn)
+    samplers._check_nonnegative('s_noise', s_noise)
+    sigmas = jnp.asarray(sigmas, jnp.float32)
+    if sigmas.ndim != 1 or sigmas.shape[0] < 2:
+        raise ValueError(f'sigmas must be 1-D with >= 2 entries, got shape {sigmas.shape}.')
+    num_steps = sigmas.shape[0] - 1
+    churn = samplers._concrete_float(s_churn)
+    needs_noise = churn is None or churn > 0.0
+    x, noise_rng = _init(shape, rng, x_init, 1.0, 'karras_sample', needs_noise)
+    if x_init is None:
+        x = x * sigmas[0]
+    gamma_max = jnp.minimum(s_churn / num_steps, math.sqrt(2.0) - 1.0)
+
+    def body(x, i):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        if needs_noise:
+            gamma = jnp.where((sigma >= s_tmin) & (sigma <= s_tmax), gamma_max, 0.0)
+            sigma_hat = sigma * (1.0 + gamma)
+            z = jax.random.normal(jax.random.fold_in(noise_rng, i), x.shape, x.dtype)
+            # sqrt(sigma_hat^2 - sigma^2) written so rounding cannot make it negative.
+            x_hat = x + sigma * jnp.sqrt(gamma * (2.0 + gamma)) * s_noise * z
+        else:
+            sigma_hat, x_hat = sigma, x
+        denoised = denoiser_fn(x_hat, _batch(sigma_hat, x))
+        d = (x_hat - denoised) / sigma_hat
+        x_next = x_hat + (sigma_next - sigma_hat) * d
+        if second_order:
+            def heun(x_next):
+                d2 = (x_next - denoiser_fn(x_next, _batch(sigma_next, x))) / sigma_next
+                return x_hat + (sigma_next - sigma_hat) * 0.5 * (d + d2)
+            x_next = jax.lax.cond(sigma_next > 0.0, heun, lambda a: a, x_next)
+        return x_next, ((x, denoised) if return_intermediates else None)
+
+    x, ys = jax.lax.scan(body, x, jnp.arange(num_steps, dtype=jnp.int32))
+    nfe = num_steps + (jnp.sum(sigmas[1:] > 0.0) if second_order else 0)
+    out = SampleOutput(x, jnp.asarray(nfe, jnp.int32))
+    if return_intermediates:
+        return out, {'x': ys[0], 'denoised': ys[1]}
+    return out
+
+
+def _vp_sigmas_np(sched: Schedule) -> np.ndarray:
+    abar = np.asarray(sched.alphas_cumprod, np.float64)
+    one_minus = np.square(np.asarray(sched.sqrt_one_minus_alphas_cumprod, np.float64))
+    return np.sqrt(one_minus / abar)
+
+
+def vp_sigmas(sched: Schedule) -> Array:
+    """The noise levels sigma_i = sqrt((1 - abar_i) / abar_i) of a schedule's steps,
+    increasing, float32 [N] (Karras et al. 2022, Table 1, VP/DDIM rows). Needs a
+    concrete schedule (close over it)."""
+    return jnp.asarray(_vp_sigmas_np(sched), jnp.float32)
+
+
+def make_vp_denoiser(model_fn: Callable[..., Array], sched: Schedule, *,
+                     mean_type: str = 'eps', var_type: str = 'fixed_small',
+                     clip_denoised: bool = False,
+                     model_kwargs: Optional[Mapping[str, Any]] = None) -> DenoiserFn:
+    """Adapts a discrete VP model to Karras et al.'s denoiser D(x, sigma).
+
+    x_vp = x / sqrt(1 + sigma^2) (their c_in; x = x_vp / sqrt(abar)); the model is called
+    at the step whose sigma_i is nearest in log sigma (Karras et al. 2022, App. C.3.4:
+    discrete models are evaluated at the nearest trained level), and D is its x_0
+    prediction (`diffusion.p_mean_variance`, any mean type, optional clipping). On the
+    ladder (sigma = sigma_i) this is exact; snap a Karras schedule to the ladder with
+    `snap_sigmas` to stay there.
+
+    Returns:
+        D(x [B, ...], sigma [B]) -> [B, ...].
+
+    Raises:
+        ValueError: Unknown mean/var type.
+    """
+    diffusion.validate_types(mean_type, var_type)
+    log_ladder = jnp.log(vp_sigmas(sched))
+    kwargs = dict(model_kwargs or {})
+
+    def denoise(x, sigma):
+        sigma = _batch(sigma, x)
+        i = jnp.argmin(jnp.abs(jnp.log(sigma)[:, None] - log_ladder[None, :]), axis=-1)
+        x_vp = x / _bcast(jnp.sqrt(1.0 + jnp.square(sigma)), x)
+        out = model_fn(x_vp, sched.timesteps[i].astype(jnp.int32), **kwargs)
+        terms = diffusion.p_mean_variance(sched, out, x_vp, i, mean_type=mean_type,
+                                          var_type=var_type, clip_denoised=clip_denoised)
+        return terms['pred_x0']
+
+    return denoise
+
+
+def snap_sigmas(sigmas, sched: Schedule) -> Array:
+    """Replaces each positive sigma by the nearest (in log) of `vp_sigmas(sched)`,
+    keeping a final 0 (Karras et al. 2022, App. C.3.4 round their schedule to the
+    model's levels). Duplicates are kept: remove them with fewer steps if needed."""
+    sigmas = jnp.asarray(sigmas, jnp.float32)
+    ladder = vp_sigmas(sched)
+    safe = jnp.where(sigmas > 0, sigmas, 1.0)
+    i = jnp.argmin(jnp.abs(jnp.log(safe)[:, None] - jnp.log(ladder)[None, :]), axis=-1)
+    return jnp.where(sigmas > 0, ladder[i], 0.0)
+
+
+# ---------------------------------------------------------------------------
+# DPM-Solver++ 3M and 2S on a discrete schedule.
+# ---------------------------------------------------------------------------
+
+
+def _guided_x0(model_fn, sched, x, i, *, mean_type, var_type, clip_denoised, denoised_fn,
+               model_kwargs, cond_fn, classifier_scale):
+    terms, t = samplers._model_terms(
+        model_fn, sched, x, i, mean_type=mean_type, var_type=var_type,
+        clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
+    pred_x0 = terms['pred_x0']
+    if cond_fn is not None:  # The guided data prediction, as in samplers.dpm_solver_sample.
+        pred_x0 = pred_x0 + samplers._score_shift(
+            cond_fn, classifier_scale, x, t, sched.alphas_cumprod[i], model_kwargs)[1]
+    return pred_x0
+
+
+def _finish(x0, ys, nfe, return_intermediates, return_nfe):
+    out = (x0, {'x_t': ys[0], 'pred_x0': ys[1]}) if return_intermediates else x0
+    return (out, jnp.asarray(nfe, jnp.int32)) if return_nfe else out
+
+
+def dpm_solver_3m_sample(model_fn, sched: Schedule, shape: Sequence[int],
+                         rng: Optional[Array], *, mean_type: str = 'eps',
+                         var_type: str = 'fixed_small', clip_denoised: bool = True,
+                         denoised_fn=None, model_kwargs=None, cond_fn=None,
+                         classifier_scale: float = 1.0, x_T: Optional[Array] = None,
+                         return_intermediates: bool = False,
+                         lower_order_final: bool = True, exact_taylor: bool = False,
+                         return_nfe: bool = False):
+    """DPM-Solver++(3M): multistep 3rd-order data-prediction ODE solver (Lu et al. 2022b,
+    Sec. 4 / App. B and their multistep third-order update).
+
+    On the steps of `sched`, as `samplers.dpm_solver_sample` (alpha_i = sqrt(abar_i),
+    sigma_i = sqrt(1 - abar_i), lambda_i = log(alpha_i / sigma_i)), a step from i to the
+    previous kept step p with h = lambda_p - lambda_i, the current x0_hat D0 and the two
+    before, D1 and D2 (log-SNR gaps h0 = lambda_i - lambda_last, h1 the one before):
+
+        r0 = h0 / h, r1 = h1 / h, E0 = (D0 - D1) / r0, E1 = (D1 - D2) / r1,
+        Dd1 = E0 + r0 / (r0 + r1) (E0 - E1),  Dd2 = (E0 - E1) / (r0 + r1),
+        phi1 = e^{-h} - 1, phi2 = phi1 / h + 1, phi3 = phi2 / h - 1/2,
+        x_p = (sigma_p / sigma_i) x - alpha_p phi1 D0 + alpha_p phi2 Dd1 - c alpha_p phi3 Dd2,
+
+    with c = 1: the authors' update (dpm_solver_pytorch.py's
+    multistep_dpm_solver_third_update; diffusers' solver_order=3), so that samples
+    match theirs. Note that Dd1 ~ h x0'(lambda) and Dd2 ~ h^2 x0''/2, while the
+    exponential integrator's quadratic term is sigma_p int e^lambda (lambda -
+    lambda_i)^2 / 2 x0'' = -alpha_p phi3 h^2 x0'' (Lu et al. 2022b, Eq. 9 to 2nd order):
+    the Taylor-exact coefficient is c = 2 (`exact_taylor=True`). With c = 1 the local
+    error is O(h^3); measured on a Gaussian, halving h divides the global error by
+    ~5 with c = 1 and by 13-16 with c = 2 (tests/test_sde_samplers).
+
+    The first step is 1st order (DDIM), the second 2nd order (2M: -alpha_p phi1 (D0 + E0/2)),
+    the rest 3rd order; the final step into abar = 1 returns x0_hat (as 2M). With
+    `lower_order_final` (default, as 2M) the last two solver steps use orders 1 and 2,
+    which keeps few-step runs stable on uniform-time spacings. N model calls for N steps.
+
+    Args, Returns, Raises: as `samplers.dpm_solver_sample`; `return_nfe` also returns
+        the NFE (N) as `(result, nfe)`.
+    """
+    diffusion.validate_types(mean_type, var_type)
+    samplers._check_nonnegative('classifier_scale', classifier_scale)
+    num_steps = samplers._check_schedule(sched)
+    model_kwargs = samplers._check_model_kwargs(model_kwargs)
+    x_T, _ = samplers._initial_state(shape, rng, x_T, needs_noise=False,
+                                     name='dpm_solver_3m_sample')
+    opts = dict(mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised,
+                denoised_fn=denoised_fn, model_kwargs=model_kwargs, cond_fn=cond_fn,
+                classifier_scale=classifier_scale)
+    lam = samplers._log_snr_half
+
+    def body(carry, i):
+        x, d1, d2, h0, h1 = carry
+        d0 = _guided_x0(model_fn, sched, x, i, **opts)
+        abar = sched.alphas_cumprod[i]
+        abar_prev = sched.alphas_cumprod_prev[i]
+        final = abar_prev >= 1.0
+        abar_p = jnp.where(final, abar, abar_prev)  # Finite stand-in on the final step.
+        h = lam(abar_p) - lam(abar)
+        k = num_steps - 1 - i  # Steps already taken = history available.
+        order = jnp.minimum(k + 1, 3)
+        if lower_order_final:
+            order = jnp.where(i == 1, 1, jnp.where(i == 2, jnp.minimum(order, 2), order))
+        safe = lambda v: jnp.where(v > 0.0, v, 1.0)  # noqa: E731
+        r0, r1 = safe(h0) / h, safe(h1) / h
+        e0 = (d0 - d1) / r0
+        e1 = (d1 - d2) / r1
+        dd1 = e0 + r0 / (r0 + r1) * (e0 - e1)
+        dd2 = (e0 - e1) / (r0 + r1)
+        phi1 = jnp.expm1(-h)
+        phi2 = phi1 / h + 1.0
+        phi3 = phi2 / h - 0.5
+        alpha_p = jnp.sqrt(abar_p)
+        ratio = jnp.sqrt((1.0 - abar_p) / (1.0 - abar))
+        x1 = ratio * x - alpha_p * phi1 * d0
+        x2 = x1 - alpha_p * phi1 * 0.5 * e0
+        # The authors' coefficient 1 on dd2 ~ h^2 x0''/2, or the Taylor-exact 2 (docstring).
+        x3 = x1 + alpha_p * phi2 * dd1 - (2.0 if exact_taylor else 1.0) * alpha_p * phi3 * dd2
+        x_p = jnp.where(order == 1, x1, jnp.where(order == 2, x2, x3))
+        x_p = jnp.where(final, d0, x_p)
+        ys = (x, d0) if return_intermediates else None
+        return (x_p.astype(x.dtype), d0.astype(x.dtype), d1, h, h0), ys
+
+    zeros = jnp.zeros_like(x_T)
+    init = (x_T, zeros, zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    (x0, *_), ys = jax.lax.scan(body, init,
+                                jnp.arange(num_steps - 1, -1, -1, dtype=jnp.int32))
+    return _finish(x0, ys, num_steps, return_intermediates, return_nfe)
+
+
+# Macro-step kinds of the 2S sampler.
+_FINAL, _FIRST, _TWO_STAGE = 0, 1, 2
+
+
+def _two_stage_plan(num_steps: int) -> np.ndarray:
+    """[M, 4] int rows (a, b, c, kind): steps a -> c through the midpoint b (2S), a -> b
+    (first order) or the final denoise at a. N model calls in all."""
+    rows = []
+    a = num_steps - 1
+    if (num_steps - 1) % 2 == 1:  # An odd number of gaps: one DDIM step first.
+        rows.append((a, a - 1, a - 1, _FIRST))
+        a -= 1
+    while a >= 2:
+        rows.append((a, a - 1, a - 2, _TWO_STAGE))
+        a -= 2
+    rows.append((0, 0, 0, _FINAL))
+    return np.asarray(rows, np.int32)
+
+
+def dpm_solver_2s_sample(model_fn, sched: Schedule, shape: Sequence[int],
+                         rng: Optional[Array], *, mean_type: str = 'eps',
+                         var_type: str = 'fixed_small', clip_denoised: bool = True,
+                         denoised_fn=None, model_kwargs=None, cond_fn=None,
+                         classifier_scale: float = 1.0, x_T: Optional[Array] = None,
+                         return_intermediates: bool = False, return_nfe: bool = False):
+    """DPM-Solver++(2S): singlestep 2nd-order data-prediction solver (Lu et al. 2022b,
+    Alg. 1) whose intermediate points are the schedule's own steps.
+
+    A discrete model can only be evaluated at trained timesteps, so each solver step
+    spans two schedule steps, a -> c = a - 2, with the stage at b = a - 1:
+    h = lambda_c - lambda_a, r = (lambda_b - lambda_a) / h,
+
+        u = (sigma_b / sigma_a) x - alpha_b (e^{-r h} - 1) x0(x, a),
+        D = (1 - 1 / (2r)) x0(x, a) + 1 / (2r) x0(u, b),
+        x_c = (sigma_c / sigma_a) x - alpha_c (e^{-h} - 1) D.
+
+    With an odd number of gaps the first step is DDIM (first order); the last call
+    returns x0_hat at step 0 (as 2M). N model calls for N steps, so a 2S run at N steps
+    costs what 2M costs at N, with N/2 solver steps.
+
+    Args, Returns, Raises: as `dpm_solver_3m_sample` (no `lower_order_final`).
+    """
+    diffusion.validate_types(mean_type, var_type)
+    samplers._check_nonnegative('classifier_scale', classifier_scale)
+    num_steps = samplers._check_schedule(sched)
+    model_kwargs = samplers._check_model_kwargs(model_kwargs)
+    x_T, _ = samplers._initial_state(shape, rng, x_T, needs_noise=False,
+                                     name='dpm_solver_2s_sample')
+    opts = dict(mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised,
+                denoised_fn=denoised_fn, model_kwargs=model_kwargs, cond_fn=cond_fn,
+                classifier_scale=classifier_scale)
+    lam = samplers._log_snr_half
+    abars = sched.alphas_cumprod
+
+    def body(x, row):
+        a, b, c, kind = row[0], row[1], row[2], row[3]
+        d_a = _guided_x0(model_fn, sched, x, a, **opts)
+        abar_a, abar_b, abar_c = abars[a], abars[b], abars[c]
+        # Finite stand-ins where the kind does not use b / c (final: a = b = c).
+        abar_b = jnp.where(kind == _TWO_STAGE, abar_b, abar_c)
+        abar_c = jnp.where(kind == _FINAL, 0.5 * abar_a, abar_c)
+        abar_b = jnp.where(kind == _FINAL, 0.5 * abar_a, abar_b)
+        h = lam(abar_c) - lam(abar_a)
+        r = (lam(abar_b) - lam(abar_a)) / h
+
+        def second_stage(_):
+            u = (jnp.sqrt((1.0 - abar_b) / (1.0 - abar_a)) * x
+                 - jnp.sqrt(abar_b) * jnp.expm1(-r * h) * d_a)
+            d_b = _guided_x0(model_fn, sched, u.astype(x.dtype), b, **opts)
+            return (1.0 - 0.5 / r) * d_a + (0.5 / r) * d_b
+
+        d = jax.lax.cond(kind == _TWO_STAGE, second_stage, lambda _: d_a, None)
+        x_c = (jnp.sqrt((1.0 - abar_c) / (1.0 - abar_a)) * x
+               - jnp.sqrt(abar_c) * jnp.expm1(-h) * d)
+        x_c = jnp.where(kind == _FINAL, d_a, x_c)
+        return x_c.astype(x.dtype), ((x, d_a) if return_intermediates else None)
+
+    x0, ys = jax.lax.scan(body, x_T, jnp.asarray(_two_stage_plan(num_steps)))
+    return _finish(x0, ys, num_steps, return_intermediates, return_nfe)
+
+
+# ---------------------------------------------------------------------------
+# Discrete VP models through the VP view, with the registry's signature.
+# ---------------------------------------------------------------------------
+
+
+def _vp_view_of(model_fn, sched, *, mean_type, var_type, clip_denoised, denoised_fn,
+                model_kwargs, cond_fn, classifier_scale, return_intermediates, name):
+    if return_intermediates:
+        raise ValueError(f'{name}: return_intermediates is not supported.')
+    samplers._check_nonnegative('classifier_scale', classifier_scale)
+    samplers._check_schedule(sched)
+    return sde_lib.make_vp_score_fn(
+        model_fn, sched, mean_type=mean_type, var_type=var_type,
+        clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+        model_kwargs=samplers._check_model_kwargs(model_kwargs), cond_fn=cond_fn,
+        classifier_scale=classifier_scale)
+
+
+def vp_ode_sample(model_fn, sched: Schedule, shape: Sequence[int], rng: Optional[Array], *,
+                  mean_type: str = 'eps', var_type: str = 'fixed_small',
+                  clip_denoised: bool = False, denoised_fn=None, model_kwargs=None,
+                  cond_fn=None, classifier_scale: float = 1.0,
+                  x_T: Optional[Array] = None, return_intermediates: bool = False,
+                  solver: str = 'tsit5', rtol: float = 1e-5, atol: float = 1e-5,
+                  eps: float = 1e-3, max_steps: int = 4096, return_nfe: bool = False):
+    """`ode_sample` for a discrete-time model, through its VP view (`sde.make_vp_score_fn`),
+    with the signature of `samplers.SAMPLERS`' functions.
+
+    `sched` should be the model's full training schedule: its steps are the view's knots
+    (a respaced schedule gives a coarser VP SDE through the kept levels). x_T ~ N(0, I)
+    is x(1); the result is x(eps). `clip_denoised` is off by default (clipping makes the
+    drift non-smooth, which costs an adaptive solver many steps).
+
+    Returns:
+        The samples, or (samples, nfe) with `return_nfe`.
+
+    Raises:
+        ValueError: As `ode_sample` and `sde.make_vp_score_fn`; return_intermediates.
+    """
+    view, score = _vp_view_of(
+        model_fn, sched, mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised,
+        denoised_fn=denoised_fn, model_kwargs=model_kwargs, cond_fn=cond_fn,
+        classifier_scale=classifier_scale, return_intermediates=return_intermediates,
+        name='vp_ode_sample')
+    x_T, _ = samplers._initial_state(shape, rng, x_T, needs_noise=False,
+                                     name='vp_ode_sample')
+    out = ode_sample(view, score, shape, None, eps=eps, solver=solver, rtol=rtol,
+                     atol=atol, max_steps=max_steps, x_init=x_T)
+    return (out.samples, out.nfe) if return_nfe else out.samples
+
+
+def vp_pc_sample(model_fn, sched: Schedule, shape: Sequence[int], rng: Array, *,
+                 mean_type: str = 'eps', var_type: str = 'fixed_small',
+                 clip_denoised: bool = True, denoised_fn=None, model_kwargs=None,
+                 cond_fn=None, classifier_scale: float = 1.0, x_T: Optional[Array] = None,
+                 return_intermediates: bool = False, predictor: str = 'reverse_diffusion',
+                 corrector: str = 'langevin', snr: float = 0.01, corrector_steps: int = 1,
+                 num_steps: Optional[int] = None, eps: float = 1e-3,
+                 return_nfe: bool = False):
+    """`pc_sample` for a discrete-time model through its VP view, registry signature.
+
+    Defaults: reverse-diffusion predictor (on the schedule's own chain when num_steps is
+    the schedule's N, the default) with one Langevin corrector step of snr 0.01 (score_sde's
+    VP PC setting, Song et al. 2021b, App. G). NFE = N (1 + corrector_steps).
+
+    Returns:
+        The samples, or (samples, nfe) with `return_nfe`.
+    """
+    view, score = _vp_view_of(
+        model_fn, sched, mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised,
+        denoised_fn=denoised_fn, model_kwargs=model_kwargs, cond_fn=cond_fn,
+        classifier_scale=classifier_scale, return_intermediates=return_intermediates,
+        name='vp_pc_sample')
+    x_T, noise_rng = samplers._initial_state(shape, rng, x_T, needs_noise=True,
+                                             name='vp_pc_sample')
+    out = pc_sample(view, score, shape, noise_rng,
+                    num_steps=view.num_scales if num_steps is None else num_steps, eps=eps,
+                    predictor=predictor, corrector=corrector, snr=snr,
+                    corrector_steps=corrector_steps, x_init=x_T)
+    return (out.samples, out.nfe) if return_nfe else out.samples
+
+
+def vp_heun_sample(model_fn, sched: Schedule, shape: Sequence[int], rng: Optional[Array], *,
+                   mean_type: str = 'eps', var_type: str = 'fixed_small',
+                   clip_denoised: bool = True, denoised_fn=None, model_kwargs=None,
+                   cond_fn=None, classifier_scale: float = 1.0, x_T: Optional[Array] = None,
+                   return_intermediates: bool = False, num_steps: int = 18,
+                   rho: float = 7.0, s_churn: float = 0.0, s_tmin: float = 0.0,
+                   s_tmax: float = float('inf'), s_noise: float = 1.0,
+                   return_nfe: bool = False):
+    """Karras et al. 2022's Heun sampler for a discrete-time model, registry signature.
+
+    The sigma schedule (`karras_sigmas`, rho = 7) runs between the schedule's smallest
+    and largest sigma_i = sqrt((1 - abar_i) / abar_i); the denoiser is the VP view's
+    (`sde.denoiser_from_score`: the model at the step nearest in t, x_vp = alpha y), so
+    guidance and every mean type work as in the other samplers. x_T ~ N(0, I) is x_vp at
+    sigma_max, i.e. y = sqrt(1 + sigma_max^2) x_T. NFE = 2 num_steps - 1 (35 for 18).
+
+    Returns:
+        The samples, or (samples, nfe) with `return_nfe`.
+    """
+    view, score = _vp_view_of(
+        model_fn, sched, mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised,
+        denoised_fn=denoised_fn, model_kwargs=model_kwargs, cond_fn=cond_fn,
+        classifier_scale=classifier_scale, return_intermediates=return_intermediates,
+        name='vp_heun_sample')
+    churn = samplers._concrete_float(s_churn)
+    needs_noise = churn is None or churn > 0.0
+    x_T, noise_rng = samplers._initial_state(shape, rng, x_T, needs_noise=needs_noise,
+                                             name='vp_heun_sample')
+    ladder = _vp_sigmas_np(sched)
+    sigmas = karras_sigmas(num_steps, float(ladder[0]), float(ladder[-1]), rho)
+    y_T = x_T * jnp.sqrt(1.0 + jnp.square(sigmas[0]))
+    out = karras_sample(sde_lib.denoiser_from_score(view, score), sigmas, shape, noise_rng,
+                        s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
+                        x_init=y_T)
+    return (out.samples, out.nfe) if return_nfe else out.samples
+
+
+# The samplers of this module that fit `samplers.SAMPLERS` (same `SamplerSpec`, same
+# call). They live here because this module imports `samplers` (its validation helpers
+# and guidance): a caller merges the two tables, e.g. {**samplers.SAMPLERS,
+# **sde_samplers.SDE_SAMPLERS}. Options name the sampler keyword arguments that the
+# config would set (proposed fields: sample.num_steps, sample.s_churn, sample.ode_solver,
+# sample.ode_rtol / ode_atol, sample.pc_snr); the vp_* samplers want the model's full
+# (unrespaced) training schedule.
+SDE_SAMPLERS = {
+    'dpm_solver_3m': samplers.SamplerSpec(
+        dpm_solver_3m_sample, (), 'DPM-Solver++(3M), multistep 3rd order (Lu et al. 2022b)'),
+    'dpm_solver_2s': samplers.SamplerSpec(
+        dpm_solver_2s_sample, (), 'DPM-Solver++(2S), singlestep 2nd order (Lu et al. 2022b)'),
+    'heun': samplers.SamplerSpec(
+        vp_heun_sample, ('num_steps', 's_churn'),
+        "Karras et al. 2022's Heun sampler on the VP view (2 num_steps - 1 NFE)"),
+    'ode': samplers.SamplerSpec(
+        vp_ode_sample, ('solver', 'rtol', 'atol'),
+        'probability-flow ODE, adaptive diffrax solver (Song et al. 2021b)'),
+    'pc': samplers.SamplerSpec(
+        vp_pc_sample, ('snr',),
+        'reverse diffusion + Langevin corrector (Song et al. 2021b, PC)'),
+}

@@ -1,0 +1,270 @@
+"""The first-stage autoencoder task of latent diffusion (Esser et al. 2021; Rombach et al. 2022).
+
+Two parts, each with its own Adam, and two phases per step (as `ddgan`):
+
+1. 'autoencoder': L1 reconstruction summed over pixels (LDM's NLL with its
+   log-variance fixed at 0), plus `kl_weight` * KL(q(z|x) || N(0, I)) for a KL
+   latent or the codebook + commitment losses for a VQ latent, plus, from step
+   `autoencoder.disc_start` on, lambda * disc_weight * (-mean D(x_rec)), with lambda
+   the adaptive weight of Esser et al. 2021, Eq. 7 (the ratio of the gradient norms
+   of the reconstruction and adversarial losses at the decoder's last layer).
+2. 'discriminator': the hinge loss of the patch discriminator on x against the
+   (updated) reconstruction, from `disc_start` on (zero before: D is not trained,
+   as taming's disc_factor = 0).
+
+The step counter lives in the task state; the switch is a `lax.cond` inside the
+jitted step, so the adversarial terms cost nothing before `disc_start`.
+
+A perceptual (LPIPS) term is not implemented: `autoencoder.lpips_weights_path`
+must stay empty (a path that is missing is refused naming the file needed; an
+existing one is refused as not supported yet).
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+
+from ddpm_jax import autoencoder_losses as ae_losses
+from ddpm_jax import parallel
+from ddpm_jax import state as state_lib
+from ddpm_jax.models import autoencoder as ae_lib
+from ddpm_jax.tasks import base
+
+
+def create_autoencoder(config: ml_collections.ConfigDict) -> ae_lib.Autoencoder:
+    """The `Autoencoder` of `config.autoencoder` for `config.data` images."""
+    a = config.autoencoder
+    return ae_lib.Autoencoder(kind=a.kind, base_channels=a.base_channels,
+                              channel_mult=tuple(a.channel_mult),
+                              num_res_blocks=a.num_res_blocks,
+                              attention_resolutions=tuple(a.attention_resolutions),
+                              z_channels=a.z_channels, codebook_size=a.codebook_size,
+                              num_groups=a.num_groups, out_channels=config.data.channels,
+                              dtype=config.model.dtype)
+
+
+def create_discriminator(config: ml_collections.ConfigDict) -> ae_lib.PatchDiscriminator:
+    """The `PatchDiscriminator` of `config.autoencoder`."""
+    a = config.autoencoder
+    return ae_lib.PatchDiscriminator(base_channels=a.disc_base_channels,
+                                     num_layers=a.disc_num_layers,
+                                     num_groups=a.disc_num_groups, dtype=config.model.dtype)
+
+
+def num_grid_images(config: ml_collections.ConfigDict) -> int:
+    """Images of the first batch kept for the reconstruction grid."""
+    return min(config.train.num_grid_samples, config.train.global_batch_size)
+
+
+class AutoencoderTask(base.Task):
+    """Autoencoder and patch discriminator, alternating in one step (module docstring)."""
+    name = 'autoencoder'
+    parts = ('autoencoder', 'discriminator')
+    ema_parts = ('autoencoder',)
+    phases = (('autoencoder',), ('discriminator',))
+    sample_part = None  # It reconstructs; it does not generate.
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        super().__init__(config)
+        if config.autoencoder.lpips_weights_path:
+            self.validate_config(config)
+            raise NotImplementedError(
+                'The LPIPS perceptual loss is not implemented yet; set '
+                "autoencoder.lpips_weights_path='' (L1 reconstruction only).")
+        self.autoencoder = create_autoencoder(config)
+        self.discriminator = create_discriminator(config)
+        self.vq = config.autoencoder.kind == 'vq'
+
+    @staticmethod
+    def validate_config(config: ml_collections.ConfigDict) -> None:
+        a, size = config.autoencoder, config.data.image_size
+        ae_lib.check_autoencoder(a, size)
+        patches = size // 2 ** a.disc_num_layers - 2
+        chans = [a.disc_base_channels * min(2 ** n, 8) for n in range(1, a.disc_num_layers + 1)]
+        checks = [
+            (a.kl_weight >= 0, f'autoencoder.kl_weight={a.kl_weight} must be >= 0.'),
+            (a.vq_beta >= 0, f'autoencoder.vq_beta={a.vq_beta} must be >= 0.'),
+            (a.disc_start >= 0, f'autoencoder.disc_start={a.disc_start} must be >= 0.'),
+            (a.disc_weight >= 0, f'autoencoder.disc_weight={a.disc_weight} must be >= 0.'),
+            (a.lr_discriminator >= 0,
+             f'autoencoder.lr_discriminator={a.lr_discriminator} must be >= 0.'),
+            (a.disc_base_channels >= 1 and a.disc_num_layers >= 1,
+             'autoencoder.disc_base_channels and autoencoder.disc_num_layers must be >= 1.'),
+            (patches >= 1, f'autoencoder.disc_num_layers={a.disc_num_layers} leaves no patch '
+                           f'of a {size}x{size} image; use fewer layers.'),
+            (a.disc_num_groups >= 0 and all(
+                a.disc_num_groups == 0 or c % a.disc_num_groups == 0 for c in chans),
+             f'autoencoder.disc_num_groups={a.disc_num_groups} must be 0 or divide the '
+             f'discriminator channels {chans}.'),
+            (a.perceptual_weight >= 0,
+             f'autoencoder.perceptual_weight={a.perceptual_weight} must be >= 0.'),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        path = a.lpips_weights_path
+        if path and not epath.Path(path).exists():
+            raise ValueError(
+                f'autoencoder.lpips_weights_path={path!r} does not exist. The perceptual '
+                'term needs the LPIPS weights (the VGG16 features and the linear layers '
+                "of Zhang et al. 2018, as taming's vgg.pth) as a file; or set it to '' "
+                'for L1 reconstruction only.')
+
+    def init_params(self, rng: jax.Array) -> dict[str, Any]:
+        a_rng, d_rng = jax.random.split(rng)
+        size, channels = self.config.data.image_size, self.config.data.channels
+        x = jnp.zeros((1, size, size, channels), jnp.float32)
+        ae = self.autoencoder.init(a_rng, x)['params']
+        disc = self.discriminator.init(d_rng, x)['params']
+        return {'autoencoder': ae, 'discriminator': disc}
+
+    def create_optimizers(self) -> dict[str, state_lib.Optimizer]:
+        """`optim` for both; the discriminator at `autoencoder.lr_discriminator` if set."""
+        out = {}
+        for part in self.parts:
+            optim = ml_collections.ConfigDict(self.config.optim.to_dict())
+            if part == 'discriminator' and self.config.autoencoder.lr_discriminator > 0:
+                optim.learning_rate = self.config.autoencoder.lr_discriminator
+            out[part] = state_lib.create_optimizer(optim, self.config.train.num_train_steps)
+        return out
+
+    def init_task_state(self) -> dict[str, jax.Array]:
+        """Steps taken (the adversarial switch) and the first batch's first images (the
+        reconstruction grid's inputs, so every grid shows the same digits)."""
+        size, channels = self.config.data.image_size, self.config.data.channels
+        return {'step': jnp.zeros((), jnp.int32),
+                'grid_images': jnp.zeros((num_grid_images(self.config), size, size, channels),
+                                         jnp.float32)}
+
+    def prepare_batch(self, batch, rng, task_state):
+        x = batch['image'].astype(jnp.float32)
+        side, _, z = ae_lib.latent_shape(x.shape[1], self.autoencoder)
+        active = task_state['step'] >= self.config.autoencoder.disc_start
+        return {'image': x,
+                'noise': jax.random.normal(rng, (x.shape[0], side, side, z), jnp.float32),
+                'adversarial': jnp.full((x.shape[0],), active)}
+
+    def discriminate(self, disc_params, images):
+        """Patch logits [B, h, w, 1]."""
+        return self.discriminator.apply({'params': disc_params}, images)
+
+    def reconstruct(self, ae_params, x, noise=None):
+        """(decoder features before the last layer, the latent terms)."""
+        return self.autoencoder.apply({'params': ae_params}, x, None if self.vq else noise,
+                                      features_only=True)
+
+    def adaptive_weight(self, params, x, features) -> jax.Array:
+        """lambda of Esser et al. 2021, Eq. 7 at the decoder's last-layer kernel, from
+        the batch-mean losses (the scalars the total loss is made of)."""
+        conv = params['autoencoder']['decoder']['conv_out']
+
+        def output(kernel):
+            return ae_lib.apply_output_layer({**conv, 'kernel': kernel}, features)
+
+        def rec_loss(kernel):
+            return jnp.mean(ae_losses.l1_reconstruction(x, output(kernel)))
+
+        def adv_loss(kernel):
+            logits = self.discriminate(params['discriminator'], output(kernel))
+            return jnp.mean(ae_losses.generator_adversarial_loss(logits))
+
+        return ae_losses.adaptive_weight(jax.grad(rec_loss)(conv['kernel']),
+                                         jax.grad(adv_loss)(conv['kernel']))
+
+    def loss(self, phase, params, examples, rng):
+        del rng
+        a = self.config.autoencoder
+        x, noise = examples['image'], examples['noise']
+        batch = x.shape[0]
+        active = examples['adversarial'][0]
+        if phase == 0:
+            features, latent = self.reconstruct(params['autoencoder'], x, noise)
+            x_rec = ae_lib.apply_output_layer(params['autoencoder']['decoder']['conv_out'],
+                                              features)
+            rec = ae_losses.l1_reconstruction(x, x_rec)
+            terms = {'rec_l1': rec / np.prod(x.shape[1:])}  # Mean |x - x_rec| per pixel.
+            if self.vq:
+                vq = ae_losses.vq_losses(latent['z'], latent['z_q'], a.vq_beta)
+                regulariser = vq['vq']
+                perplexity, used = ae_losses.codebook_usage(latent['codes'], a.codebook_size)
+                terms.update(codebook=vq['codebook'], commitment=vq['commitment'],
+                             perplexity=jnp.full((batch,), perplexity),
+                             codebook_usage=jnp.full((batch,), used))
+            else:
+                kl = ae_losses.kl_standard_normal(latent['mean'], latent['logvar'])
+                regulariser = a.kl_weight * kl
+                terms['kl'] = kl
+
+            def adversarial():
+                weight = a.disc_weight * self.adaptive_weight(params, x, features)
+                g = ae_losses.generator_adversarial_loss(
+                    self.discriminate(params['discriminator'], x_rec))
+                return weight, g
+
+            weight, g = jax.lax.cond(active, adversarial,
+                                     lambda: (jnp.zeros((), jnp.float32),
+                                              jnp.zeros((batch,), jnp.float32)))
+            per_example = rec + regulariser + weight * g
+            terms.update(loss=per_example, g_loss=g, d_weight=jnp.full((batch,), weight))
+            return jnp.mean(per_example), terms
+
+        # The discriminator, against the autoencoder the first phase just updated.
+        def hinge():
+            features, _ = self.reconstruct(params['autoencoder'], x, noise)
+            x_rec = jax.lax.stop_gradient(ae_lib.apply_output_layer(
+                params['autoencoder']['decoder']['conv_out'], features))
+            real = self.discriminate(params['discriminator'], x)
+            fake = self.discriminate(params['discriminator'], x_rec)
+            accuracy = 0.5 * (jnp.mean((real > 0).astype(jnp.float32), axis=(1, 2, 3))
+                              + jnp.mean((fake < 0).astype(jnp.float32), axis=(1, 2, 3)))
+            return ae_losses.hinge_discriminator_loss(real, fake), accuracy
+
+        zeros = jnp.zeros((batch,), jnp.float32)
+        d_loss, accuracy = jax.lax.cond(active, hinge, lambda: (zeros, zeros))
+        return jnp.mean(d_loss), {'loss': d_loss, 'd_accuracy': accuracy}
+
+    def update_task_state(self, task_state, examples, terms):
+        n = task_state['grid_images'].shape[0]
+        first = task_state['step'] == 0
+        return {'step': task_state['step'] + 1,
+                'grid_images': jnp.where(first, examples['image'][:n],
+                                         task_state['grid_images'])}
+
+    def step_metrics(self, examples, terms):
+        """Reconstruction L1 per pixel, KL (or codebook, commitment, perplexity and the
+        fraction of codes used), the adaptive weight, G's and D's losses, D's accuracy
+        on real and reconstructed patches, and whether the adversarial loss is on."""
+        metrics = {name: jnp.mean(value) for name, value in terms[0].items() if name != 'loss'}
+        metrics['d_accuracy'] = jnp.mean(terms[1]['d_accuracy'])
+        metrics['adversarial'] = examples['adversarial'][0].astype(jnp.float32)
+        return metrics
+
+    def make_grid_fn(self, mesh: jax.sharding.Mesh, rng: jax.Array | None = None):
+        """`grid_fn(ema_params, task_state) -> (images, columns)`: rows of the first
+        batch's images (kept in the task state) alternating with rows of their EMA
+        reconstructions (posterior mean or quantised latent), float32 [2N, H, W, C]
+        in [-1, 1] on the host. Deterministic: `rng` is unused."""
+        del rng
+        n = num_grid_images(self.config)
+        columns = max(1, min(n, 8))
+        replicated = parallel.replicated_sharding(mesh)
+
+        @jax.jit
+        def reconstruct(ae_params, images):
+            return jnp.clip(self.autoencoder.apply({'params': ae_params}, images)[0], -1, 1)
+
+        def grid_fn(ema_params: Mapping[str, Any], task_state: Mapping[str, Any]):
+            images = jax.device_put(task_state['grid_images'], replicated)
+            recon = np.asarray(parallel.to_host(reconstruct(ema_params['autoencoder'], images)))
+            images = np.asarray(parallel.to_host(images))
+            rows = []
+            for start in range(0, n, columns):
+                rows += [images[start:start + columns], recon[start:start + columns]]
+            return np.concatenate(rows), columns
+
+        return grid_fn

@@ -1,0 +1,255 @@
+"""Tests for latent diffusion (ddpm_jax.tasks.latent_diffusion) and cross-attention
+conditioning (ddpm_jax.models.conditioning, the UNet's context): the measured scale
+factor, exact resume through the trainer from a restored autoencoder, decoded samples,
+and the context's effect, null context and lengths."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from ddpm_jax import checkpointing, config_lib, parallel, samplers, tasks, train
+from ddpm_jax import data as data_lib
+from ddpm_jax import state as state_lib
+from ddpm_jax.models import UNet, conditioning, make_model_fn
+from ddpm_jax.tasks import diffusion as diffusion_task
+from ddpm_jax.tasks import latent_diffusion
+
+from configs import autoencoder_vq_f4, default, digits_autoencoder, digits_ldm, ldm_celebahq256
+
+
+def autoencoder_config():
+    """A tiny KL autoencoder (f = 2) for 8x8 digits."""
+    config = default.get_config()
+    config.task = 'autoencoder'
+    config.data.image_size = 8
+    config.model.attention_resolutions = ()
+    a = config.autoencoder
+    a.base_channels, a.channel_mult, a.num_res_blocks = 8, (1, 2), 1
+    a.z_channels, a.num_groups = 2, 4
+    a.disc_base_channels, a.disc_num_layers, a.disc_num_groups = 8, 1, 4
+    config.optim.ema_decays = (0.9,)
+    config.train.global_batch_size = 8
+    config.train.num_grid_samples = 4
+    return config
+
+
+def random_params(task, seed=0):
+    """Parameters of the task's shapes drawn on the host (no init to compile)."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(task.init_params, jax.random.key(0))
+    return jax.tree.map(lambda s: (0.3 * rng.normal(size=s.shape)).astype(np.float32), shapes)
+
+
+@pytest.fixture(scope='module')
+def autoencoder():
+    config = autoencoder_config()
+    return config, random_params(tasks.create_task(config))['autoencoder']
+
+
+def ldm_config(workdir=''):
+    config = default.get_config()
+    config.task = 'latent_diffusion'
+    config.data.image_size = 8
+    config.latent.autoencoder_workdir = workdir or '/nonexistent'
+    m = config.model
+    m.base_channels, m.channel_mult, m.num_res_blocks = 8, (1,), 1
+    m.attention_resolutions = (8,)  # Image pixels: the 4x4 latent.
+    m.num_groups = 4
+    m.num_classes, m.class_dropout_prob = 10, 0.1
+    m.context_encoder, m.context_dim = 'class', 8
+    config.diffusion.num_timesteps = 20
+    config.diffusion.var_type = 'fixed_small'
+    config.optim.ema_decays = (0.9,)
+    config.train.global_batch_size = 8
+    config.train.num_train_steps = 4
+    config.train.log_every_steps = 2
+    config.train.checkpoint_every_steps = 2
+    config.train.num_grid_samples = 0
+    config.sample.respacing = '4'
+    config.sample.guidance_scale = 2.0
+    config.sample.clip_denoised = False
+    return config
+
+
+def test_scale_factor_gives_unit_variance_latents(autoencoder):
+    task = latent_diffusion.LatentDiffusionTask(ldm_config(), autoencoder=autoencoder)
+    assert task.latent_shape == (4, 4, 2)
+    images, labels = data_lib.load_digits('test')
+    batch = {'image': jnp.asarray(images[:16]), 'label': jnp.asarray(labels[:16])}
+    rng = jax.random.key(5)
+
+    @jax.jit
+    def prepare(scale):
+        state = {**task.init_task_state(), 'scale_factor': scale}
+        examples = task.prepare_batch(batch, rng, state)
+        encode_rng, _ = jax.random.split(rng)
+        z = task.encode(batch['image'], jax.random.normal(encode_rng, (16, 4, 4, 2)))
+        return examples, z, task.update_task_state(state, examples, ({'loss': 0},))
+
+    examples, z, new_state = parallel.to_host(prepare(jnp.float32(0)))  # Unmeasured.
+    z = z.astype(np.float64)
+    assert abs(np.std(z) - 1) > 0.1  # The raw latents are not unit-variance...
+    np.testing.assert_allclose(examples['scale_factor'], 1 / np.std(z), rtol=1e-5)
+    np.testing.assert_allclose(np.std(examples['image'].astype(np.float64)), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(new_state['scale_factor'], 1 / np.std(z), rtol=1e-5)
+    examples, z, new_state = parallel.to_host(prepare(jnp.float32(2.5)))  # Kept once set.
+    np.testing.assert_allclose(examples['image'], 2.5 * z, rtol=1e-6)
+    assert float(new_state['scale_factor']) == 2.5
+
+
+@pytest.mark.slow
+def test_trains_checkpoints_resumes_and_samples_decoded_images(autoencoder, tmp_path):
+    # The first stage as a task='autoencoder' run leaves it: a checkpoint in its workdir.
+    ae_cfg, ae_params = autoencoder
+    ae_task = tasks.create_task(ae_cfg)
+    shapes = jax.eval_shape(lambda: state_lib.create_train_state(ae_task, jax.random.key(0)))
+    ae_state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes).replace(
+        params={'autoencoder': ae_params, 'discriminator': random_params(ae_task)[
+            'discriminator']})
+    with checkpointing.create_checkpoint_manager(str(tmp_path / 'ae'), ae_cfg) as manager:
+        checkpointing.save_checkpoint(manager, 7, ae_state, ae_cfg, force=True)
+        manager.wait_until_finished()
+    loaded_cfg, loaded = latent_diffusion.load_autoencoder(str(tmp_path / 'ae'))
+    assert loaded_cfg.autoencoder.to_dict() == ae_cfg.autoencoder.to_dict()
+    jax.tree.map(np.testing.assert_array_equal, loaded, ae_params)
+
+    config = ldm_config(str(tmp_path / 'ae'))
+    mesh = parallel.create_mesh(jax.devices()[:1])
+    trainer = train.Trainer(config, mesh=mesh)
+    reference = trainer.train(str(tmp_path / 'ref'))
+    trainer.train(str(tmp_path / 'run'), stop_at_step=2)
+    resumed = trainer.train(str(tmp_path / 'run'))  # State and scale factor from disk.
+    jax.tree.map(np.testing.assert_array_equal, parallel.to_host(resumed),
+                 parallel.to_host(reference))
+    scale = float(resumed.task_state['scale_factor'])
+    assert scale > 0 and int(resumed.step) == 4
+
+    sample_fn = trainer.task.make_sample_fn(mesh)
+    ema = resumed.ema_params[0]['model']
+    labels = np.array([0, 1, 2, 9])
+    images = parallel.gather(sample_fn(ema, jax.random.key(1), labels,
+                                       task_state=resumed.task_state))
+    assert images.shape == (4, 8, 8, 1)  # Decoded: the data's size, not the latent's.
+    assert np.isfinite(images).all() and np.abs(images).max() <= 1.0
+    # The same draw by hand: the latent sampler with guidance, then the decoder of z / scale.
+    task = trainer.task
+    model_fn = samplers.make_cfg_model_fn(make_model_fn(task.model, ema), 2.0, null_label=10)
+    sched = diffusion_task.create_sampling_schedule(task.latent_config)
+
+    @jax.jit
+    def by_hand():
+        z = samplers.SAMPLERS['ddpm'].fn(
+            model_fn, sched, (4, 4, 4, 2), jax.random.key(1), model_kwargs={'y': labels},
+            cond_fn=None, mean_type='eps', var_type='fixed_small', clip_denoised=False,
+            classifier_scale=0.0)
+        x = task.autoencoder.apply({'params': ae_params}, z / scale,
+                                   method=task.autoencoder.decode_latents)
+        return jnp.clip(x, -1, 1)
+
+    np.testing.assert_allclose(images, by_hand(), atol=2e-5)
+
+
+def unet(**overrides):
+    fields = dict(base_channels=8, channel_mult=(1,), num_res_blocks=1,
+                  attention_resolutions=(4,), num_groups=4, num_classes=3,
+                  class_dropout_prob=0.1, context_encoder='class', context_dim=8)
+    fields.update(overrides)
+    return UNet(**fields)
+
+
+def perturbed_init(model, *args):
+    """Random parameters of the model's shapes, drawn on the host (a fresh init would
+    zero the output projections, hiding the context)."""
+    rng = np.random.default_rng(0)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args))['params']
+    return jax.tree.map(lambda s: (0.3 * rng.normal(size=s.shape)).astype(np.float32), shapes)
+
+
+def test_cross_attention_depends_on_context_and_null_is_the_unconditional_branch():
+    model = unet()
+    x = jax.random.normal(jax.random.key(2), (3, 4, 4, 2))
+    t = jnp.array([1, 5, 9])
+    params = perturbed_init(model, x, t, jnp.zeros((3,), jnp.int32))
+    assert 'down_0_attn_0_cross' in params and 'mid_attn_cross' in params
+    assert 'label_emb' not in params  # The labels enter by cross-attention only.
+    apply = jax.jit(lambda y: model.apply({'params': params}, x, t, y))
+    out = {label: np.asarray(apply(jnp.full((3,), label)), np.float64) for label in range(4)}
+    assert np.abs(out[0] - out[1]).max() > 1e-3
+    # Classifier-free guidance: its unconditional branch is the null label's context.
+    model_fn = lambda x, t, y: model.apply({'params': params}, x, t, y)
+    cfg = samplers.make_cfg_model_fn(model_fn, 3.0, null_label=3)
+    got = np.asarray(jax.jit(lambda: cfg(x, t, y=jnp.array([0, 0, 0])))(), np.float64)
+    np.testing.assert_allclose(got, -2.0 * out[3] + 3.0 * out[0], rtol=1e-4, atol=1e-5)
+    # Without a context encoder the UNet is the plain one: no cross-attention.
+    plain = jax.eval_shape(lambda: unet(context_encoder='none', context_dim=0).init(
+        jax.random.key(0), x, t, jnp.zeros((3,), jnp.int32)))['params']
+    assert 'label_emb' in plain and not [k for k in plain if k.endswith('_cross')]
+
+
+def test_context_lengths_one_and_several():
+    block = conditioning.CrossAttentionBlock(num_heads=2, num_groups=4)
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+    one = jax.random.normal(jax.random.key(1), (2, 1, 6))
+    params = perturbed_init(block, x, one)
+    apply = jax.jit(lambda c: block.apply({'params': params}, x, c))
+    out_one = np.asarray(apply(one))
+    assert out_one.shape == x.shape
+    # Attention to five copies of a token is attention to the token.
+    np.testing.assert_allclose(apply(jnp.repeat(one, 5, axis=1)), out_one, rtol=1e-5,
+                               atol=1e-6)
+    several = jax.random.normal(jax.random.key(2), (2, 5, 6))
+    assert np.abs(np.asarray(apply(several)) - out_one).max() > 1e-3
+    # A token sequence through the learned transformer encoder, lengths 1 and 3.
+    model = unet(context_encoder='tokens', context_vocab_size=3, context_layers=1)
+    xs = jnp.zeros((2, 4, 4, 2))
+    for tokens in (jnp.array([[0], [3]]), jnp.array([[0, 1, 2], [3, 3, 3]])):
+        variables = jax.eval_shape(lambda tok=tokens: model.init(jax.random.key(0), xs,
+                                                                 jnp.zeros(2, jnp.int32), tok))
+        out = jax.eval_shape(lambda v, tok=tokens: model.apply(v, xs, jnp.zeros(2, jnp.int32),
+                                                               tok), variables)
+        assert out.shape == xs.shape
+
+
+def test_config_rules(autoencoder):
+    config = ldm_config('/somewhere')
+    tasks.TASKS['latent_diffusion'].validate_config(config)
+    for group, field, value, match in (
+            ('sample', 'clip_denoised', True, 'sample.clip_denoised'),
+            ('latent', 'autoencoder_workdir', '', 'latent.autoencoder_workdir'),
+            ('latent', 'scale_factor', -1.0, 'latent.scale_factor'),
+            ('model', 'context_dim', 0, 'model.context_dim'),
+            ('model', 'context_encoder', 'clip', 'model.context_encoder')):
+        bad = ml_collections.ConfigDict(config.to_dict())
+        bad[group][field] = value
+        with pytest.raises(ValueError, match=match):
+            config_lib.validate(bad, mode='train', num_devices=1)
+    with pytest.raises(ValueError, match='latent.autoencoder_workdir'):
+        latent_diffusion.load_autoencoder('/nonexistent/ae')
+    bad = ldm_config()
+    bad.model.attention_resolutions = (1,)
+    bad.model.channel_mult = (1, 2, 2, 2)
+    with pytest.raises(ValueError, match='model.attention_resolutions'):
+        latent_diffusion.LatentDiffusionTask(bad, autoencoder=autoencoder)
+
+
+def _count(tree):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def test_ldm_configs_validate_and_match_the_papers_sizes():
+    """The paper configs build (shapes only); LDM-4 CelebA-HQ has the paper's 274M."""
+    for first, second, latent, unet_params in (
+            (autoencoder_vq_f4, ldm_celebahq256, (64, 64, 3), 274e6),
+            (digits_autoencoder, digits_ldm, (4, 4, 3), None)):
+        ae_cfg, config = first.get_config(), second.get_config()
+        config_lib.validate(ae_cfg, mode='train', num_devices=1)
+        config_lib.validate(config, mode='train', num_devices=1)
+        ae_shapes = jax.eval_shape(tasks.create_task(ae_cfg).init_params, jax.random.key(0))
+        task = latent_diffusion.LatentDiffusionTask(
+            config, autoencoder=(ae_cfg, ae_shapes['autoencoder']))
+        assert task.latent_shape == latent
+        count = _count(jax.eval_shape(task.init_params, jax.random.key(0)))
+        if unet_params:  # Rombach et al. 2022 report 274M parameters for LDM-4 CelebA-HQ.
+            assert abs(count - unet_params) < 0.005 * unet_params, count

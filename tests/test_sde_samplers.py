@@ -1,0 +1,453 @@
+"""Tests for ddpm_jax.sde_samplers on Gaussian data, whose score is known in closed form.
+
+x_0 ~ N(MU, diag(S^2)); at time t of a VP / VE SDE the marginal is
+N(alpha MU, alpha^2 S^2 + std^2), so the exact score, denoiser and probability-flow map
+(the standardised coordinate is conserved) serve as the "model".
+"""
+
+import inspect
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax import samplers
+from ddpm_jax import schedules
+from ddpm_jax import sde as sde_lib
+from ddpm_jax import sde_samplers
+
+DIM = 16
+_RS = np.random.RandomState(0)
+MU = _RS.uniform(-0.5, 0.5, DIM)
+S = _RS.uniform(0.2, 0.8, DIM)
+
+
+def gauss_score(sde):
+    def score(x, t):
+        a, std = sde_lib.marginal_coefs(sde, t)
+        a, std = a[:, None], std[:, None]
+        return -(x - a * MU) / (a ** 2 * S ** 2 + std ** 2)
+    return score
+
+
+def exact_flow(sde, x, t_from, t_to):
+    """The probability-flow map of Gaussian data, float64."""
+    a0, s0 = [float(v) for v in sde_lib.marginal_coefs(sde, jnp.float32(t_from))]
+    a1, s1 = [float(v) for v in sde_lib.marginal_coefs(sde, jnp.float32(t_to))]
+    std0 = np.sqrt(a0 ** 2 * S ** 2 + s0 ** 2)
+    std1 = np.sqrt(a1 ** 2 * S ** 2 + s1 ** 2)
+    return a1 * MU + std1 / std0 * (np.asarray(x, np.float64) - a0 * MU)
+
+
+def assert_data_moments(x, var_tol):
+    x = np.asarray(x, np.float64)
+    n = x.shape[0]
+    # Mean within 5 standard errors; variance ratio within var_tol (sampling + bias).
+    np.testing.assert_array_less(np.abs(x.mean(0) - MU), 5 * S / np.sqrt(n) + 0.01)
+    np.testing.assert_allclose(x.var(0) / S ** 2, 1.0, atol=var_tol)
+
+
+@pytest.mark.parametrize('solver', ['tsit5', pytest.param('dopri5', marks=pytest.mark.slow)])
+def test_ode_sample_is_the_exact_flow_map(solver):
+    sde = sde_lib.VPSDE()
+    z = jax.random.normal(jax.random.key(0), (2000, DIM))
+    out = jax.jit(lambda z: sde_samplers.ode_sample(
+        sde, gauss_score(sde), z.shape, None, x_init=z, solver=solver))(z)
+    np.testing.assert_allclose(out.samples, exact_flow(sde, z, 1.0, 1e-3), atol=2e-3)
+    assert_data_moments(out.samples, 0.15)
+    assert 20 < int(out.nfe) < 400
+
+
+@pytest.mark.slow
+def test_ode_sample_ve():
+    sde = sde_lib.VESDE(0.01, 10.0)
+    z = 10.0 * jax.random.normal(jax.random.key(1), (500, DIM))
+    out = sde_samplers.ode_sample(sde, gauss_score(sde), z.shape, None, x_init=z,
+                                  eps=1e-5, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out.samples, exact_flow(sde, z, 1.0, 1e-5), atol=2e-3)
+
+
+def _em_exact_law(sde, num_steps, eps):
+    """Mean and variance of pc_sample's Euler-Maruyama output (denoised), float64."""
+    m, v = np.zeros(DIM), np.ones(DIM)
+    dt = 1.0 / num_steps
+    for t in np.linspace(1.0, eps, num_steps, dtype=np.float32).astype(np.float64):
+        a, std = [float(u) for u in sde_lib.marginal_coefs(sde, jnp.float32(t))]
+        b = 0.1 + t * 19.9
+        var_t = a ** 2 * S ** 2 + std ** 2
+        # x_mean = x - [f - g^2 s] dt = c1 x + c0.
+        c1 = 1 + 0.5 * b * dt - b * dt / var_t
+        c0 = b * dt * a * MU / var_t
+        m, v_mean = c1 * m + c0, c1 ** 2 * v
+        v = v_mean + b * dt
+    return m, v_mean
+
+
+def test_euler_maruyama_matches_its_exact_law_and_the_data():
+    sde = sde_lib.VPSDE()
+    n = 4000
+    out = jax.jit(lambda r: sde_samplers.pc_sample(
+        sde, gauss_score(sde), (n, DIM), r, num_steps=100))(jax.random.key(2))
+    assert int(out.nfe) == 100
+    m, v = _em_exact_law(sde, 100, 1e-3)
+    x = np.asarray(out.samples, np.float64)
+    np.testing.assert_array_less(np.abs(x.mean(0) - m), 5 * np.sqrt(v / n))
+    np.testing.assert_allclose(x.var(0) / v, 1.0, atol=5 * np.sqrt(2 / n))
+    # The algorithm's own law is close to the data at 100 steps.
+    np.testing.assert_allclose(m, MU, atol=0.02)
+    np.testing.assert_allclose(v / S ** 2, 1.0, atol=0.1)
+
+
+@pytest.mark.parametrize('sde,predictor,corrector,eps', [
+    (sde_lib.VPSDE(num_scales=200), 'reverse_diffusion', 'none', 1e-3),
+    (sde_lib.VPSDE(num_scales=200), 'euler_maruyama', 'langevin', 1e-3),
+    pytest.param(sde_lib.SubVPSDE(num_scales=200), 'euler_maruyama', 'none', 1e-3,
+                 marks=pytest.mark.slow),
+    pytest.param(sde_lib.VESDE(0.01, 5.0, 200), 'reverse_diffusion', 'langevin', 1e-5,
+                 marks=pytest.mark.slow),
+])
+def test_reverse_sde_and_pc_samples_have_the_data_moments(sde, predictor, corrector, eps):
+    out = sde_samplers.pc_sample(sde, gauss_score(sde), (2000, DIM), jax.random.key(3),
+                                 num_steps=200, predictor=predictor, corrector=corrector,
+                                 snr=0.16, eps=eps)
+    assert int(out.nfe) == 200 * (2 if corrector == 'langevin' else 1)
+    assert_data_moments(out.samples, 0.17)
+
+
+@pytest.mark.slow
+def test_pc_corrector_only_is_worse_than_pc():
+    """The test can fail: without a predictor, one Langevin step per level does not
+    reach the data (variance far too large for VE), while PC does."""
+    sde = sde_lib.VESDE(0.01, 5.0, 200)
+    out = sde_samplers.pc_sample(sde, gauss_score(sde), (500, DIM), jax.random.key(4),
+                                 num_steps=200, predictor='none', corrector='langevin',
+                                 eps=1e-5)
+    assert np.min(np.var(np.asarray(out.samples), 0) / S ** 2) > 2.0
+
+
+def test_annealed_langevin_matches_its_exact_law_and_the_data():
+    sigmas = sde_lib.ncsn_sigmas(1.0, 0.01, 10)
+    step, per_level, n = 2e-5, 100, 2000
+
+    def score(x, sigma):
+        return -(x - MU) / (S ** 2 + sigma[:, None] ** 2)
+
+    out = jax.jit(lambda r: sde_samplers.annealed_langevin_sample(
+        score, sigmas, (n, DIM), r, step_size=step, steps_per_level=per_level))(
+            jax.random.key(5))
+    assert int(out.nfe) == 1000
+    sig32 = np.asarray(sigmas, np.float32).astype(np.float64)
+    m, v = np.zeros(DIM), np.full(DIM, sig32[0] ** 2)
+    for sig in sig32:
+        a = step * (sig / sig32[-1]) ** 2
+        c = 1 - a / (2 * (S ** 2 + sig ** 2))
+        for _ in range(per_level):
+            m, v = MU + c * (m - MU), c ** 2 * v + a
+    x = np.asarray(out.samples, np.float64)
+    np.testing.assert_array_less(np.abs(x.mean(0) - m), 5 * np.sqrt(v / n))
+    np.testing.assert_allclose(x.var(0) / v, 1.0, atol=5 * np.sqrt(2 / n))
+    np.testing.assert_allclose(v / S ** 2, 1.0, atol=0.1)
+    np.testing.assert_allclose(m, MU, atol=0.01)
+
+
+def _gauss_denoiser(x, sigma):
+    sg = sigma[:, None]
+    return MU + S ** 2 / (S ** 2 + sg ** 2) * (x - MU)
+
+
+def test_karras_heun_converges_at_second_order():
+    z = jax.random.normal(jax.random.key(6), (64, DIM))
+    x_init = MU + np.sqrt(S ** 2 + 80.0 ** 2) * np.asarray(z)
+    target = MU + S * np.asarray(z, np.float64)  # The exact flow from sigma = 80 to 0.
+    errors = {}
+    for n in (20, 40, 80):
+        out = sde_samplers.karras_sample(_gauss_denoiser, sde_samplers.karras_sigmas(n),
+                                         z.shape, None, x_init=x_init)
+        assert int(out.nfe) == 2 * n - 1
+        errors[n] = np.abs(np.asarray(out.samples, np.float64) - target).max()
+    euler = sde_samplers.karras_sample(_gauss_denoiser, sde_samplers.karras_sigmas(40),
+                                       z.shape, None, x_init=x_init, second_order=False)
+    assert int(euler.nfe) == 40
+    assert errors[20] / errors[40] > 3.0 and errors[40] / errors[80] > 3.0
+    assert errors[80] < 5e-3
+    assert np.abs(np.asarray(euler.samples) - target).max() > 5 * errors[40]
+
+
+def test_karras_sigmas_and_snapping():
+    sig = np.asarray(sde_samplers.karras_sigmas(5, 0.002, 80.0, rho=7.0), np.float64)
+    i = np.arange(5) / 4
+    expected = (80.0 ** (1 / 7) + i * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))) ** 7
+    np.testing.assert_allclose(sig, np.append(expected, 0.0), rtol=1e-6)
+    sched = schedules.make_schedule('linear', 100)
+    ladder = np.asarray(sde_samplers.vp_sigmas(sched), np.float64)
+    abar = np.cumprod(1 - schedules.get_beta_schedule('linear', 100))
+    np.testing.assert_allclose(ladder, np.sqrt((1 - abar) / abar), rtol=1e-5)
+    snapped = np.asarray(sde_samplers.snap_sigmas(jnp.asarray(sig), sched), np.float64)
+    assert snapped[-1] == 0.0
+    for s_in, s_out in zip(sig[:-1], snapped[:-1]):
+        assert s_out == pytest.approx(ladder[np.argmin(np.abs(np.log(ladder / s_in)))],
+                                      rel=1e-6)
+
+
+@pytest.mark.slow
+def test_karras_churn_reaches_the_data():
+    n = 2000
+    out = jax.jit(lambda r: sde_samplers.karras_sample(
+        _gauss_denoiser, sde_samplers.karras_sigmas(40), (n, DIM), r, s_churn=40.0,
+        s_tmin=0.05, s_tmax=50.0, s_noise=1.003))(jax.random.key(7))
+    assert np.all(np.isfinite(out.samples))
+    assert_data_moments(out.samples, 0.17)
+
+
+# ---------------------------------------------------------------------------
+# Discrete VP models: the exact Gaussian eps model on the linear schedule.
+# ---------------------------------------------------------------------------
+
+T = 1000
+ABAR = np.cumprod(1 - schedules.get_beta_schedule('linear', T))
+LAMBDA = 0.5 * (np.log(ABAR) - np.log1p(-ABAR))
+
+
+def eps_model(x, t):
+    abar = jnp.asarray(ABAR, jnp.float32)[t][:, None]
+    a, sg = jnp.sqrt(abar), jnp.sqrt(1 - abar)
+    x0 = MU + a * S ** 2 / (abar * S ** 2 + 1 - abar) * (x - a * MU)
+    return (x - a * x0) / sg
+
+
+def _exact_final(x_T, i_T, i_0):
+    """The exact flow from abar[i_T] to abar[i_0] followed by the exact denoiser."""
+    aT, a0 = np.sqrt(ABAR[i_T]), np.sqrt(ABAR[i_0])
+    sT = np.sqrt(aT ** 2 * S ** 2 + 1 - aT ** 2)
+    s0 = np.sqrt(a0 ** 2 * S ** 2 + 1 - a0 ** 2)
+    x = a0 * MU + s0 / sT * (np.asarray(x_T, np.float64) - aT * MU)
+    return MU + a0 * S ** 2 / (a0 ** 2 * S ** 2 + 1 - a0 ** 2) * (x - a0 * MU)
+
+
+def _lambda_uniform_schedule(n):
+    target = np.linspace(LAMBDA[0], LAMBDA[-1], n)
+    kept = sorted({int(np.argmin(np.abs(LAMBDA - lam))) for lam in target})
+    return schedules.make_schedule('linear', T, kept), kept
+
+
+def test_dpm_solver_3m_and_2s_converge_at_their_order():
+    x_T = np.asarray(jax.random.normal(jax.random.key(8), (64, DIM)))
+    errors = {'3m': [], '3m_exact': [], '2s': []}
+    for n in (11, 21, 41):
+        sched, kept = _lambda_uniform_schedule(n)
+        exact = _exact_final(x_T, kept[-1], kept[0])
+        outs = {
+            '3m': sde_samplers.dpm_solver_3m_sample(eps_model, sched, x_T.shape, None,
+                                                    x_T=x_T, clip_denoised=False,
+                                                    lower_order_final=False),
+            '3m_exact': sde_samplers.dpm_solver_3m_sample(
+                eps_model, sched, x_T.shape, None, x_T=x_T, clip_denoised=False,
+                lower_order_final=False, exact_taylor=True),
+            '2s': sde_samplers.dpm_solver_2s_sample(eps_model, sched, x_T.shape, None,
+                                                    x_T=x_T, clip_denoised=False),
+        }
+        for k, v in outs.items():
+            errors[k].append(np.abs(np.asarray(v, np.float64) - exact).max())
+    e = {k: np.asarray(v) for k, v in errors.items()}
+    # Halving h: 2nd order divides the error by ~4, 3rd order by ~8 (measured: 2S 3.1 and
+    # 3.6, Taylor-exact 3M 13 and 16; samplers.dpm_solver_sample's 2M 2.6 and 3.7, error
+    # 7.3e-3 at 40 steps; the authors' 3M (coefficient 1 on the second difference) 5.3
+    # and 4.5, i.e. 2nd order with a smaller constant than 2M).
+    ratios = e['2s'][:-1] / e['2s'][1:]
+    assert ratios[0] > 2.0 and 3.0 < ratios[1] < 6.0, e['2s']
+    assert np.all(e['3m_exact'][:-1] / e['3m_exact'][1:] > 8.0), e['3m_exact']
+    assert e['3m_exact'][-1] < 7e-4
+    ratios = e['3m'][:-1] / e['3m'][1:]
+    assert 3.5 < ratios[-1] < 7.0, e['3m']  # Measured 7.1, then 5.3.
+    assert 2 * e['3m_exact'][-1] < e['3m'][-1] < 5e-3, (e['3m'], e['3m_exact'])
+
+
+def test_dpm_solver_3m_and_2s_defaults_beat_ddim_on_uniform_steps():
+    sched = schedules.make_schedule('linear', T, 'ddim20')
+    x_T = np.asarray(jax.random.normal(jax.random.key(9), (64, DIM)))
+    exact = _exact_final(x_T, int(sched.timesteps[-1]), int(sched.timesteps[0]))
+    # Clipping to [-1, 1] is on (the defaults); the dimensions are independent, so
+    # compare the entries well inside the box. Measured max errors: DDIM 0.159,
+    # 2M 0.111, 3M 0.108 (its last step is 1st order), 2S 0.066.
+    inside = np.abs(exact) < 0.9
+    assert inside.sum() > 300
+
+    def error(fn):
+        out = fn(eps_model, sched, x_T.shape, None, x_T=x_T)
+        return np.abs(np.asarray(out) - exact)[inside].max()
+
+    ddim, dpm2m = error(samplers.ddim_sample), error(samplers.dpm_solver_sample)
+    dpm3m = error(sde_samplers.dpm_solver_3m_sample)
+    dpm2s = error(sde_samplers.dpm_solver_2s_sample)
+    assert dpm3m < 0.8 * ddim and dpm3m < 1.05 * dpm2m and dpm2s < 0.7 * dpm2m
+
+
+def test_vp_view_of_an_eps_model_gives_the_ddim_trajectory():
+    sched = schedules.make_schedule('linear', T, 'ddim25')
+    x_T = jax.random.normal(jax.random.key(10), (8, DIM))
+    ddim, inter = samplers.ddim_sample(eps_model, sched, x_T.shape, None, x_T=x_T,
+                                       clip_denoised=False, return_intermediates=True)
+    view, score = sde_lib.make_vp_score_fn(eps_model, sched, mean_type='eps')
+    ladder = sde_samplers.vp_sigmas(sched)
+    sigmas = jnp.append(ladder[::-1], 0.0)
+    abar_top = float(sched.alphas_cumprod[-1])
+    for denoiser in (sde_lib.denoiser_from_score(view, score),
+                     sde_samplers.make_vp_denoiser(eps_model, sched, mean_type='eps',
+                                                   clip_denoised=False)):
+        out, k_inter = sde_samplers.karras_sample(
+            denoiser, sigmas, x_T.shape, None, x_init=x_T / np.sqrt(abar_top),
+            second_order=False, return_intermediates=True)
+        assert int(out.nfe) == 25
+        np.testing.assert_allclose(out.samples, ddim, rtol=1e-4, atol=1e-4)
+        # The states match step by step: x_vp = y sqrt(abar).
+        abar = np.asarray(sched.alphas_cumprod)[::-1]
+        np.testing.assert_allclose(
+            np.asarray(k_inter['x']) * np.sqrt(abar)[:, None, None], inter['x_t'],
+            rtol=1e-4, atol=1e-4)
+
+
+def test_sde_samplers_table_fits_the_samplers_registry():
+    assert not set(sde_samplers.SDE_SAMPLERS) & set(samplers.SAMPLERS)
+    common = ('model_fn', 'sched', 'shape', 'rng', 'mean_type', 'var_type',
+              'clip_denoised', 'model_kwargs', 'cond_fn', 'classifier_scale')
+    for name, spec in sde_samplers.SDE_SAMPLERS.items():
+        assert isinstance(spec, samplers.SamplerSpec)
+        params = inspect.signature(spec.fn).parameters
+        assert all(p in params for p in common + spec.options), name
+
+
+def test_vp_view_samplers_with_the_registry_signature():
+    """vp_ode / vp_heun / vp_pc called as tasks/diffusion calls a SAMPLERS entry."""
+    sched = schedules.make_schedule('linear', T)
+    common = dict(mean_type='eps', var_type='fixed_small', clip_denoised=False,
+                  model_kwargs=None, cond_fn=None, classifier_scale=0.0, return_nfe=True)
+    z = np.asarray(jax.random.normal(jax.random.key(11), (1000, DIM)))
+    view = sde_lib.vp_view(sched)
+    x, nfe = jax.jit(lambda z: sde_samplers.vp_ode_sample(
+        eps_model, sched, z.shape, None, x_T=z, **common))(z)
+    # Measured: 577 NFE (the discrete model makes the drift piecewise constant in t),
+    # max error 3.3e-3 against the exact flow.
+    np.testing.assert_allclose(x, exact_flow(view, z, 1.0, 1e-3), atol=1e-2)
+    assert 100 < int(nfe) < 1500
+    x, nfe = jax.jit(lambda z: sde_samplers.vp_heun_sample(
+        eps_model, sched, z.shape, None, x_T=z, **common))(z)
+    assert int(nfe) == 35
+    ladder = np.asarray(sde_samplers.vp_sigmas(sched))
+    sigmas = sde_samplers.karras_sigmas(18, float(ladder[0]), float(ladder[-1]))
+    ref = sde_samplers.karras_sample(_gauss_denoiser, sigmas, z.shape, None,
+                                     x_init=z * np.sqrt(1 + float(sigmas[0]) ** 2))
+    np.testing.assert_allclose(x, ref.samples, atol=5e-3)
+    x, nfe = jax.jit(lambda r: sde_samplers.vp_pc_sample(
+        eps_model, sched, (2000, DIM), r, **common))(jax.random.key(12))
+    assert int(nfe) == 2 * T
+    assert_data_moments(x, 0.15)
+
+
+# ---------------------------------------------------------------------------
+# One compile per shape, and the reported NFE is the executed one.
+# ---------------------------------------------------------------------------
+
+
+class _Counter:
+    def __init__(self):
+        self.calls = 0
+
+    def bump(self):
+        self.calls += 1
+
+
+def _counted(fn, counter):
+    def wrapped(x, t, *args, **kwargs):
+        jax.debug.callback(counter.bump)
+        return fn(x, t, *args, **kwargs)
+    return wrapped
+
+
+def _cases():
+    vp = sde_lib.VPSDE(num_scales=50)
+    sched = schedules.make_schedule('linear', T, 'ddim10')
+    sched9 = schedules.make_schedule('linear', T, [0, 100, 200, 300, 400, 500, 600, 700, 999])
+    return {
+        'langevin': lambda f, r: sde_samplers.annealed_langevin_sample(
+            lambda x, s: f(x, s), sde_lib.ncsn_sigmas(1.0, 0.01, 3), (4, DIM), r,
+            steps_per_level=5, denoise=True),
+        'pc': lambda f, r: sde_samplers.pc_sample(
+            vp, f, (4, DIM), r, num_steps=50, predictor='reverse_diffusion',
+            corrector='langevin', corrector_steps=2),
+        'ode': lambda f, r: sde_samplers.ode_sample(vp, f, (4, DIM), r, rtol=1e-4,
+                                                    atol=1e-4),
+        'heun': lambda f, r: sde_samplers.karras_sample(
+            f, sde_samplers.karras_sigmas(6), (4, DIM), r, s_churn=1.0),
+        '3m': lambda f, r: sde_samplers.dpm_solver_3m_sample(
+            f, sched, (4, DIM), r, return_nfe=True),
+        '2s_even': lambda f, r: sde_samplers.dpm_solver_2s_sample(
+            f, sched, (4, DIM), r, return_nfe=True),
+        '2s_odd': lambda f, r: sde_samplers.dpm_solver_2s_sample(
+            f, sched9, (4, DIM), r, return_nfe=True),
+    }
+
+
+@pytest.mark.parametrize('name', ['langevin', 'pc', 'ode', 'heun', '3m', '2s_even',
+                                  '2s_odd'])
+def test_compiles_once_and_reports_its_nfe(name):
+    chex.clear_trace_counter()
+    counter = _Counter()
+    case = _cases()[name]
+    if name in ('3m', '2s_even', '2s_odd'):
+        model = _counted(eps_model, counter)
+    elif name == 'heun':
+        model = _counted(_gauss_denoiser, counter)
+    elif name == 'langevin':
+        model = _counted(lambda x, s: -(x - MU) / (S ** 2 + s[:, None] ** 2), counter)
+    else:
+        model = _counted(gauss_score(sde_lib.VPSDE(num_scales=50)), counter)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def run(rng):
+        return case(model, rng)
+
+    for seed in (0, 1):
+        counter.calls = 0
+        result = run(jax.random.key(seed))
+        jax.effects_barrier()
+        nfe = int(result[1]) if isinstance(result, tuple) else int(result.nfe)
+        assert counter.calls == nfe, (name, counter.calls, nfe)
+    expected = {'langevin': 16, 'pc': 150, 'heun': 11, '3m': 10, '2s_even': 10,
+                '2s_odd': 9}
+    if name in expected:
+        assert nfe == expected[name]
+    chex.clear_trace_counter()
+
+
+def test_bad_arguments_name_the_field():
+    vp = sde_lib.VPSDE()
+    score = gauss_score(vp)
+    with pytest.raises(ValueError, match='predictor'):
+        sde_samplers.pc_sample(vp, score, (2, DIM), jax.random.key(0), num_steps=5,
+                               predictor='rk4')
+    with pytest.raises(ValueError, match='corrector'):
+        sde_samplers.pc_sample(vp, score, (2, DIM), jax.random.key(0), num_steps=5,
+                               corrector='ald')
+    with pytest.raises(ValueError, match='snr'):
+        sde_samplers.pc_sample(vp, score, (2, DIM), jax.random.key(0), num_steps=5,
+                               snr=0.0)
+    with pytest.raises(ValueError, match='solver'):
+        sde_samplers.ode_sample(vp, score, (2, DIM), jax.random.key(0), solver='euler')
+    with pytest.raises(ValueError, match='rtol'):
+        sde_samplers.ode_sample(vp, score, (2, DIM), jax.random.key(0), rtol=-1.0)
+    with pytest.raises(ValueError, match='x_init'):
+        sde_samplers.ode_sample(vp, score, (2, DIM), None, x_init=jnp.zeros((3, DIM)))
+    with pytest.raises(ValueError, match='sigma_min'):
+        sde_samplers.karras_sigmas(10, sigma_min=1.0, sigma_max=0.5)
+    with pytest.raises(ValueError, match='s_churn'):
+        sde_samplers.karras_sample(_gauss_denoiser, sde_samplers.karras_sigmas(3),
+                                   (2, DIM), jax.random.key(0), s_churn=-1.0)
+    with pytest.raises(ValueError, match='steps_per_level'):
+        sde_samplers.annealed_langevin_sample(lambda x, s: x, [1.0, 0.1], (2, DIM),
+                                              jax.random.key(0), steps_per_level=0)
+    with pytest.raises(ValueError, match='mean_type'):
+        sde_samplers.dpm_solver_3m_sample(eps_model, schedules.make_schedule('linear', 10),
+                                          (2, DIM), jax.random.key(0), mean_type='score')
