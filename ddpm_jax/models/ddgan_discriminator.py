@@ -18,11 +18,12 @@ images), not the ADM classifier:
   class-conditional D adds the projection term <embed(y), h> (Miyato & Koyama
   2018).
 
-No normalisation layers. Two departures from the paper's code: 2x average pooling
-instead of its (1, 3, 3, 1) FIR blur before subsampling, and no zero
+No normalisation layers. Three departures from the paper's code: 2x average
+pooling instead of its (1, 3, 3, 1) FIR blur before subsampling; an identity skip
+where a block keeps its width and resolution (theirs always has a 1x1 conv; with
+it, one digits run scored Frechet distance 20.3 instead of 16.7); and no zero
 initialisation of each block's second conv and of the final conv (theirs start at
-zero, so D's first logits are constant); with them our digits run learned more
-slowly.
+zero, so D's first logits are constant).
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ class DownBlock(nn.Module):
         if self.downsample:
             h, skip = layers.avg_pool_2x(h), layers.avg_pool_2x(skip)
         h = _conv(self.features, 3, 'conv_1')(h)
-        skip = _conv(self.features, 1, 'skip', bias=False)(skip)
+        if skip.shape[-1] != self.features or self.downsample:
+            skip = _conv(self.features, 1, 'skip', bias=False)(skip)
         return (h + skip) / math.sqrt(2.0)
 
 
