@@ -238,11 +238,20 @@ def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
+# Fields that define what a model's output means only for some tasks.
+TASK_STRUCTURAL_FIELDS = {
+    'score': ('sde.kind', 'sde.beta_min', 'sde.beta_max', 'sde.sigma_min', 'sde.sigma_max',
+              'sde.continuous'),
+}
+
+
 def _structural(flat: Mapping[str, Any]) -> dict[str, Any]:
+    fields = STRUCTURAL_FIELDS + TASK_STRUCTURAL_FIELDS.get(flat.get('task'), ())
+
     def relevant(name):
         if name in COMPUTE_ONLY_FIELDS:
             return False
-        return any(name == f or name.startswith(f + '.') for f in STRUCTURAL_FIELDS)
+        return any(name == f or name.startswith(f + '.') for f in fields)
     return {k: v for k, v in flat.items() if relevant(k)}
 
 

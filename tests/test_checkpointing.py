@@ -85,6 +85,20 @@ def test_mismatched_config_is_refused(tiny_config, tmp_path):
     checkpointing.check_config_compatible(saved, config)
 
 
+def test_the_sde_is_structural_for_score_models_only(tiny_config):
+    saved = config_lib.to_json_dict(tiny_config)
+    other = tiny_config.copy_and_resolve_references()
+    other.sde.kind, other.sde.sampling_eps = 've', 1e-5
+    checkpointing.check_config_compatible(saved, other)  # A DDPM does not read `sde`.
+    tiny_config.task = other.task = 'score'
+    saved = config_lib.to_json_dict(tiny_config)
+    with pytest.raises(checkpointing.CheckpointMismatchError) as info:
+        checkpointing.check_config_compatible(saved, other)
+    message = str(info.value)
+    assert "sde.kind: checkpoint='vp', config='ve'" in message
+    assert 'sampling_eps' not in message  # How it is sampled may change.
+
+
 def test_partial_checkpoint_is_ignored(tiny_config, tmp_path):
     config = tiny_config
     state = _random_state(config, _mesh(1))
