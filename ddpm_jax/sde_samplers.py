@@ -531,6 +531,19 @@ def _finish(x0, ys, nfe, return_intermediates, return_nfe):
     return (out, jnp.asarray(nfe, jnp.int32)) if return_nfe else out
 
 
+def _solver_setup(name, sched, shape, rng, x_T, *, mean_type, var_type, classifier_scale,
+                  model_kwargs, **opts):
+    """The checks shared by the DPM-Solver++ samplers; returns (num_steps, x_T, the
+    keyword arguments of `_guided_x0`)."""
+    diffusion.validate_types(mean_type, var_type)
+    samplers._check_nonnegative('classifier_scale', classifier_scale)
+    num_steps = samplers._check_schedule(sched)
+    x_T, _ = samplers._initial_state(shape, rng, x_T, needs_noise=False, name=name)
+    return num_steps, x_T, dict(opts, mean_type=mean_type, var_type=var_type,
+                                classifier_scale=classifier_scale,
+                                model_kwargs=samplers._check_model_kwargs(model_kwargs))
+
+
 def dpm_solver_3m_sample(model_fn, sched: Schedule, shape: Sequence[int],
                          rng: Optional[Array], *, mean_type: str = 'eps',
                          var_type: str = 'fixed_small', clip_denoised: bool = True,
@@ -569,15 +582,10 @@ def dpm_solver_3m_sample(model_fn, sched: Schedule, shape: Sequence[int],
     Args, Returns, Raises: as `samplers.dpm_solver_sample`; `return_nfe` also returns
         the NFE (N) as `(result, nfe)`.
     """
-    diffusion.validate_types(mean_type, var_type)
-    samplers._check_nonnegative('classifier_scale', classifier_scale)
-    num_steps = samplers._check_schedule(sched)
-    model_kwargs = samplers._check_model_kwargs(model_kwargs)
-    x_T, _ = samplers._initial_state(shape, rng, x_T, needs_noise=False,
-                                     name='dpm_solver_3m_sample')
-    opts = dict(mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised,
-                denoised_fn=denoised_fn, model_kwargs=model_kwargs, cond_fn=cond_fn,
-                classifier_scale=classifier_scale)
+    num_steps, x_T, opts = _solver_setup(
+        'dpm_solver_3m_sample', sched, shape, rng, x_T, mean_type=mean_type, var_type=var_type,
+        clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs,
+        cond_fn=cond_fn, classifier_scale=classifier_scale)
     lam = samplers._log_snr_half
 
     def body(carry, i):
@@ -661,15 +669,10 @@ def dpm_solver_2s_sample(model_fn, sched: Schedule, shape: Sequence[int],
 
     Args, Returns, Raises: as `dpm_solver_3m_sample` (no `lower_order_final`).
     """
-    diffusion.validate_types(mean_type, var_type)
-    samplers._check_nonnegative('classifier_scale', classifier_scale)
-    num_steps = samplers._check_schedule(sched)
-    model_kwargs = samplers._check_model_kwargs(model_kwargs)
-    x_T, _ = samplers._initial_state(shape, rng, x_T, needs_noise=False,
-                                     name='dpm_solver_2s_sample')
-    opts = dict(mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised,
-                denoised_fn=denoised_fn, model_kwargs=model_kwargs, cond_fn=cond_fn,
-                classifier_scale=classifier_scale)
+    num_steps, x_T, opts = _solver_setup(
+        'dpm_solver_2s_sample', sched, shape, rng, x_T, mean_type=mean_type, var_type=var_type,
+        clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs,
+        cond_fn=cond_fn, classifier_scale=classifier_scale)
     lam = samplers._log_snr_half
     abars = sched.alphas_cumprod
 
