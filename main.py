@@ -40,8 +40,9 @@ def main(argv):
         jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices())
     run = {'train': train.run_training, 'sample': sample_mode.sample_and_save,
            'eval': evaluate.evaluate, 'fid': sample_quality.evaluate_samples}[_MODE.value]
-    if _MODE.value == 'sample' and _CONFIG.value.task == 'super_resolution':
-        run = upsampling.upsample_and_save  # An upsampler: from an .npz or a cascade.
+    if _CONFIG.value.task == 'super_resolution':  # An upsampler: .npz inputs or a cascade.
+        run = {'sample': upsampling.upsample_and_save,
+               'fid': upsampling.evaluate_upsampler}.get(_MODE.value, run)
     try:
         run(_CONFIG.value, _WORKDIR.value)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:

@@ -1,12 +1,17 @@
 """Benchmarks a config's model: forward and training-step throughput, compile time, FLOP/s.
 
     python bench/bench_model.py --config=configs/cifar10.py --batch=8 \
-        [--override model.base_channels=32 --override model.dtype=bfloat16] [--steps=10]
+        [--override model.base_channels=32 --override model.dtype=bfloat16] [--steps=10] \
+        [--sample_steps=100]
 
 Runs on whatever backend JAX finds. The training step is the gradient of a plain MSE
 against a random target plus an Adam update (a stand-in for the diffusion loss with
 the same model cost). FLOPs come from XLA's cost analysis of the compiled program;
 on an accelerator (or with --peak_tflops) also as a fraction of the device's peak.
+
+With --sample_steps=N it also times the compiled ancestral sampler (`samplers.ddpm_sample`,
+one `lax.scan` over N respaced steps) on the same batch and reports its time per step
+against one forward pass: a ratio near 1 means the sampler adds no per-step overhead.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ddpm_jax import models  # noqa: E402
+from ddpm_jax import models, samplers, schedules  # noqa: E402
 from common import compiled_flops, load_config, peak_flops  # noqa: E402
 
 def compile_fn(fn, *args, donate_argnums=()):
@@ -55,6 +60,8 @@ def main(argv=None) -> None:
     parser.add_argument('--peak_tflops', type=float, default=None,
                         help='Per-device peak to report utilisation against (default: '
                              'the table in bench/common.py for a known accelerator).')
+    parser.add_argument('--sample_steps', type=int, default=0,
+                        help='Also time the ancestral sampler over this many steps (0: skip).')
     args = parser.parse_args(argv)
 
     config = load_config(args.config, args.override)
@@ -119,6 +126,25 @@ def main(argv=None) -> None:
         if peak is not None and np.isfinite(flops):
             line += f' | {100 * flops / step_s / peak:5.1f}% of {peak / 1e12:.4g} TFLOP/s peak'
         print(line)
+
+    if args.sample_steps and is_unet:
+        sched = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps,
+                                        str(args.sample_steps))
+
+        def sample(p, rng, kwargs):
+            model_fn = models.make_model_fn(model, p)
+            return samplers.ddpm_sample(
+                model_fn, sched, (batch, size, size, channels), rng,
+                mean_type=config.diffusion.mean_type, var_type=config.diffusion.var_type,
+                model_kwargs=kwargs)
+
+        params = state['params']  # The train step donated the first copy.
+        sampler, sample_compile_s, _ = compile_fn(sample, params, rng, kwargs)
+        sample_s = time_fn(lambda: sampler(params, rng, kwargs), 1)
+        per_step = sample_s / args.sample_steps
+        print(f'sampler     compile {sample_compile_s:7.2f} s | {per_step * 1e3:9.2f} ms/step | '
+              f'{batch / sample_s:10.3f} img/s over {args.sample_steps} steps | '
+              f'step / forward = {per_step / fwd_s:.3f}')
 
 
 if __name__ == '__main__':

@@ -8,8 +8,14 @@ Uses the synthetic 'fake' data source (no dataset needed) and the real jitted tr
 step over a ('data',) mesh of all devices. Reports the compile time of the step,
 the mean step time after warm-up, images/s, and the step's FLOPs from XLA's cost
 analysis; on a GPU/TPU also the achieved FLOP/s as a fraction of the device's peak
-(dense bf16 for bfloat16 models, TF32 for float32 ones, or --peak_tflops).
-One JSON line is printed at the end.
+(dense bf16 for bfloat16 models, TF32 for float32 ones, or --peak_tflops), the
+process CPU seconds per step (on a CPU: robust to other load, unlike wall time) and
+the peak memory (the device allocator's high-water mark, or XLA's compiled estimate
+on a CPU). `--profile=N` traces N more steps and prints the top ops by time, grouped
+by the model code they come from (forward / backward). One JSON line is printed at
+the end.
+
+    python bench/bench_train.py --config=configs/cifar10.py --batch=8 --profile=2
 """
 
 import argparse
@@ -25,7 +31,22 @@ import numpy as np  # noqa: E402
 
 from ddpm_jax import data as data_lib  # noqa: E402
 from ddpm_jax import config_lib, parallel, state as state_lib, tasks, train  # noqa: E402
-from common import compiled_flops, load_config, peak_flops  # noqa: E402
+from common import (compiled_flops, load_config, peak_flops, print_profile,  # noqa: E402
+                    profile_summary)
+
+def _peak_memory_gb(compiled, device) -> float | None:
+    """Peak device memory: the allocator's high-water mark where the device keeps one
+    (GPU/TPU), else XLA's compiled estimate (arguments + outputs + temporaries)."""
+    stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+    if stats and 'peak_bytes_in_use' in stats:
+        return round(stats['peak_bytes_in_use'] / 2**30, 3)
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return None
+    total = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+             + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+    return round(total / 2**30, 3)
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -37,6 +58,9 @@ def main():
     parser.add_argument('--warmup', type=int, default=2, help='Untimed steps after compile.')
     parser.add_argument('--peak_tflops', type=float, default=None,
                         help='Per-device peak to report utilisation against.')
+    parser.add_argument('--profile', type=int, default=0, metavar='N',
+                        help='Also trace N steps and print the top ops by time.')
+    parser.add_argument('--profile_top', type=int, default=20, help='Rows of --profile.')
     args = parser.parse_args()
 
     config = load_config(args.config, args.override)
@@ -64,12 +88,26 @@ def main():
         state, metrics = compiled(state, parallel.to_global(next(iterator), mesh), rng)
     jax.block_until_ready(state)
     batches = [parallel.to_global(next(iterator), mesh) for _ in range(args.steps)]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for batch in batches:
         state, metrics = compiled(state, batch, rng)
     jax.block_until_ready((state, metrics))
     step_s = (time.perf_counter() - start) / args.steps
+    cpu_s = (time.process_time() - cpu_start) / args.steps
     assert np.isfinite(float(parallel.to_host(metrics['loss'])))
+
+    if args.profile:
+        profile_batches = [parallel.to_global(next(iterator), mesh)
+                           for _ in range(args.profile)]
+
+        def run():
+            nonlocal state
+            for batch in profile_batches:
+                state, out = compiled(state, batch, rng)
+            jax.block_until_ready((state, out))
+
+        print_profile(profile_summary(run, compiled, steps=args.profile,
+                                      top=args.profile_top))
 
     device = jax.devices()[0]
     result = {
@@ -79,6 +117,8 @@ def main():
         'dtype': config.model.dtype, 'params_M': round(num_params / 1e6, 2),
         'device': f'{num_devices} x {device.device_kind}', 'platform': device.platform,
         'compile_s': round(compile_s, 2), 'step_s': round(step_s, 4),
+        'cpu_s_per_step': round(cpu_s, 4),
+        'peak_memory_gb': _peak_memory_gb(compiled, device),
         'images_per_s': round(config.train.global_batch_size / step_s, 1),
     }
     if flops is not None:

@@ -1,9 +1,17 @@
-"""Shared pieces of the benchmarks: config loading with overrides, FLOPs, device peaks."""
+"""Shared pieces of the benchmarks: config loading with overrides, FLOPs, device peaks,
+and a profile summary (top ops by time) from a JAX trace."""
 
 from __future__ import annotations
 
 import ast
+import collections
+import glob
 import importlib.util
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections
@@ -83,3 +91,103 @@ def peak_flops(device: jax.Device, dtype: str, override_tflops: float | None = N
         if name.lower() in device.device_kind.lower():
             return (bf16 if dtype == 'bfloat16' else fp32) * 1e12
     return None
+
+
+def _hlo_index(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """Instruction name -> (kind, source op path) from a compiled module's text.
+
+    The kind is a fusion's kind (or the op); the path is the instruction's `op_name`
+    metadata, or, for a fusion without one (XLA drops it on the convolutions it
+    builds for filter gradients), the first `op_name` inside its fused computation,
+    else that computation's root op.
+    """
+    instr, calls, bodies, current = {}, {}, {}, None
+    for line in hlo_text.split('\n'):
+        head = re.match(r'^(?:ENTRY )?%?([\w.\-]+) \(.*\{$', line)
+        if head:
+            current = head.group(1)
+            bodies[current] = []
+            continue
+        if line.startswith('}'):
+            current = None
+        if current is not None:
+            bodies[current].append(line)
+        m = re.match(r'\s*(?:ROOT )?%([\w.\-]+) = \S+ (\w+)\(', line)
+        if not m:
+            continue
+        name, op = m.groups()
+        fusion_kind = re.search(r'"kind":"(\w+)"', line) or re.search(r'kind=(\w+)', line)
+        op_name = re.search(r'op_name="([^"]+)"', line)
+        called = re.search(r'calls=%([\w.\-]+)', line)
+        instr[name] = (fusion_kind.group(1) if fusion_kind else op,
+                       op_name.group(1) if op_name else '')
+        if called:
+            calls[name] = called.group(1)
+    for name, (kind, path) in instr.items():
+        if path or name not in calls:
+            continue
+        body = bodies.get(calls[name], [])
+        inner = next((re.search(r'op_name="([^"]+)"', l) for l in body
+                      if 'op_name=' in l), None)
+        root = next((re.match(r'\s*ROOT %[\w.\-]+ = \S+ (\w+)\(', l) for l in body
+                     if l.lstrip().startswith('ROOT')), None)
+        root_op = root.group(1) if root else '?'
+        note = ' (filter gradients)' if root_op == 'convolution' else ''
+        instr[name] = (kind, inner.group(1) if inner else
+                       f'({root_op} without metadata{note})')
+    return instr
+
+
+def _op_group(path: str) -> str:
+    """A readable group for an op path: forward/backward, block numbers folded."""
+    direction = 'bwd' if 'transpose(' in path else 'fwd'
+    path = re.sub(r'_\d+(?=[/_]|$)', '_*', path)
+    parts = [p for p in path.split('/') if p and not p.startswith('jit(')
+             and not p.startswith('jvp(') and not p.startswith('transpose(')]
+    return f'{direction} {"/".join(parts[-3:])}' if parts else path
+
+
+def profile_summary(run: Callable[[], Any], compiled, *, steps: int, top: int = 20
+                    ) -> list[dict[str, Any]]:
+    """Top ops by time of `steps` calls of `run()` (which blocks), from a JAX trace.
+
+    Times are summed over the trace events that carry an `hlo_op` of `compiled`'s
+    module (device kernels on an accelerator, XLA's thunks on the CPU, summed over
+    its threads), grouped by source op (`_op_group`) and op kind.
+
+    Returns:
+        Rows {'ms_per_step', 'share', 'calls_per_step', 'kind', 'op'}, largest first.
+    """
+    index = _hlo_index(compiled.as_text())
+    with tempfile.TemporaryDirectory() as logdir:
+        with jax.profiler.trace(logdir):
+            run()
+        files = glob.glob(os.path.join(logdir, '**', '*.xplane.pb'), recursive=True)
+        data = jax.profiler.ProfileData.from_file(files[0])
+    device_planes = [p for p in data.planes if p.name.startswith('/device:')
+                     and 'CPU' not in p.name]
+    planes = device_planes or [p for p in data.planes if p.name.startswith('/host:CPU')]
+    totals, counts = collections.Counter(), collections.Counter()
+    for plane in planes:
+        for line in plane.lines:
+            for event in line.events:
+                op = dict(event.stats).get('hlo_op')
+                if op is None or op not in index:
+                    continue
+                kind, path = index[op]
+                key = (kind, _op_group(path) if path and not path.startswith('(')
+                       else path or op)
+                totals[key] += event.duration_ns
+                counts[key] += 1
+    total = sum(totals.values()) or 1
+    return [{'ms_per_step': round(ns / steps / 1e6, 2), 'share': round(ns / total, 3),
+             'calls_per_step': round(counts[key] / steps, 1), 'kind': key[0], 'op': key[1]}
+            for key, ns in totals.most_common(top)]
+
+
+def print_profile(rows: list[dict[str, Any]]) -> None:
+    """Prints `profile_summary` rows as a table."""
+    print(f'{"ms/step":>9} {"share":>6} {"calls":>6}  {"kind":<16} op')
+    for r in rows:
+        print(f'{r["ms_per_step"]:9.2f} {100 * r["share"]:5.1f}% {r["calls_per_step"]:6.1f}  '
+              f'{r["kind"][:16]:<16} {r["op"]}')

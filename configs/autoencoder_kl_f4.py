@@ -7,10 +7,18 @@ but the middle block's, a Gaussian latent with KL weight 1e-6; the patch
 discriminator (taming's 3-layer PatchGAN, 64 channels; GroupNorm for BatchNorm)
 from step 50,001 with adaptive weight x 0.5. Adam (0.5, 0.9) at 4.5e-6 per image of
 the batch (LDM's scaled base rate). Trained here on ImageNet (the repository's
-autoencoder_kl_64x64x3.yaml; the released weights saw OpenImages). Not as the paper:
-no LPIPS term (autoencoder.lpips_weights_path is not implemented) and no learned
+autoencoder_kl_64x64x3.yaml; the released weights saw OpenImages). LDM adds LPIPS
+with perceptual_weight 1.0 to every pixel's L1 error; here the term needs two files
+the user supplies (nothing is downloaded), so it is off until both paths are set:
+
+    --config.autoencoder.lpips_weights_path=/path/to/vgg.pth \
+    --config.autoencoder.vgg16_weights_path=/path/to/vgg16-397923af.pth
+
+(vgg.pth: the lpips package's lpips/weights/v0.1/vgg.pth; vgg16-397923af.pth:
+https://download.pytorch.org/models/vgg16-397923af.pth). Not as the paper: no learned
 output log-variance. Parameters (jax.eval_shape): autoencoder 55,312,063,
-discriminator 2,765,633.
+discriminator 2,765,633; LPIPS adds 14.7M frozen VGG16 weights (not trained or
+checkpointed) and about 4% to the FLOPs of a step.
 """
 
 from configs import default
@@ -43,6 +51,10 @@ def get_config():
     a.disc_base_channels = 64
     a.disc_num_layers = 3
     a.disc_num_groups = 32
+    # LDM's perceptual term: on once both files are given (see the docstring).
+    a.perceptual_weight = 1.0
+    a.lpips_weights_path = ''  # The lpips package's lpips/weights/v0.1/vgg.pth.
+    a.vgg16_weights_path = ''  # torchvision's vgg16-397923af.pth.
 
     optim = config.optim
     optim.optimizer = 'adam'

@@ -7,8 +7,11 @@ against 8,192 codes of width 3, channels 128 with multipliers 1, 2, 4, two resid
 blocks per level, no attention but the middle block's; codebook + 0.25 commitment
 loss; the patch discriminator on from step 0 with adaptive weight x 0.75. Adam
 (0.5, 0.9) at 4.5e-6 per image of the batch of 8. Trained here on ImageNet (the
-released weights saw OpenImages); no LPIPS term (not implemented). Parameters
-(jax.eval_shape): autoencoder 55,322,782, discriminator 2,765,633.
+released weights saw OpenImages). taming's VQ loss adds LPIPS with perceptual_weight
+1.0, inherited from autoencoder_kl_f4 with its two files: the term is on once
+autoencoder.lpips_weights_path (vgg.pth) and autoencoder.vgg16_weights_path
+(vgg16-397923af.pth) are set. Parameters (jax.eval_shape): autoencoder 55,322,782,
+discriminator 2,765,633.
 """
 
 from configs import autoencoder_kl_f4

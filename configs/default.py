@@ -72,6 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
     model.context_vocab_size = 0  # 'tokens': token ids 0..this-1 (this = the null token).
     model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay f32).
     model.remat = False  # Rematerialise each block (less memory, more compute).
+    model.remat_policy = 'full'  # What a remat block stores: 'full' (inputs only), 'save_convs'.
 
     # --- diffusion ----------------------------------------------------------------
     config.diffusion = diffusion = ml_collections.ConfigDict()
@@ -129,14 +130,19 @@ def get_config() -> ml_collections.ConfigDict:
     ae.disc_num_layers = 3  # Its stride-2 layers (patch size grows with it).
     ae.disc_num_groups = 32  # Its GroupNorm groups (0 = no normalisation; taming: BatchNorm).
     ae.lr_discriminator = 0.0  # Discriminator Adam rate; 0 = optim.learning_rate.
-    ae.lpips_weights_path = ''  # LPIPS weights (.npz) for a perceptual term; '' = L1 only.
-    ae.perceptual_weight = 1.0  # Weight of the LPIPS term when its weights are given.
+    ae.lpips_weights_path = ''  # LPIPS v0.1 linear layers (lpips' weights/v0.1/vgg.pth);
+    #                               with vgg16_weights_path: the perceptual term; '' = none.
+    ae.vgg16_weights_path = ''  # torchvision's VGG16 (vgg16-397923af.pth): LPIPS backbone.
+    ae.perceptual_weight = 1.0  # Weight of the LPIPS term (LDM: 1.0) when both are given.
 
     # --- latent diffusion (task='latent_diffusion'; Rombach et al. 2022) -------------
     config.latent = latent = ml_collections.ConfigDict()
     latent.autoencoder_workdir = ''  # Workdir of a trained task='autoencoder' run (frozen).
     latent.scale_factor = 0.0  # Latents are multiplied by this; 0 = measure 1/std of the
     #                            latents of the first batch (kept in the checkpoint).
+    latent.cache = 'none'  # 'none': encode each batch inside the jitted step;
+    #                        'autoencoder_workdir': encode the training split once into
+    #                        <autoencoder_workdir>/latent_cache/ and train on those latents.
 
     # --- optimisation -------------------------------------------------------------
     config.optim = optim = ml_collections.ConfigDict()
@@ -170,18 +176,29 @@ def get_config() -> ml_collections.ConfigDict:
     sample.sampler = 'ddpm'  # 'ddpm' (ancestral), 'ddim', 'dpm_solver' (2M), 'ddgan' (a
     #                          GAN's), 'dpm_solver_3m', 'dpm_solver_2s', 'heun' (Karras et
     #                          al. 2022), 'ode' (adaptive probability-flow ODE), 'pc'
-    #                          (predictor-corrector) or 'sde' (reverse-time SDE); the last
-    #                          four through the VP view, or the trained SDE (task='score').
+    #                          (predictor-corrector), 'sde' (reverse-time SDE) or 'langevin'
+    #                          (annealed Langevin dynamics, NCSN); the last five through the
+    #                          VP view, or the trained SDE (task='score').
     sample.respacing = ''  # Steps to sample with: '' (all), '250', 'ddim50', '10,15,20'.
     sample.eta = 0.0  # DDIM eta (0 = deterministic).
     sample.num_steps = 18  # 'heun': Karras et al. 2022's steps N (NFE 2N - 1).
     sample.s_churn = 0.0  # 'heun': Karras et al.'s S_churn (0 = deterministic).
+    sample.heun_sigma_max = 0.0  # 'heun': cap on the first sigma (0 = the model's largest;
+    #                              Karras et al.: 80).
     sample.ode_solver = 'tsit5'  # 'ode': adaptive diffrax solver, 'tsit5' or 'dopri5' (RK45).
     sample.ode_rtol = 1e-5  # 'ode': relative tolerance (score_sde: 1e-5).
     sample.ode_atol = 1e-5  # 'ode': absolute tolerance (score_sde: 1e-5).
     sample.predictor = 'reverse_diffusion'  # 'pc' / 'sde' predictor, or 'euler_maruyama'.
     sample.pc_snr = 0.16  # 'pc': Langevin corrector's signal-to-noise ratio r (score_sde:
     #                       0.16 for VE, 0.01 for VP DDPM models).
+    # 'langevin' (Song & Ermon 2019, Alg. 1): x += alpha_i s + sqrt(2 alpha_i) z,
+    # alpha_i = eps sigma_i^2 / sigma_L^2, T steps at each of L geometric levels.
+    sample.langevin_step_size = 2e-5  # eps (NCSN: 2e-5).
+    sample.langevin_steps_per_level = 100  # T (NCSN: 100); NFE = L T (+ 1).
+    sample.langevin_num_levels = 10  # L (NCSN: 10); 0 = sde.num_scales (task='score').
+    sample.langevin_sigma_max = 0.0  # sigma_1 (0 = the model's largest sigma).
+    sample.langevin_sigma_min = 0.0  # sigma_L (0 = the model's smallest sigma).
+    sample.langevin_denoise = False  # A final Tweedie step x + sigma_L^2 s (NCSNv2).
     sample.clip_denoised = True  # Clip predicted x_0 to [-1, 1].
     sample.ema_decay = -1.0  # EMA copy to sample from (-1 = the first in optim.ema_decays).
     sample.guidance_scale = 1.0  # Classifier-free scale (1 = plain conditional).

@@ -19,6 +19,12 @@ command; measured scale factor 0.326 (latent std 0.98 afterwards). 1,000 samples
 network against the 297 held-out digits: label accuracy 0.999, Frechet distance
 15.3 (1,000 real training digits: 9.5). The last step writes a 10x10 grid of
 decoded EMA samples, one class per column.
+
+With --config.latent.cache=autoencoder_workdir the 1,500 training digits are encoded
+once (1.1 s, into /tmp/digits_ae/latent_cache/) and the step skips the encoder:
+the same losses at every logged step (to the 5 digits printed), scale factor 0.32625
+either way; the jitted step alone 18.4 instead of 16.5 steps/s (same CPU, interleaved);
+--mode=fid after it: Frechet distance 13.8, label accuracy 1.00 (2026-11-29).
 """
 
 from configs import default, digits

@@ -32,6 +32,9 @@ def get_config():
 
     config.latent.autoencoder_workdir = '/path/to/vq_f4'
     config.latent.scale_factor = 1.0
+    # Encoded in the step: a cache of the 1.28M images and their mirror images would
+    # take 126 GB of float32 latents (latent.cache='autoencoder_workdir' if you have it).
+    config.latent.cache = 'none'
 
     m = config.model
     m.variant = 'adm'

@@ -1,10 +1,11 @@
 """Losses of the first-stage autoencoder of latent diffusion (pure functions of arrays).
 
 The first stage of Rombach et al. 2022 ("LDM") is trained as in Esser et al. 2021
-("taming transformers", VQGAN): a reconstruction loss, a latent regulariser (a
-KL to N(0, I) or vector quantisation) and a patch-discriminator loss switched on
-after a number of steps and weighted adaptively. Everything here is a plain
-function of arrays: no Flax, no I/O, no state.
+("taming transformers", VQGAN): a reconstruction loss (L1, plus a perceptual
+distance that the caller computes, LPIPS), a latent regulariser (a KL to N(0, I)
+or vector quantisation) and a patch-discriminator loss switched on after a number
+of steps and weighted adaptively. Everything here is a plain function of arrays:
+no Flax, no I/O, no state.
 
 Per-example terms have shape [B]; images are [B, H, W, C].
 """
@@ -27,6 +28,25 @@ def l1_reconstruction(x: jax.Array, x_rec: jax.Array) -> jax.Array:
     """sum_pixels |x - x_rec| per example [B] (LDM sums its NLL over the pixels and
     averages over the batch, which sets the scale of its 1e-6 KL weight)."""
     return _sum_per_example(jnp.abs(x.astype(jnp.float32) - x_rec.astype(jnp.float32)))
+
+
+def perceptual_reconstruction(x: jax.Array, x_rec: jax.Array, perceptual: jax.Array,
+                              weight: float) -> jax.Array:
+    """sum_pixels (|x - x_rec| + weight * perceptual) per example [B].
+
+    LDM's LPIPSWithDiscriminator (ldm/modules/losses/contperceptual.py) adds the
+    perceptual distance of each example to the L1 error of every one of its pixels and
+    channels before summing them into its NLL, so the term counts H * W * C times:
+    sum |x - x_rec| + weight * H * W * C * perceptual (taming's VQ loss averages the
+    same sum instead; the ratio of the two terms is the same).
+
+    Args:
+        x, x_rec: Images [B, H, W, C].
+        perceptual: A per-example distance [B] (LPIPS of x and x_rec).
+        weight: Its weight (LDM's perceptual_weight, 1.0).
+    """
+    pixels = x.shape[1] * x.shape[2] * x.shape[3]
+    return l1_reconstruction(x, x_rec) + weight * pixels * perceptual.astype(jnp.float32)
 
 
 def clip_logvar(logvar: jax.Array) -> jax.Array:

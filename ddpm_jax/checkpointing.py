@@ -38,6 +38,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from ddpm_jax import config_json
 from ddpm_jax import config_lib
 from ddpm_jax import state as state_lib
 from ddpm_jax import tasks
@@ -62,7 +63,7 @@ STRUCTURAL_FIELDS = (
     'optim.ema_decays',
 )
 # Model fields that only change how the same parameters are computed with.
-COMPUTE_ONLY_FIELDS = ('model.dtype', 'model.remat', 'model.dropout')
+COMPUTE_ONLY_FIELDS = ('model.dtype', 'model.remat', 'model.remat_policy', 'model.dropout')
 
 
 class CheckpointMismatchError(ValueError):
@@ -532,12 +533,15 @@ def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state: Any,
         f'damaged and moved to {epath.Path(manager.directory).parent / DAMAGED_SUBDIR}.')
 
 
-def load_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
+def load_config(workdir: str, step: int | None = None, *,
+                schema: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
     """The config stored with a checkpoint (e.g. a classifier's, for guidance).
 
     Args:
         workdir: Run directory of the checkpoint.
         step: Step to read; default the newest step whose config is readable.
+        schema: The config of the run that will use the stored one: fields the record
+            predates take its values (`config_json.fill_missing`).
 
     Raises:
         FileNotFoundError: No checkpoint (with a readable config) in `workdir`.
@@ -555,7 +559,10 @@ def load_config(workdir: str, step: int | None = None) -> ml_collections.ConfigD
                 logger.warning('Checkpoint step %d: %s is unreadable; skipping it.', candidate,
                                path)
                 continue
-            return config_lib.from_json_dict(config_lib.upgrade_json_dict(saved))
+            saved = config_lib.upgrade_json_dict(saved)
+            if schema is not None:
+                saved = config_json.fill_missing(saved, config_lib.to_json_dict(schema))
+            return config_lib.from_json_dict(saved)
     raise FileNotFoundError(f'No checkpoint in {directory}.')
 
 

@@ -8,14 +8,13 @@ This module owns everything that is true of a config independently of what runs 
   error is a `ValueError` whose message names the field.
 * `to_json_dict` / `from_json_dict` convert a config to and from the JSON stored
   in checkpoints and workdir records; `upgrade_json_dict` reads configs written by
-  earlier versions of the schema.
+  earlier versions of the schema (all three live in `config_json`, re-exported here).
 * `RNG_SALTS` is the one table of the numbers folded into the root key
   `jax.random.key(config.seed)` to give each consumer an independent stream;
   `rng_for(config, name)` applies it. `DATA_SEED_SALTS` does the same for the
   NumPy seeds of the input pipeline.
 """
 
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,6 +22,7 @@ import jax
 import ml_collections
 
 from ddpm_jax import diffusion
+from ddpm_jax.config_json import from_json_dict, to_json_dict, upgrade_json_dict  # noqa: F401
 from ddpm_jax import losses
 from ddpm_jax import ode_likelihood
 from ddpm_jax import sampler_registry
@@ -33,6 +33,7 @@ from ddpm_jax import tasks
 from ddpm_jax import timestep_sampling
 from ddpm_jax import models
 from ddpm_jax.models import inception
+from ddpm_jax.models import unet
 
 MODES = ('train', 'sample', 'eval', 'fid')
 METRICS_NETWORKS = ('inception', 'digits')
@@ -61,53 +62,7 @@ def rng_for(config: ml_collections.ConfigDict, name: str) -> jax.Array:
     return jax.random.fold_in(jax.random.key(config.seed), RNG_SALTS[name])
 
 
-# --- JSON records ------------------------------------------------------------------------
-
-
-def to_json_dict(config: ml_collections.ConfigDict) -> dict:
-    """The config as plain JSON types (tuples become lists)."""
-    return json.loads(config.to_json())
-
-
-def from_json_dict(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
-    """Inverse of `to_json_dict` (JSON lists become tuples again)."""
-    return ml_collections.ConfigDict(_lists_to_tuples(dict(saved)))
-
-
-def _lists_to_tuples(tree):
-    if isinstance(tree, Mapping):
-        return {k: _lists_to_tuples(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return tuple(_lists_to_tuples(v) for v in tree)
-    return tree
-
-
-def upgrade_json_dict(saved: Mapping[str, Any]) -> dict:
-    """A config record of an earlier schema in the current one.
-
-    Version 0.1 had no `task` (a classifier was trained when model.name was
-    'classifier'), called `diffusion.timestep_sampling` `timestep_sampler`, and had no
-    `model.latent_dim` / `model.mapping_layers` (0 and 3: not a generator).
-    """
-    saved = json.loads(json.dumps(saved))  # A deep copy.
-    if 'task' not in saved:
-        is_classifier = saved.get('model', {}).get('name') == 'classifier'
-        saved['task'] = 'classifier' if is_classifier else 'diffusion'
-    d = saved.get('diffusion', {})
-    if 'timestep_sampler' in d:
-        d['timestep_sampling'] = d.pop('timestep_sampler')
-    model = saved.get('model', {})
-    model.setdefault('latent_dim', 0)  # Added with the DDGAN generator.
-    model.setdefault('mapping_layers', 3)
-    for name in ('disc_num_res_blocks', 'disc_attention_resolutions', 'disc_num_groups'):
-        saved.get('gan', {}).pop(name, None)  # The ADM-encoder discriminator before 0.2.
-    model.setdefault('legacy_qkv_order', False)  # Added with the released checkpoints.
-    model.setdefault('timestep_scale', 1.0)
-    model.setdefault('low_res_size', 0)
-    for name, value in (('context_encoder', 'none'), ('context_dim', 0),
-                        ('context_layers', 1), ('context_vocab_size', 0)):
-        model.setdefault(name, value)  # Added with cross-attention (latent diffusion).
-    return saved
+# --- JSON records: `config_json` (re-exported) ------------------------------------------
 
 
 # --- validation --------------------------------------------------------------------------
@@ -156,6 +111,7 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
     m = config.model
     check_choice('model.name', m.name, tuple(models.MODELS))
     check_choice('model.dtype', m.dtype, MODEL_DTYPES)
+    check_choice('model.remat_policy', m.remat_policy, unet.REMAT_POLICIES)
     check(m.num_classes >= 0, f'model.num_classes={m.num_classes} must be >= 0.')
     check(0.0 <= m.class_dropout_prob < 1.0,
           f'model.class_dropout_prob={m.class_dropout_prob} must be in [0, 1).')
@@ -253,11 +209,45 @@ def _validate_sampler_options(config: ml_collections.ConfigDict) -> None:
     check(s.ode_atol > 0, f'sample.ode_atol={s.ode_atol} must be > 0.')
     check_choice('sample.predictor', s.predictor, sampler_registry.PREDICTORS)
     check(s.pc_snr > 0, f'sample.pc_snr={s.pc_snr} must be > 0.')
+    check(s.heun_sigma_max >= 0, f'sample.heun_sigma_max={s.heun_sigma_max} must be >= 0 '
+                                 '(0 = no cap).')
+    _validate_langevin(config)
     if config.task != 'score':
         check(s.sampler not in sampler_registry.FULL_SCHEDULE_SAMPLERS or not s.respacing,
               f'sample.respacing={s.respacing!r} must be empty for sample.sampler='
               f"{s.sampler!r}: it chooses its own times on the full training schedule "
               '(the VP view; set sample.num_steps for heun).')
+
+
+def _validate_langevin(config: ml_collections.ConfigDict) -> None:
+    """The 'langevin' fields; the levels against a discrete model's schedule (a score
+    model's SDE range is checked by its task)."""
+    s = config.sample
+    check(s.langevin_step_size > 0,
+          f'sample.langevin_step_size={s.langevin_step_size} must be > 0.')
+    check(isinstance(s.langevin_steps_per_level, int) and s.langevin_steps_per_level >= 1,
+          f'sample.langevin_steps_per_level={s.langevin_steps_per_level!r} must be an int '
+          '>= 1.')
+    n = s.langevin_num_levels
+    check(isinstance(n, int) and (n >= 2 or (n == 0 and config.task == 'score')),
+          f'sample.langevin_num_levels={n!r} must be an int >= 2'
+          + (" (or 0: sde.num_scales)." if config.task == 'score' else
+             " (0, the SDE's sde.num_scales, is for task='score')."))
+    for field in ('langevin_sigma_max', 'langevin_sigma_min'):
+        check(s[field] >= 0, f'sample.{field}={s[field]} must be >= 0 (0 = the model\'s).')
+    check(s.langevin_sigma_max == 0 or s.langevin_sigma_max > s.langevin_sigma_min,
+          f'sample.langevin_sigma_max={s.langevin_sigma_max} must be > '
+          f'sample.langevin_sigma_min={s.langevin_sigma_min}.')
+    if s.sampler != 'langevin' or config.task == 'score':
+        return
+    sched = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps,
+                                    s.respacing or None)
+    ladder = [float(v) for v in sde_samplers.vp_sigmas(sched)]
+    for field in ('langevin_sigma_max', 'langevin_sigma_min'):
+        value = s[field]
+        check(value == 0 or ladder[0] * 0.999 <= value <= ladder[-1] * 1.001,
+              f'sample.{field}={value} is outside the noise levels of the sampling schedule '
+              f'(sigma in [{ladder[0]:.4g}, {ladder[-1]:.4g}]); 0 = that end.')
 
 
 def _validate_eval(config: ml_collections.ConfigDict, num_devices: int,

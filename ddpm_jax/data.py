@@ -25,6 +25,9 @@ trainer shards onto its mesh:
   stream). Batches are LOCAL: {'image': float32 [B/n, H, W, C],
   'label': int32 [B/n]} numpy arrays with B = `train.global_batch_size`.
   `parallel.to_global` turns them into global `jax.Array`s.
+  `create_records_train_iterator` applies these rules to any records (the cached
+  latents of `ddpm_jax.latent_cache`, which the trainer reads when `latent.cache` is
+  set: `train.create_train_iterator`).
 * Eval iterator: no shuffle or flip, one pass over the first
   `min(eval.num_images, split size)` examples in dataset order. Global batch `j`
   holds examples [j*B, (j+1)*B) and process p owns rows [p*B/n, (p+1)*B/n) of
@@ -370,25 +373,63 @@ def create_train_iterator(config: ml_collections.ConfigDict, *,
             count.
         DatasetNotFoundError: A TFDS dataset is not prepared.
     """
+    source = _open_source(config, config.data.split)
+    preprocess = _make_preprocess_fn(source, config.data.image_size, config.data.channels,
+                                     config.data.center_crop)
+    return create_records_train_iterator(
+        config, source.records, preprocess,
+        flip=_random_flip if config.data.random_flip else None,
+        process_index=process_index, process_count=process_count)
+
+
+def create_records_train_iterator(
+        config: ml_collections.ConfigDict, records: Any,
+        preprocess: Callable[[Mapping[str, Any]], Batch] | None,
+        flip: Callable[[Batch, np.random.Generator], Batch] | None = None, *,
+        process_index: int | None = None,
+        process_count: int | None = None) -> grain.DatasetIterator:
+    """The training stream of `create_train_iterator` over any random-access records.
+
+    The same rules for any source (images, or the cached latents of
+    `ddpm_jax.latent_cache`): process p of n reads `records[p::n]`, shuffled with the
+    seed of `config.seed`, reshuffled each epoch; `flip(example, rng)` is called on
+    every example (after `preprocess`) with a generator seeded by (seed, process,
+    position in the stream), so two sources of the same length see the same order and
+    the same flip decisions, and their iterator states are interchangeable.
+
+    Args:
+        config: Reads `seed`, `data.split`, `data.prefetch_batches`,
+            `data.num_workers` and `train.global_batch_size`.
+        records: `len()` and `[i]` giving one example (a dict of arrays).
+        preprocess: Record -> example, or None to use the records as they are.
+        flip: The random augmentation (e.g. a horizontal flip), or None.
+        process_index: This process's index; defaults to `jax.process_index()`.
+        process_count: Number of processes; defaults to `jax.process_count()`.
+
+    Returns:
+        A checkpointable grain `DatasetIterator` of local batches (the examples'
+        arrays stacked, [global_batch_size // process_count, ...]).
+
+    Raises:
+        ValueError: A global batch not divisible by the process count, or fewer
+            records than processes.
+    """
     index, count = _process_index_and_count(process_index, process_count)
     local_batch_size = _local_batch_size(config.train.global_batch_size, count,
                                          'train.global_batch_size')
-    source = _open_source(config, config.data.split)
-    if len(source.records) < count:
-        raise ValueError(f'split {config.data.split!r} has {len(source.records)} examples, '
+    if len(records) < count:
+        raise ValueError(f'split {config.data.split!r} has {len(records)} examples, '
                          f'fewer than process_count={count}')
-    preprocess = _make_preprocess_fn(source, config.data.image_size, config.data.channels,
-                                     config.data.center_crop)
-    dataset = grain.MapDataset.source(source.records)[index::count]
+    dataset = grain.MapDataset.source(records)[index::count]
     # Shuffling before repeating gives a fresh permutation of the shard each epoch.
     shuffle_seed = _seed(config.seed, config_lib.DATA_SEED_SALTS['shuffle'])
     dataset = dataset.shuffle(seed=shuffle_seed).repeat()
-    dataset = dataset.map(preprocess)
-    if config.data.random_flip:
+    if preprocess is not None:
+        dataset = dataset.map(preprocess)
+    if flip is not None:
         # Seeded by (seed, process) and the element's position in the stream.
-        dataset = dataset.random_map(_random_flip,
-                                     seed=_seed(config.seed, config_lib.DATA_SEED_SALTS['flip'],
-                                                index))
+        dataset = dataset.random_map(flip, seed=_seed(config.seed,
+                                                      config_lib.DATA_SEED_SALTS['flip'], index))
     dataset = dataset.batch(local_batch_size, drop_remainder=True)
     return _to_iterator(dataset, config)
 

@@ -9,6 +9,11 @@ exact bits/dim of the probability-flow ODE (Song et al. 2021b, Sec. 4.3;
 `ode_likelihood.ode_bpd`), of a score model (task='score') or of a discrete-time model
 through its VP view.
 
+An upsampler (task='super_resolution') is scored on the conditional likelihood of
+each high-resolution image given its own low-resolution version, made exactly as in
+training (`super_resolution.conditioning`: the area mean, not quantised): both the
+bound and the ODE take that conditioning as a model input.
+
 The per-batch computation is jitted once with the batch sharded `P('data')` and
 the parameters replicated, and reduces to masked sums inside the program, so
 padding rows of the last batch (`mask` False, see `data.create_eval_iterator`)
@@ -42,10 +47,11 @@ from ddpm_jax import sde as sde_lib
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.models import create_model, make_model_fn
 from ddpm_jax.tasks import score as score_task
+from ddpm_jax.tasks import super_resolution
 
 logger = logging.getLogger('ddpm_jax')
 
-__all__ = ['make_eval_step_fn', 'summarize', 'evaluate']
+__all__ = ['make_eval_step_fn', 'model_kwargs', 'summarize', 'evaluate']
 
 
 def make_eval_step_fn(config: ml_collections.ConfigDict, model: nn.Module,
@@ -79,7 +85,7 @@ def make_eval_step_fn(config: ml_collections.ConfigDict, model: nn.Module,
         model_fn = make_model_fn(model, params, pass_labels=conditional)
         out = likelihood.calc_bpd_loop(
             model_fn, sched, image[None], rng, mean_type=d.mean_type, var_type=d.var_type,
-            clip_denoised=True, model_kwargs={'y': label[None]} if conditional else None)
+            clip_denoised=True, model_kwargs=model_kwargs(config, image, label))
         return {k: out[k][0] for k in ('total_bpd', 'prior_bpd', 'vb', 'mse')}
 
     per_example = (_make_ode_per_example_fn(config, model) if config.eval.likelihood == 'ode'
@@ -122,19 +128,39 @@ def _make_ode_per_example_fn(config: ml_collections.ConfigDict, model: nn.Module
 
     def per_example(params, image, label, rng):
         model_fn = make_model_fn(model, params, pass_labels=conditional)
-        model_kwargs = {'y': label[None]} if conditional else None
+        kwargs = model_kwargs(config, image, label)
         if config.task == score_task.ScoreTask.name:
-            score_fn = score_task.make_score_fn(config, sde, model_fn, model_kwargs)
+            score_fn = score_task.make_score_fn(config, sde, model_fn, kwargs)
         else:
             _, score_fn = sde_lib.make_vp_score_fn(model_fn, sched, mean_type=d.mean_type,
                                                    var_type=d.var_type, clip_denoised=False,
-                                                   model_kwargs=model_kwargs)
+                                                   model_kwargs=kwargs)
         bpd, nfe = ode_likelihood.ode_bpd(sde, score_fn, image[None], rng, eps=e.ode_eps,
                                           trace=e.ode_trace, solver=e.ode_solver,
                                           rtol=e.ode_rtol, atol=e.ode_atol)
         return {'total_bpd': bpd[0], 'nfe': nfe.astype(jnp.float32)}
 
     return per_example
+
+
+def model_kwargs(config: ml_collections.ConfigDict, image: jax.Array, label: jax.Array
+                 ) -> dict[str, jax.Array] | None:
+    """The model's inputs besides (x_t, t) when scoring one image as a batch of one.
+
+    Args:
+        config: The run's config.
+        image: [H, W, C] in [-1, 1].
+        label: int32 [] (its class).
+
+    Returns:
+        {'y': [1]} for a class-conditional model, plus an upsampler's conditioning on
+        the image's own low-resolution version ('low_res' [1, s, s, C], made as in
+        training); None when there are none.
+    """
+    kwargs = {'y': label[None]} if config.model.num_classes > 0 else {}
+    if config.task == super_resolution.SuperResolutionTask.name:
+        kwargs.update(super_resolution.conditioning(config, image[None]))
+    return kwargs or None
 
 
 def summarize(sums: dict[str, np.ndarray], step: int) -> dict[str, Any]:

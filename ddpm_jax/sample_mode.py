@@ -62,7 +62,7 @@ def restore_classifier(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
                                 f'({directory} does not exist); train a classifier there '
                                 'first.')
     try:
-        classifier_config = checkpointing.load_config(workdir)
+        classifier_config = checkpointing.load_config(workdir, schema=config)
     except FileNotFoundError as e:
         raise FileNotFoundError(f'sample.classifier_workdir={workdir!r}: {e}') from e
     c = classifier_config

@@ -15,9 +15,12 @@ This module owns measuring a model's samples the way the papers do:
   optional `mu`/`sigma`/`mu_s`/`sigma_s`), cached in the workdir.
 * `evaluate_samples` (`--mode=fid`) scores a workdir's latest EMA parameters, or a
   samples `.npz` (`eval.fid_samples`), writes `metrics_<step>.json` and logs to
-  TensorBoard; `make_training_fid_fn` gives the trainer its periodic FID.
+  TensorBoard; `make_training_fid_fn` gives the trainer its periodic FID. An
+  upsampler (task='super_resolution') is scored on the eval split's images, upsampled
+  from their area-downsampled versions, with their PSNR to the originals.
 """
 
+import functools
 import json
 import logging
 import os
@@ -44,6 +47,8 @@ from ddpm_jax import writers
 from ddpm_jax.models import create_model
 from ddpm_jax.models import digits_net
 from ddpm_jax.models import inception
+from ddpm_jax.models import layers
+from ddpm_jax.tasks import super_resolution
 
 logger = logging.getLogger('ddpm_jax')
 
@@ -312,6 +317,75 @@ def _sample_features(config: ml_collections.ConfigDict, sample_fn: Callable, par
     return accumulator, labels
 
 
+def _psnr(images: jax.Array, reference: jax.Array) -> jax.Array:
+    """Per-image PSNR in dB of images in [-1, 1] against a reference, both quantised to
+    uint8 first: 10 log10(255^2 / MSE) with the MSE over an image's pixel values. An
+    exact copy scores as if one value were one grey level off (MSE = 1 / its size), so
+    the mean over images stays finite."""
+    def pixels(x):
+        return jnp.clip(jnp.round((x.astype(jnp.float32) + 1.0) * 127.5), 0.0, 255.0)
+
+    mse = jnp.mean(jnp.square(pixels(images) - pixels(reference)), axis=(1, 2, 3))
+    return 10.0 * jnp.log10(255.0 ** 2 / jnp.maximum(mse, 1.0 / images[0].size))
+
+
+def _upsampled_eval_features(config: ml_collections.ConfigDict, sample_fn: Callable,
+                             params: Any, extractor: FeatureExtractor, rng: jax.Array
+                             ) -> tuple[FeatureAccumulator, np.ndarray | None,
+                                        dict[str, float]]:
+    """An upsampler's samples for `--mode=fid`: the first `eval.fid_num_samples` images
+    of `data.eval_split`, area-downsampled as in training and quantised to uint8 (the
+    real low-resolution images, as an .npz would hold them), upsampled and streamed
+    through the feature network, in global batches of `eval.fid_batch_size` (batch b
+    draws its noise from fold_in(rng, b)); each process loads only its rows.
+
+    Returns:
+        (features, the images' labels (None for an unconditional upsampler),
+        {'psnr', 'psnr_bilinear'}: mean per-image PSNR (dB, uint8) of the samples and of
+        the bilinear enlargement of the same inputs against the originals).
+    """
+    e, size = config.eval, config.data.image_size
+    split_config = ml_collections.ConfigDict(config.to_dict())
+    split_config.eval.num_images = e.fid_num_samples
+    split_config.eval.global_batch_size = e.fid_batch_size
+    batch_sharded = parallel.batch_sharding(extractor.mesh)
+
+    @functools.partial(jax.jit, out_shardings=batch_sharded)
+    def low_res_of(images):  # [B, s, s, C]: the training conditioning, on the uint8 grid.
+        return super_resolution.quantize(super_resolution.conditioning(config, images)[
+            'low_res'])
+
+    @functools.partial(jax.jit, out_shardings=(batch_sharded, batch_sharded))
+    def psnr_of(samples, low_res, originals):
+        return _psnr(samples, originals), _psnr(layers.upsample_bilinear(low_res, size),
+                                                originals)
+
+    accumulator = FeatureAccumulator()
+    labels, psnr, psnr_bilinear = [], [], []
+    is_main = jax.process_index() == 0
+    for b, local in enumerate(data_lib.create_eval_iterator(split_config)):
+        batch = parallel.to_global(local, extractor.mesh)
+        low_res = low_res_of(batch['image'])
+        samples = sample_fn(params, jax.random.fold_in(rng, b), batch['label'],
+                            low_res=low_res)
+        mask = parallel.gather(batch['mask'])
+        accumulator.update(extractor(samples, from_unit_range=True), mask)
+        labels.append(parallel.gather(batch['label'])[mask])
+        ours, bilinear = psnr_of(samples, low_res, batch['image'])
+        psnr.append(parallel.gather(ours)[mask])
+        psnr_bilinear.append(parallel.gather(bilinear)[mask])
+        if is_main:
+            logger.info('Upsampled eval batch %d: %d images, PSNR %.2f dB.', b + 1,
+                        accumulator.count, float(np.mean(np.concatenate(psnr))))
+    if accumulator.count == 0:
+        raise ValueError(f'eval.fid_num_samples={e.fid_num_samples}: no images in '
+                         f'data.eval_split={config.data.eval_split!r} to upsample.')
+    labels = np.concatenate(labels) if config.model.num_classes > 0 else None
+    return accumulator, labels, {
+        'psnr': float(np.mean(np.concatenate(psnr), dtype=np.float64)),
+        'psnr_bilinear': float(np.mean(np.concatenate(psnr_bilinear), dtype=np.float64))}
+
+
 def make_training_fid_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                          workdir: str
                          ) -> Callable[[Mapping[str, Any]], dict[str, float]]:
@@ -358,7 +432,11 @@ def evaluate_samples(config: ml_collections.ConfigDict, workdir: str, *,
 
     Scores `eval.fid_num_samples` images drawn from the latest EMA parameters with
     the configured sampler (`sample.*`), or the images of `eval.fid_samples`,
-    against the reference statistics (see `reference_statistics`). Writes
+    against the reference statistics (see `reference_statistics`). An upsampler
+    (task='super_resolution') instead upsamples the real low-resolution versions of
+    the first `eval.fid_num_samples` images of `data.eval_split` (area-downsampled as
+    in training, on the uint8 grid) and also reports 'psnr' and 'psnr_bilinear'
+    against the originals (`_upsampled_eval_features`). Writes
     `<workdir>/metrics_<step>.json` (`_1`, `_2`, ... when taken), logs the numbers
     to TensorBoard and `runs.jsonl`.
 
@@ -368,9 +446,20 @@ def evaluate_samples(config: ml_collections.ConfigDict, workdir: str, *,
     """
     mesh = parallel.create_mesh() if mesh is None else mesh
     config_lib.validate(config, mode='fid', num_devices=parallel.num_mesh_devices(mesh))
+    upsampler = config.task == super_resolution.SuperResolutionTask.name
+    if upsampler and not config.eval.fid_samples:
+        s = config.sample
+        if s.base_workdir:
+            raise ValueError(f'sample.base_workdir={s.base_workdir!r}: a cascade is scored by '
+                             "upsampling.evaluate_upsampler (main.py's --mode=fid does).")
+        if s.low_res_npz:
+            raise ValueError(f'sample.low_res_npz={s.low_res_npz!r}: --mode=fid of an '
+                             'upsampler upsamples the eval split (or a cascade); score the '
+                             'upsampled .npz of --mode=sample with eval.fid_samples.')
     workdir_lib.require_existing(workdir)
     extractor = FeatureExtractor(config, mesh)
     reference = reference_statistics(config, extractor, workdir)
+    extra = {}
     if config.eval.fid_samples:
         accumulator, labels = _npz_features(config.eval.fid_samples, extractor,
                                             config.eval.fid_batch_size)
@@ -381,15 +470,44 @@ def evaluate_samples(config: ml_collections.ConfigDict, workdir: str, *,
         fid_config = ml_collections.ConfigDict(config.to_dict())
         fid_config.sample.classifier_scale = 0.0
         sample_fn = tasks.make_sample_fn(fid_config, create_model(config), mesh=mesh)
-        logger.info('Scoring %d samples of step %d (%s).', config.eval.fid_num_samples, step,
-                    config.sample.sampler)
-        accumulator, labels = _sample_features(
-            config, sample_fn, ema_params[tasks.TASKS[config.task].sample_part], extractor,
-            config.eval.fid_num_samples,
-            config_lib.rng_for(config, 'fid'), progress=True, task_state=task_state)
-        source = f'step {step}'
+        params = ema_params[tasks.TASKS[config.task].sample_part]
+        rng = config_lib.rng_for(config, 'fid')
+        if upsampler:
+            logger.info('Scoring step %d on up to %d images of %r, area-downsampled to %dx%d '
+                        'and upsampled (%s).', step, config.eval.fid_num_samples,
+                        config.data.eval_split, config.model.low_res_size,
+                        config.model.low_res_size, config.sample.sampler)
+            accumulator, labels, extra = _upsampled_eval_features(config, sample_fn, params,
+                                                                  extractor, rng)
+            source = f'step {step}, upsampled {config.data.eval_split!r}'
+        else:
+            logger.info('Scoring %d samples of step %d (%s).', config.eval.fid_num_samples,
+                        step, config.sample.sampler)
+            accumulator, labels = _sample_features(
+                config, sample_fn, params, extractor, config.eval.fid_num_samples, rng,
+                progress=True, task_state=task_state)
+            source = f'step {step}'
     result = score(accumulator.result(), reference, labels=labels)
+    result.update(extra)
     result.update(step=int(step), network=config.eval.metrics_network, samples=source)
+    return write_metrics(config, workdir, result)
+
+
+def write_metrics(config: ml_collections.ConfigDict, workdir: str, result: dict[str, Any]
+                  ) -> dict[str, Any]:
+    """Logs `--mode=fid`'s result and, on process 0, writes `metrics_<step>.json`
+    (`metrics_npz.json` for step -1; never replacing a file), TensorBoard scalars and a
+    `runs.jsonl` record.
+
+    Args:
+        config: The run's config.
+        workdir: Where the files go.
+        result: `score`'s metrics plus 'step' (-1: an .npz), 'network', 'samples'.
+
+    Returns:
+        `result`, with 'json' (the file written) on process 0.
+    """
+    step, source = result['step'], result['samples']
     logger.info('%s: %s', source, ', '.join(f'{k}={v:.4g}' for k, v in result.items()
                                             if isinstance(v, float)))
     if jax.process_index() == 0:

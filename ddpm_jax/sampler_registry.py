@@ -3,7 +3,8 @@
 `samplers.SAMPLERS` holds the discrete-schedule samplers (DDPM, DDIM, DPM-Solver++(2M),
 DDGAN) and `sde_samplers.SDE_SAMPLERS` the fast and score-based ones that fit the same
 call (DPM-Solver++(3M) / (2S), and Karras et al.'s Heun, the probability-flow ODE and PC
-through the VP view). `sde_samplers` imports `samplers`, so the merged table lives here,
+through the VP view, and NCSN's annealed Langevin dynamics). `sde_samplers` imports
+`samplers`, so the merged table lives here,
 where it is consumed (`config_lib` checks names against it, `tasks.diffusion` runs it),
 with one more entry, 'sde': the reverse-time SDE without a corrector (Song et al. 2021b,
 Sec. 4.1; Euler-Maruyama or the reverse-diffusion predictor).
@@ -80,6 +81,13 @@ OPTION_FIELDS: Mapping[str, tuple[str, type]] = {
     'atol': ('sample.ode_atol', float),
     'snr': ('sample.pc_snr', float),
     'predictor': ('sample.predictor', str),
+    'sigma_max': ('sample.heun_sigma_max', float),
+    'step_size': ('sample.langevin_step_size', float),
+    'steps_per_level': ('sample.langevin_steps_per_level', int),
+    'num_levels': ('sample.langevin_num_levels', int),
+    'langevin_sigma_max': ('sample.langevin_sigma_max', float),
+    'langevin_sigma_min': ('sample.langevin_sigma_min', float),
+    'final_denoise': ('sample.langevin_denoise', bool),
 }
 
 # Samplers that pick their own times on the model's full training schedule (the VP

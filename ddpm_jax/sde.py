@@ -511,20 +511,23 @@ def sigma_of_t(sde: SDE, t: Array) -> Array:
 
 
 def t_of_sigma(sde: SDE, sigma: Array) -> Array:
-    """Inverse of `sigma_of_t` (VP, discrete VP and VE).
+    """Inverse of `sigma_of_t` (every SDE here).
 
-    VP: log(1 + sigma^2) = -2 log alpha(t) = t^2 (b1 - b0) / 2 + t b0, a quadratic in t.
-    Discrete VP: lambda = -log sigma, inverted on its piecewise-linear knots. VE:
+    VP and sub-VP: with c = -2 log alpha(t) = t^2 (b1 - b0) / 2 + t b0 (Song et al. 2021b,
+    Eq. 33), a quadratic in t whose positive root is taken. VP: sigma^2 = 1 / alpha^2 - 1,
+    so c = log(1 + sigma^2). Sub-VP: std = 1 - alpha^2 (Eq. 29), so sigma = 1 / alpha -
+    alpha, alpha = (sqrt(sigma^2 + 4) - sigma) / 2 and c = 2 asinh(sigma / 2). Discrete
+    VP: lambda = -log sigma, inverted on its piecewise-linear knots. VE:
     t = log(sigma / sigma_min) / log(sigma_max / sigma_min).
-
-    Raises:
-        ValueError: For the sub-VP SDE (not implemented).
     """
     sigma = jnp.asarray(sigma, jnp.float32)
     if isinstance(sde, VESDE):
         return jnp.log(sigma / sde.sigma_min) / math.log(sde.sigma_max / sde.sigma_min)
-    if isinstance(sde, VPSDE):
-        c = jnp.log1p(jnp.square(sigma))
+    if isinstance(sde, (VPSDE, SubVPSDE)):
+        if isinstance(sde, SubVPSDE):
+            c = 2.0 * jnp.arcsinh(0.5 * sigma)
+        else:
+            c = jnp.log1p(jnp.square(sigma))
         a = 0.5 * (sde.beta_max - sde.beta_min)
         b = sde.beta_min
         # The positive root, written to avoid cancellation: 2c / (b + sqrt(b^2 + 4ac)).
@@ -537,21 +540,40 @@ def t_of_sigma(sde: SDE, sigma: Array) -> Array:
     raise ValueError(f't_of_sigma is not defined for {type(sde).__name__}.')
 
 
-def denoiser_from_score(sde: SDE, score_fn: ScoreFn) -> Callable[[Array, Array], Array]:
-    """A denoiser D(y, sigma) ~ E[x_0 | y] in Karras et al.'s variables from a score.
+def sigma_score_from_score(sde: SDE, score_fn: ScoreFn) -> Callable[[Array, Array], Array]:
+    """The score of y = x / alpha at noise level sigma, from a score s(x, t) of x:
 
-    With x = alpha(t) y at the t where std/alpha = sigma, the score of y is
-    alpha s(x, t), and Tweedie's formula gives D = y + sigma^2 alpha s(alpha y, t)
-    (Karras et al. 2022, Eq. 3). For the VP view of an eps model this is exactly
-    y - sigma eps, the DDIM denoiser.
+    grad_y log p(y; sigma) = alpha s(alpha y, t(sigma)) (the change of variables
+    x = alpha y, at the t where std / alpha = sigma; Karras et al. 2022, Eq. 4). In these
+    variables every SDE is a VE one, y = x_0 + sigma n, which annealed Langevin dynamics
+    expects (Song & Ermon 2019). For a VE SDE (alpha = 1) it is s(y, t(sigma)).
 
     Returns:
-        D(y [B, ...], sigma [B] or scalar) -> [B, ...].
+        score(y [B, ...], sigma [B] or scalar) -> [B, ...].
     """
-    def denoise(y, sigma):
+    def score(y, sigma):
         sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (y.shape[0],))
         t = t_of_sigma(sde, sigma)
         alpha, _ = marginal_coefs(sde, t)
         a = _bcast(alpha, y)
-        return y + _bcast(jnp.square(sigma), y) * a * score_fn(a * y, t)
+        return a * score_fn(a * y, t)
+    return score
+
+
+def denoiser_from_score(sde: SDE, score_fn: ScoreFn) -> Callable[[Array, Array], Array]:
+    """A denoiser D(y, sigma) ~ E[x_0 | y] in Karras et al.'s variables from a score.
+
+    With x = alpha(t) y at the t where std/alpha = sigma, the score of y is
+    alpha s(x, t) (`sigma_score_from_score`), and Tweedie's formula gives
+    D = y + sigma^2 alpha s(alpha y, t) (Karras et al. 2022, Eq. 3). For the VP view of an
+    eps model this is exactly y - sigma eps, the DDIM denoiser.
+
+    Returns:
+        D(y [B, ...], sigma [B] or scalar) -> [B, ...].
+    """
+    score = sigma_score_from_score(sde, score_fn)
+
+    def denoise(y, sigma):
+        sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (y.shape[0],))
+        return y + _bcast(jnp.square(sigma), y) * score(y, sigma)
     return denoise

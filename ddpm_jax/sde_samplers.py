@@ -3,7 +3,8 @@ Karras et al.'s Heun sampler and DPM-Solver++ (3M and 2S).
 
 This module owns the samplers of the continuous-time view (`ddpm_jax.sde`):
 
-* `annealed_langevin_sample`: NCSN's annealed Langevin dynamics (Song & Ermon 2019, Alg. 1);
+* `annealed_langevin_sample`: NCSN's annealed Langevin dynamics (Song & Ermon 2019, Alg. 1),
+  `sde_langevin_sample` on any SDE's model, NCSNv2's step-size rule (`ncsnv2_step_size`);
 * `pc_sample`: reverse-time SDE samplers, Euler-Maruyama or the reverse-diffusion
   predictor, optionally with the Langevin corrector (Song et al. 2021b, Alg. 1-5);
 * `ode_sample`: the probability-flow ODE with an adaptive diffrax solver (Tsit5 or Dopri5,
@@ -17,8 +18,9 @@ and, on a discrete `Schedule` with the signature of `samplers.SAMPLERS`' functio
 
 * `dpm_solver_3m_sample` and `dpm_solver_2s_sample`: DPM-Solver++(3M) and (2S)
   (Lu et al. 2022b), beside `samplers.dpm_solver_sample`'s 2M;
-* `vp_ode_sample`, `vp_pc_sample` and `vp_heun_sample`: the ODE, PC and Heun samplers
-  for a trained discrete-time model through its VP view (`sde.make_vp_score_fn`).
+* `vp_ode_sample`, `vp_pc_sample`, `vp_heun_sample` and `vp_langevin_sample`: the ODE,
+  PC, Heun and annealed Langevin samplers for a trained discrete-time model through its
+  VP view (`sde.make_vp_score_fn`).
 
 Every sampler is one `lax.scan` or one diffrax solve, so jitting it with the score /
 model / denoiser function static compiles one program per shape. The score-based
@@ -112,24 +114,91 @@ def _norms(x):
 # ---------------------------------------------------------------------------
 
 
+def langevin_step_sizes(sigmas, step_size: float) -> np.ndarray:
+    """alpha_i = eps sigma_i^2 / sigma_L^2 of annealed Langevin dynamics (Song & Ermon 2019,
+    Alg. 1), float64 [L]: the last level's step is eps, each earlier one larger by the
+    ratio of the variances.
+
+    Raises:
+        ValueError: sigmas not a non-empty 1-D positive array, or step_size <= 0.
+    """
+    sigmas = np.asarray(sigmas, np.float64)
+    if sigmas.ndim != 1 or sigmas.shape[0] < 1 or not np.all(sigmas > 0):
+        raise ValueError(f'sigmas must be a non-empty 1-D array of positive noise levels, '
+                         f'got {sigmas!r}.')
+    if not float(step_size) > 0.0:
+        raise ValueError(f'step_size must be > 0, got {step_size!r}.')
+    return float(step_size) * np.square(sigmas / sigmas[-1])
+
+
+def langevin_variance_ratio(step_size: float, gamma: float, sigma_last: float,
+                            steps_per_level: int) -> float:
+    """NCSNv2's Eq. 4 (Song & Ermon 2020, Technique 4): the variance of the samples after
+    `steps_per_level` steps at level sigma_i, over sigma_i^2, when the data are one point
+    and the previous level (sigma_{i-1} = gamma sigma_i) was reached exactly.
+
+    With u = eps / sigma_L^2 every level contracts by 1 - u per step and adds 2 alpha_i of
+    noise, so the ratio is (1 - u)^(2T) (gamma^2 - V) + V with the fixed point
+    V = 2u / (1 - (1 - u)^2) = 1 / (1 - u / 2). It is >= 1; Technique 4 picks eps that
+    brings it closest to 1 (`ncsnv2_step_size`).
+    """
+    u = float(step_size) / float(sigma_last) ** 2
+    fixed = 1.0 / (1.0 - 0.5 * u)
+    return (1.0 - u) ** (2 * int(steps_per_level)) * (float(gamma) ** 2 - fixed) + fixed
+
+
+def ncsnv2_step_size(gamma: float, sigma_last: float, steps_per_level: int) -> float:
+    """The step size eps whose `langevin_variance_ratio` is closest to 1 (NCSNv2's
+    Technique 4, for the geometric ratio gamma = sigma_{i-1} / sigma_i), found on a
+    fine log grid of u = eps / sigma_L^2 in (0, 1) and refined by golden-section search
+    (the ratio is unimodal in u there).
+
+    Raises:
+        ValueError: gamma <= 1, sigma_last <= 0 or steps_per_level < 1.
+    """
+    if not float(gamma) > 1.0 or not float(sigma_last) > 0.0:
+        raise ValueError(f'need gamma > 1 and sigma_last > 0, got gamma={gamma}, '
+                         f'sigma_last={sigma_last}.')
+    steps = _check_int('steps_per_level', steps_per_level, 1)
+    ratio = np.vectorize(
+        lambda u: langevin_variance_ratio(u * sigma_last ** 2, gamma, sigma_last, steps))
+    grid = np.geomspace(1e-9, 0.999, 4001)
+    k = int(np.argmin(ratio(grid)))
+    lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, grid.size - 1)]
+    golden = (math.sqrt(5.0) - 1.0) / 2.0
+    for _ in range(100):
+        a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
+        if ratio(a) < ratio(b):
+            hi = b
+        else:
+            lo = a
+    return float(0.5 * (lo + hi) * sigma_last ** 2)
+
+
 def annealed_langevin_sample(score_fn: ScoreFn, sigmas, shape: Sequence[int],
                              rng: Array, *, step_size: float = 2e-5,
                              steps_per_level: int = 100, x_init: Optional[Array] = None,
                              denoise: bool = False) -> SampleOutput:
-    """Annealed Langevin dynamics (Song & Ermon 2019, Alg. 1).
+    """Annealed Langevin dynamics (Song & Ermon 2019, Alg. 1; NCSNv2's Alg. 1).
 
     For each noise level sigma_i of sigma_1 > ... > sigma_L, with
-    alpha_i = step_size sigma_i^2 / sigma_L^2, `steps_per_level` times:
-    x <- x + alpha_i / 2 s(x, sigma_i) + sqrt(alpha_i) z. With `denoise`, a last
-    Tweedie step x + sigma_L^2 s(x, sigma_L) removes the remaining noise (Song & Ermon
-    2020, NCSNv2's final denoising; one more evaluation).
+    alpha_i = step_size sigma_i^2 / sigma_L^2 (`langevin_step_sizes`), `steps_per_level`
+    times: x <- x + alpha_i s(x, sigma_i) + sqrt(2 alpha_i) z.
+
+    This is the update of NCSN's and NCSNv2's released code and of NCSNv2's Alg. 1, with
+    which the published step sizes were run (NCSN: eps = 2e-5, T = 100, L = 10; NCSNv2
+    e.g. CIFAR-10: eps = 6.2e-6, T = 5, L = 232), so those numbers apply as they are.
+    NCSN's paper prints the same algorithm as x + alpha'/2 s + sqrt(alpha') z: its alpha'
+    is 2 alpha. With `denoise`, a last Tweedie step x + sigma_L^2 s(x, sigma_L) removes
+    the remaining noise (NCSNv2's final denoising, Song & Ermon 2020, App. C.2; one more
+    evaluation).
 
     Args:
         score_fn: s(x [B, ...], sigma [B]) -> [B, ...], a noise-conditional score.
         sigmas: [L] decreasing noise levels (e.g. `sde.ncsn_sigmas`).
         shape: [B, ...] static.
         rng: `jax.random.key`.
-        step_size: eps > 0 of Alg. 1 (NCSN: 2e-5).
+        step_size: eps > 0 (NCSN: 2e-5; `ncsnv2_step_size` gives NCSNv2's choice).
         steps_per_level: T >= 1 (NCSN: 100).
         x_init: start; default sigma_1 N(0, I) (the VE prior).
         denoise: Add the final Tweedie step.
@@ -155,7 +224,7 @@ def annealed_langevin_sample(score_fn: ScoreFn, sigmas, shape: Sequence[int],
         sigma = sigmas[k // steps_per_level]
         alpha = step_size * jnp.square(sigma / sigma_last)
         z = jax.random.normal(jax.random.fold_in(noise_rng, k), x.shape, x.dtype)
-        x = x + 0.5 * alpha * score_fn(x, _batch(sigma, x)) + jnp.sqrt(alpha) * z
+        x = x + alpha * score_fn(x, _batch(sigma, x)) + jnp.sqrt(2.0 * alpha) * z
         return x, None
 
     x, _ = jax.lax.scan(body, x, jnp.arange(num_levels * steps_per_level, dtype=jnp.int32))
@@ -164,6 +233,44 @@ def annealed_langevin_sample(score_fn: ScoreFn, sigmas, shape: Sequence[int],
         x = x + jnp.square(sigma_last) * score_fn(x, _batch(sigma_last, x))
         nfe += 1
     return SampleOutput(x, jnp.asarray(nfe, jnp.int32))
+
+
+def sde_langevin_sample(sde, score_fn: ScoreFn, shape: Sequence[int], rng: Array, *,
+                        sigma_max: float, sigma_min: float, num_levels: int,
+                        step_size: float = 2e-5, steps_per_level: int = 100,
+                        denoise: bool = False,
+                        x_init: Optional[Array] = None) -> SampleOutput:
+    """Annealed Langevin dynamics on any SDE's model, in the VE variables y = x / alpha.
+
+    The levels are NCSN's geometric sequence from sigma_max down to sigma_min
+    (`sde.ncsn_sigmas`), sigma = std / alpha of the SDE (for VE the SDE's own sigma), and
+    the score of y is `sde.sigma_score_from_score` (for VE exactly the model's score). The
+    result is y at sigma_min (or its Tweedie denoising), i.e. x_0 plus noise of std
+    sigma_min. With the levels of a discrete NCSN model (sigma_max, sigma_min its range,
+    num_levels its number) every evaluation is at a trained level.
+
+    Args:
+        sde: A `sde_lib` SDE (closed over, static).
+        score_fn: s(x [B, ...], t [B]) -> [B, ...].
+        shape: [B, ...] static.
+        rng: `jax.random.key`.
+        sigma_max, sigma_min: The first and last level, within the SDE's range.
+        num_levels: L >= 2.
+        step_size, steps_per_level, denoise: As `annealed_langevin_sample`.
+        x_init: Start y; default sigma_max N(0, I).
+
+    Returns:
+        `SampleOutput`, nfe = L T (+ 1).
+
+    Raises:
+        ValueError: Bad levels (see `sde.ncsn_sigmas`) or as `annealed_langevin_sample`.
+    """
+    sde_lib.validate_sde(sde)
+    sigmas = sde_lib.ncsn_sigmas(float(sigma_max), float(sigma_min), num_levels)
+    return annealed_langevin_sample(sde_lib.sigma_score_from_score(sde, score_fn), sigmas,
+                                    shape, rng, step_size=step_size,
+                                    steps_per_level=steps_per_level, x_init=x_init,
+                                    denoise=denoise)
 
 
 # ---------------------------------------------------------------------------
@@ -372,6 +479,19 @@ def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 8
     lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
     sig = (hi + frac * (lo - hi)) ** rho
     return jnp.asarray(np.append(sig, 0.0), jnp.float32)
+
+
+def capped_sigma_max(model_sigma_max: float, cap: float) -> float:
+    """The first sigma of a Karras schedule: the model's largest, or `cap` when
+    0 < cap < it (Karras et al. 2022 start at 80 whatever the model; a cap above the
+    model's range is no cap).
+
+    Raises:
+        ValueError: cap < 0.
+    """
+    if not float(cap) >= 0.0:
+        raise ValueError(f'sigma_max (the cap) must be >= 0 (0 = none), got {cap!r}.')
+    return float(cap) if 0.0 < float(cap) < float(model_sigma_max) else float(model_sigma_max)
 
 
 def karras_sample(denoiser_fn: DenoiserFn, sigmas, shape: Sequence[int],
@@ -792,11 +912,13 @@ def vp_heun_sample(model_fn, sched: Schedule, shape: Sequence[int], rng: Optiona
                    return_intermediates: bool = False, num_steps: int = 18,
                    rho: float = 7.0, s_churn: float = 0.0, s_tmin: float = 0.0,
                    s_tmax: float = float('inf'), s_noise: float = 1.0,
-                   return_nfe: bool = False):
+                   sigma_max: float = 0.0, return_nfe: bool = False):
     """Karras et al. 2022's Heun sampler for a discrete-time model, registry signature.
 
     The sigma schedule (`karras_sigmas`, rho = 7) runs between the schedule's smallest
-    and largest sigma_i = sqrt((1 - abar_i) / abar_i); the denoiser is the VP view's
+    and largest sigma_i = sqrt((1 - abar_i) / abar_i), the latter capped at `sigma_max`
+    when it is > 0 (`capped_sigma_max`; Karras et al. use 80: a cosine schedule's largest
+    sigma is ~20,000, where few steps are wasted); the denoiser is the VP view's
     (`sde.denoiser_from_score`: the model at the step nearest in t, x_vp = alpha y), so
     guidance and every mean type work as in the other samplers. x_T ~ N(0, I) is x_vp at
     sigma_max, i.e. y = sqrt(1 + sigma_max^2) x_T. NFE = 2 num_steps - 1 (35 for 18).
@@ -814,12 +936,76 @@ def vp_heun_sample(model_fn, sched: Schedule, shape: Sequence[int], rng: Optiona
     x_T, noise_rng = samplers._initial_state(shape, rng, x_T, needs_noise=needs_noise,
                                              name='vp_heun_sample')
     ladder = _vp_sigmas_np(sched)
-    sigmas = karras_sigmas(num_steps, float(ladder[0]), float(ladder[-1]), rho)
+    sigmas = karras_sigmas(num_steps, float(ladder[0]),
+                           capped_sigma_max(float(ladder[-1]), sigma_max), rho)
     y_T = x_T * jnp.sqrt(1.0 + jnp.square(sigmas[0]))
     out = karras_sample(sde_lib.denoiser_from_score(view, score), sigmas, shape, noise_rng,
                         s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
                         x_init=y_T)
     return (out.samples, out.nfe) if return_nfe else out.samples
+
+
+def vp_langevin_sample(model_fn, sched: Schedule, shape: Sequence[int], rng: Array, *,
+                       mean_type: str = 'eps', var_type: str = 'fixed_small',
+                       clip_denoised: bool = True, denoised_fn=None, model_kwargs=None,
+                       cond_fn=None, classifier_scale: float = 1.0,
+                       x_T: Optional[Array] = None, return_intermediates: bool = False,
+                       step_size: float = 2e-5, steps_per_level: int = 100,
+                       num_levels: int = 10, langevin_sigma_max: float = 0.0,
+                       langevin_sigma_min: float = 0.0, final_denoise: bool = False,
+                       return_nfe: bool = False):
+    """Annealed Langevin dynamics (NCSN) for a discrete-time model, registry signature.
+
+    Through the VP view the model is a VE one in y = x / sqrt(abar), sigma =
+    sqrt((1 - abar) / abar) (`sde_langevin_sample`): L = `num_levels` geometric levels
+    from `langevin_sigma_max` down to `langevin_sigma_min` (0: the schedule's largest /
+    smallest sigma), each evaluated at the nearest trained step. x_T ~ N(0, I) is the
+    standard draw the start y = sigma_1 x_T is made of. NFE = L T (+ 1 with
+    `final_denoise`). Pick the levels: a cosine schedule's largest sigma is ~20,000, and
+    NCSNv2 (Technique 1) starts at about the largest distance between training images.
+
+    Returns:
+        The samples, or (samples, nfe) with `return_nfe`.
+
+    Raises:
+        ValueError: Levels outside the schedule's range, bad numbers, as `vp_pc_sample`.
+    """
+    view, score = _vp_view_of(
+        model_fn, sched, mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised,
+        denoised_fn=denoised_fn, model_kwargs=model_kwargs, cond_fn=cond_fn,
+        classifier_scale=classifier_scale, return_intermediates=return_intermediates,
+        name='vp_langevin_sample')
+    x_T, noise_rng = samplers._initial_state(shape, rng, x_T, needs_noise=True,
+                                             name='vp_langevin_sample')
+    ladder = _vp_sigmas_np(sched)
+    hi, lo = langevin_sigma_range(float(ladder[-1]), float(ladder[0]), langevin_sigma_max,
+                                  langevin_sigma_min)
+    out = sde_langevin_sample(view, score, shape, noise_rng, sigma_max=hi, sigma_min=lo,
+                              num_levels=num_levels, step_size=step_size,
+                              steps_per_level=steps_per_level, denoise=final_denoise,
+                              x_init=hi * x_T)
+    return (out.samples, out.nfe) if return_nfe else out.samples
+
+
+def langevin_sigma_range(model_sigma_max: float, model_sigma_min: float,
+                         sigma_max: float = 0.0, sigma_min: float = 0.0,
+                         ) -> tuple[float, float]:
+    """(first, last) Langevin level: the given ones, or the model's where 0.
+
+    Raises:
+        ValueError: A level outside [model_sigma_min, model_sigma_max] (with 0.1 %
+            slack for float32 rounding), or not first > last.
+    """
+    hi = float(sigma_max) if float(sigma_max) > 0 else float(model_sigma_max)
+    lo = float(sigma_min) if float(sigma_min) > 0 else float(model_sigma_min)
+    slack = 1e-3
+    for name, v in (('sigma_max', hi), ('sigma_min', lo)):
+        if not (model_sigma_min * (1 - slack) <= v <= model_sigma_max * (1 + slack)):
+            raise ValueError(f'Langevin {name}={v:g} is outside the model\'s noise levels '
+                             f'[{model_sigma_min:g}, {model_sigma_max:g}].')
+    if not hi > lo:
+        raise ValueError(f'Langevin levels need sigma_max > sigma_min, got {hi:g} <= {lo:g}.')
+    return hi, lo
 
 
 # The samplers of this module that fit `samplers.SAMPLERS` (same `SamplerSpec`, same
@@ -835,7 +1021,7 @@ SDE_SAMPLERS = {
     'dpm_solver_2s': samplers.SamplerSpec(
         dpm_solver_2s_sample, (), 'DPM-Solver++(2S), singlestep 2nd order (Lu et al. 2022b)'),
     'heun': samplers.SamplerSpec(
-        vp_heun_sample, ('num_steps', 's_churn'),
+        vp_heun_sample, ('num_steps', 's_churn', 'sigma_max'),
         "Karras et al. 2022's Heun sampler on the VP view (2 num_steps - 1 NFE)"),
     'ode': samplers.SamplerSpec(
         vp_ode_sample, ('solver', 'rtol', 'atol'),
@@ -843,4 +1029,9 @@ SDE_SAMPLERS = {
     'pc': samplers.SamplerSpec(
         vp_pc_sample, ('snr',),
         'reverse diffusion + Langevin corrector (Song et al. 2021b, PC)'),
+    'langevin': samplers.SamplerSpec(
+        vp_langevin_sample,
+        ('step_size', 'steps_per_level', 'num_levels', 'langevin_sigma_max',
+         'langevin_sigma_min', 'final_denoise'),
+        "annealed Langevin dynamics, NCSN (Song & Ermon 2019), L T NFE"),
 }

@@ -41,6 +41,7 @@ from ddpm_jax import checkpointing
 from ddpm_jax import config_lib
 from ddpm_jax import data as data_lib
 from ddpm_jax import images as images_lib
+from ddpm_jax import latent_cache
 from ddpm_jax import parallel
 from ddpm_jax import sample_quality
 from ddpm_jax import state as state_lib
@@ -170,6 +171,15 @@ def make_train_step_fn(task: tasks.Task, mesh: jax.sharding.Mesh | None = None
         return new_state, metrics
 
     return train_step
+
+
+def create_train_iterator(config: ml_collections.ConfigDict):
+    """The trainer's data stream: a latent-diffusion run with `latent.cache` set reads
+    the cached latents (`latent_cache`), every other run the images (`data`); both in
+    the same order, with the same checkpointable state."""
+    if config.task == 'latent_diffusion' and config.latent.cache != 'none':
+        return latent_cache.create_train_iterator(config)
+    return data_lib.create_train_iterator(config)
 
 
 def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh) -> Callable:
@@ -385,7 +395,7 @@ class Trainer:
         if train_opts.fid_every_steps > 0:  # Weights and reference load now: fail early.
             fid_fn = sample_quality.make_training_fid_fn(config, mesh, workdir)
         step_rng = config_lib.rng_for(config, 'train')
-        train_iter = data_lib.create_train_iterator(config)
+        train_iter = create_train_iterator(config)
         manager = checkpointing.create_checkpoint_manager(workdir, config)
         try:
             if checkpointing.has_checkpoints(manager):

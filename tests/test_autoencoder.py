@@ -1,7 +1,10 @@
 """Tests for the first-stage autoencoder (ddpm_jax.models.autoencoder,
 ddpm_jax.autoencoder_losses, ddpm_jax.tasks.autoencoder): shapes for each f, the KL
 and hinge terms against float64 NumPy, the VQ straight-through gradient and codebook
-update, the adaptive weight against the full-model gradient, and a short digits run."""
+update, the adaptive weight against the full-model gradient, a short digits run, and
+the LPIPS perceptual term (its loss, gradients, frozen constants, rules and resume)."""
+
+import json
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +13,12 @@ import numpy as np
 import pytest
 
 from ddpm_jax import autoencoder_losses as ae_losses
+from ddpm_jax import checkpointing, config_lib, parallel, tasks, train
 from ddpm_jax import data as data_lib
-from ddpm_jax import parallel, tasks, train
+from ddpm_jax import state as state_lib
+from ddpm_jax import torch_checkpoint
 from ddpm_jax.models import autoencoder as ae_lib
+from ddpm_jax.models import lpips as lpips_lib
 
 from configs import default
 
@@ -259,7 +265,7 @@ def test_config_rules(tiny_config, tmp_path):
     config = ae_config(tiny_config)
     tasks.TASKS['autoencoder'].validate_config(config)
     bad = ml_collections.ConfigDict(config.to_dict())
-    bad.autoencoder.lpips_weights_path = str(tmp_path / 'vgg_lpips.npz')
+    bad.autoencoder.lpips_weights_path = str(tmp_path / 'vgg.pth')
     with pytest.raises(ValueError, match='autoencoder.lpips_weights_path'):
         tasks.TASKS['autoencoder'].validate_config(bad)
     for field, value, match in (('kind', 'gumbel', 'autoencoder.kind'),
@@ -270,3 +276,196 @@ def test_config_rules(tiny_config, tmp_path):
         bad.autoencoder[field] = value
         with pytest.raises(ValueError, match=match):
             tasks.TASKS['autoencoder'].validate_config(bad)
+
+
+# --- the LPIPS perceptual term -----------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def lpips_files(tmp_path_factory):
+    """(vgg.pth, VGG16 .pth) of random weights in torch's format (He-scaled VGG16)."""
+    root = tmp_path_factory.mktemp('lpips_weights')
+    rng = np.random.default_rng(0)
+    vgg = {}
+    for name, (_, shape) in lpips_lib.torch_vgg16_names().items():
+        std = np.sqrt(2.0 / np.prod(shape[1:])) if len(shape) == 4 else 0.05
+        vgg[name] = (std * rng.standard_normal(shape)).astype(np.float32)
+    lins = {name: rng.uniform(0, 0.2, shape).astype(np.float32)
+            for name, (_, shape) in lpips_lib.torch_lin_names().items()}
+    torch_checkpoint.save_state_dict(root / 'vgg16.pth', vgg)
+    torch_checkpoint.save_state_dict(root / 'vgg.pth', lins)
+    return str(root / 'vgg.pth'), str(root / 'vgg16.pth')
+
+
+def perceptual_config(config, files, kind='kl'):
+    """ae_config at 16x16 (LPIPS' smallest size) with the perceptual term on."""
+    config = ae_config(config, kind)
+    config.data.image_size = 16
+    config.autoencoder.lpips_weights_path, config.autoencoder.vgg16_weights_path = files
+    config.autoencoder.perceptual_weight = 0.5
+    return config
+
+
+def random_params(task, seed=0):
+    rng = np.random.default_rng(seed)  # Drawn on the host: no init program to compile.
+    shapes = jax.eval_shape(task.init_params, jax.random.key(0))
+    return jax.tree.map(lambda s: (0.3 * rng.normal(size=s.shape)).astype(np.float32), shapes)
+
+
+def perceptual_examples(task):
+    x = jax.random.uniform(jax.random.key(1), (4, 16, 16, 1), minval=-1, maxval=1)
+    return task.prepare_batch({'image': x, 'label': jnp.zeros((4,), jnp.int32)},
+                              jax.random.key(2), task.init_task_state())
+
+
+def test_perceptual_term_is_ldms_sum_and_its_gradient_reaches_the_autoencoder(lpips_files):
+    config = perceptual_config(default.get_config(), lpips_files)
+    task = tasks.create_task(config)
+    params, examples = random_params(task), perceptual_examples(task)
+    x = examples['image']
+
+    @jax.jit
+    def run(p, lpips_params):
+        (loss, terms), grads = jax.value_and_grad(
+            lambda q: task.loss(0, q, examples, None), has_aux=True)(p)
+        # Independently: the reconstruction and its LPIPS (parameters as arguments).
+        x_rec, latent = task.autoencoder.apply({'params': p['autoencoder']}, x,
+                                               examples['noise'])
+        d = lpips_lib.LPIPS().apply({'params': lpips_params}, x, x_rec)
+        return loss, terms, grads, x_rec, latent, d
+
+    loss, terms, grads, x_rec, latent, d = parallel.to_host(run(params, task.lpips_params))
+    np.testing.assert_allclose(terms['lpips'], d, rtol=1e-5)
+    assert np.all(d > 0) and np.isfinite(loss)
+    # LDM: sum over the 16 x 16 x 1 pixels of (|x - x_rec| + 0.5 LPIPS), plus the KL.
+    l1 = np.sum(np.abs(np.asarray(x, np.float64) - x_rec), axis=(1, 2, 3))
+    kl = 0.5 * np.sum(latent['mean'].astype(np.float64) ** 2 + np.exp(latent['logvar'])
+                      - 1 - latent['logvar'], axis=(1, 2, 3))
+    want = l1 + 0.5 * 256 * d + 1e-6 * kl
+    np.testing.assert_allclose(terms['loss'], want, rtol=1e-5)
+    np.testing.assert_allclose(loss, np.mean(want), rtol=1e-5)
+    np.testing.assert_allclose(terms['rec_l1'], l1 / 256, rtol=1e-5)
+    # The gradient reaches the encoder and the decoder; the LPIPS constants are no
+    # parameters: the same parameter, optimiser and task-state trees (so the same
+    # checkpoints) as without the term.
+    for part in ('encoder', 'decoder'):
+        leaves = jax.tree.leaves(grads['autoencoder'][part])
+        assert all(np.all(np.isfinite(g)) for g in leaves)
+        assert sum(np.sum(np.square(g)) for g in leaves) > 0, part
+    plain = tasks.create_task(perceptual_config(default.get_config(), ('', '')))
+    assert plain.lpips_params is None
+    mesh = parallel.create_mesh(jax.devices()[:1])
+    with_term = state_lib.create_abstract_train_state(task, mesh)
+    without = state_lib.create_abstract_train_state(plain, mesh)
+    shapes = lambda tree: jax.tree.map(lambda a: (a.shape, a.dtype), tree)  # noqa: E731
+    assert shapes(with_term) == shapes(without)
+    assert set(with_term.params) == {'autoencoder', 'discriminator'}
+
+
+@pytest.mark.slow
+def test_adaptive_weight_includes_the_perceptual_term(lpips_files):
+    """lambda from the task against gradients of the whole model's LDM losses."""
+    config = perceptual_config(default.get_config(), lpips_files)
+    config.autoencoder.disc_start = 0
+    task = tasks.create_task(config)
+    params, examples = random_params(task), perceptual_examples(task)
+    x, noise = examples['image'], examples['noise']
+
+    @jax.jit
+    def run(p, lpips_params):
+        terms = task.loss(0, p, examples, None)[1]
+
+        def rec_and_adv(ae):
+            x_rec, _ = task.autoencoder.apply({'params': ae}, x, noise)
+            d = lpips_lib.LPIPS().apply({'params': lpips_params}, x, x_rec)
+            rec = jnp.mean(jnp.sum(jnp.abs(x - x_rec), axis=(1, 2, 3)) + 0.5 * 256 * d)
+            adv = -jnp.mean(task.discriminator.apply({'params': p['discriminator']}, x_rec))
+            return rec, adv
+
+        kernel = lambda g: g['decoder']['conv_out']['kernel']  # noqa: E731
+        return (terms, kernel(jax.grad(lambda q: rec_and_adv(q)[0])(p['autoencoder'])),
+                kernel(jax.grad(lambda q: rec_and_adv(q)[1])(p['autoencoder'])))
+
+    terms, rec_grad, adv_grad = parallel.to_host(run(params, task.lpips_params))
+    lam = np.linalg.norm(rec_grad.astype(np.float64)) / (
+        np.linalg.norm(adv_grad.astype(np.float64)) + 1e-4)
+    assert 0 < lam < 1e4
+    np.testing.assert_allclose(terms['d_weight'], 0.5 * lam, rtol=1e-4)  # disc_weight 0.5.
+    np.testing.assert_allclose(terms['loss'] - terms['d_weight'] * terms['g_loss'],
+                               terms['rec_l1'] * 256 + 0.5 * 256 * terms['lpips']
+                               + 1e-6 * terms['kl'], rtol=1e-5)
+
+
+def test_perceptual_config_rules_and_old_records(lpips_files, tmp_path):
+    validate = tasks.TASKS['autoencoder'].validate_config
+    config = perceptual_config(default.get_config(), lpips_files)
+    validate(config)
+    lin_field, vgg_field = 'autoencoder.lpips_weights_path', 'autoencoder.vgg16_weights_path'
+    for field, value, match in (
+            ('lpips_weights_path', '', rf'{lin_field} is empty.*lpips/weights/v0\.1/vgg\.pth'),
+            ('vgg16_weights_path', '', rf'{vgg_field} is empty.*vgg16-397923af\.pth'),
+            ('vgg16_weights_path', str(tmp_path / 'no.pth'),
+             rf"{vgg_field}='.*no\.pth' is not a file.*download\.pytorch\.org")):
+        bad = ml_collections.ConfigDict(config.to_dict())
+        bad.autoencoder[field] = value
+        with pytest.raises(ValueError, match=match) as e:
+            validate(bad)
+        assert "to '' for no LPIPS term" in str(e.value)
+    bad = ml_collections.ConfigDict(config.to_dict())
+    bad.data.image_size = 8
+    with pytest.raises(ValueError, match=r'data\.image_size=8 .* at least 16x16'):
+        validate(bad)
+    bad = ml_collections.ConfigDict(config.to_dict())
+    bad.data.channels = 2
+    with pytest.raises(ValueError, match=r'data\.channels=2'):
+        validate(bad)
+    # A file without the right tensors stops the task's construction, naming it.
+    torch_checkpoint.save_state_dict(tmp_path / 'empty.pth', {'x': np.zeros(2, np.float32)})
+    bad = ml_collections.ConfigDict(config.to_dict())
+    bad.autoencoder.lpips_weights_path = str(tmp_path / 'empty.pth')
+    with pytest.raises(ValueError, match=rf'{lin_field}=.* has no tensor lin0\.model\.1'):
+        tasks.create_task(bad)
+    # perceptual=False reads no file (parameter shapes only) and refuses to train.
+    task = tasks.AutoencoderTask(bad, perceptual=False)
+    x = jnp.zeros((2, 16, 16, 1))
+    examples = task.prepare_batch({'image': x}, jax.random.key(0), task.init_task_state())
+    with pytest.raises(ValueError, match='perceptual=False'):
+        jax.eval_shape(lambda p: task.loss(0, p, examples, None),
+                       jax.eval_shape(task.init_params, jax.random.key(0)))
+    # perceptual_weight = 0 switches the term off: no file is read.
+    off = ml_collections.ConfigDict(bad.to_dict())
+    off.autoencoder.perceptual_weight = 0.0
+    assert tasks.create_task(off).lpips_params is None
+    # A record written before vgg16_weights_path existed loads (upgraded) and builds.
+    old = config_lib.to_json_dict(ae_config(default.get_config()))
+    del old['autoencoder']['vgg16_weights_path']
+    upgraded = config_lib.upgrade_json_dict(json.loads(json.dumps(old)))
+    assert upgraded['autoencoder']['vgg16_weights_path'] == ''
+    assert config_lib.from_json_dict(upgraded).to_dict() == ae_config(
+        default.get_config()).to_dict()
+    assert tasks.AutoencoderTask(config_lib.from_json_dict(old)).lpips_params is None
+
+
+@pytest.mark.slow
+def test_perceptual_run_resumes_bit_for_bit_and_the_term_can_be_switched_on(lpips_files,
+                                                                            tmp_path):
+    """With the term on, 2 steps + resume + 2 == 4 steps; a run checkpointed without
+    it resumes with it (the LPIPS constants are not in the checkpoint). No grids:
+    the task state then holds no (empty) grid images, which orbax could not save."""
+    config = perceptual_config(default.get_config(), lpips_files)
+    config.train.num_grid_samples = 0
+    mesh = parallel.create_mesh(jax.devices()[:1])
+    trainer = train.Trainer(config, mesh=mesh)
+    reference = trainer.train(str(tmp_path / 'ref'))
+    trainer.train(str(tmp_path / 'run'), stop_at_step=2)
+    resumed = trainer.train(str(tmp_path / 'run'))  # Everything comes back from disk.
+    assert int(resumed.step) == 4 and 'grid_images' not in resumed.task_state
+    jax.tree.map(np.testing.assert_array_equal, parallel.to_host(resumed),
+                 parallel.to_host(reference))
+    assert checkpointing.load_config(str(tmp_path / 'run')).autoencoder.perceptual_weight == 0.5
+    plain = ml_collections.ConfigDict(config.to_dict())
+    plain.autoencoder.lpips_weights_path = plain.autoencoder.vgg16_weights_path = ''
+    train.Trainer(plain, mesh=mesh).train(str(tmp_path / 'switch'), stop_at_step=2)
+    switched = trainer.train(str(tmp_path / 'switch'))
+    assert int(switched.step) == 4
+    assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(parallel.to_host(switched)))

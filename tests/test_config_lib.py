@@ -1,12 +1,15 @@
 """Tests for ddpm_jax.config_lib: every rule names its field; JSON round trip; salts."""
 
 import json
+import os
 
 import jax
 import pytest
 
 from configs import default
+from ddpm_jax import config_json
 from ddpm_jax import config_lib
+from ddpm_jax import models
 from ddpm_jax import sampler_registry
 
 README = open(__file__.replace('tests/test_config_lib.py', 'README.md')).read()
@@ -23,6 +26,7 @@ README = open(__file__.replace('tests/test_config_lib.py', 'README.md')).read()
     ('diffusion.var_type', 'learned_range', r'model.learn_sigma=True'),
     ('model.class_dropout_prob', 0.1, r'model.class_dropout_prob > 0 needs model.num_classes'),
     ('model.name', 'classifier', r"task='diffusion' needs model.name='unet'"),
+    ('model.remat_policy', 'dots', r"model.remat_policy='dots'.*'full', 'save_convs'"),
     ('sample.sampler', 'euler', r"sample.sampler='euler'.*'ddpm', 'ddim', 'dpm_solver'"),
     ('sample.respacing', '25', r"sample.respacing='25'"),
     ('sample.guidance_scale', 2.0, r'sample.guidance_scale=2.0 .*label dropout'),
@@ -113,3 +117,32 @@ def test_sampler_table_is_what_the_config_and_readme_document():
     for name in sampler_registry.SAMPLERS:
         assert f"'{name}'" in comment, name
         assert f'`{name}`' in README, name
+
+
+def _leaf_keys(tree, prefix=''):
+    keys = set()
+    for key, value in tree.items():
+        keys |= _leaf_keys(value, f'{prefix}{key}.') if isinstance(value, dict) else {prefix + key}
+    return keys
+
+
+def test_a_record_of_the_previous_schema_upgrades_and_fills():
+    """The default config as the last landing (860764b) stored it: its model fields are
+    upgraded (a model can be built from it), and `fill_missing` gives exactly today's
+    fields, keeping the record's values."""
+    path = os.path.join(os.path.dirname(__file__), 'data', 'default_config_860764b.json')
+    with open(path) as f:
+        old = json.load(f)
+    current = config_lib.to_json_dict(default.get_config())
+    upgraded = config_lib.upgrade_json_dict(old)
+    assert set(upgraded['model']) == set(current['model'])
+    models.create_model(config_lib.from_json_dict(upgraded))
+    missing = _leaf_keys(current) - _leaf_keys(upgraded)
+    assert 'sample.langevin_step_size' in missing  # Newer than the record ...
+    schema = json.loads(json.dumps(current))
+    schema['sample']['heun_sigma_max'] = 80.0
+    schema['data']['image_size'] = 999
+    filled = config_json.fill_missing(upgraded, schema)
+    assert _leaf_keys(filled) == _leaf_keys(current)  # ... filled from the schema,
+    assert filled['sample']['heun_sigma_max'] == 80.0
+    assert filled['data']['image_size'] == old['data']['image_size']  # the record's kept.

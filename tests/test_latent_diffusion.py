@@ -1,7 +1,12 @@
 """Tests for latent diffusion (ddpm_jax.tasks.latent_diffusion) and cross-attention
 conditioning (ddpm_jax.models.conditioning, the UNet's context): the measured scale
 factor, exact resume through the trainer from a restored autoencoder, decoded samples,
-and the context's effect, null context and lengths."""
+and the context's effect, null context and lengths; the latent cache
+(ddpm_jax.latent_cache): its contents, reuse, refusal, crash safety, and cached
+training equal to uncached training."""
+
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpointing, config_lib, parallel, samplers, tasks, train
+from ddpm_jax import checkpointing, config_lib, latent_cache, parallel, samplers, tasks, train
 from ddpm_jax import data as data_lib
 from ddpm_jax import state as state_lib
 from ddpm_jax.models import UNet, conditioning, make_model_fn
@@ -219,6 +224,7 @@ def test_config_rules(autoencoder):
             ('sample', 'clip_denoised', True, 'sample.clip_denoised'),
             ('latent', 'autoencoder_workdir', '', 'latent.autoencoder_workdir'),
             ('latent', 'scale_factor', -1.0, 'latent.scale_factor'),
+            ('latent', 'cache', 'workdir', 'latent.cache'),
             ('model', 'context_dim', 0, 'model.context_dim'),
             ('model', 'context_encoder', 'clip', 'model.context_encoder')):
         bad = ml_collections.ConfigDict(config.to_dict())
@@ -253,3 +259,167 @@ def test_ldm_configs_validate_and_match_the_papers_sizes():
         count = _count(jax.eval_shape(task.init_params, jax.random.key(0)))
         if unet_params:  # Rombach et al. 2022 report 274M parameters for LDM-4 CelebA-HQ.
             assert abs(count - unet_params) < 0.005 * unet_params, count
+
+
+# --- the latent cache ----------------------------------------------------------------
+
+
+def save_autoencoder(autoencoder, workdir, step=7):
+    """Writes the tiny autoencoder as a task='autoencoder' run's checkpoint."""
+    ae_cfg, ae_params = autoencoder
+    ae_task = tasks.create_task(ae_cfg)
+    shapes = jax.eval_shape(lambda: state_lib.create_train_state(ae_task, jax.random.key(0)))
+    ae_state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes).replace(
+        params={'autoencoder': ae_params, 'discriminator': random_params(ae_task)[
+            'discriminator']})
+    with checkpointing.create_checkpoint_manager(str(workdir), ae_cfg) as manager:
+        checkpointing.save_checkpoint(manager, step, ae_state, ae_cfg, force=True)
+        manager.wait_until_finished()
+    return str(workdir)
+
+
+@pytest.fixture(scope='module')
+def ae_workdir(autoencoder, tmp_path_factory):
+    return save_autoencoder(autoencoder, tmp_path_factory.mktemp('ae'))
+
+
+def cached_config(ae_workdir, **data):
+    config = ldm_config(ae_workdir)
+    config.latent.cache = 'autoencoder_workdir'
+    for field, value in data.items():
+        config.data[field] = value
+    return config
+
+
+def uncached(config):
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.latent.cache = 'none'
+    return config
+
+
+def test_cache_holds_the_posterior_in_the_image_streams_order(autoencoder, ae_workdir,
+                                                              monkeypatch):
+    config = cached_config(ae_workdir, random_flip=True)
+    path, header = latent_cache.ensure_cache(config)
+    assert os.path.basename(path) == 'step7_digits_train_8x8x1_flip'
+    assert path.startswith(os.path.join(ae_workdir, 'latent_cache'))
+    arrays = latent_cache.LatentRecords(path, ('mean', 'logvar', 'label'), 1500).arrays()
+    assert arrays['mean'].shape == arrays['logvar'].shape == (1500, 2, 4, 4, 2)
+    # The posterior of every training image and of its mirror image, in dataset order.
+    task = latent_diffusion.LatentDiffusionTask(config, autoencoder=autoencoder)
+    images, labels = data_lib.load_digits('train')
+    posterior = jax.jit(task.posterior)
+    for k, x in enumerate((images, images[:, :, ::-1])):
+        want = parallel.to_host(posterior(jnp.asarray(x)))
+        for name in ('mean', 'logvar'):  # Other batch compositions: float rounding only.
+            np.testing.assert_allclose(arrays[name][:, k], want[name], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(arrays['label'], labels)
+    assert np.abs(arrays['mean'][:, 0] - arrays['mean'][:, 1]).max() > 1e-2  # Not symmetric.
+
+    # The cached stream is the image stream, batch for batch and flip for flip (here
+    # as process 1 of 2).
+    shard = dict(process_index=1, process_count=2)
+    cached_iter = latent_cache.create_train_iterator(config, **shard)
+    image_iter = data_lib.create_train_iterator(uncached(config), **shard)
+    for _ in range(3):
+        cached_batch, image_batch = next(cached_iter), next(image_iter)
+        assert set(cached_batch) == {'mean', 'logvar', 'label'}
+        np.testing.assert_array_equal(cached_batch['label'], image_batch['label'])
+        want = parallel.to_host(posterior(jnp.asarray(image_batch['image'])))
+        np.testing.assert_allclose(cached_batch['mean'], want['mean'], rtol=1e-5, atol=1e-6)
+    assert cached_iter.get_state() == image_iter.get_state()
+
+    # Written once: a second run reuses it without encoding.
+    mtime = os.path.getmtime(os.path.join(path, 'mean.npy'))
+    monkeypatch.setattr(latent_cache, '_encode_split', lambda *a, **k: pytest.fail('encoded'))
+    assert latent_cache.ensure_cache(config)[0] == path
+    assert os.path.getmtime(os.path.join(path, 'mean.npy')) == mtime
+
+
+def test_mismatching_cache_is_refused_and_kept(autoencoder, ae_workdir, tmp_path):
+    # The same workdir and step, but another autoencoder (e.g. retrained in place).
+    config = cached_config(ae_workdir, split='test')
+    path, _ = latent_cache.ensure_cache(config)
+    header_file = os.path.join(path, 'header.json')
+    with open(header_file) as f:
+        header = json.load(f)
+    header['autoencoder_fingerprint'] = '0' * 64
+    with open(header_file, 'w') as f:
+        json.dump(header, f)
+    mtime = os.path.getmtime(os.path.join(path, 'mean.npy'))
+    with pytest.raises(ValueError, match=r'^latent.cache: .*autoencoder_fingerprint') as error:
+        latent_cache.ensure_cache(config)
+    assert '\n' not in str(error.value)
+    assert os.path.getmtime(os.path.join(path, 'mean.npy')) == mtime  # Not overwritten.
+
+
+def test_half_written_cache_is_never_used(ae_workdir, monkeypatch):
+    config = cached_config(ae_workdir, split='test', center_crop=True, random_flip=False)
+    root = latent_cache.cache_root(config)
+    name = 'step7_digits_test_8x8x1_crop'
+    # A crash that killed a writer leaves a temporary directory (no header).
+    os.makedirs(os.path.join(root, f'{name}.tmp-dead'))
+    np.save(os.path.join(root, f'{name}.tmp-dead', 'mean.npy'), np.full((3,), np.nan))
+    # A writer that fails after its first batch leaves nothing under the final name.
+    real = data_lib.create_eval_iterator
+
+    def crashing(cfg):
+        iterator = real(cfg)
+        yield next(iterator)
+        raise KeyboardInterrupt('simulated crash')
+
+    monkeypatch.setattr(data_lib, 'create_eval_iterator', crashing)
+    with pytest.raises(KeyboardInterrupt):
+        latent_cache.ensure_cache(config)
+    assert sorted(os.listdir(root)).count(name) == 0
+    assert [p for p in os.listdir(root) if p.startswith(name)] == [f'{name}.tmp-dead']
+    monkeypatch.setattr(data_lib, 'create_eval_iterator', real)
+    path, header = latent_cache.ensure_cache(config)  # A fresh, complete cache.
+    assert os.path.basename(path) == name and header['num_examples'] == 297
+    mean = latent_cache.LatentRecords(path, ('mean',), 297).arrays()['mean']
+    assert mean.shape == (297, 4, 4, 2) and np.isfinite(mean).all()
+
+
+def test_cached_step_equals_uncached_step(autoencoder, ae_workdir):
+    """The first step's inputs and loss on the image batch (encoded in the step) and on
+    the cached batch: the same examples and eps, so the same z, scale factor and loss up
+    to the float rounding of the encoder in another batch composition."""
+    config = cached_config(ae_workdir)
+    task = latent_diffusion.LatentDiffusionTask(config, autoencoder=autoencoder)
+    params = random_params(task, seed=3)
+    prepare_rng, loss_rng = jax.random.split(jax.random.key(4))
+
+    @jax.jit
+    def first_step(batch):
+        examples = task.prepare_batch(batch, prepare_rng, task.init_task_state())
+        loss, _ = task.loss(0, params, examples, loss_rng)
+        return examples, loss
+
+    mesh = parallel.create_mesh()  # Four devices: the batch is sharded.
+    out = {}
+    for name, cfg in (('cached', config), ('images', uncached(config))):
+        batch = parallel.to_global(next(train.create_train_iterator(cfg)), mesh)  # Trainer's.
+        out[name] = parallel.to_host(first_step(batch))
+    (cached, cached_loss), (images, images_loss) = out['cached'], out['images']
+    assert set(cached) == set(images) and 'scale_factor' in cached
+    for key, value in cached.items():
+        if np.issubdtype(value.dtype, np.integer):  # Labels, timesteps: the same draws.
+            np.testing.assert_array_equal(value, images[key])
+        else:
+            np.testing.assert_allclose(value, images[key], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cached_loss, images_loss, rtol=1e-5)
+    z = cached['image'].astype(np.float64)
+    np.testing.assert_allclose(np.std(z), 1.0, rtol=1e-5)  # Scaled by 1/std of this batch...
+    assert abs(cached['scale_factor'][0] - 1) > 0.1  # ...which was measured.
+
+
+@pytest.mark.slow
+def test_cached_training_resumes_bit_for_bit(ae_workdir, tmp_path):
+    config = cached_config(ae_workdir)
+    trainer = train.Trainer(config)
+    reference = trainer.train(str(tmp_path / 'ref'))
+    trainer.train(str(tmp_path / 'run'), stop_at_step=2)
+    resumed = trainer.train(str(tmp_path / 'run'))  # Reads the cache and its position again.
+    jax.tree.map(np.testing.assert_array_equal, parallel.to_host(resumed),
+                 parallel.to_host(reference))
+    assert int(resumed.step) == 4 and float(resumed.task_state['scale_factor']) > 0

@@ -200,13 +200,14 @@ def test_bfloat16_close_to_float32(adm):
     assert {s.dtype for s in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}
 
 
-def test_remat_gradients_equal_plain(tiny_config):
+@pytest.mark.parametrize('policy', ['full', 'save_convs'])
+def test_remat_gradients_equal_plain(tiny_config, policy):
     # One level keeps the two gradient compilations cheap; the middle block still has
     # a rematerialised attention block and the residual blocks use dropout and AdaGN.
     config = _config(tiny_config, channel_mult=(1,), attention_resolutions=(),
                      **ADM_FEATURES)
     model = models.create_model(config)
-    remat_model = models.create_model(_config(config, remat=True))
+    remat_model = models.create_model(_config(config, remat=True, remat_policy=policy))
     params = random_params(model)
     assert (jax.tree.structure(models.param_shapes(remat_model, IMAGE_SIZE, CHANNELS))
             == jax.tree.structure(params))
@@ -226,6 +227,9 @@ def test_remat_gradients_equal_plain(tiny_config):
         return 'checkpoint' in jaxpr or 'remat' in jaxpr
 
     assert has_remat(remat_model) and not has_remat(model)
+    # ... with the policy asked for.
+    assert ('_save_convs' in str(jax.make_jaxpr(grad_fn(remat_model))(params))) == (
+        policy == 'save_convs')
     g_plain, g_remat = grad_fn(model)(params), grad_fn(remat_model)(params)
     chex.assert_trees_all_close(g_plain, g_remat, rtol=1e-5, atol=1e-6)
     assert float(jnp.abs(g_plain['conv_in']['kernel']).max()) > 0

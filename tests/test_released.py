@@ -599,14 +599,29 @@ RELEASED = {
                                     num_heads=4, use_scale_shift_norm=True, out_channels=6,
                                     timestep_scale=0.25),
 }
-# Published sampling flags: (timestep respacing, classifier scale, dropout).
-SAMPLING = {
-    'adm_64x64_diffusion': ('250', 1.0, 0.1), 'adm_128x128_diffusion': ('250', 0.5, 0.0),
-    'adm_256x256_diffusion': ('250', 1.0, 0.0),
-    'adm_256x256_diffusion_uncond': ('250', 10.0, 0.0),
-    'adm_512x512_diffusion': ('250', 4.0, 0.0), 'adm_lsun_bedroom': ('', 0.0, 0.1),
-    'adm_lsun_cat': ('', 0.0, 0.1), 'adm_lsun_horse': ('', 0.0, 0.1),
-    'adm_lsun_horse_nodropout': ('', 0.0, 0.0),
+# The published flags of every released file (guided-diffusion's README MODEL_FLAGS and
+# SAMPLE_FLAGS, improved-diffusion's MODEL_FLAGS / DIFFUSION_FLAGS): (diffusion_steps,
+# noise_schedule, learn_sigma, class_cond classes, dropout, timestep_respacing,
+# classifier_scale). The classifiers take the schedule of the model they guide (the
+# README samples 64x64_classifier.pt with the cosine 64x64 model); improved-diffusion
+# publishes no respacing, and '' samples all 4000 steps.
+_CLF = (1000, 'linear', False, 1000, 0.0, '', 0.0)
+_LSUN = (1000, 'linear', True, 0, 0.1, '', 0.0)  # SAMPLE_FLAGS --timestep_respacing 1000.
+_UPSAMPLER = (1000, 'linear', True, 1000, 0.0, '250', 0.0)
+PUBLISHED = {
+    'adm_64x64_diffusion': (1000, 'cosine', True, 1000, 0.1, '250', 1.0),
+    'adm_128x128_diffusion': (1000, 'linear', True, 1000, 0.0, '250', 0.5),
+    'adm_256x256_diffusion': (1000, 'linear', True, 1000, 0.0, '250', 1.0),
+    'adm_256x256_diffusion_uncond': (1000, 'linear', True, 0, 0.0, '250', 10.0),
+    'adm_512x512_diffusion': (1000, 'linear', True, 1000, 0.0, '250', 4.0),
+    'adm_lsun_bedroom': _LSUN, 'adm_lsun_cat': _LSUN, 'adm_lsun_horse': _LSUN,
+    'adm_lsun_horse_nodropout': _LSUN[:4] + (0.0,) + _LSUN[5:],
+    'adm_64x64_classifier': (1000, 'cosine') + _CLF[2:],
+    'adm_128x128_classifier': _CLF, 'adm_256x256_classifier': _CLF,
+    'adm_512x512_classifier': _CLF,
+    'adm_64_256_upsampler': _UPSAMPLER, 'adm_128_512_upsampler': _UPSAMPLER,
+    'iddpm_cifar10': (4000, 'cosine', True, 0, 0.3, '', 0.0),
+    'iddpm_imagenet64': (4000, 'cosine', True, 0, 0.0, '', 0.0),
 }
 
 
@@ -633,26 +648,43 @@ def test_released_config_has_the_files_tensors(name):
     assert {s.torch_name: s.torch_shape for s in specs} == dict(want)
     assert config.model.legacy_qkv_order != RELEASED[name]['new_order']
     assert config.model.timestep_scale == RELEASED[name]['timestep_scale']
-    if name in SAMPLING:
-        respacing, scale, dropout = SAMPLING[name]
-        assert (config.sample.respacing, config.sample.classifier_scale,
-                config.model.dropout) == (respacing, scale, dropout)
-    if name.startswith('iddpm'):
-        assert (config.diffusion.num_timesteps, config.diffusion.schedule) == (4000, 'cosine')
-    else:
-        assert config.diffusion.num_timesteps == 1000
+
+
+def test_every_released_config_has_published_flags():
+    assert set(PUBLISHED) == set(RELEASED)
+
+
+@pytest.mark.parametrize('name', sorted(RELEASED))
+def test_released_config_has_the_published_flags(name):
+    config = _load_released(name).get_config()
+    d, m, s = config.diffusion, config.model, config.sample
+    assert (d.num_timesteps, d.schedule, m.learn_sigma, m.num_classes, m.dropout,
+            s.respacing, s.classifier_scale) == PUBLISHED[name]
+    # learn_sigma: the second half of the output is the learned_range interpolation.
+    assert (d.var_type == 'learned_range') == m.learn_sigma
+    # Improved DDPM feeds the network t * 1000 / T (rescale_timesteps=True); ADM feeds t.
+    assert m.timestep_scale == (1000 / d.num_timesteps if name.startswith('iddpm') else 1.0)
 
 
 def test_released_parameter_counts():
-    """The published sizes: the same networks as configs/imagenet*.py (test_configs)."""
+    """The sizes of the reference state dicts.
+
+    Each number is the sum of the tensor sizes of `state_dict()` of the PyTorch model
+    that guided-diffusion's / improved-diffusion's own script_util builds from the
+    README flags (measured with torch 2.13; the imported networks then matched the
+    PyTorch forward to <= 4e-6 relative, README "Published checkpoints").
+    """
     count = lambda name: sum(int(np.prod(s)) for s in ref_shapes(RELEASED[name]).values())
     assert count('adm_64x64_diffusion') == 295_904_454
     assert count('adm_128x128_diffusion') == 421_529_606
     assert count('adm_256x256_diffusion') == 553_838_086
+    assert count('adm_256x256_diffusion_uncond') == 552_814_086  # No label_emb.
+    assert count('adm_lsun_bedroom') == 552_814_086
     assert count('adm_512x512_diffusion') == 558_997_638
     assert count('adm_64x64_classifier') == 65_438_568
-    # Not published exactly; test_released_config_has_the_files_tensors ties the
-    # configs to these reference layouts tensor by tensor.
+    assert count('adm_128x128_classifier') == 42_568_040
+    assert count('adm_256x256_classifier') == 54_096_360
+    assert count('adm_512x512_classifier') == 54_448_360
     assert count('adm_64_256_upsampler') == 311_795_910
     assert count('adm_128_512_upsampler') == 308_835_270
     assert count('iddpm_cifar10') == 52_546_438  # "50M" in the file name.

@@ -1,6 +1,7 @@
 """Tests for ddpm_jax.sampler_registry: every sampler name runs through --mode=sample and
 reports its NFE; the config fields of the new samplers are checked with their names."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -9,6 +10,7 @@ from ddpm_jax import config_lib
 from ddpm_jax import sample_mode
 from ddpm_jax import sampler_registry
 from ddpm_jax import samplers
+from ddpm_jax import schedules
 from ddpm_jax import sde_samplers
 from test_evaluate import _write_checkpoint
 
@@ -22,6 +24,9 @@ CASES = {
     'pc': ({'respacing': '4'}, 8),  # N (predictor + 1 corrector step).
     'sde': ({'respacing': '4', 'predictor': 'euler_maruyama'}, 4),
     'ddim': ({'respacing': '4'}, 4),
+    # L T + 1 (final denoising), levels between the schedule's smallest and largest sigma.
+    'langevin': ({'langevin_num_levels': 3, 'langevin_steps_per_level': 2,
+                  'langevin_denoise': True}, 7),
 }
 
 
@@ -46,12 +51,15 @@ def test_registry_holds_every_sampler_with_its_config_fields():
             assert key in config[group], (name, field)
     assert sampler_registry.sampler_options(config, 'ode') == {
         'solver': 'tsit5', 'rtol': 1e-5, 'atol': 1e-5}
-    assert sampler_registry.sampler_options(config, 'heun') == {'num_steps': 18,
-                                                                 's_churn': 0.0}
+    assert sampler_registry.sampler_options(config, 'heun') == {
+        'num_steps': 18, 's_churn': 0.0, 'sigma_max': 0.0}
+    assert sampler_registry.sampler_options(config, 'langevin') == {
+        'step_size': 2e-5, 'steps_per_level': 100, 'num_levels': 10,
+        'langevin_sigma_max': 0.0, 'langevin_sigma_min': 0.0, 'final_denoise': False}
 
 
 @pytest.mark.parametrize('name', [
-    'heun', pytest.param('ode', marks=pytest.mark.slow),
+    'heun', 'langevin', pytest.param('ode', marks=pytest.mark.slow),
     pytest.param('sde', marks=pytest.mark.slow), pytest.param('pc', marks=pytest.mark.slow),
     pytest.param('dpm_solver_3m', marks=pytest.mark.slow),
     pytest.param('dpm_solver_2s', marks=pytest.mark.slow),
@@ -82,10 +90,18 @@ def test_each_sampler_samples_through_sample_mode_and_reports_its_nfe(checkpoint
     ('sample.ode_atol', -1e-5, r'sample.ode_atol=-1e-05 must be > 0'),
     ('sample.predictor', 'ancestral', r"sample.predictor='ancestral'.*'reverse_diffusion'"),
     ('sample.pc_snr', 0.0, r'sample.pc_snr=0.0 must be > 0'),
+    ('sample.heun_sigma_max', -80.0, r'sample.heun_sigma_max=-80.0 must be >= 0'),
+    ('sample.langevin_step_size', -1.0, r'sample.langevin_step_size=-1.0 must be > 0'),
+    ('sample.langevin_steps_per_level', 0, r'sample.langevin_steps_per_level=0 must be'),
+    ('sample.langevin_num_levels', 0, r"langevin_num_levels=0 .*is for task='score'"),
+    ('sample.langevin_sigma_max', 1e6, r'sample.langevin_sigma_max=1000000.0 is outside'),
+    ('sample.langevin_sigma_min', 1e-9, r'sample.langevin_sigma_min=1e-09 is outside'),
 ])
 def test_sampler_config_errors_name_the_field(tiny_config, field, value, match):
     group, key = field.split('.')
     tiny_config[group][key] = value
+    if key.startswith('langevin_'):
+        tiny_config.sample.sampler = 'langevin'
     with pytest.raises(ValueError, match=match):
         config_lib.validate(tiny_config, mode='sample')
 
@@ -98,3 +114,41 @@ def test_full_schedule_samplers_reject_respacing(tiny_config, name):
         config_lib.validate(tiny_config, mode='sample')
     tiny_config.sample.respacing = ''
     config_lib.validate(tiny_config, mode='sample')
+
+
+def _first_call_step(sampler, sched, **options):
+    """The training timestep of a sampler's first model call (a toy eps model)."""
+    calls = []
+
+    def model_fn(x, t):
+        jax.debug.callback(lambda t: calls.append(int(np.asarray(t)[0])), t)
+        return 0.1 * x
+
+    jax.jit(lambda r: sampler(model_fn, sched, (2, 4), r, **options))(jax.random.key(0))
+    jax.effects_barrier()
+    return calls[0], len(calls)
+
+
+def test_heun_sigma_max_cap_moves_the_first_sigma_to_the_cap():
+    """Uncapped, Heun starts at the cosine schedule's largest sigma (~20,000, step
+    T - 1); with sample.heun_sigma_max = 80 its first call is at the step where the VP
+    view's piecewise-linear log-SNR reaches -log 80 (float64), and the NFE is unchanged."""
+    T = 1000
+    sched = schedules.make_schedule('cosine', T)
+    abar = np.cumprod(1 - schedules.get_beta_schedule('cosine', T))
+    sigma = np.sqrt((1 - abar) / abar)
+    assert sigma[-1] > 1e4
+    heun = sde_samplers.vp_heun_sample
+    step, nfe = _first_call_step(heun, sched, num_steps=4)
+    assert (step, nfe) == (T - 1, 7)
+    log_sigma = np.log(sigma)
+    k = np.searchsorted(log_sigma, np.log(80.0)) - 1
+    expected = round(k + (np.log(80.0) - log_sigma[k]) / (log_sigma[k + 1] - log_sigma[k]))
+    step, nfe = _first_call_step(heun, sched, num_steps=4, sigma_max=80.0)
+    assert (step, nfe) == (expected, 7)
+    assert abs(sigma[expected] / 80.0 - 1) < 0.05
+    # A cap above the model's range is no cap.
+    assert _first_call_step(heun, sched, num_steps=4, sigma_max=1e6)[0] == T - 1
+    first = sde_samplers.karras_sigmas(4, float(sigma[0]),
+                                       sde_samplers.capped_sigma_max(float(sigma[-1]), 80.0))
+    assert float(first[0]) == pytest.approx(80.0)

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import cifar10_ve, cifar10_vp, default, digits_score
+from configs import cifar10_ve, cifar10_vp, default, digits_ncsn, digits_score
 from ddpm_jax import config_lib
+from ddpm_jax import data
 from ddpm_jax import evaluate
 from ddpm_jax import ode_likelihood
 from ddpm_jax import parallel
@@ -18,9 +19,11 @@ from ddpm_jax import sample_mode
 from ddpm_jax import schedules
 from ddpm_jax import score_matching
 from ddpm_jax import sde as sde_lib
+from ddpm_jax import sde_samplers
 from ddpm_jax import tasks
 from ddpm_jax import train
 from ddpm_jax.models import make_model_fn
+from ddpm_jax.tasks import score as score_task
 from test_evaluate import _write_checkpoint
 
 B0, B1 = 0.1, 20.0
@@ -202,16 +205,69 @@ def test_config_errors_name_the_field(small_config, field, value, match):
         config_lib.validate(config, mode=mode)
 
 
-def test_heun_needs_a_closed_form_sigma(small_config):
-    config = _score_config(small_config, 'subvp')
-    with pytest.raises(ValueError, match="sample.sampler='heun' needs sde.kind='vp' or 've'"):
+@pytest.mark.parametrize('kind', ['vp', 'subvp', 've'])
+def test_heun_first_sigma_and_its_cap_on_every_sde(small_config, kind):
+    """Heun runs on every SDE (sub-VP through its closed-form t(sigma)); its schedule
+    starts at sigma(1), or at sample.heun_sigma_max when that is smaller."""
+    config = _score_config(small_config, kind)
+    config_lib.validate(config, mode='sample')
+    sde = score_task.create_sde(config)
+    alpha = math.exp(-(B0 + B1) / 4)  # alpha(1) = exp(-int_0^1 beta / 2).
+    # VP: sigma = sqrt(1 / alpha^2 - 1); sub-VP: (1 - alpha^2) / alpha; VE: sigma_max.
+    top = {'vp': math.sqrt(1 / alpha ** 2 - 1), 'subvp': 1 / alpha - alpha, 've': 50.0}[kind]
+    sigmas, y_std = score_task._heun_constants(config, sde)  # noqa: SLF001
+    np.testing.assert_allclose(float(sigmas[0]), top, rtol=1e-5)
+    config.sample.heun_sigma_max = 30.0
+    sigmas, y_std = score_task._heun_constants(config, sde)  # noqa: SLF001
+    assert float(sigmas[0]) == pytest.approx(30.0, rel=1e-6)
+    assert y_std == pytest.approx(30.0, rel=2e-3)  # The prior scaled to the first sigma.
+
+
+def test_langevin_samples_a_discrete_ncsn_model(small_config, tmp_path):
+    """--mode=sample with 'langevin' on an NCSN model (VE, discrete levels): L T + 1 NFE,
+    and every level it evaluates is a trained one."""
+    config = _score_config(small_config, 've')
+    config.sde.continuous = False
+    config.sde.num_scales = 4
+    config.sde.sigma_max = 10.0
+    config.sample.sampler = 'langevin'
+    config.sample.langevin_num_levels = 0
+    config.sample.langevin_steps_per_level = 3
+    config.sample.langevin_denoise = True
+    workdir = str(tmp_path / 'run')
+    _write_checkpoint(config, workdir)
+    result = sample_mode.sample_and_save(config, workdir)
+    assert result['nfe'] == 4 * 3 + 1
+    with np.load(result['npz']) as f:
+        assert f['images'].shape == (4, 8, 8, 1) and f['images'].std() > 1.0
+    sde = score_task.create_sde(config)
+    hi, lo, num_levels = score_task._langevin_levels(config, sde)  # noqa: SLF001
+    assert (hi, num_levels) == (pytest.approx(10.0), 4)
+    assert lo == pytest.approx(0.01, rel=1e-5)
+    # The Langevin levels are the model's: t(sigma_i) = i / (N - 1) exactly.
+    t = sde_lib.t_of_sigma(sde, sde_lib.ncsn_sigmas(hi, lo, num_levels))
+    np.testing.assert_allclose(np.asarray(t) * 3, [3, 2, 1, 0], atol=1e-4)
+
+
+@pytest.mark.parametrize('field, value, match', [
+    ('langevin_sigma_max', 80.0, r'sample.langevin_sigma_max=80.0 is outside the model'),
+    ('langevin_sigma_min', 1e-4, r'sample.langevin_sigma_min=0.0001 is outside the model'),
+    ('langevin_num_levels', 1, r'sample.langevin_num_levels=1 must be an int >= 2'),
+    ('langevin_step_size', 0.0, r'sample.langevin_step_size=0.0 must be > 0'),
+    ('heun_sigma_max', -1.0, r'sample.heun_sigma_max=-1.0 must be >= 0'),
+])
+def test_langevin_config_errors_name_the_field(small_config, field, value, match):
+    config = _score_config(small_config, 've')
+    config.sample.sampler = 'langevin'
+    config.sample[field] = value
+    with pytest.raises(ValueError, match=match):
         config_lib.validate(config, mode='sample')
 
 
-@pytest.mark.parametrize('name', ['cifar10_ve', 'cifar10_vp', 'digits_score'])
+@pytest.mark.parametrize('name', ['cifar10_ve', 'cifar10_vp', 'digits_score', 'digits_ncsn'])
 def test_score_configs(name):
     module = {'cifar10_ve': cifar10_ve, 'cifar10_vp': cifar10_vp,
-              'digits_score': digits_score}[name]
+              'digits_score': digits_score, 'digits_ncsn': digits_ncsn}[name]
     config = module.get_config()
     assert module.__doc__.startswith(f'python main.py --config=configs/{name}.py --workdir=')
     assert set(config_lib.to_json_dict(config)) == set(config_lib.to_json_dict(
@@ -225,6 +281,20 @@ def test_score_configs(name):
     elif name == 'cifar10_vp':
         assert (config.sde.kind, config.sde.beta_min, config.sde.beta_max,
                 config.sde.sampling_eps, config.eval.ode_eps) == ('vp', 0.1, 20.0, 1e-3, 1e-5)
+    elif name == 'digits_ncsn':
+        c, smp = config.sde, config.sample
+        assert (c.kind, c.continuous, c.sigma_max, c.sigma_min, c.num_scales, smp.sampler) == (
+            've', False, 10.0, 0.01, 24, 'langevin')
+        # NCSNv2 Technique 1: sigma_1 ~ the largest distance between training digits.
+        x = data.load_digits('train')[0].reshape(-1, 64).astype(np.float64)
+        sq = np.sum(x ** 2, 1)
+        largest = np.sqrt(np.max(sq[:, None] + sq[None] - 2 * x @ x.T))
+        assert 0.9 < c.sigma_max / largest < 1.1
+        # Technique 4: the step size for gamma = (sigma_1 / sigma_L)^(1 / (L - 1)), T = 5.
+        gamma = (c.sigma_max / c.sigma_min) ** (1 / (c.num_scales - 1))
+        assert smp.langevin_step_size == pytest.approx(
+            sde_samplers.ncsnv2_step_size(gamma, c.sigma_min, smp.langevin_steps_per_level),
+            rel=0.01)
     for mode in ('train', 'sample', 'eval'):
         config_lib.validate(config, mode=mode, num_devices=4, num_processes=1)
 

@@ -219,6 +219,38 @@ def test_vp_view_classifier_guidance_shifts_the_score():
                                * np.ones((2, 3)), rtol=1e-5)
 
 
+@pytest.mark.parametrize('kind', ['vp', 'subvp'])
+def test_t_of_sigma_inverts_the_forward_marginal_in_float64(kind):
+    """t(sigma) against the float64 forward map: alpha(t) = exp(-t^2 (b1 - b0) / 4 -
+    t b0 / 2), sigma = std / alpha with std = sqrt(1 - alpha^2) (VP) or 1 - alpha^2
+    (sub-VP, Song et al. 2021b, Eq. 29); and sigma(t(sigma)) = sigma from 1e-4 to 200."""
+    sde = sde_lib.VPSDE() if kind == 'vp' else sde_lib.SubVPSDE()
+    t = np.array([1e-4, 1e-3, 0.02, 0.25, 0.5, 0.8, 1.0])
+    alpha = np.exp(-t ** 2 * (sde.beta_max - sde.beta_min) / 4 - t * sde.beta_min / 2)
+    std = np.sqrt(1 - alpha ** 2) if kind == 'vp' else 1 - alpha ** 2
+    sigma = std / alpha
+    np.testing.assert_allclose(sde_lib.sigma_of_t(sde, jnp.asarray(t)), sigma, rtol=2e-4)
+    np.testing.assert_allclose(sde_lib.t_of_sigma(sde, jnp.asarray(sigma)), t, rtol=1e-5)
+    sig = np.geomspace(1e-4, 200.0, 13)
+    np.testing.assert_allclose(
+        sde_lib.sigma_of_t(sde, sde_lib.t_of_sigma(sde, jnp.asarray(sig))), sig, rtol=1e-4)
+    if kind == 'subvp':  # Not the VP inverse: the two differ by far more than rounding.
+        assert abs(float(sde_lib.t_of_sigma(sde, 1.0))
+                   - float(sde_lib.t_of_sigma(sde_lib.VPSDE(), 1.0))) > 0.04
+
+
+def test_sigma_score_is_the_score_of_y():
+    """grad_y log p(y; sigma) for Gaussian data, y = x_0 + sigma n in every SDE's VE
+    variables: -(y - MU) / (S^2 + sigma^2)."""
+    y = jnp.asarray(np.random.RandomState(3).randn(4, 3) * 2, jnp.float32)
+    sigma = jnp.asarray([0.05, 0.5, 2.0, 10.0])
+    sg = np.asarray(sigma, np.float64)[:, None]
+    expected = -(np.asarray(y, np.float64) - MU) / (S ** 2 + sg ** 2)
+    for sde in (sde_lib.VPSDE(), sde_lib.SubVPSDE(), sde_lib.VESDE(0.01, 50.0)):
+        score = sde_lib.sigma_score_from_score(sde, _gauss_score(sde))
+        np.testing.assert_allclose(score(y, sigma), expected, rtol=2e-3, atol=2e-4)
+
+
 def test_denoiser_from_score_is_tweedie():
     sde = sde_lib.VPSDE()
     denoise = sde_lib.denoiser_from_score(sde, _gauss_score(sde))

@@ -127,29 +127,88 @@ def test_pc_corrector_only_is_worse_than_pc():
     assert np.min(np.var(np.asarray(out.samples), 0) / S ** 2) > 2.0
 
 
-def test_annealed_langevin_matches_its_exact_law_and_the_data():
-    sigmas = sde_lib.ncsn_sigmas(1.0, 0.01, 10)
-    step, per_level, n = 2e-5, 100, 2000
-
-    def score(x, sigma):
-        return -(x - MU) / (S ** 2 + sigma[:, None] ** 2)
-
-    out = jax.jit(lambda r: sde_samplers.annealed_langevin_sample(
-        score, sigmas, (n, DIM), r, step_size=step, steps_per_level=per_level))(
-            jax.random.key(5))
-    assert int(out.nfe) == 1000
-    sig32 = np.asarray(sigmas, np.float32).astype(np.float64)
-    m, v = np.zeros(DIM), np.full(DIM, sig32[0] ** 2)
-    for sig in sig32:
-        a = step * (sig / sig32[-1]) ** 2
-        c = 1 - a / (2 * (S ** 2 + sig ** 2))
+def _langevin_law(sigmas, step, per_level, denoise=False):
+    """Mean and variance per dimension of annealed Langevin dynamics on N(MU, S^2) data
+    with the exact score, from x ~ sigma_1 N(0, I): each step is linear,
+    x' = MU + c (x - MU) + sqrt(2 a) z with c = 1 - a / (S^2 + sigma^2), float64."""
+    sig = np.asarray(sigmas, np.float32).astype(np.float64)
+    m, v = np.zeros(DIM), np.full(DIM, sig[0] ** 2)
+    for s in sig:
+        a = step * (s / sig[-1]) ** 2
+        c = 1 - a / (S ** 2 + s ** 2)
         for _ in range(per_level):
-            m, v = MU + c * (m - MU), c ** 2 * v + a
+            m, v = MU + c * (m - MU), c ** 2 * v + 2 * a
+    if denoise:  # x + sigma_L^2 s = MU + S^2 / (S^2 + sigma_L^2) (x - MU).
+        c = S ** 2 / (S ** 2 + sig[-1] ** 2)
+        m, v = MU + c * (m - MU), c ** 2 * v
+    return m, v
+
+
+def _gauss_sigma_score(x, sigma):
+    return -(x - MU) / (S ** 2 + sigma[:, None] ** 2)
+
+
+@pytest.mark.parametrize('denoise', [False, True])
+def test_annealed_langevin_matches_its_exact_law_and_the_data(denoise):
+    """NCSN's settings (eps 2e-5, T 100, sigma 1 .. 0.01, L 10) on Gaussian data with the
+    exact score: the sample mean and variance are the closed-form law's within sampling
+    error, and that law is the data's (variance within 5 %)."""
+    sigmas = sde_lib.ncsn_sigmas(1.0, 0.01, 10)
+    step, per_level, n = 2e-5, 100, 4000
+    out = jax.jit(lambda r: sde_samplers.annealed_langevin_sample(
+        _gauss_sigma_score, sigmas, (n, DIM), r, step_size=step, steps_per_level=per_level,
+        denoise=denoise))(jax.random.key(5))
+    assert int(out.nfe) == 1000 + denoise
+    m, v = _langevin_law(sigmas, step, per_level, denoise)
     x = np.asarray(out.samples, np.float64)
     np.testing.assert_array_less(np.abs(x.mean(0) - m), 5 * np.sqrt(v / n))
     np.testing.assert_allclose(x.var(0) / v, 1.0, atol=5 * np.sqrt(2 / n))
-    np.testing.assert_allclose(v / S ** 2, 1.0, atol=0.1)
+    # Pooled over the dimensions: 4 standard errors, tight enough to tell the law of half
+    # the step (NCSN's printed alpha / 2 form read as ours) from this one.
+    pooled_tol = 4 * np.sqrt(2 / (n * DIM))
+    np.testing.assert_allclose(np.mean(x.var(0) / v), 1.0, atol=pooled_tol)
+    _, v_half = _langevin_law(sigmas, step / 2, per_level, denoise)
+    assert abs(np.mean(v_half / v) - 1) > pooled_tol
+    np.testing.assert_allclose(v / S ** 2, 1.0, atol=0.05)
     np.testing.assert_allclose(m, MU, atol=0.01)
+
+
+def test_langevin_step_sizes_by_hand():
+    # alpha_i = eps sigma_i^2 / sigma_L^2: 2e-5 (1 / 0.01)^2 = 0.2, 2e-5 (0.1 / 0.01)^2.
+    np.testing.assert_allclose(sde_samplers.langevin_step_sizes([1.0, 0.1, 0.01], 2e-5),
+                               [0.2, 2e-3, 2e-5], rtol=1e-12)
+    with pytest.raises(ValueError, match='step_size'):
+        sde_samplers.langevin_step_sizes([1.0, 0.1], 0.0)
+    # The sampler takes those steps: with a zero score from x = 0 it only adds noise,
+    # sqrt(2 alpha_i) z per step, so the variance is 2 T sum_i alpha_i = 0.80808.
+    n, steps = 4000, 2
+    out = sde_samplers.annealed_langevin_sample(
+        lambda x, s: jnp.zeros_like(x), [1.0, 0.1, 0.01], (n, DIM), jax.random.key(9),
+        step_size=2e-5, steps_per_level=steps, x_init=jnp.zeros((n, DIM)))
+    expected = 2 * steps * (0.2 + 2e-3 + 2e-5)
+    np.testing.assert_allclose(np.mean(np.var(np.asarray(out.samples, np.float64), 0)),
+                               expected, rtol=4 * np.sqrt(2 / (n * DIM)))
+
+
+def test_ncsnv2_step_size_rule_matches_a_simulated_level():
+    """NCSNv2's Eq. 4 against T steps of the linear recursion from variance
+    (gamma sigma)^2 at a level sigma of one-point data; its step size brings the ratio to
+    its minimum, near 1."""
+    gamma, sigma_l, steps = 1.36, 0.01, 5
+    eps = sde_samplers.ncsnv2_step_size(gamma, sigma_l, steps)
+    for e in (eps, 0.3 * eps, 3.0 * eps):
+        for sigma in (sigma_l, 2.5):
+            a = e * (sigma / sigma_l) ** 2
+            v = (gamma * sigma) ** 2
+            for _ in range(steps):
+                v = (1 - a / sigma ** 2) ** 2 * v + 2 * a
+            np.testing.assert_allclose(
+                sde_samplers.langevin_variance_ratio(e, gamma, sigma_l, steps),
+                v / sigma ** 2, rtol=1e-10)
+    best = sde_samplers.langevin_variance_ratio(eps, gamma, sigma_l, steps)
+    assert 1.0 < best < 1.2
+    for e in (0.9 * eps, 1.1 * eps):
+        assert sde_samplers.langevin_variance_ratio(e, gamma, sigma_l, steps) > best
 
 
 def _gauss_denoiser(x, sigma):
@@ -386,16 +445,19 @@ def _cases():
             f, sched, (4, DIM), r, return_nfe=True),
         '2s_odd': lambda f, r: sde_samplers.dpm_solver_2s_sample(
             f, sched9, (4, DIM), r, return_nfe=True),
+        'vp_langevin': lambda f, r: sde_samplers.vp_langevin_sample(
+            f, sched, (4, DIM), r, num_levels=3, steps_per_level=4, final_denoise=True,
+            return_nfe=True),
     }
 
 
 @pytest.mark.parametrize('name', ['langevin', 'pc', 'ode', 'heun', '3m', '2s_even',
-                                  '2s_odd'])
+                                  '2s_odd', 'vp_langevin'])
 def test_compiles_once_and_reports_its_nfe(name):
     chex.clear_trace_counter()
     counter = _Counter()
     case = _cases()[name]
-    if name in ('3m', '2s_even', '2s_odd'):
+    if name in ('3m', '2s_even', '2s_odd', 'vp_langevin'):
         model = _counted(eps_model, counter)
     elif name == 'heun':
         model = _counted(_gauss_denoiser, counter)
@@ -416,10 +478,28 @@ def test_compiles_once_and_reports_its_nfe(name):
         nfe = int(result[1]) if isinstance(result, tuple) else int(result.nfe)
         assert counter.calls == nfe, (name, counter.calls, nfe)
     expected = {'langevin': 16, 'pc': 150, 'heun': 11, '3m': 10, '2s_even': 10,
-                '2s_odd': 9}
+                '2s_odd': 9, 'vp_langevin': 13}
     if name in expected:
         assert nfe == expected[name]
     chex.clear_trace_counter()
+
+
+def test_vp_langevin_of_an_exact_discrete_model_reaches_the_data():
+    """NCSN's settings through the VP view of the exact eps model of Gaussian data (linear
+    schedule, sigma from 1 down to its smallest, 0.01): the samples have the data's mean
+    and variance (the model is evaluated at the nearest trained step; 4 standard errors
+    of the variance are 0.13). Unclipped: these data leave [-1, 1], and clipping x_0
+    biases the score (mean off by 0.17 when clipped)."""
+    sched = schedules.make_schedule('linear', T)
+    n = 2000
+    x, nfe = jax.jit(lambda r: sde_samplers.vp_langevin_sample(
+        eps_model, sched, (n, DIM), r, langevin_sigma_max=1.0, num_levels=10,
+        steps_per_level=100, clip_denoised=False, return_nfe=True))(jax.random.key(8))
+    assert int(nfe) == 1000
+    assert_data_moments(x, 0.15)
+    with pytest.raises(ValueError, match='sigma_max=300 is outside'):
+        sde_samplers.vp_langevin_sample(eps_model, sched, (2, DIM), jax.random.key(0),
+                                        langevin_sigma_max=300.0)
 
 
 def test_bad_arguments_name_the_field():

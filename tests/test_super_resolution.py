@@ -2,9 +2,12 @@
 (ddpm_jax.tasks.super_resolution, ddpm_jax.upsampling): the area downsampling against
 float64 NumPy and PIL, the config rules, the low-resolution input conditioning the
 loss and the samples, exact resume, the grid, sampling from an .npz (and its
-wrong-size error) and the cascade writing both resolutions."""
+wrong-size error), the cascade writing both resolutions, and `--mode=eval` (the
+bound given the image's own low-resolution version) and `--mode=fid` (the eval
+split upsampled, with PSNR) of an upsampler."""
 
 import importlib
+import json
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +16,11 @@ import PIL.Image
 import pytest
 
 from configs import default, imagenet64_256_upsampler, imagenet128_512_upsampler
-from ddpm_jax import config_lib, models, parallel, sample_mode, train, upsampling
+from ddpm_jax import config_lib, evaluate, models, parallel, sample_mode, sample_quality, train
+from ddpm_jax import upsampling
+from ddpm_jax import data as data_lib
 from ddpm_jax import images as images_lib
+from ddpm_jax.models import layers
 from ddpm_jax.tasks import diffusion as diffusion_task
 from ddpm_jax.tasks import super_resolution as sr
 
@@ -268,11 +274,153 @@ def test_cascade_writes_both_resolutions_and_equals_two_stages(trained):
     with np.load(upsampled['npz']) as f:
         np.testing.assert_array_equal(f['images'], high)
 
+    # --mode=fid of the cascade: the images of --mode=sample with the fid count and batch.
+    fid_config = _fid_config(trained, num_samples=72)
+    fid_config.sample.base_workdir, fid_config.sample.base_respacing = base_dir, '10'
+    fid_config.sample.respacing = ''
+    scored = upsampling.evaluate_upsampler(fid_config, trained['workdir'], mesh=_mesh(4))
+    assert scored['num_samples'] == 72 and 'cascade' in scored['samples']
+    assert 'psnr' not in scored and 0 <= scored['label_accuracy'] <= 1
+    config.sample.low_res_npz, config.sample.base_workdir = '', base_dir
+    config.sample.num_images, config.sample.global_batch_size = 72, 32
+    cascade = upsampling.upsample_and_save(config, trained['workdir'], mesh=_mesh(4))
+    fid_config.eval.fid_samples = cascade['npz']
+    given = upsampling.evaluate_upsampler(fid_config, trained['workdir'], mesh=_mesh(4))
+    for key in ('fid', 'precision', 'recall', 'label_accuracy', 'inception_score'):
+        assert given[key] == pytest.approx(scored[key], rel=1e-6, abs=1e-9), key
+
     # A base of the wrong size is named before anything compiles.
     config.sample.low_res_npz = ''
     config.sample.base_workdir = trained['workdir']  # A 16x16 upsampler, not a base.
     with pytest.raises(ValueError, match='sample.base_workdir=.*task=\'super_resolution\''):
         upsampling.upsample_and_save(config, trained['workdir'], mesh=_mesh(4))
+
+
+# --- eval and fid -------------------------------------------------------------------------
+
+
+def _eval_config(trained, num_images=4):
+    config = trained['config'].copy_and_resolve_references()
+    config.eval.num_images, config.eval.global_batch_size = num_images, 4
+    return config
+
+
+def test_eval_bits_per_dim_is_conditioned_on_the_low_res_image(trained, monkeypatch):
+    config = _eval_config(trained)
+    result = evaluate.evaluate(config, trained['workdir'], mesh=_mesh(4))
+    assert result['num_images'] == 4 and np.isfinite(result['total_bpd'])
+    assert 0.0 < result['total_bpd'] < 20.0
+    parts = result['prior_bpd'] + sum(result[f'vb_q{q}'] for q in range(4))
+    assert parts == pytest.approx(result['total_bpd'], rel=1e-5)
+
+    # The conditioning is what training makes: the 2x2 means of the image itself.
+    image = jnp.asarray(np.random.default_rng(5).uniform(-1, 1, (16, 16, 1)), jnp.float32)
+    kwargs = evaluate.model_kwargs(config, image, jnp.int32(3))
+    want = np.asarray(image, np.float64).reshape(8, 2, 8, 2, 1).mean(axis=(1, 3))
+    np.testing.assert_allclose(np.asarray(kwargs['low_res'][0]), want, atol=1e-6)
+    assert kwargs['y'].tolist() == [3]
+
+    # Without the conditioning (zeroed low-res inputs) the same images score otherwise.
+    def zeroed(config, images):
+        return {'low_res': jnp.zeros_like(sr.downsample_area(images,
+                                                             config.model.low_res_size))}
+
+    monkeypatch.setattr(sr, 'conditioning', zeroed)
+    unconditioned = evaluate.evaluate(config, trained['workdir'], mesh=_mesh(4))
+    assert abs(unconditioned['total_bpd'] - result['total_bpd']) > 1e-3
+
+
+def test_eval_ode_likelihood_is_conditioned_too(trained, monkeypatch):
+    """eval.likelihood='ode' (the VP view's probability-flow ODE) takes the same
+    conditioning: finite bits/dim, other ones without it."""
+    config = _eval_config(trained, num_images=2)
+    config.eval.global_batch_size = 2
+    config.eval.likelihood, config.eval.ode_rtol, config.eval.ode_atol = 'ode', 1e-3, 1e-3
+    result = evaluate.evaluate(config, trained['workdir'], mesh=_mesh(2))
+    assert result['likelihood'] == 'ode' and result['num_images'] == 2
+    assert np.isfinite(result['total_bpd']) and result['total_bpd'] > 0 and result['nfe'] > 10
+    monkeypatch.setattr(sr, 'conditioning', lambda config, images: {
+        'low_res': jnp.zeros_like(sr.downsample_area(images, config.model.low_res_size))})
+    unconditioned = evaluate.evaluate(config, trained['workdir'], mesh=_mesh(2))
+    assert abs(unconditioned['total_bpd'] - result['total_bpd']) > 1e-3
+
+
+def _fid_config(trained, num_samples=72):
+    config = trained['config'].copy_and_resolve_references()
+    e = config.eval
+    e.metrics_network = 'digits'
+    e.fid_batch_size = 32  # Three batches, the last one padded.
+    e.fid_num_samples = num_samples
+    e.fid_reference_split, e.fid_reference_num_images = 'test', 297
+    config.sample.respacing = '5'
+    return config
+
+
+def test_fid_upsamples_the_eval_split_and_reports_psnr(trained, tmp_path):
+    config = _fid_config(trained)
+    result = sample_quality.evaluate_samples(config, trained['workdir'], mesh=_mesh(4))
+    assert result['num_samples'] == 72 and result['step'] == 4
+    assert np.isfinite(result['fid']) and result['fid'] > 0
+    assert 0 < result['label_accuracy'] <= 1  # Against the eval images' own labels.
+    # A 4-step model samples near-noise (~5 dB); bilinear of the same inputs is ~22 dB.
+    assert 2 < result['psnr'] < 10 and 18 < result['psnr_bilinear'] < 30
+    assert 'upsampled' in result['samples']
+    written = json.loads(open(result['json']).read())
+    assert written['psnr'] == result['psnr'] and written['fid'] == result['fid']
+
+    # PSNR and bilinear PSNR against float64 NumPy, on the same images and inputs.
+    images, labels = data_lib.load_digits(config.data.eval_split)
+    config_eval = config.copy_and_resolve_references()
+    config_eval.eval.num_images, config_eval.eval.global_batch_size = 72, 72
+    originals = next(iter(data_lib.create_eval_iterator(config_eval)))['image']
+    low = np.round((originals.astype(np.float64).reshape(72, 8, 2, 8, 2, 1)
+                    .mean(axis=(2, 4)) + 1) * 127.5)
+    bilinear = np.asarray(layers.upsample_bilinear(jnp.asarray(low / 127.5 - 1, jnp.float32),
+                                                   16), np.float64)
+    bilinear = np.clip(np.round((bilinear + 1) * 127.5), 0, 255)
+    reference = np.round((originals.astype(np.float64) + 1) * 127.5)
+    mse = np.mean((bilinear - reference) ** 2, axis=(1, 2, 3))
+    # (float32 rounding of a few pixels exactly between two grey levels: 1e-3 dB.)
+    assert result['psnr_bilinear'] == pytest.approx(np.mean(10 * np.log10(255 ** 2 / mse)),
+                                                    abs=5e-3)
+
+    # The same images and noise on another device count: the same samples.
+    again = sample_quality.evaluate_samples(config, trained['workdir'], mesh=_mesh(2))
+    assert again['psnr'] == pytest.approx(result['psnr'], abs=1e-4)
+    assert again['fid'] == pytest.approx(result['fid'], rel=1e-4)
+
+    # eval.fid_samples still scores a given .npz (no sampling, no PSNR).
+    config.eval.fid_samples = _write_npz(tmp_path / 'up.npz',
+                                         images_lib.to_uint8(originals), labels[:72])
+    given = sample_quality.evaluate_samples(config, trained['workdir'], mesh=_mesh(4))
+    assert given['num_samples'] == 72 and 'psnr' not in given and given['step'] == -1
+
+
+def test_fid_errors_are_one_line_before_compiling(trained, monkeypatch):
+    def no_compile(*args, **kwargs):
+        raise AssertionError('a sampler or feature network was built before the check')
+
+    monkeypatch.setattr(diffusion_task, 'make_sample_fn', no_compile)
+    monkeypatch.setattr(sample_quality, 'FeatureExtractor', no_compile)
+    config = _fid_config(trained)
+    config.sample.low_res_npz = 'low.npz'
+    with pytest.raises(ValueError, match=r"^sample.low_res_npz='low.npz': --mode=fid") as info:
+        sample_quality.evaluate_samples(config, trained['workdir'], mesh=_mesh(4))
+    assert '\n' not in str(info.value)
+    config.sample.low_res_npz, config.sample.base_workdir = '', '/base'
+    with pytest.raises(ValueError, match='upsampling.evaluate_upsampler'):
+        sample_quality.evaluate_samples(config, trained['workdir'], mesh=_mesh(4))
+    with pytest.raises(FileNotFoundError, match="sample.base_workdir='/base' has no checkp"):
+        upsampling.evaluate_upsampler(config, trained['workdir'], mesh=_mesh(4))
+    config = _fid_config(trained)
+    config.eval.metrics_network = 'digit'
+    with pytest.raises(ValueError, match='eval.metrics_network'):
+        sample_quality.evaluate_samples(config, trained['workdir'], mesh=_mesh(4))
+    config = _eval_config(trained)
+    config.eval.likelihood = 'exact'
+    monkeypatch.setattr(evaluate, 'make_eval_step_fn', no_compile)
+    with pytest.raises(ValueError, match='eval.likelihood'):
+        evaluate.evaluate(config, trained['workdir'], mesh=_mesh(4))
 
 
 # --- configs -------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ __all__ = ['MODELS', 'UNet', 'Classifier', 'create_model', 'example_inputs', 'ma
 _COMMON_FIELDS = ('variant', 'base_channels', 'channel_mult', 'num_res_blocks',
                   'attention_resolutions', 'num_heads', 'num_head_channels', 'dropout',
                   'resblock_updown', 'use_scale_shift_norm', 'conv_resample', 'num_groups',
-                  'num_classes', 'legacy_qkv_order', 'dtype', 'remat')
+                  'num_classes', 'legacy_qkv_order', 'dtype', 'remat', 'remat_policy')
 
 
 def _create_unet(config: ml_collections.ConfigDict, **kwargs) -> nn.Module:

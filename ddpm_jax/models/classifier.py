@@ -42,6 +42,7 @@ class Classifier(nn.Module):
     legacy_qkv_order: bool = False  # See layers.AttentionBlock (the pool's is never legacy).
     dtype: str = 'float32'
     remat: bool = False
+    remat_policy: str = 'full'
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:

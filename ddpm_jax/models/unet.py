@@ -25,14 +25,43 @@ from ddpm_jax.models import conditioning
 from ddpm_jax.models import layers
 
 
-def block_classes(remat: bool) -> tuple[type[nn.Module], type[nn.Module]]:
+REMAT_POLICIES = ('full', 'save_convs')
+
+
+def _save_convs(prim, *_, **params) -> bool:
+    """Remat policy: keep convolution and weight-matmul outputs, recompute the rest.
+
+    Inside a rematerialised block the norms, nonlinearities, dropout masks and
+    attention's batched products are recomputed in the backward pass, while the
+    outputs of the expensive, weight-bearing ops (convolutions and dense layers:
+    dot_general without batch dimensions) are stored.
+    """
+    if prim.name == 'conv_general_dilated':
+        return True
+    if prim.name == 'dot_general':
+        (_, _), (lhs_batch, _) = params['dimension_numbers']
+        return not lhs_batch
+    return False
+
+
+def block_classes(remat: bool, policy: str = 'full'
+                  ) -> tuple[type[nn.Module], type[nn.Module]]:
     """ResBlock and AttentionBlock, each wrapped in `nn.remat` when `remat` is set.
 
     Rematerialisation recomputes each block's activations in the backward pass
-    instead of storing them (Chen et al. 2016).
+    instead of storing them (Chen et al. 2016). `policy` says what a rematerialised
+    block still stores: 'full' nothing but its inputs; 'save_convs' also its
+    convolution and dense outputs (`_save_convs`), recomputing only the cheap
+    elementwise work and attention's softmax, so most of the saving of memory-bound
+    activations at a fraction of the recompute. Both give gradients equal to the
+    plain model's.
     """
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f'model.remat_policy must be one of {REMAT_POLICIES}, got {policy!r}.')
     if remat:
-        return nn.remat(layers.ResBlock), nn.remat(layers.AttentionBlock)
+        kwargs = {} if policy == 'full' else {'policy': _save_convs}
+        return (nn.remat(layers.ResBlock, **kwargs),
+                nn.remat(layers.AttentionBlock, **kwargs))
     return layers.ResBlock, layers.AttentionBlock
 
 
@@ -47,7 +76,7 @@ def block_factories(arch: Any, train: bool
     Returns:
         (ResBlock class, AttentionBlock class, ResBlock kwargs, AttentionBlock kwargs).
     """
-    res_block, attn_block = block_classes(arch.remat)
+    res_block, attn_block = block_classes(arch.remat, arch.remat_policy)
     common = dict(variant=arch.variant, dtype=layers.get_dtype(arch.dtype),
                   num_groups=arch.num_groups)
     res_kwargs = dict(dropout=arch.dropout, use_scale_shift_norm=arch.use_scale_shift_norm,
@@ -207,6 +236,7 @@ class UNet(nn.Module):
     context_vocab_size: int = 0
     dtype: str = 'float32'
     remat: bool = False
+    remat_policy: str = 'full'
 
     @property
     def num_label_embeddings(self) -> int:

@@ -3,7 +3,9 @@
 Two parts, each with its own Adam, and two phases per step (as `ddgan`):
 
 1. 'autoencoder': L1 reconstruction summed over pixels (LDM's NLL with its
-   log-variance fixed at 0), plus `kl_weight` * KL(q(z|x) || N(0, I)) for a KL
+   log-variance fixed at 0; with the LPIPS term, each pixel's L1 error plus
+   `perceptual_weight` * LPIPS(x, x_rec), as LDM's LPIPSWithDiscriminator), plus
+   `kl_weight` * KL(q(z|x) || N(0, I)) for a KL
    latent or the codebook + commitment losses for a VQ latent, plus, from step
    `autoencoder.disc_start` on, lambda * disc_weight * (-mean D(x_rec)), with lambda
    the adaptive weight of Esser et al. 2021, Eq. 7 (the ratio of the gradient norms
@@ -15,11 +17,18 @@ Two parts, each with its own Adam, and two phases per step (as `ddgan`):
 The step counter lives in the task state; the switch is a `lax.cond` inside the
 jitted step, so the adversarial terms cost nothing before `disc_start`.
 
-A perceptual (LPIPS) term is not implemented: `autoencoder.lpips_weights_path`
-must stay empty (a path that is missing is refused naming the file needed; an
-existing one is refused as not supported yet).
+The perceptual term (Zhang et al. 2018; `ddpm_jax.models.lpips`) is on when
+`autoencoder.lpips_weights_path` (the LPIPS linear layers, `vgg.pth`) and
+`autoencoder.vgg16_weights_path` (torchvision's `vgg16-397923af.pth`) name the two
+files and `perceptual_weight` > 0. Its parameters are constants of the jitted step,
+read once when the task is built: not trained, not in the optimiser, not in the
+checkpoint (a run can switch the term on or off when it resumes). It enters the
+adaptive weight's reconstruction loss too, as in LDM. Departures from LDM: the
+output log-variance is fixed at 0 (LDM learns it) and grey images are repeated to
+RGB for LPIPS.
 """
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,13 +36,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from etils import epath
 
 from ddpm_jax import autoencoder_losses as ae_losses
 from ddpm_jax import parallel
 from ddpm_jax import state as state_lib
 from ddpm_jax.models import autoencoder as ae_lib
+from ddpm_jax.models import lpips as lpips_lib
 from ddpm_jax.tasks import base
+
+LPIPS_FIELD = 'autoencoder.lpips_weights_path'
+VGG16_FIELD = 'autoencoder.vgg16_weights_path'
 
 
 def create_autoencoder(config: ml_collections.ConfigDict) -> ae_lib.Autoencoder:
@@ -56,29 +68,53 @@ def create_discriminator(config: ml_collections.ConfigDict) -> ae_lib.PatchDiscr
                                      num_groups=a.disc_num_groups, dtype=config.model.dtype)
 
 
+def perceptual_weight(config: ml_collections.ConfigDict) -> float:
+    """The LPIPS term's weight: `perceptual_weight` when its files are given, else 0.
+
+    Reads `vgg16_weights_path` only then, so configs stored before that field
+    existed (always without the term) still build.
+    """
+    a = config.autoencoder
+    return float(a.perceptual_weight) if a.lpips_weights_path else 0.0
+
+
 def num_grid_images(config: ml_collections.ConfigDict) -> int:
     """Images of the first batch kept for the reconstruction grid."""
     return min(config.train.num_grid_samples, config.train.global_batch_size)
 
 
 class AutoencoderTask(base.Task):
-    """Autoencoder and patch discriminator, alternating in one step (module docstring)."""
+    """Autoencoder and patch discriminator, alternating in one step (module docstring).
+
+    Args:
+        config: The run's config.
+        perceptual: False builds the task without reading the LPIPS files (for its
+            parameter shapes only, e.g. to restore a checkpoint); `loss` then
+            refuses to run if the config has the perceptual term.
+
+    Raises:
+        ValueError: (with the perceptual term) a weights file missing, unreadable, or
+            without the right tensors; the message names the config field.
+    """
     name = 'autoencoder'
     parts = ('autoencoder', 'discriminator')
     ema_parts = ('autoencoder',)
     phases = (('autoencoder',), ('discriminator',))
     sample_part = None  # It reconstructs; it does not generate.
 
-    def __init__(self, config: ml_collections.ConfigDict):
+    def __init__(self, config: ml_collections.ConfigDict, *, perceptual: bool = True):
         super().__init__(config)
-        if config.autoencoder.lpips_weights_path:
-            self.validate_config(config)
-            raise NotImplementedError(
-                'The LPIPS perceptual loss is not implemented yet; set '
-                "autoencoder.lpips_weights_path='' (L1 reconstruction only).")
         self.autoencoder = create_autoencoder(config)
         self.discriminator = create_discriminator(config)
         self.vq = config.autoencoder.kind == 'vq'
+        self.perceptual_weight = perceptual_weight(config)
+        self.lpips = lpips_lib.LPIPS()
+        self.lpips_params = None  # Host float32 arrays, closed over by the jitted step.
+        if self.perceptual_weight > 0 and perceptual:
+            a = config.autoencoder
+            self.lpips_params = lpips_lib.load_lpips_params(
+                a.lpips_weights_path, a.vgg16_weights_path, lpips_field=LPIPS_FIELD,
+                vgg16_field=VGG16_FIELD)
 
     @staticmethod
     def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -107,13 +143,24 @@ class AutoencoderTask(base.Task):
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        path = a.lpips_weights_path
-        if path and not epath.Path(path).exists():
+        if not (a.lpips_weights_path or a.vgg16_weights_path):
+            return
+        # The perceptual term needs both files (also checked, with their tensors, when
+        # the task is built); a set path must be right even at perceptual_weight=0.
+        off = f" (or set both {LPIPS_FIELD} and {VGG16_FIELD} to '' for no LPIPS term)"
+        lpips_lib.check_weight_file(a.lpips_weights_path, LPIPS_FIELD, vgg16=False, hint=off)
+        lpips_lib.check_weight_file(a.vgg16_weights_path, VGG16_FIELD, vgg16=True, hint=off)
+        if a.perceptual_weight == 0:
+            return
+        if size < lpips_lib.MIN_IMAGE_SIZE:
             raise ValueError(
-                f'autoencoder.lpips_weights_path={path!r} does not exist. The perceptual '
-                'term needs the LPIPS weights (the VGG16 features and the linear layers '
-                "of Zhang et al. 2018, as taming's vgg.pth) as a file; or set it to '' "
-                'for L1 reconstruction only.')
+                f'data.image_size={size} is too small for the LPIPS term '
+                f'({LPIPS_FIELD}): its VGG16 needs at least {lpips_lib.MIN_IMAGE_SIZE}x'
+                f'{lpips_lib.MIN_IMAGE_SIZE} images{off}.')
+        if config.data.channels not in (1, 3):
+            raise ValueError(
+                f'data.channels={config.data.channels}: the LPIPS term ({LPIPS_FIELD}) '
+                f'compares RGB (or grey) images, 3 (or 1) channels{off}.')
 
     def init_params(self, rng: jax.Array) -> dict[str, Any]:
         a_rng, d_rng = jax.random.split(rng)
@@ -135,11 +182,14 @@ class AutoencoderTask(base.Task):
 
     def init_task_state(self) -> dict[str, jax.Array]:
         """Steps taken (the adversarial switch) and the first batch's first images (the
-        reconstruction grid's inputs, so every grid shows the same digits)."""
+        reconstruction grid's inputs, so every grid shows the same digits; absent
+        without grids: orbax cannot save an empty array)."""
         size, channels = self.config.data.image_size, self.config.data.channels
-        return {'step': jnp.zeros((), jnp.int32),
-                'grid_images': jnp.zeros((num_grid_images(self.config), size, size, channels),
-                                         jnp.float32)}
+        n = num_grid_images(self.config)
+        state = {'step': jnp.zeros((), jnp.int32)}
+        if n > 0:
+            state['grid_images'] = jnp.zeros((n, size, size, channels), jnp.float32)
+        return state
 
     def prepare_batch(self, batch, rng, task_state):
         x = batch['image'].astype(jnp.float32)
@@ -158,16 +208,43 @@ class AutoencoderTask(base.Task):
         return self.autoencoder.apply({'params': ae_params}, x, None if self.vq else noise,
                                       features_only=True)
 
-    def adaptive_weight(self, params, x, features) -> jax.Array:
+    def perceptual_reference(self, x: jax.Array) -> tuple[jax.Array, ...] | None:
+        """LPIPS features of the inputs x [B, H, W, C] (computed once per loss), or
+        None without the perceptual term."""
+        if self.perceptual_weight == 0:
+            return None
+        if self.lpips_params is None:
+            raise ValueError('This AutoencoderTask was built with perceptual=False, but the '
+                             f'config has the LPIPS term ({LPIPS_FIELD}); build it with '
+                             'perceptual=True to train.')
+        return jax.lax.stop_gradient(self.lpips.apply(
+            {'params': self.lpips_params}, x, method=lpips_lib.LPIPS.features))
+
+    def reconstruction_loss(self, x, x_rec, reference):
+        """(the reconstruction loss [B], LPIPS(x, x_rec) [B] or None): L1 summed over
+        pixels, plus the perceptual term when `reference` (of x) is given."""
+        if reference is None:
+            return ae_losses.l1_reconstruction(x, x_rec), None
+        apply = functools.partial(self.lpips.apply, {'params': self.lpips_params})
+        distance = apply(reference, apply(x_rec, method=lpips_lib.LPIPS.features),
+                         method=lpips_lib.LPIPS.distance)
+        return (ae_losses.perceptual_reconstruction(x, x_rec, distance,
+                                                    self.perceptual_weight), distance)
+
+    def adaptive_weight(self, params, x, features, reference=None) -> jax.Array:
         """lambda of Esser et al. 2021, Eq. 7 at the decoder's last-layer kernel, from
-        the batch-mean losses (the scalars the total loss is made of)."""
+        the batch-mean losses (the scalars the total loss is made of; the
+        reconstruction loss includes the perceptual term, as LDM's nll_loss).
+        `reference`: `perceptual_reference(x)` if already computed."""
         conv = params['autoencoder']['decoder']['conv_out']
+        if reference is None:
+            reference = self.perceptual_reference(x)
 
         def output(kernel):
             return ae_lib.apply_output_layer({**conv, 'kernel': kernel}, features)
 
         def rec_loss(kernel):
-            return jnp.mean(ae_losses.l1_reconstruction(x, output(kernel)))
+            return jnp.mean(self.reconstruction_loss(x, output(kernel), reference)[0])
 
         def adv_loss(kernel):
             logits = self.discriminate(params['discriminator'], output(kernel))
@@ -186,8 +263,12 @@ class AutoencoderTask(base.Task):
             features, latent = self.reconstruct(params['autoencoder'], x, noise)
             x_rec = ae_lib.apply_output_layer(params['autoencoder']['decoder']['conv_out'],
                                               features)
-            rec = ae_losses.l1_reconstruction(x, x_rec)
-            terms = {'rec_l1': rec / np.prod(x.shape[1:])}  # Mean |x - x_rec| per pixel.
+            reference = self.perceptual_reference(x)
+            rec, distance = self.reconstruction_loss(x, x_rec, reference)
+            # Mean |x - x_rec| per pixel.
+            terms = {'rec_l1': ae_losses.l1_reconstruction(x, x_rec) / np.prod(x.shape[1:])}
+            if distance is not None:
+                terms['lpips'] = distance
             if self.vq:
                 vq = ae_losses.vq_losses(latent['z'], latent['z_q'], a.vq_beta)
                 regulariser = vq['vq']
@@ -201,7 +282,7 @@ class AutoencoderTask(base.Task):
                 terms['kl'] = kl
 
             def adversarial():
-                weight = a.disc_weight * self.adaptive_weight(params, x, features)
+                weight = a.disc_weight * self.adaptive_weight(params, x, features, reference)
                 g = ae_losses.generator_adversarial_loss(
                     self.discriminate(params['discriminator'], x_rec))
                 return weight, g
@@ -229,16 +310,18 @@ class AutoencoderTask(base.Task):
         return jnp.mean(d_loss), {'loss': d_loss, 'd_accuracy': accuracy}
 
     def update_task_state(self, task_state, examples, terms):
-        n = task_state['grid_images'].shape[0]
-        first = task_state['step'] == 0
-        return {'step': task_state['step'] + 1,
-                'grid_images': jnp.where(first, examples['image'][:n],
-                                         task_state['grid_images'])}
+        out = {'step': task_state['step'] + 1}
+        if 'grid_images' in task_state:
+            n = task_state['grid_images'].shape[0]
+            out['grid_images'] = jnp.where(task_state['step'] == 0, examples['image'][:n],
+                                           task_state['grid_images'])
+        return out
 
     def step_metrics(self, examples, terms):
-        """Reconstruction L1 per pixel, KL (or codebook, commitment, perplexity and the
-        fraction of codes used), the adaptive weight, G's and D's losses, D's accuracy
-        on real and reconstructed patches, and whether the adversarial loss is on."""
+        """Reconstruction L1 per pixel, LPIPS (with the perceptual term), KL (or
+        codebook, commitment, perplexity and the fraction of codes used), the adaptive
+        weight, G's and D's losses, D's accuracy on real and reconstructed patches,
+        and whether the adversarial loss is on."""
         metrics = {name: jnp.mean(value) for name, value in terms[0].items() if name != 'loss'}
         metrics['d_accuracy'] = jnp.mean(terms[1]['d_accuracy'])
         metrics['adversarial'] = examples['adversarial'][0].astype(jnp.float32)

@@ -8,10 +8,14 @@ of a frozen first-stage autoencoder.
   train state.
 * `prepare_batch` encodes the batch inside the jitted step: z ~ q(z|x) for a KL
   latent (LDM's posterior sample), the encoder output before quantisation for a VQ
-  latent (LDM's VQModelInterface), times the scale factor. The scale factor is
-  `latent.scale_factor`, or, when that is 0, 1/std of the latents of the first
-  global batch, measured in the first step (LDM's scale_by_std) and kept in the
-  task state, so it is checkpointed and a resumed run uses the same value.
+  latent (LDM's VQModelInterface), times the scale factor. With
+  `latent.cache='autoencoder_workdir'` the batches hold that posterior, cached once
+  by `ddpm_jax.latent_cache`, instead of images: the step draws z from it with the
+  same noise and skips the encoder. The scale factor is `latent.scale_factor`, or,
+  when that is 0, 1/std of the latents of the first global batch, measured in the
+  first step (LDM's scale_by_std; the same batch and noise with or without the
+  cache) and kept in the task state, so it is checkpointed and a resumed run uses
+  the same value.
 * The loss, timesteps, label dropout and loss-aware sampling are `DiffusionTask`'s,
   on the latent grid [B, H/f, W/f, z]. The UNet sees the labels through
   cross-attention when `model.context_encoder` is set.
@@ -36,6 +40,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
+from ddpm_jax import config_json
 from ddpm_jax import parallel
 from ddpm_jax import schedules
 from ddpm_jax import state as state_lib
@@ -45,23 +50,41 @@ from ddpm_jax.tasks import base
 from ddpm_jax.tasks import diffusion as diffusion_task
 from ddpm_jax.tasks.autoencoder import AutoencoderTask, create_autoencoder
 
-
-def _lists_to_tuples(tree):
-    if isinstance(tree, Mapping):
-        return {k: _lists_to_tuples(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return tuple(_lists_to_tuples(v) for v in tree)
-    return tree
+# `latent.cache`: encode in the step, or once into <autoencoder_workdir>/latent_cache/.
+CACHE_CHOICES = ('none', 'autoencoder_workdir')
 
 
-def load_autoencoder(workdir: str) -> tuple[ml_collections.ConfigDict, Any]:
-    """The config and trained parameters of the newest checkpoint of an autoencoder run.
+def _checkpoint_dir(workdir: str) -> epath.Path:
+    directory = epath.Path(os.path.abspath(workdir) if '://' not in workdir else workdir)
+    return directory / 'checkpoints'
+
+
+def newest_autoencoder_step(workdir: str) -> int:
+    """The newest finished checkpoint step of an autoencoder run.
+
+    Raises:
+        ValueError: No finished checkpoint there (naming `latent.autoencoder_workdir`).
+    """
+    directory = _checkpoint_dir(workdir)
+    steps = sorted(int(p.name) for p in directory.iterdir()
+                   if p.name.isdigit() and (p / 'state').exists()) if directory.exists() else []
+    if not steps:
+        raise ValueError(f'latent.autoencoder_workdir={workdir!r} holds no finished checkpoint '
+                         f'(looked in {directory}); train the first stage there with '
+                         "task='autoencoder' (e.g. configs/digits_autoencoder.py) first.")
+    return steps[-1]
+
+
+def load_autoencoder(workdir: str, step: int | None = None
+                     ) -> tuple[ml_collections.ConfigDict, Any]:
+    """The config and trained parameters of a checkpoint of an autoencoder run.
 
     Reads the checkpoint layout of `ddpm_jax.checkpointing` with orbax directly
     (`checkpointing` imports the task registry, which imports this module).
 
     Args:
         workdir: A `task='autoencoder'` run directory.
+        step: The checkpoint step; default the newest (`newest_autoencoder_step`).
 
     Returns:
         (its config, params['autoencoder'] as host NumPy arrays).
@@ -70,21 +93,14 @@ def load_autoencoder(workdir: str) -> tuple[ml_collections.ConfigDict, Any]:
         ValueError: No finished checkpoint there, or one of another task; both name
             `latent.autoencoder_workdir`.
     """
-    directory = epath.Path(os.path.abspath(workdir) if '://' not in workdir else workdir)
-    directory = directory / 'checkpoints'
-    steps = sorted(int(p.name) for p in directory.iterdir()
-                   if p.name.isdigit() and (p / 'state').exists()) if directory.exists() else []
-    if not steps:
-        raise ValueError(f'latent.autoencoder_workdir={workdir!r} holds no finished checkpoint '
-                         f'(looked in {directory}); train the first stage there with '
-                         "task='autoencoder' (e.g. configs/digits_autoencoder.py) first.")
-    step_dir = directory / str(steps[-1])
+    step = newest_autoencoder_step(workdir) if step is None else step
+    step_dir = _checkpoint_dir(workdir) / str(step)
     saved = json.loads((step_dir / 'config' / 'metadata').read_text())
-    ae_config = ml_collections.ConfigDict(_lists_to_tuples(saved))
+    ae_config = config_json.from_json_dict(config_json.upgrade_json_dict(saved))
     if ae_config.task != 'autoencoder':
         raise ValueError(f'latent.autoencoder_workdir={workdir!r} holds a '
                          f"task={ae_config.task!r} run, not task='autoencoder'.")
-    task = AutoencoderTask(ae_config)
+    task = AutoencoderTask(ae_config, perceptual=False)
     mesh = parallel.create_mesh()
     abstract = state_lib.with_shardings(
         jax.eval_shape(functools.partial(state_lib.create_train_state, task),
@@ -163,6 +179,8 @@ class LatentDiffusionTask(diffusion_task.DiffusionTask):
              "trained task='autoencoder' run."),
             (lat.scale_factor >= 0, f'latent.scale_factor={lat.scale_factor} must be >= 0 '
                                     '(0 = measure it on the first batch).'),
+            (lat.cache in CACHE_CHOICES, f'latent.cache={lat.cache!r} is not valid; choose '
+                                         f'one of {CACHE_CHOICES}.'),
             (not s.clip_denoised, 'Latents are not confined to [-1, 1]: set '
                                   'sample.clip_denoised=False for task=latent_diffusion.'),
             (config.train.fid_every_steps == 0,
@@ -190,14 +208,29 @@ class LatentDiffusionTask(diffusion_task.DiffusionTask):
         return {'scale_factor': jnp.asarray(self.config.latent.scale_factor, jnp.float32),
                 'sampler': super().init_task_state()}
 
-    def encode(self, images: jax.Array, noise: jax.Array) -> jax.Array:
-        """Unscaled latents [B, h, w, z] of images in [-1, 1] (frozen parameters)."""
+    def posterior(self, images: jax.Array) -> dict[str, jax.Array]:
+        """What q(z|x) of images in [-1, 1] needs to draw a latent (frozen parameters):
+        {'mean', 'logvar'} [B, h, w, z] for a KL latent, {'mean'} (the encoder output
+        before quantisation, a point mass) for a VQ latent. The cached batches of
+        `ddpm_jax.latent_cache` hold these arrays instead of 'image'."""
         out = self.autoencoder.apply({'params': self.ae_params}, images,
                                      method=ae_lib.Autoencoder.encode)
         if self.autoencoder.kind == 'vq':
-            return out
+            return {'mean': jax.lax.stop_gradient(out)}
         mean, logvar = out
-        return jax.lax.stop_gradient(mean + jnp.exp(0.5 * logvar) * noise)
+        return {'mean': jax.lax.stop_gradient(mean), 'logvar': jax.lax.stop_gradient(logvar)}
+
+    @staticmethod
+    def sample_posterior(moments: Mapping[str, jax.Array], noise: jax.Array) -> jax.Array:
+        """z = mean + exp(logvar / 2) * noise (Kingma & Welling 2014's reparameterisation),
+        or the mean of a VQ latent."""
+        if 'logvar' not in moments:
+            return moments['mean']
+        return moments['mean'] + jnp.exp(0.5 * moments['logvar']) * noise
+
+    def encode(self, images: jax.Array, noise: jax.Array) -> jax.Array:
+        """Unscaled latents [B, h, w, z] of images in [-1, 1] (frozen parameters)."""
+        return self.sample_posterior(self.posterior(images), noise)
 
     def decode(self, ae_params: Any, latents: jax.Array, scale_factor: jax.Array) -> jax.Array:
         """Images [B, H, W, C] in [-1, 1] of scaled latents."""
@@ -206,15 +239,24 @@ class LatentDiffusionTask(diffusion_task.DiffusionTask):
         return jnp.clip(images, -1.0, 1.0)
 
     def prepare_batch(self, batch, rng, task_state):
+        """Encodes batch['image'], or reads the cached posterior of `latent_cache`
+        (batch['mean'] and, for a KL latent, batch['logvar']) without the encoder: the
+        same noise either way, so both give the same z (up to the encoder's float
+        rounding) and the same scale factor."""
         encode_rng, rng = jax.random.split(rng)
-        x = batch['image'].astype(jnp.float32)
-        z = self.encode(x, jax.random.normal(encode_rng, (x.shape[0],) + self.latent_shape))
+        batch_size = batch['label'].shape[0]
+        noise = jax.random.normal(encode_rng, (batch_size,) + self.latent_shape)
+        if 'image' in batch:
+            moments = self.posterior(batch['image'].astype(jnp.float32))
+        else:
+            moments = {k: batch[k].astype(jnp.float32) for k in ('mean', 'logvar') if k in batch}
+        z = self.sample_posterior(moments, noise)
         measured = 1.0 / jnp.std(z)  # Over the whole global batch (LDM's scale_by_std).
         stored = task_state['scale_factor']
         scale = jnp.where(stored > 0, stored, measured).astype(jnp.float32)
         examples = super().prepare_batch({'image': z * scale, 'label': batch['label']}, rng,
                                          task_state['sampler'])
-        examples['scale_factor'] = jnp.full((x.shape[0],), scale)
+        examples['scale_factor'] = jnp.full((batch_size,), scale)
         return examples
 
     def update_task_state(self, task_state, examples, terms):

@@ -14,8 +14,11 @@ network predicts eps; VE: s = output / sigma, it predicts -eps), and the loss of
 Sampling (`make_sample_fn`, used by --mode=sample / fid and the training grids): the
 trained SDE's samplers of `sde_samplers` selected by `sample.sampler`: 'pc' (predictor
 `sample.predictor` + Langevin corrector of snr `sample.pc_snr`, `sde.num_scales` steps),
-'sde' (the predictor alone), 'ode' (adaptive probability-flow ODE) and 'heun' (Karras
-et al. 2022 on the denoiser of the score, VP and VE), all ending at `sde.sampling_eps`;
+'sde' (the predictor alone), 'ode' (adaptive probability-flow ODE), 'heun' (Karras
+et al. 2022 on the denoiser of the score, any SDE, first sigma capped at
+`sample.heun_sigma_max`), all ending at `sde.sampling_eps`, and 'langevin' (NCSN's
+annealed Langevin dynamics in y = x / alpha on `sample.langevin_num_levels` geometric
+levels, by default the model's range: for a discrete NCSN model exactly its levels);
 jitted once per batch size with the batch sharded `P('data')`, like the diffusion task.
 """
 
@@ -39,7 +42,7 @@ from ddpm_jax.tasks import diffusion as diffusion_task
 
 SDE_KINDS = ('vp', 'subvp', 've')
 # The samplers of `sampler_registry.SAMPLERS` that run on a trained SDE.
-SCORE_SAMPLERS = ('pc', 'sde', 'ode', 'heun')
+SCORE_SAMPLERS = ('pc', 'sde', 'ode', 'heun', 'langevin')
 
 
 def create_sde(config: ml_collections.ConfigDict):
@@ -75,15 +78,38 @@ def make_score_fn(config: ml_collections.ConfigDict, sde, model_fn: Callable,
     return score_fn
 
 
+def sigma_range(config: ml_collections.ConfigDict, sde) -> tuple[float, float]:
+    """(largest, smallest) sigma = std / alpha the model was trained at: sigma(1) and
+    sigma(sde.sampling_eps), or sigma(0) for NCSN's discrete levels (its last level)."""
+    t_lo = 0.0 if not config.sde.continuous else float(config.sde.sampling_eps)
+    lo, hi = (float(v) for v in sde_lib.sigma_of_t(sde, jnp.asarray([t_lo, 1.0])))
+    return hi, lo
+
+
 def _heun_constants(config, sde) -> tuple[jax.Array, float]:
-    """Karras et al.'s sigmas between sigma(eps) and sigma(1), and alpha(1) (concrete)."""
+    """Karras et al.'s sigmas between sigma(eps) and sigma(1) (capped at
+    `sample.heun_sigma_max`), and the std of the start y (concrete): the prior's, alpha(1)
+    scaled to the first sigma."""
     ts = jnp.asarray([config.sde.sampling_eps, 1.0], jnp.float32)
     sigma_lo, sigma_hi = (float(v) for v in sde_lib.sigma_of_t(sde, ts))
-    sigmas = sde_samplers.karras_sigmas(int(config.sample.num_steps), sigma_lo, sigma_hi)
-    return sigmas, float(sde_lib.marginal_coefs(sde, ts[1:])[0][0])
+    first = sde_samplers.capped_sigma_max(sigma_hi, float(config.sample.heun_sigma_max))
+    sigmas = sde_samplers.karras_sigmas(int(config.sample.num_steps), sigma_lo, first)
+    alpha_1 = float(sde_lib.marginal_coefs(sde, ts[1:])[0][0])
+    return sigmas, sde_lib.prior_std(sde) / alpha_1 * first / sigma_hi
 
 
-def _run_sampler(config, sde, score_fn, shape, rng, heun_constants=None):
+def _langevin_levels(config, sde) -> tuple[float, float, int]:
+    """(sigma_1, sigma_L, L) of the 'langevin' sampler: the `sample.langevin_*` fields,
+    0 meaning the model's own (`sigma_range`, sde.num_scales)."""
+    s = config.sample
+    hi, lo = sde_samplers.langevin_sigma_range(*sigma_range(config, sde),
+                                               float(s.langevin_sigma_max),
+                                               float(s.langevin_sigma_min))
+    num_levels = int(s.langevin_num_levels) or int(config.sde.num_scales)
+    return hi, lo, num_levels
+
+
+def _run_sampler(config, sde, score_fn, shape, rng, constants=None):
     """(samples, nfe) of `config.sample.sampler` on the trained SDE."""
     s, c = config.sample, config.sde
     eps = float(c.sampling_eps)
@@ -95,10 +121,16 @@ def _run_sampler(config, sde, score_fn, shape, rng, heun_constants=None):
             sde, score_fn, shape, rng, num_steps=int(c.num_scales), eps=eps,
             predictor=s.predictor, corrector='langevin' if s.sampler == 'pc' else 'none',
             snr=float(s.pc_snr))
+    elif s.sampler == 'langevin':  # In y = x / alpha, from sigma_1 N(0, I).
+        hi, lo, num_levels = constants
+        out = sde_samplers.sde_langevin_sample(
+            sde, score_fn, shape, rng, sigma_max=hi, sigma_min=lo, num_levels=num_levels,
+            step_size=float(s.langevin_step_size),
+            steps_per_level=int(s.langevin_steps_per_level), denoise=bool(s.langevin_denoise))
     else:  # 'heun' in Karras et al.'s variables y = x / alpha, from a prior draw.
-        sigmas, alpha_1 = heun_constants
+        sigmas, y_std = constants
         init_rng, noise_rng = jax.random.split(rng)
-        y_init = sde_lib.prior_sample(sde, init_rng, shape) / alpha_1
+        y_init = y_std * jax.random.normal(init_rng, tuple(shape), jnp.float32)
         out = sde_samplers.karras_sample(sde_lib.denoiser_from_score(sde, score_fn), sigmas,
                                          shape, noise_rng, s_churn=float(s.s_churn),
                                          x_init=y_init)
@@ -132,7 +164,8 @@ def make_sample_fn(config: ml_collections.ConfigDict, model: nn.Module, *,
     conditional = m.num_classes > 0
     guidance_scale = float(config.sample.guidance_scale)
     config = ml_collections.ConfigDict(config.to_dict())  # Later edits do not leak in.
-    heun_constants = _heun_constants(config, sde) if config.sample.sampler == 'heun' else None
+    constants = {'heun': _heun_constants, 'langevin': _langevin_levels}.get(
+        config.sample.sampler, lambda *_: None)(config, sde)
 
     def constrain(x):
         return jax.lax.with_sharding_constraint(x, batch_sharded)
@@ -149,7 +182,7 @@ def make_sample_fn(config: ml_collections.ConfigDict, model: nn.Module, *,
         score_fn = make_score_fn(config, sde, model_fn,
                                  {'y': labels} if conditional else None)
         x, nfe = _run_sampler(config, sde, score_fn, (labels.shape[0],) + image_shape, rng,
-                              heun_constants)
+                              constants)
         return jnp.clip(x, -1.0, 1.0), nfe
 
     jitted = jax.jit(sample, in_shardings=(replicated, replicated, batch_sharded),
@@ -221,9 +254,15 @@ class ScoreTask(base.SingleModelTask):
         if s.sampler not in SCORE_SAMPLERS:
             raise ValueError(f"task='score' samples with sample.sampler in {SCORE_SAMPLERS}, "
                              f'got {s.sampler!r}.')
-        if s.sampler == 'heun' and c.kind == 'subvp':
-            raise ValueError("sample.sampler='heun' needs sde.kind='vp' or 've' (the sub-VP "
-                             "SDE has no closed-form t(sigma)); use 'ode', 'pc' or 'sde'.")
+        if s.sampler == 'langevin':
+            sde = create_sde(config)
+            model_hi, model_lo = sigma_range(config, sde)
+            for field in ('langevin_sigma_max', 'langevin_sigma_min'):
+                v = s[field]
+                if v != 0 and not model_lo * 0.999 <= v <= model_hi * 1.001:
+                    raise ValueError(f'sample.{field}={v} is outside the model\'s noise levels '
+                                     f'(sigma in [{model_lo:.4g}, {model_hi:.4g}]); 0 = '
+                                     'that end.')
         if s.classifier_scale != 0:
             raise ValueError(f'sample.classifier_scale={s.classifier_scale}: task=\'score\' '
                              'has no classifier guidance; set it to 0.')

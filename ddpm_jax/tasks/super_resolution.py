@@ -12,7 +12,8 @@ low-resolution inputs and the checks of what `--mode=sample` upsamples.
   adaptive average pooling, whose bins are the k x k blocks for an integer factor).
   Like guided-diffusion, the low-resolution input is not quantised to uint8 in
   training (at sampling time it comes from uint8 images) and gets no noise
-  augmentation. (The high-resolution images themselves come from `ddpm_jax.data`:
+  augmentation. `conditioning` makes it; `--mode=eval` reuses it, so an upsampler's
+  bits/dim are those of each eval image given its own low-resolution version. (The high-resolution images themselves come from `ddpm_jax.data`:
   an antialiased PIL bicubic resize, where guided-diffusion halves with BOX filters
   first and then resizes bicubically; for images already of `data.image_size`,
   e.g. a prepared 256x256 dataset, both are the identity.)
@@ -41,8 +42,8 @@ import numpy as np
 from ddpm_jax import parallel
 from ddpm_jax.tasks import diffusion as diffusion_task
 
-__all__ = ['SuperResolutionTask', 'downsample_area', 'upsample_nearest', 'to_model_range',
-           'open_low_res_npz', 'base_sample_config']
+__all__ = ['SuperResolutionTask', 'downsample_area', 'conditioning', 'quantize',
+           'upsample_nearest', 'to_model_range', 'open_low_res_npz', 'base_sample_config']
 
 # Data images kept in the task state for the grids: a constant, so that the state (and
 # the checkpoint) does not depend on train.num_grid_samples or the batch size.
@@ -77,6 +78,29 @@ def downsample_area(images: jax.Array, size: int) -> jax.Array:
     k_h, k_w = height // size, width // size
     blocks = images.reshape(batch, size, k_h, size, k_w, channels)
     return jnp.mean(blocks, axis=(2, 4), dtype=jnp.float32).astype(images.dtype)
+
+
+def conditioning(config: ml_collections.ConfigDict, images: jax.Array) -> dict[str, jax.Array]:
+    """The upsampler's inputs besides (x_t, t, y) for high-resolution images, as training
+    makes them (`SuperResolutionTask.prepare_batch`; `--mode=eval` reuses it, so its
+    bits/dim are those of the image given its own low-resolution version).
+
+    Args:
+        config: The upsampler's config (reads `model.low_res_size`).
+        images: Float [B, H, W, C] in [-1, 1].
+
+    Returns:
+        {'low_res': [B, s, s, C]}: `downsample_area` to s = model.low_res_size, not
+        quantised (guided-diffusion's super_res_train.py does not quantise either).
+    """
+    return {'low_res': downsample_area(images, config.model.low_res_size)}
+
+
+def quantize(images: jax.Array) -> jax.Array:
+    """Float images in [-1, 1] rounded to the uint8 grid and mapped back to [-1, 1]:
+    what writing them to an .npz (`images.to_uint8`) and reading them does, in jit."""
+    pixels = jnp.clip(jnp.round((images.astype(jnp.float32) + 1.0) * 127.5), 0.0, 255.0)
+    return pixels / 127.5 - 1.0
 
 
 def upsample_nearest(images: np.ndarray, factor: int) -> np.ndarray:
@@ -254,7 +278,7 @@ class SuperResolutionTask(diffusion_task.DiffusionTask):
 
     def prepare_batch(self, batch, rng, task_state):
         examples = super().prepare_batch(batch, rng, task_state['timesteps'])
-        examples['low_res'] = downsample_area(examples['image'], self.low_res_size)
+        examples.update(conditioning(self.config, examples['image']))
         examples['data_label'] = batch['label'].astype(jnp.int32)  # Before label dropout.
         return examples
 

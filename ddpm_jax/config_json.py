@@ -1,0 +1,85 @@
+"""Config records as JSON: conversion both ways and the upgrade of older schemas.
+
+Kept apart from `config_lib` (which re-exports these names) because it imports
+nothing of the package: modules that `config_lib` itself imports, such as the tasks,
+read saved configs through it.
+"""
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+__all__ = ['to_json_dict', 'from_json_dict', 'upgrade_json_dict', 'fill_missing']
+
+
+def to_json_dict(config: ml_collections.ConfigDict) -> dict:
+    """The config as plain JSON types (tuples become lists)."""
+    return json.loads(config.to_json())
+
+
+def from_json_dict(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """Inverse of `to_json_dict` (JSON lists become tuples again)."""
+    return ml_collections.ConfigDict(_lists_to_tuples(dict(saved)))
+
+
+def _lists_to_tuples(tree):
+    if isinstance(tree, Mapping):
+        return {k: _lists_to_tuples(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return tuple(_lists_to_tuples(v) for v in tree)
+    return tree
+
+
+def upgrade_json_dict(saved: Mapping[str, Any]) -> dict:
+    """A config record of an earlier schema in the current one.
+
+    Version 0.1 had no `task` (a classifier was trained when model.name was
+    'classifier'), called `diffusion.timestep_sampling` `timestep_sampler`, and had no
+    `model.latent_dim` / `model.mapping_layers` (0 and 3: not a generator).
+    Autoencoder records before the LPIPS term have no `autoencoder.vgg16_weights_path`
+    ('': no perceptual term, which they could not have had). Latent diffusion records
+    before latent caching have no `latent.cache` ('none': encode in the step).
+    """
+    saved = json.loads(json.dumps(saved))  # A deep copy.
+    if 'task' not in saved:
+        is_classifier = saved.get('model', {}).get('name') == 'classifier'
+        saved['task'] = 'classifier' if is_classifier else 'diffusion'
+    d = saved.get('diffusion', {})
+    if 'timestep_sampler' in d:
+        d['timestep_sampling'] = d.pop('timestep_sampler')
+    model = saved.get('model', {})
+    model.setdefault('latent_dim', 0)  # Added with the DDGAN generator.
+    model.setdefault('mapping_layers', 3)
+    for name in ('disc_num_res_blocks', 'disc_attention_resolutions', 'disc_num_groups'):
+        saved.get('gan', {}).pop(name, None)  # The ADM-encoder discriminator before 0.2.
+    model.setdefault('legacy_qkv_order', False)  # Added with the released checkpoints.
+    model.setdefault('timestep_scale', 1.0)
+    model.setdefault('low_res_size', 0)
+    model.setdefault('remat_policy', 'full')  # Added with the remat policies.
+    for name, value in (('context_encoder', 'none'), ('context_dim', 0),
+                        ('context_layers', 1), ('context_vocab_size', 0)):
+        model.setdefault(name, value)  # Added with cross-attention (latent diffusion).
+    if 'latent' in saved:  # Added with latent caching.
+        saved['latent'].setdefault('cache', 'none')
+    if 'autoencoder' in saved:  # Added with the LPIPS term (lpips_weights_path was unused).
+        saved['autoencoder'].setdefault('vgg16_weights_path', '')
+    return saved
+
+
+def fill_missing(saved: Mapping[str, Any], schema: Mapping[str, Any]) -> dict:
+    """`saved` with every field it lacks taken from `schema` (both JSON dicts).
+
+    A record written before a field existed (a sampler option, a whole group) cannot
+    say its value; where a stored config becomes the config of a run (a cascade's
+    base model, a guidance classifier), the running config's value stands in for it.
+    Fields `saved` has are kept as they are.
+    """
+    out = json.loads(json.dumps(saved))  # A deep copy.
+    for key, value in schema.items():
+        if key not in out:
+            out[key] = json.loads(json.dumps(value))
+        elif isinstance(value, Mapping) and isinstance(out[key], Mapping):
+            out[key] = fill_missing(out[key], value)
+    return out

@@ -1,0 +1,69 @@
+"""The benchmarks' shared helpers: config overrides and the profile summary's parsing."""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'bench'))
+
+import common  # noqa: E402
+
+HLO = """HloModule jit_f
+
+%fused_computation.7 (param_0: f32[4,3,3,8], param_1: f32[3,3,8,2]) -> f32[8,3,3,2] {
+  %param_0 = f32[4,3,3,8]{3,2,1,0} parameter(0)
+  %param_1 = f32[3,3,8,2]{3,2,1,0} parameter(1)
+  ROOT %convolution.1 = f32[8,3,3,2]{3,2,1,0} convolution(%param_0, %param_1), window={size=3x3}
+}
+
+ENTRY %main.9 (x: f32[4,3,3,8]) -> f32[8,3,3,2] {
+  %x = f32[4,3,3,8]{3,2,1,0} parameter(0)
+  %add.3 = f32[4,3,3,8]{3,2,1,0} add(%x, %x), metadata={op_name="jit(f)/jvp(UNet)/down_0_res_1/in_conv/add"}
+  %ynn_fusion.7 = f32[8,3,3,2]{3,2,1,0} fusion(%add.3, %add.3), kind=kCustom, calls=%fused_computation.7, backend_config={"fusion_config":{"kind":"__ynn_fusion"}}
+  ROOT %tanh.2 = f32[8,3,3,2]{3,2,1,0} tanh(%ynn_fusion.7), metadata={op_name="jit(f)/transpose(jvp(UNet))/up_12_attn_0/tanh"}
+}
+"""
+
+
+def test_hlo_index_kinds_paths_and_filter_gradients():
+    index = common._hlo_index(HLO)
+    assert index['add.3'] == ('add', 'jit(f)/jvp(UNet)/down_0_res_1/in_conv/add')
+    assert index['ynn_fusion.7'] == (
+        '__ynn_fusion', '(convolution without metadata (filter gradients))')
+    assert index['tanh.2'][0] == 'tanh'
+
+
+def test_op_group_folds_block_numbers_and_direction():
+    assert (common._op_group('jit(f)/jvp(UNet)/down_0_res_1/in_conv/add')
+            == 'fwd down_*_res_*/in_conv/add')
+    assert (common._op_group('jit(f)/transpose(jvp(UNet))/up_12_attn_0/tanh')
+            == 'bwd up_*_attn_*/tanh')
+
+
+def test_profile_summary_attributes_the_matmul():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(256, 256)), jnp.float32)
+    f = jax.jit(lambda a: jnp.tanh(a @ a) + 1.0)
+    compiled = f.lower(x).compile()
+
+    def run():
+        for _ in range(3):
+            out = compiled(x)
+        jax.block_until_ready(out)
+
+    rows = common.profile_summary(run, compiled, steps=3, top=10)
+    assert rows, 'no op of the compiled module was found in the trace'
+    assert sum(r['share'] for r in rows) == pytest.approx(1.0, abs=0.01)
+    assert all(r['ms_per_step'] >= 0 for r in rows)
+    assert any('dot' in r['op'] or 'dot' in r['kind'] or 'ynn' in r['kind'] for r in rows)
+
+
+def test_load_config_override_rejects_unknown_field():
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs', 'digits.py')
+    config = common.load_config(path, ['model.base_channels=16', 'model.dtype=bfloat16'])
+    assert config.model.base_channels == 16 and config.model.dtype == 'bfloat16'
+    with pytest.raises(ValueError, match='not_a_field'):
+        common.load_config(path, ['model.not_a_field=1'])
