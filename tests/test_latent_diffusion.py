@@ -108,14 +108,7 @@ def test_scale_factor_gives_unit_variance_latents(autoencoder):
 def test_trains_checkpoints_resumes_and_samples_decoded_images(autoencoder, tmp_path):
     # The first stage as a task='autoencoder' run leaves it: a checkpoint in its workdir.
     ae_cfg, ae_params = autoencoder
-    ae_task = tasks.create_task(ae_cfg)
-    shapes = jax.eval_shape(lambda: state_lib.create_train_state(ae_task, jax.random.key(0)))
-    ae_state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes).replace(
-        params={'autoencoder': ae_params, 'discriminator': random_params(ae_task)[
-            'discriminator']})
-    with checkpointing.create_checkpoint_manager(str(tmp_path / 'ae'), ae_cfg) as manager:
-        checkpointing.save_checkpoint(manager, 7, ae_state, ae_cfg, force=True)
-        manager.wait_until_finished()
+    save_autoencoder(autoencoder, tmp_path / 'ae')
     loaded_cfg, loaded = latent_diffusion.load_autoencoder(str(tmp_path / 'ae'))
     assert loaded_cfg.autoencoder.to_dict() == ae_cfg.autoencoder.to_dict()
     jax.tree.map(np.testing.assert_array_equal, loaded, ae_params)
