@@ -94,7 +94,8 @@ def main():
     jax.block_until_ready((state, metrics))
     step_s = (time.perf_counter() - start) / args.steps
     cpu_s = (time.process_time() - cpu_start) / args.steps
-    assert np.isfinite(float(parallel.to_host(metrics['loss'])))
+    losses = {k: v for k, v in metrics.items() if k.startswith('loss')}  # Per phase: loss_<part>.
+    assert losses and all(np.isfinite(float(parallel.to_host(v))) for v in losses.values()), losses
 
     if args.profile:
         profile_batches = [parallel.to_global(next(iterator), mesh)

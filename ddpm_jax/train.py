@@ -39,6 +39,7 @@ from jax.experimental import multihost_utils
 
 from ddpm_jax import checkpointing
 from ddpm_jax import config_lib
+from ddpm_jax import control_flow
 from ddpm_jax import data as data_lib
 from ddpm_jax import images as images_lib
 from ddpm_jax import latent_cache
@@ -74,7 +75,8 @@ def make_train_step_fn(task: tasks.Task, mesh: jax.sharding.Mesh | None = None
     Per step: fold the step into `rng`; let the task draw its per-example inputs
     for the whole global batch (`task.prepare_batch`); then for each of the task's
     phases, average the gradients of its loss with respect to the phase's parts
-    over `train.grad_accum_steps` micro-batches in a `lax.scan` (the same draws, so
+    over `train.grad_accum_steps` micro-batches in a `lax.scan` (unrolled on the CPU,
+    see `control_flow`; the same draws, so
     equal to one big batch up to float rounding) and apply each part's optimiser;
     then update the EMAs and the task state. If any loss or gradient norm is not
     finite the old state is returned unchanged and `metrics['finite']` is 0.
@@ -126,7 +128,8 @@ def make_train_step_fn(task: tasks.Task, mesh: jax.sharding.Mesh | None = None
             return jax.tree.map(jnp.add, grad_sum, g), (micro_loss, micro_terms)
 
         zeros = jax.tree.map(jnp.zeros_like, trainable)
-        grads, (micro_losses, terms) = jax.lax.scan(
+        # On the CPU unrolled: gradients inside a loop body run far slower there.
+        grads, (micro_losses, terms) = control_flow.scan(
             body, zeros, (jnp.arange(accum), jax.tree.map(split, examples)))
         grads = jax.tree.map(lambda g: g / accum, grads)
         # [A, B/A] -> [B] in the original example order.

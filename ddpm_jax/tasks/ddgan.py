@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ddpm_jax import control_flow
 from ddpm_jax import diffusion
 from ddpm_jax import schedules
 from ddpm_jax import state as state_lib
@@ -178,8 +179,9 @@ class DDGANTask(diffusion_task.DiffusionTask):
             real = self.discriminator_logits(disc, real_prev, x_t, i, labels)
             fake = self.discriminator_logits(disc, fake_prev, x_t, i, labels)
             active = examples['r1_active'][0]
-            r1 = jax.lax.cond(active, lambda: self.r1_penalty(disc, real_prev, x_t, i, labels),
-                              lambda: jnp.zeros_like(real))
+            # Skipped on inactive steps (on the CPU computed and masked: see control_flow).
+            r1 = control_flow.cond(active, lambda: self.r1_penalty(disc, real_prev, x_t, i, labels),
+                                   lambda: jnp.zeros_like(real))
             per_example = (jax.nn.softplus(-real) + jax.nn.softplus(fake)
                            + 0.5 * self.config.gan.r1_gamma * r1)
             terms = {'loss': per_example, 'd_real_accuracy': (real > 0).astype(jnp.float32),
