@@ -21,8 +21,9 @@ import jax.numpy as jnp
 
 def cond(pred: jax.Array, true_fn: Callable, false_fn: Callable, *operands: Any) -> Any:
     """`lax.cond(pred, true_fn, false_fn, *operands)`; on the CPU both branches
-    computed and selected with `jnp.where` (whose gradient is zero on the branch
-    not taken)."""
+    computed and selected with `jnp.where`, which sends a zero cotangent into the
+    branch not taken (so, as with any `where`, a branch whose derivative is infinite
+    there would give NaN: keep both branches smooth, as the R1 penalty is)."""
     def select(*ops):
         return jax.tree.map(lambda a, b: jnp.where(pred, a, b), true_fn(*ops), false_fn(*ops))
 

@@ -76,10 +76,10 @@ def make_train_step_fn(task: tasks.Task, mesh: jax.sharding.Mesh | None = None
     for the whole global batch (`task.prepare_batch`); then for each of the task's
     phases, average the gradients of its loss with respect to the phase's parts
     over `train.grad_accum_steps` micro-batches in a `lax.scan` (unrolled on the CPU,
-    see `control_flow`; the same draws, so
-    equal to one big batch up to float rounding) and apply each part's optimiser;
-    then update the EMAs and the task state. If any loss or gradient norm is not
-    finite the old state is returned unchanged and `metrics['finite']` is 0.
+    see `control_flow`; the same draws, so equal to one big batch up to float
+    rounding) and apply each part's optimiser; then update the EMAs and the task
+    state. If any loss or gradient norm is not finite the old state is returned
+    unchanged and `metrics['finite']` is 0.
 
     Args:
         task: The task (`tasks.create_task(config)`).
