@@ -35,9 +35,11 @@ def main(argv):
     from ddpm_jax import evaluate, parallel, sample_mode, sample_quality, train, upsampling
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                     _PROCESS_ID.value)
+    reused = parallel.reuse_cpu_step_memory()  # Before the backends start.
     pylogging.getLogger('ddpm_jax').info(
-        'Process %d of %d; %d local / %d global devices: %s', jax.process_index(),
-        jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices())
+        'Process %d of %d; %d local / %d global devices: %s%s', jax.process_index(),
+        jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices(),
+        ' (step memory reused between steps)' if reused else '')
     run = {'train': train.run_training, 'sample': sample_mode.sample_and_save,
            'eval': evaluate.evaluate, 'fid': sample_quality.evaluate_samples}[_MODE.value]
     if _CONFIG.value.task == 'super_resolution':  # An upsampler: .npz inputs or a cascade.

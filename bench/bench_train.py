@@ -9,9 +9,11 @@ step over a ('data',) mesh of all devices. Reports the compile time of the step,
 the mean step time after warm-up, images/s, and the step's FLOPs from XLA's cost
 analysis; on a GPU/TPU also the achieved FLOP/s as a fraction of the device's peak
 (dense bf16 for bfloat16 models, TF32 for float32 ones, or --peak_tflops), the
-process CPU seconds per step (on a CPU: robust to other load, unlike wall time) and
-the peak memory (the device allocator's high-water mark, or XLA's compiled estimate
-on a CPU). `--profile=N` traces N more steps and prints the top ops by time, grouped
+process CPU seconds and minor page faults per step (on a CPU: robust to other load,
+unlike wall time) and the peak memory (the device allocator's high-water mark, or
+XLA's compiled estimate on a CPU). Like main.py it first calls
+`parallel.reuse_cpu_step_memory()` (one CPU device: the step's memory is reused, not
+faulted in anew each step); `--plain_cpu_memory` skips that, for comparison. `--profile=N` traces N more steps and prints the top ops by time, grouped
 by the model code they come from (forward / backward). One JSON line is printed at
 the end.
 
@@ -21,6 +23,7 @@ the end.
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 
@@ -61,8 +64,11 @@ def main():
     parser.add_argument('--profile', type=int, default=0, metavar='N',
                         help='Also trace N steps and print the top ops by time.')
     parser.add_argument('--profile_top', type=int, default=20, help='Rows of --profile.')
+    parser.add_argument('--plain_cpu_memory', action='store_true',
+                        help="Skip main.py's parallel.reuse_cpu_step_memory() (for comparison).")
     args = parser.parse_args()
 
+    reuse_memory = not args.plain_cpu_memory and parallel.reuse_cpu_step_memory()
     config = load_config(args.config, args.override)
     config.data.dataset = 'fake'
     config.data.prefetch_batches = 2
@@ -88,12 +94,14 @@ def main():
         state, metrics = compiled(state, parallel.to_global(next(iterator), mesh), rng)
     jax.block_until_ready(state)
     batches = [parallel.to_global(next(iterator), mesh) for _ in range(args.steps)]
+    faults_start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start, cpu_start = time.perf_counter(), time.process_time()
     for batch in batches:
         state, metrics = compiled(state, batch, rng)
     jax.block_until_ready((state, metrics))
     step_s = (time.perf_counter() - start) / args.steps
     cpu_s = (time.process_time() - cpu_start) / args.steps
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_start) / args.steps
     losses = {k: v for k, v in metrics.items() if k.startswith('loss')}  # Per phase: loss_<part>.
     assert losses and all(np.isfinite(float(parallel.to_host(v))) for v in losses.values()), losses
 
@@ -118,7 +126,8 @@ def main():
         'dtype': config.model.dtype, 'params_M': round(num_params / 1e6, 2),
         'device': f'{num_devices} x {device.device_kind}', 'platform': device.platform,
         'compile_s': round(compile_s, 2), 'step_s': round(step_s, 4),
-        'cpu_s_per_step': round(cpu_s, 4),
+        'cpu_s_per_step': round(cpu_s, 4), 'cpu_step_memory_reused': reuse_memory,
+        'page_faults_per_step': round(faults),
         'peak_memory_gb': _peak_memory_gb(compiled, device),
         'images_per_s': round(config.train.global_batch_size / step_s, 1),
     }

@@ -1,7 +1,12 @@
 """Tests for ddpm_jax.parallel on four CPU devices: the mesh and every conversion."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
+import pytest
 
 from ddpm_jax import parallel
 
@@ -60,3 +65,45 @@ def test_shard_rows_reads_only_each_device_rows():
     sharded = parallel.shard_rows(read_rows, 8, mesh)
     np.testing.assert_array_equal(parallel.gather(sharded), data)
     assert sorted(c for c in calls if c[1] > c[0]) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+
+
+_FAULTS_SCRIPT = '''
+import resource, sys
+import jax, jax.numpy as jnp
+from ddpm_jax import parallel
+reused = parallel.reuse_cpu_step_memory() if sys.argv[1] == 'reuse' else False
+jax.devices()
+again = parallel.reuse_cpu_step_memory()  # The backends have started: does nothing.
+f = jax.jit(lambda x, w: (x * 2.0) @ w)  # x * 2.0 is a 64 MiB temporary.
+x, w = jnp.ones((4096, 4096)), jnp.ones((4096, 8))
+temp = f.lower(x, w).compile().memory_analysis().temp_size_in_bytes
+faults = []
+for _ in range(16):
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    jax.block_until_ready(f(x, w))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+pages = temp // resource.getpagesize()
+print(reused, again, jax.device_count(), pages, sum(n > pages // 2 for n in faults))
+'''
+
+
+def _run_faults(mode, devices):
+    env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+    out = subprocess.run([sys.executable, '-c', _FAULTS_SCRIPT, mode], env=env, check=True,
+                         capture_output=True, text=True).stdout.split()
+    return out[0] == 'True', out[1] == 'True', int(out[2]), int(out[3]), int(out[4])
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc heap')
+def test_reuse_cpu_step_memory_stops_refaulting_the_temporaries():
+    # Plain: each of 16 calls faults its 64 MiB temporary (16,384 pages) in anew.
+    reused, again, devices, pages, refaulted = _run_faults('plain', 1)
+    assert (reused, again, devices, pages) == (False, False, 1, 16384)
+    assert refaulted >= 15, refaulted
+    # Reused: once the heap holds the block (a call or two; the previous call's block
+    # may not be free yet), calls fault in next to nothing.
+    reused, again, devices, pages, refaulted = _run_faults('reuse', 1)
+    assert (reused, again, devices) == (True, False, 1)
+    assert refaulted <= 6, refaulted
+    # Several devices: the heap is left alone.
+    assert _run_faults('reuse', 2)[:3] == (False, False, 2)
