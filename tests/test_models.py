@@ -5,6 +5,8 @@ images), parameters are mostly drawn with NumPy from `jax.eval_shape` shapes ins
 of compiling `model.init`, and compiled functions are shared via module fixtures.
 """
 
+import functools
+
 import chex
 import flax.linen as nn
 import jax
@@ -301,6 +303,31 @@ def test_resblock_parameter_count_closed_form(tiny_config):
                 + 2 * c_out + 9 * c_out * c_out + c_out  # out_norm, out_conv
                 + c_in * c_out + c_out)  # 1x1 skip
         assert count(shapes) == want
+
+
+@pytest.mark.parametrize('variant', layers.VARIANTS)
+def test_pointwise_conv_is_nn_conv(variant):
+    # Same parameters (names, shapes, initial values) as a 1x1 nn.Conv, so checkpoints
+    # and imported weights carry over; same outputs and gradients up to rounding.
+    x = jax.random.normal(jax.random.key(1), (2, 5, 6, 12))
+    pointwise = layers.conv(7, variant, jnp.float32, kernel=1)
+    plain = nn.Conv(7, (1, 1), padding='VALID', kernel_init=layers.default_init(variant))
+    assert isinstance(pointwise, layers.PointwiseConv)
+    params = pointwise.init(jax.random.key(0), x)
+    chex.assert_trees_all_equal(params, plain.init(jax.random.key(0), x))
+    params = jax.tree.map(lambda p: p + 0.1, params)  # A non-zero bias too.
+
+    def loss(module, params, x):
+        return jnp.sum(jnp.sin(module.apply(params, x)))
+
+    for argnums in (0, 1):  # Parameters, input.
+        got = jax.grad(functools.partial(loss, pointwise), argnums)(params, x)
+        want = jax.grad(functools.partial(loss, plain), argnums)(params, x)
+        chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(pointwise.apply(params, x), plain.apply(params, x),
+                               rtol=1e-5, atol=1e-5)
+    out = layers.conv(7, variant, jnp.bfloat16, kernel=1).apply(params, x)
+    assert out.dtype == jnp.bfloat16
 
 
 def test_updown_variants(tiny_config):
