@@ -13,9 +13,9 @@ process CPU seconds and minor page faults per step (on a CPU: robust to other lo
 unlike wall time) and the peak memory (the device allocator's high-water mark, or
 XLA's compiled estimate on a CPU). Like main.py it first calls
 `parallel.reuse_cpu_step_memory()` (one CPU device: the step's memory is reused, not
-faulted in anew each step); `--plain_cpu_memory` skips that, for comparison. `--profile=N` traces N more steps and prints the top ops by time, grouped
-by the model code they come from (forward / backward). One JSON line is printed at
-the end.
+faulted in anew each step); `--plain_cpu_memory` skips that, for comparison.
+`--profile=N` traces N more steps and prints the top ops by time, grouped by the model
+code they come from (forward / backward). One JSON line is printed at the end.
 
     python bench/bench_train.py --config=configs/cifar10.py --batch=8 --profile=2
 """
