@@ -4,7 +4,8 @@
         [--override model.base_channels=32 --override model.dtype=bfloat16] [--steps=10] \
         [--sample_steps=100]
 
-Runs on whatever backend JAX finds. The training step is the gradient of a plain MSE
+Runs on whatever backend JAX finds (on one CPU device with the step memory reused
+between calls, as main.py runs: `parallel.reuse_cpu_step_memory()`). The training step is the gradient of a plain MSE
 against a random target plus an Adam update (a stand-in for the diffusion loss with
 the same model cost). FLOPs come from XLA's cost analysis of the compiled program;
 on an accelerator (or with --peak_tflops) also as a fraction of the device's peak.
@@ -28,7 +29,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ddpm_jax import models, samplers, schedules  # noqa: E402
+from ddpm_jax import models, parallel, samplers, schedules  # noqa: E402
 from common import compiled_flops, load_config, peak_flops  # noqa: E402
 
 def compile_fn(fn, *args, donate_argnums=()):
@@ -64,6 +65,7 @@ def main(argv=None) -> None:
                         help='Also time the ancestral sampler over this many steps (0: skip).')
     args = parser.parse_args(argv)
 
+    parallel.reuse_cpu_step_memory()
     config = load_config(args.config, args.override)
     model = models.create_model(config)
     size, channels, batch = config.data.image_size, config.data.channels, args.batch
