@@ -13,6 +13,11 @@ on an accelerator (or with --peak_tflops) also as a fraction of the device's pea
 With --sample_steps=N it also times the compiled ancestral sampler (`samplers.ddpm_sample`,
 one `lax.scan` over N respaced steps) on the same batch and reports its time per step
 against one forward pass: a ratio near 1 means the sampler adds no per-step overhead.
+With --classifier_config it guides that sampler with a (randomly initialised)
+noise-aware classifier of that config, as ADM-64's guided 250-step sampling does:
+
+    python bench/bench_model.py --config=configs/imagenet64.py --batch=64 \
+        --sample_steps=250 --classifier_config=configs/imagenet64_classifier.py
 """
 
 from __future__ import annotations
@@ -63,6 +68,12 @@ def main(argv=None) -> None:
                              'the table in bench/common.py for a known accelerator).')
     parser.add_argument('--sample_steps', type=int, default=0,
                         help='Also time the ancestral sampler over this many steps (0: skip).')
+    parser.add_argument('--classifier_config', default=None,
+                        help='Guide the timed sampler with a classifier of this config.')
+    parser.add_argument('--classifier_override', action='append', default=[],
+                        help='Override for the classifier config (repeatable).')
+    parser.add_argument('--classifier_scale', type=float, default=1.0,
+                        help='Classifier-guidance scale (with --classifier_config).')
     args = parser.parse_args(argv)
 
     parallel.reuse_cpu_step_memory()
@@ -133,19 +144,34 @@ def main(argv=None) -> None:
         sched = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps,
                                         str(args.sample_steps))
 
-        def sample(p, rng, kwargs):
+        classifier, classifier_params = None, None
+        if args.classifier_config:
+            classifier = models.create_model(
+                load_config(args.classifier_config, args.classifier_override))
+            classifier_params = jax.jit(
+                lambda r: classifier.init(r, x, t)['params'])(jax.random.fold_in(rng, 1))
+            if 'y' not in kwargs:  # Guidance needs labels; an unconditional model ignores them.
+                kwargs = {'y': jax.random.randint(y_rng, (batch,), 0,
+                                                  classifier.num_classes)}
+
+        def sample(p, classifier_params, rng, kwargs):
             model_fn = models.make_model_fn(model, p)
+            if classifier is not None and not (is_unet and config.model.num_classes > 0):
+                model_fn = lambda x, t, y, m=model_fn: m(x, t)  # noqa: E731
+            cond_fn = None if classifier is None else samplers.make_classifier_grad_fn(
+                lambda x, t: classifier.apply({'params': classifier_params}, x, t))
             return samplers.ddpm_sample(
                 model_fn, sched, (batch, size, size, channels), rng,
                 mean_type=config.diffusion.mean_type, var_type=config.diffusion.var_type,
-                model_kwargs=kwargs)
+                model_kwargs=kwargs, cond_fn=cond_fn, classifier_scale=args.classifier_scale)
 
         params = state['params']  # The train step donated the first copy.
-        sampler, sample_compile_s, _ = compile_fn(sample, params, rng, kwargs)
-        sample_s = time_fn(lambda: sampler(params, rng, kwargs), 1)
+        sampler, sample_compile_s, _ = compile_fn(sample, params, classifier_params, rng, kwargs)
+        sample_s = time_fn(lambda: sampler(params, classifier_params, rng, kwargs), 1)
         per_step = sample_s / args.sample_steps
+        guided = f', guided by {args.classifier_config}' if classifier is not None else ''
         print(f'sampler     compile {sample_compile_s:7.2f} s | {per_step * 1e3:9.2f} ms/step | '
-              f'{batch / sample_s:10.3f} img/s over {args.sample_steps} steps | '
+              f'{batch / sample_s:10.3f} img/s over {args.sample_steps} steps{guided} | '
               f'step / forward = {per_step / fwd_s:.3f}')
 
 
