@@ -1,4 +1,5 @@
-"""Tests for ddpm_jax.parallel on four CPU devices: the mesh and every conversion."""
+"""Tests for ddpm_jax.parallel on four CPU devices: the mesh and every conversion; in
+subprocesses (one or two devices), the CPU step-memory reuse."""
 
 import os
 import subprocess
