@@ -144,30 +144,31 @@ def main(argv=None) -> None:
         sched = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps,
                                         str(args.sample_steps))
 
-        classifier, classifier_params = None, None
+        classifier, classifier_params, labels = None, None, None
         if args.classifier_config:
             classifier = models.create_model(
                 load_config(args.classifier_config, args.classifier_override))
             classifier_params = jax.jit(
                 lambda r: classifier.init(r, x, t)['params'])(jax.random.fold_in(rng, 1))
-            if 'y' not in kwargs:  # Guidance needs labels; an unconditional model ignores them.
-                kwargs = {'y': jax.random.randint(y_rng, (batch,), 0,
-                                                  classifier.num_classes)}
+            # Guided toward the model's own labels, or drawn ones for an unconditional model.
+            labels = kwargs['y'] if 'y' in kwargs else jax.random.randint(
+                y_rng, (batch,), 0, classifier.num_classes)
 
-        def sample(p, classifier_params, rng, kwargs):
-            model_fn = models.make_model_fn(model, p)
-            if classifier is not None and not (is_unet and config.model.num_classes > 0):
-                model_fn = lambda x, t, y, m=model_fn: m(x, t)  # noqa: E731
-            cond_fn = None if classifier is None else samplers.make_classifier_grad_fn(
-                lambda x, t: classifier.apply({'params': classifier_params}, x, t))
+        def sample(p, classifier_params, labels, rng, kwargs):
+            cond_fn = None
+            if classifier is not None:
+                grad_fn = samplers.make_classifier_grad_fn(
+                    lambda x, t: classifier.apply({'params': classifier_params}, x, t))
+                cond_fn = lambda x, t, **unused: grad_fn(x, t, y=labels)  # noqa: E731
             return samplers.ddpm_sample(
-                model_fn, sched, (batch, size, size, channels), rng,
+                models.make_model_fn(model, p), sched, (batch, size, size, channels), rng,
                 mean_type=config.diffusion.mean_type, var_type=config.diffusion.var_type,
                 model_kwargs=kwargs, cond_fn=cond_fn, classifier_scale=args.classifier_scale)
 
         params = state['params']  # The train step donated the first copy.
-        sampler, sample_compile_s, _ = compile_fn(sample, params, classifier_params, rng, kwargs)
-        sample_s = time_fn(lambda: sampler(params, classifier_params, rng, kwargs), 1)
+        sample_args = (params, classifier_params, labels, rng, kwargs)
+        sampler, sample_compile_s, _ = compile_fn(sample, *sample_args)
+        sample_s = time_fn(lambda: sampler(*sample_args), 1)
         per_step = sample_s / args.sample_steps
         guided = f', guided by {args.classifier_config}' if classifier is not None else ''
         print(f'sampler     compile {sample_compile_s:7.2f} s | {per_step * 1e3:9.2f} ms/step | '
