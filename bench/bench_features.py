@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+import common  # noqa: E402
 from ddpm_jax import parallel  # noqa: E402
 from ddpm_jax.models import digits_net, inception  # noqa: E402
 
@@ -29,7 +30,12 @@ def main():
     parser.add_argument('--batch', type=int, default=8, help='Global batch size.')
     parser.add_argument('--image_size', type=int, default=32, help='Input side (inception).')
     parser.add_argument('--steps', type=int, default=3, help='Timed batches.')
+    common.add_fusion_flag(parser)
     args = parser.parse_args()
+    if args.xla_default_fusions:
+        common.use_xla_default_fusions()
+
+    parallel.reuse_cpu_step_memory()  # As main.py.
 
     mesh = parallel.create_mesh()
     if args.network == 'inception':
@@ -46,7 +52,8 @@ def main():
         shape = (args.batch, 8, 8, 1)
     replicated = parallel.replicated_sharding(mesh)
     apply = jax.jit(model.apply, in_shardings=(replicated, parallel.batch_sharding(mesh)),
-                    out_shardings=parallel.batch_sharding(mesh))
+                    out_shardings=parallel.batch_sharding(mesh),
+                    compiler_options=parallel.compiler_options())
     variables = jax.device_put(variables, replicated)
     images = parallel.shard_host_array(
         np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8), mesh)

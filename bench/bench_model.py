@@ -35,12 +35,14 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ddpm_jax import models, parallel, samplers, schedules  # noqa: E402
+import common  # noqa: E402
 from common import compiled_flops, load_config, peak_flops  # noqa: E402
 
 def compile_fn(fn, *args, donate_argnums=()):
     """Lowers and compiles `fn`; returns (compiled, seconds, flops per call)."""
     start = time.perf_counter()
-    compiled = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
+    compiled = jax.jit(fn, donate_argnums=donate_argnums,
+                       compiler_options=parallel.compiler_options()).lower(*args).compile()
     seconds = time.perf_counter() - start
     flops = compiled_flops(compiled)
     return compiled, seconds, float('nan') if flops is None else flops
@@ -74,7 +76,10 @@ def main(argv=None) -> None:
                         help='Override for the classifier config (repeatable).')
     parser.add_argument('--classifier_scale', type=float, default=1.0,
                         help='Classifier-guidance scale (with --classifier_config).')
+    common.add_fusion_flag(parser)
     args = parser.parse_args(argv)
+    if args.xla_default_fusions:
+        common.use_xla_default_fusions()
 
     parallel.reuse_cpu_step_memory()
     config = load_config(args.config, args.override)

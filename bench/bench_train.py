@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 
 from ddpm_jax import data as data_lib  # noqa: E402
 from ddpm_jax import config_lib, parallel, state as state_lib, tasks, train  # noqa: E402
+import common  # noqa: E402
 from common import (compiled_flops, load_config, peak_flops, print_profile,  # noqa: E402
                     profile_summary)
 
@@ -66,7 +67,10 @@ def main():
     parser.add_argument('--profile_top', type=int, default=20, help='Rows of --profile.')
     parser.add_argument('--plain_cpu_memory', action='store_true',
                         help="Skip main.py's parallel.reuse_cpu_step_memory() (for comparison).")
+    common.add_fusion_flag(parser)
     args = parser.parse_args()
+    if args.xla_default_fusions:
+        common.use_xla_default_fusions()
 
     reuse_memory = not args.plain_cpu_memory and parallel.reuse_cpu_step_memory()
     config = load_config(args.config, args.override)
@@ -127,6 +131,7 @@ def main():
         'device': f'{num_devices} x {device.device_kind}', 'platform': device.platform,
         'compile_s': round(compile_s, 2), 'step_s': round(step_s, 4),
         'cpu_s_per_step': round(cpu_s, 4), 'cpu_step_memory_reused': reuse_memory,
+        'compiler_options': parallel.compiler_options(),
         'page_faults_per_step': round(faults),
         'peak_memory_gb': _peak_memory_gb(compiled, device),
         'images_per_s': round(config.train.global_batch_size / step_s, 1),

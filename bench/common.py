@@ -3,6 +3,7 @@ and a profile summary (top ops by time) from a JAX trace."""
 
 from __future__ import annotations
 
+import argparse
 import ast
 import collections
 import glob
@@ -15,6 +16,8 @@ from typing import Any
 
 import jax
 import ml_collections
+
+from ddpm_jax import parallel
 
 # Dense peak TFLOP/s per device, (bf16, fp32-class) from vendor data sheets without
 # sparsity; the second is TF32 on NVIDIA tensor cores. Matched by substring of jax's
@@ -34,6 +37,22 @@ PEAK_TFLOPS = (
     ('TPU v5p', (459.0, 459.0)),
     ('TPU v4', (275.0, 275.0)),
 )
+
+
+def add_fusion_flag(parser: argparse.ArgumentParser) -> None:
+    """Adds --xla_default_fusions (see `use_xla_default_fusions`)."""
+    parser.add_argument(
+        '--xla_default_fusions', action='store_true',
+        help="Compile with XLA:CPU's default library fusions (YNNPACK convolutions too) "
+             'instead of parallel.compiler_options(), for comparison.')
+
+
+def use_xla_default_fusions() -> None:
+    """Names XLA:CPU's default fusion list in XLA_FLAGS (before the backends start), so
+    `parallel.compiler_options()` defers to it."""
+    default = parallel.CPU_FUSION_TYPES + ',LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
+                               + f' --{parallel.CPU_FUSION_OPTION}={default}').strip()
 
 
 def load_config(path: str, overrides: list[str]) -> ml_collections.ConfigDict:

@@ -104,7 +104,7 @@ def make_eval_step_fn(config: ml_collections.ConfigDict, model: nn.Module,
         return sums
 
     return jax.jit(eval_step, in_shardings=(replicated, batch_sharded, replicated),
-                   out_shardings=replicated)
+                   out_shardings=replicated, compiler_options=parallel.compiler_options())
 
 
 def _make_ode_per_example_fn(config: ml_collections.ConfigDict, model: nn.Module

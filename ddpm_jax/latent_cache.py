@@ -29,6 +29,7 @@ and the training stream that reads it instead of images:
   them with the same eps as the uncached step.
 """
 
+import functools
 import hashlib
 import json
 import logging
@@ -176,7 +177,7 @@ def _encode_split(config, ae_config, ae_params, header, tmp_path: str,
     task = latent_diffusion.LatentDiffusionTask(config, autoencoder=(ae_config, ae_params))
     flips = header['random_flip']
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=parallel.compiler_options())
     def encode(images):  # [B, H, W, C] -> {name: [B, (2,) h, w, z]}
         moments = task.posterior(images)
         if not flips:

@@ -102,7 +102,8 @@ class FeatureExtractor:
         self._variables = jax.device_put(variables, replicated)
         self._apply = jax.jit(apply, static_argnums=2,
                               in_shardings=(replicated, parallel.batch_sharding(mesh)),
-                              out_shardings=parallel.batch_sharding(mesh))
+                              out_shardings=parallel.batch_sharding(mesh),
+                              compiler_options=parallel.compiler_options())
 
     def __call__(self, images: jax.Array, *, from_unit_range: bool = False
                  ) -> dict[str, np.ndarray]:

@@ -191,7 +191,7 @@ def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh) -> Callable:
     return jax.jit(train_step,
                    in_shardings=(replicated, parallel.batch_sharding(mesh), replicated),
                    out_shardings=(replicated, replicated),
-                   donate_argnums=0)
+                   donate_argnums=0, compiler_options=parallel.compiler_options())
 
 
 def summarize_metrics(step_metrics: Sequence[Mapping[str, Any]]) -> dict[str, float]:

@@ -330,6 +330,79 @@ def test_pointwise_conv_is_nn_conv(variant):
     assert out.dtype == jnp.bfloat16
 
 
+def _group_norm_f64(x, groups, eps):
+    """Closed form in float64: (x - m) / sqrt(v + eps) over spatial axes x group channels."""
+    x = np.asarray(x, np.float64)
+    g = x.reshape(x.shape[0], -1, groups, x.shape[-1] // groups)
+    mean = g.mean(axis=(1, 3), keepdims=True)
+    var = ((g - mean) ** 2).mean(axis=(1, 3), keepdims=True)
+    return ((g - mean) / np.sqrt(var + eps)).reshape(x.shape)
+
+
+@pytest.mark.parametrize('shape', [(3, 5, 6, 16), (2, 7, 8)])
+def test_normalize_groups_closed_form_and_derivatives(shape):
+    groups, eps = 4, 1e-6
+    key_x, key_t, key_g = jax.random.split(jax.random.key(0), 3)
+    # A mean far larger than the spread, in float32: the two-pass variance keeps it,
+    # a one-pass E[x^2] - E[x]^2 (the control) loses it.
+    x = 100.0 + 0.03 * jax.random.normal(key_x, shape)
+    want = _group_norm_f64(x, groups, eps)
+    np.testing.assert_allclose(layers.normalize_groups(x, groups, eps), want, atol=2e-2)
+    xg = x.reshape(shape[0], -1, groups, shape[-1] // groups)
+    mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
+    one_pass_var = jnp.mean(xg * xg, axis=(1, 3), keepdims=True) - mean * mean
+    one_pass = ((xg - mean) * jax.lax.rsqrt(jnp.maximum(one_pass_var, 0) + eps)).reshape(shape)
+    assert np.max(np.abs(one_pass - want)) > 0.2
+    with jax.enable_x64(True):
+        x64 = jnp.asarray(np.asarray(jax.random.normal(key_x, shape)), jnp.float64) * 2 + 1
+        t = jnp.asarray(np.asarray(jax.random.normal(key_t, shape)), jnp.float64)
+        g = jnp.asarray(np.asarray(jax.random.normal(key_g, shape)), jnp.float64)
+        f = functools.partial(layers.normalize_groups, num_groups=groups, epsilon=eps)
+        y, jvp = jax.jvp(f, (x64,), (t,))
+        np.testing.assert_allclose(y, _group_norm_f64(x64, groups, eps), atol=1e-12)
+        h = 1e-6  # Central difference of the float64 closed form.
+        numeric = (_group_norm_f64(x64 + h * t, groups, eps)
+                   - _group_norm_f64(x64 - h * t, groups, eps)) / (2 * h)
+        np.testing.assert_allclose(jvp, numeric, atol=1e-7)
+        vjp = jax.vjp(f, x64)[1](g)[0]  # Reverse mode: <vjp(g), t> = <g, jvp(t)>.
+        np.testing.assert_allclose(jnp.vdot(vjp, t), jnp.vdot(g, jvp), rtol=1e-10)
+        # Second order (the DDGAN's R1 penalty differentiates a gradient).
+        def grad_norm(x):
+            return jnp.sum(jax.grad(lambda x: jnp.sum(f(x) ** 3))(x) ** 2)
+        second = jax.jvp(jax.grad(grad_norm), (x64,), (t,))[1]
+        numeric = (jax.grad(grad_norm)(x64 + h * t) - jax.grad(grad_norm)(x64 - h * t)) / (2 * h)
+        np.testing.assert_allclose(second, numeric, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('variant', layers.VARIANTS)
+def test_group_norm_is_flax_group_norm(variant):
+    # Same parameters as nn.GroupNorm (names, shapes, initial values), so checkpoints
+    # and imported weights carry over; same outputs and gradients up to rounding.
+    x = 2.0 + jax.random.normal(jax.random.key(1), (2, 4, 4, 64))
+    ours = layers.GroupNorm(32, variant)
+    plain = nn.GroupNorm(num_groups=32, epsilon=1e-6 if variant == 'ddpm' else 1e-5,
+                         use_fast_variance=False)
+    params = ours.init(jax.random.key(0), x)
+    plain_params = plain.init(jax.random.key(0), x)
+    chex.assert_trees_all_equal(params['params']['norm'], plain_params['params'])
+    params = jax.tree.map(lambda p: p + jnp.linspace(0.1, 0.5, p.shape[-1]), params)
+    plain_params = {'params': params['params']['norm']}
+    np.testing.assert_allclose(ours.apply(params, x), plain.apply(plain_params, x),
+                               rtol=1e-5, atol=1e-5)
+
+    def loss(module, params, x):
+        return jnp.sum(jnp.sin(module.apply(params, x)) * x)
+
+    for argnums in (0, 1):
+        got = jax.grad(functools.partial(loss, ours), argnums)(params, x)
+        want = jax.grad(functools.partial(loss, plain), argnums)(plain_params, x)
+        if argnums == 0:
+            got = {'params': got['params']['norm']}
+        chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match='60 channels do not divide into 32 groups'):
+        ours.init(jax.random.key(0), x[..., :60])
+
+
 def test_updown_variants(tiny_config):
     config = _config(tiny_config, resblock_updown=True)
     shapes = models.param_shapes(models.create_model(config), IMAGE_SIZE, CHANNELS)

@@ -108,3 +108,49 @@ def test_reuse_cpu_step_memory_stops_refaulting_the_temporaries():
     assert refaulted <= 6, refaulted
     # Several devices: the heap is left alone.
     assert _run_faults('reuse', 2)[:3] == (False, False, 2)
+
+
+def _entry_computation(hlo_text: str) -> str:
+    entry = hlo_text[hlo_text.index('\nENTRY'):]
+    return entry[:entry.index('\n}')]
+
+
+def test_compiler_options_use_xla_convolutions_with_the_same_numbers():
+    # The options: XLA's own convolutions, not YNNPACK fusions; the same gradients up
+    # to float32 rounding.
+    options = {parallel.CPU_FUSION_OPTION: parallel.CPU_FUSION_TYPES}
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 16, 16, 32)).astype(np.float32)
+    w = 0.1 * rng.standard_normal((3, 3, 32, 32)).astype(np.float32)
+
+    def loss(w, x):
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+        return jax.numpy.sum(jax.numpy.tanh(y) ** 2)
+
+    grad = jax.grad(loss, argnums=(0, 1))
+    ours = jax.jit(grad, compiler_options=options).lower(w, x).compile()
+    default = jax.jit(grad).lower(w, x).compile()
+    ours_entry, default_entry = (_entry_computation(c.as_text()) for c in (ours, default))
+    assert ours_entry.count(' convolution(') == 3  # Forward, input and filter gradients.
+    assert '__ynn_fusion' not in ours.as_text()
+    assert ' convolution(' not in default_entry and '__ynn_fusion' in default_entry
+    for got, want in zip(ours(w, x), default(w, x)):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+
+
+_PRINT_OPTIONS = 'from ddpm_jax import parallel; print(parallel.compiler_options())'
+
+
+@pytest.mark.parametrize('xla_flags, want', [
+    ('--xla_force_host_platform_device_count=1',
+     repr({parallel.CPU_FUSION_OPTION: parallel.CPU_FUSION_TYPES})),
+    ('--xla_force_host_platform_device_count=2', 'None'),  # Several devices: defaults.
+    (f'--xla_force_host_platform_device_count=1 --{parallel.CPU_FUSION_OPTION}='
+     + parallel.CPU_FUSION_TYPES, 'None'),  # XLA_FLAGS naming the option wins.
+])
+def test_compiler_options_only_for_one_cpu_device(xla_flags, want):
+    env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS='cpu')
+    out = subprocess.run([sys.executable, '-c', _PRINT_OPTIONS], env=env, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    assert out == want

@@ -27,6 +27,7 @@ normalisation statistics and the attention softmax are always float32.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -109,6 +110,83 @@ def _epsilon(variant: str) -> float:
     return 1e-6 if variant == 'ddpm' else 1e-5
 
 
+def _group_mean(v: jax.Array, num_groups: int) -> jax.Array:
+    """[B, *S, C] -> [B, G]: the mean over the spatial axes and each group's channels.
+
+    Sums over the spatial axes first (a reduction that keeps the channel axis, which
+    XLA vectorises along it), then over each group's few channels: XLA:CPU runs the
+    one-step reduction over a [B, *S, G, C/G] view about 10x more slowly.
+    """
+    batch, channels = v.shape[0], v.shape[-1]
+    per_channel = jnp.sum(v, axis=tuple(range(1, v.ndim - 1)))
+    per_group = jnp.sum(per_channel.reshape(batch, num_groups, channels // num_groups), axis=-1)
+    return per_group / (v.size // (batch * num_groups))
+
+
+def _to_channels(v: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """[B, G] -> [B, 1, ..., 1, C], each group's value repeated over its channels."""
+    batch, groups, channels = shape[0], v.shape[-1], shape[-1]
+    v = jnp.broadcast_to(v[:, :, None], (batch, groups, channels // groups))
+    return v.reshape((batch,) + (1,) * (len(shape) - 2) + (channels,))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def normalize_groups(x: jax.Array, num_groups: int, epsilon: float) -> jax.Array:
+    """Group normalisation of [B, *S, C] without the affine transform.
+
+    y = (x - m) / sqrt(v + epsilon), with m and v the mean and the (biased) variance
+    over the spatial axes and each group's C/G channels; the variance is two-pass,
+    the mean of (x - m)^2 (E[x^2] - E[x]^2 loses precision when |m| >> std). Its
+    derivative is the closed form dy = r (dx - mean(dx) - y mean(y dx)), r = 1/sqrt(v +
+    epsilon) (a custom JVP, so forward mode, reverse mode by transposition, and
+    higher orders all hold); XLA:CPU runs it and its gradient about 2x faster than
+    `nn.GroupNorm`, which differentiates through the statistics op by op.
+
+    Args:
+        x: [B, *S, C], C divisible by num_groups.
+        num_groups: channel groups G.
+        epsilon: added to the variance.
+
+    Returns:
+        y: x's shape and dtype.
+    """
+    mean = _group_mean(x, num_groups)
+    centred = x - _to_channels(mean, x.shape)
+    inv_std = jax.lax.rsqrt(_group_mean(centred * centred, num_groups) + epsilon)
+    return centred * _to_channels(inv_std, x.shape)
+
+
+@normalize_groups.defjvp
+def _normalize_groups_jvp(num_groups: int, epsilon: float, primals, tangents):
+    (x,), (dx,) = primals, tangents
+    mean = _group_mean(x, num_groups)
+    centred = x - _to_channels(mean, x.shape)
+    inv_std = _to_channels(
+        jax.lax.rsqrt(_group_mean(centred * centred, num_groups) + epsilon), x.shape)
+    y = centred * inv_std
+    # mean(y) = 0, so the centred tangent's mean(y (dx - mean(dx))) is mean(y dx).
+    dy = inv_std * (dx - _to_channels(_group_mean(dx, num_groups), x.shape)
+                    - y * _to_channels(_group_mean(y * dx, num_groups), x.shape))
+    return y, dy
+
+
+class _GroupNormAffine(nn.Module):
+    """`normalize_groups` and a per-channel scale and bias: nn.GroupNorm's parameters
+    (`scale` ones, `bias` zeros, [C]), so checkpoints and imported weights carry over."""
+    num_groups: int
+    epsilon: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        if channels % self.num_groups:
+            raise ValueError(f'GroupNorm: {channels} channels do not divide into '
+                             f'{self.num_groups} groups.')
+        scale = self.param('scale', nn.initializers.ones_init(), (channels,), jnp.float32)
+        bias = self.param('bias', nn.initializers.zeros_init(), (channels,), jnp.float32)
+        return normalize_groups(x, self.num_groups, self.epsilon) * scale + bias
+
+
 class GroupNorm(nn.Module):
     """GroupNorm whose statistics and affine transform are computed in float32.
 
@@ -123,10 +201,8 @@ class GroupNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        # Two-pass variance: E[x^2] - E[x]^2 loses precision when |mean| >> std.
-        h = nn.GroupNorm(num_groups=self.num_groups, epsilon=_epsilon(self.variant),
-                         dtype=jnp.float32, param_dtype=jnp.float32,
-                         use_fast_variance=False, name='norm')(x.astype(jnp.float32))
+        h = _GroupNormAffine(self.num_groups, _epsilon(self.variant),
+                             name='norm')(x.astype(jnp.float32))
         return h.astype(self.dtype)
 
 

@@ -162,13 +162,15 @@ def make_sample_fn(config: ml_collections.ConfigDict, model: nn.Module, *,
     if guided:
         jitted = jax.jit(sample, in_shardings=(replicated, replicated, batch_sharded,
                                                replicated, batch_sharded, replicated),
-                         out_shardings=(batch_sharded, replicated))
+                         out_shardings=(batch_sharded, replicated),
+                         compiler_options=parallel.compiler_options())
     else:
         jitted = jax.jit(lambda params, rng, labels, low_res, decode_args: sample(
             params, rng, labels, None, low_res, decode_args),
                          in_shardings=(replicated, replicated, batch_sharded, batch_sharded,
                                        replicated),
-                         out_shardings=(batch_sharded, replicated))
+                         out_shardings=(batch_sharded, replicated),
+                         compiler_options=parallel.compiler_options())
 
     def sample_fn(params, rng, labels, classifier_params=None, *, low_res=None,
                   decode_args=None, task_state=None, return_nfe=False):

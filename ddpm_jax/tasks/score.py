@@ -186,7 +186,8 @@ def make_sample_fn(config: ml_collections.ConfigDict, model: nn.Module, *,
         return jnp.clip(x, -1.0, 1.0), nfe
 
     jitted = jax.jit(sample, in_shardings=(replicated, replicated, batch_sharded),
-                     out_shardings=(batch_sharded, replicated))
+                     out_shardings=(batch_sharded, replicated),
+                     compiler_options=parallel.compiler_options())
 
     def sample_fn(params, rng, labels, classifier_params=None, *, task_state=None,
                   return_nfe=False):
