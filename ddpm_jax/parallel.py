@@ -129,10 +129,11 @@ def compiler_options() -> dict[str, str] | None:
     "Convolutions on a CPU"; a 2-core AMD EPYC, jax 0.10.2).
 
     Only for a process with one CPU device: with several (XLA_FLAGS=
-    --xla_force_host_platform_device_count=N), XLA's own convolutions in the
-    sampler's loop returned garbage for the first 12 images of the first device's share
-    of each batch (quick-start sample mode, two devices; deterministic; XLA's defaults
-    are right there), so such a process keeps XLA's defaults.
+    --xla_force_host_platform_device_count=N), XLA's own convolutions in the ancestral
+    sampler's loop return wrong values for the first rows of the devices' shares of the
+    batch (garbage for 12 of the quick start's 125 images per device on two devices; not
+    always the same rows; XLA's defaults are right there), so such a process keeps
+    XLA's defaults.
 
     Returns None (XLA's defaults) off the CPU, with several devices, where XLA_FLAGS
     already sets the option (yours wins), or with a jaxlib that lacks it. Pass the
