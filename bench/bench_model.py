@@ -5,9 +5,9 @@
         [--sample_steps=100]
 
 Runs on whatever backend JAX finds (on one CPU device with the step memory reused
-between calls, as main.py runs: `parallel.reuse_cpu_step_memory()`). The training step is the gradient of a plain MSE
-against a random target plus an Adam update (a stand-in for the diffusion loss with
-the same model cost). FLOPs come from XLA's cost analysis of the compiled program;
+between calls, as main.py runs: `parallel.reuse_cpu_step_memory()`). The training step
+is the gradient of a plain MSE against a random target plus an Adam update (a stand-in
+for the diffusion loss with the same model cost). FLOPs come from XLA's cost analysis of the compiled program;
 on an accelerator (or with --peak_tflops) also as a fraction of the device's peak.
 
 With --sample_steps=N it also times the compiled ancestral sampler (`samplers.ddpm_sample`,

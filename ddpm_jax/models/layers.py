@@ -130,6 +130,16 @@ def _to_channels(v: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return v.reshape((batch,) + (1,) * (len(shape) - 2) + (channels,))
 
 
+def _normalize(x: jax.Array, num_groups: int, epsilon: float
+               ) -> tuple[jax.Array, jax.Array]:
+    """(y, 1/sqrt(v + epsilon) repeated over the channels): `normalize_groups`' maths."""
+    mean = _group_mean(x, num_groups)
+    centred = x - _to_channels(mean, x.shape)
+    inv_std = _to_channels(
+        jax.lax.rsqrt(_group_mean(centred * centred, num_groups) + epsilon), x.shape)
+    return centred * inv_std, inv_std
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
 def normalize_groups(x: jax.Array, num_groups: int, epsilon: float) -> jax.Array:
     """Group normalisation of [B, *S, C] without the affine transform.
@@ -150,20 +160,13 @@ def normalize_groups(x: jax.Array, num_groups: int, epsilon: float) -> jax.Array
     Returns:
         y: x's shape and dtype.
     """
-    mean = _group_mean(x, num_groups)
-    centred = x - _to_channels(mean, x.shape)
-    inv_std = jax.lax.rsqrt(_group_mean(centred * centred, num_groups) + epsilon)
-    return centred * _to_channels(inv_std, x.shape)
+    return _normalize(x, num_groups, epsilon)[0]
 
 
 @normalize_groups.defjvp
 def _normalize_groups_jvp(num_groups: int, epsilon: float, primals, tangents):
     (x,), (dx,) = primals, tangents
-    mean = _group_mean(x, num_groups)
-    centred = x - _to_channels(mean, x.shape)
-    inv_std = _to_channels(
-        jax.lax.rsqrt(_group_mean(centred * centred, num_groups) + epsilon), x.shape)
-    y = centred * inv_std
+    y, inv_std = _normalize(x, num_groups, epsilon)
     # mean(y) = 0, so the centred tangent's mean(y (dx - mean(dx))) is mean(y dx).
     dy = inv_std * (dx - _to_channels(_group_mean(dx, num_groups), x.shape)
                     - y * _to_channels(_group_mean(y * dx, num_groups), x.shape))
