@@ -45,10 +45,24 @@ class TrainState:
     task_state: Any
 
 
+class AdamHyperparams(NamedTuple):
+    """The constants of `create_optimizer`'s clipped Adam(W), for `apply_optimizer`."""
+    b1: float
+    b2: float
+    eps: float
+    weight_decay: float  # 0 for Adam.
+    max_norm: float  # Global-norm clipping threshold (inf: none).
+
+
 class Optimizer(NamedTuple):
-    """An optax transformation and its learning-rate schedule (for logging)."""
+    """An optax transformation and its learning-rate schedule (for logging).
+
+    `adam` is set when `tx` is `create_optimizer`'s clip-then-Adam(W) chain; then
+    `apply_optimizer` computes its update directly (same state, same numbers).
+    """
     tx: optax.GradientTransformation
     learning_rate_fn: optax.Schedule
+    adam: AdamHyperparams | None = None
 
 
 def create_learning_rate_fn(optim: ml_collections.ConfigDict,
@@ -91,13 +105,91 @@ def create_optimizer(optim: ml_collections.ConfigDict, num_train_steps: int) -> 
     lr = create_learning_rate_fn(optim, num_train_steps)
     if optim.optimizer == 'adam':
         opt = optax.adam(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps)
+        weight_decay = 0.0
     elif optim.optimizer == 'adamw':
         opt = optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                           weight_decay=optim.weight_decay)
+        weight_decay = float(optim.weight_decay)
     else:
         raise ValueError(f'optim.optimizer={optim.optimizer!r} is not valid.')
     max_norm = optim.grad_clip_norm if optim.grad_clip_norm > 0 else float('inf')
-    return Optimizer(optax.chain(optax.clip_by_global_norm(max_norm), opt), lr)
+    hyper = AdamHyperparams(float(optim.b1), float(optim.b2), float(optim.eps),
+                            weight_decay, float(max_norm))
+    return Optimizer(optax.chain(optax.clip_by_global_norm(max_norm), opt), lr, hyper)
+
+
+def _keep(ok: jax.Array, new: Any, old: Any) -> Any:
+    """`new` where `ok`, else `old`, leaf by leaf."""
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+def apply_optimizer(optimizer: Optimizer, grads: Any, opt_state: Any, params: Any,
+                    ok: jax.Array, grad_norm: jax.Array | None = None) -> tuple[Any, Any]:
+    """One optimiser step, kept only where `ok`: `(params, opt_state)`.
+
+    Returns the updated parameters and optimiser state if `ok` (a boolean scalar),
+    else the old ones, so a non-finite gradient never reaches the state. For
+    `create_optimizer`'s chain (`optimizer.adam` set) the clipped Adam(W) update is
+    written out here, in the order that lets XLA update donated buffers in place:
+    first each moment (kept where `ok`), then the parameters from the kept moments.
+    The generic `tx.update` then `where` reads the old moments after the new ones
+    are written, so XLA copies every donated moment and parameter first and makes
+    several more passes over them (CIFAR-10's 35.7M parameters: optimiser, EMA and
+    guard took ~50-70 ms on the 2-core CPU, ~35 ms this way). The numbers are
+    optax's (`clip_by_global_norm`, `scale_by_adam`, `add_decayed_weights`,
+    `scale_by_learning_rate`) except that clipping multiplies by the scalar
+    `max_norm / norm` where optax divides by the norm then multiplies (last-bit
+    differences).
+
+    Args:
+        optimizer: From `create_optimizer` (or any `Optimizer`: then `tx.update`).
+        grads, opt_state, params: Trees of one part.
+        ok: Keep the step (e.g. loss and gradient norm finite).
+        grad_norm: The global norm of `grads`, if already computed.
+    """
+    hyper = optimizer.adam
+    if hyper is None:
+        updates, new_opt_state = optimizer.tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        return _keep(ok, new_params, params), _keep(ok, new_opt_state, opt_state)
+    clip_state, inner = opt_state
+    adam, schedule = inner[0], inner[-1]
+    if not (isinstance(adam, optax.ScaleByAdamState)
+            and isinstance(schedule, optax.ScaleByScheduleState)):
+        raise TypeError(f'apply_optimizer: opt_state is not create_optimizer\'s chain: '
+                        f'{jax.tree.structure(opt_state)}')
+    if grad_norm is None:
+        grad_norm = optax.global_norm(grads)
+    b1, b2, eps, weight_decay, max_norm = hyper
+    scale = jnp.where(grad_norm < max_norm, 1.0, max_norm / grad_norm).astype(jnp.float32)
+    count = optax.safe_increment(adam.count)
+    # optax.tree.bias_correction: t / (1 - decay**count).
+    c1, c2 = 1 - b1**count, 1 - b2**count
+    lr = optimizer.learning_rate_fn(schedule.count)
+
+    def moment1(g, m):
+        g = g * scale.astype(g.dtype)
+        return (1 - b1) * g + b1 * m
+
+    def moment2(g, v):
+        g = g * scale.astype(g.dtype)
+        return (1 - b2) * (g * g) + b2 * v
+
+    def param(p, m, v):
+        u = (m / c1.astype(m.dtype)) / (jnp.sqrt(v / c2.astype(v.dtype)) + eps)
+        if weight_decay:
+            u = u + weight_decay * p
+        return (p - lr * u).astype(p.dtype)
+
+    mu = _keep(ok, jax.tree.map(moment1, grads, adam.mu), adam.mu)
+    nu = _keep(ok, jax.tree.map(moment2, grads, adam.nu), adam.nu)
+    # Reads the kept moments (equal to the new ones where `ok`; where not, the
+    # parameters are kept anyway), so nothing reads a moment buffer once rewritten.
+    new_params = _keep(ok, jax.tree.map(param, params, mu, nu), params)
+    adam = adam._replace(count=jnp.where(ok, count, adam.count), mu=mu, nu=nu)
+    schedule = schedule._replace(
+        count=jnp.where(ok, optax.safe_increment(schedule.count), schedule.count))
+    return new_params, (clip_state, (adam,) + tuple(inner[1:-1]) + (schedule,))
 
 
 def create_train_state(task: Any, rng: jax.Array) -> TrainState:
@@ -164,8 +256,14 @@ def select_ema_params(config: ml_collections.ConfigDict,
     return ema_params[ema_index(config)]
 
 
-def update_ema(ema: Mapping[str, Any], params: Mapping[str, Any],
-               decay: float) -> dict[str, Any]:
-    """One EMA step, e <- decay e + (1 - decay) p, for each part of `ema`."""
-    return {part: jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, tree,
-                               params[part]) for part, tree in ema.items()}
+def update_ema(ema: Mapping[str, Any], params: Mapping[str, Any], decay: float,
+               ok: jax.Array | None = None) -> dict[str, Any]:
+    """One EMA step, e <- decay e + (1 - decay) p, for each part of `ema`.
+
+    With `ok` (a boolean scalar) the step is kept only where it is true. Pass the
+    new parameters as `apply_optimizer` returned them (already kept where `ok`): then
+    the EMA reads the parameters' output buffers and XLA needs no copy of the old ones.
+    """
+    new = {part: jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, tree,
+                              params[part]) for part, tree in ema.items()}
+    return new if ok is None else _keep(ok, new, dict(ema))

@@ -147,24 +147,36 @@ def make_train_step_fn(task: tasks.Task, mesh: jax.sharding.Mesh | None = None
         for k, phase in enumerate(task.phases):
             loss, terms, grads = phase_gradients(k, params, examples,
                                                  jax.random.fold_in(loss_rng, k))
-            grad_norm = optax.global_norm(grads)
+            part_norms = {part: optax.global_norm(grads[part]) for part in phase}
+            grad_norm = (part_norms[phase[0]] if len(phase) == 1 else
+                         jnp.sqrt(sum(jnp.square(n) for n in part_norms.values())))
+            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
             for part in phase:
-                updates, opt_state[part] = optimizers[part].tx.update(
-                    grads[part], opt_state[part], params[part])
-                params[part] = optax.apply_updates(params[part], updates)
-            finite &= jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                params[part], opt_state[part] = state_lib.apply_optimizer(
+                    optimizers[part], grads[part], opt_state[part], params[part], ok,
+                    grad_norm=part_norms[part])
+            finite &= ok
             suffix = _phase_name(task, k)
             metrics[f'loss{suffix}'] = loss
             metrics[f'grad_norm{suffix}'] = grad_norm
             all_terms.append(terms)
         all_terms = tuple(all_terms)
-        ema_params = tuple(state_lib.update_ema(ema, params, decay)
+        ema_params = tuple(state_lib.update_ema(ema, params, decay, finite)
                            for decay, ema in zip(decays, state.ema_params))
         new_state = state.replace(
             step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state,
             task_state=task.update_task_state(state.task_state, examples, all_terms))
-        # Never let a non-finite update into the state: the host raises on `finite`.
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        # Never let a non-finite update into the state (the host raises on `finite`).
+        # Each phase's optimiser step is kept only where its own loss and gradients
+        # are finite and the EMAs only where all are; with one phase that is all of
+        # it, so only the step counter and task state are left to guard here.
+        # (Guarding the whole state again would cost XLA copies and passes over it.)
+        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+        if len(task.phases) == 1:
+            new_state = new_state.replace(step=keep(new_state.step, state.step),
+                                          task_state=keep(new_state.task_state, state.task_state))
+        else:  # A later phase's failure also reverts the earlier phases' steps.
+            new_state = keep(new_state, state)
         single = len(optimizers) == 1
         for part, optimizer in optimizers.items():
             metrics['learning_rate' if single else f'learning_rate_{part}'] = (

@@ -305,10 +305,13 @@ def test_resblock_parameter_count_closed_form(tiny_config):
         assert count(shapes) == want
 
 
+@pytest.mark.parametrize('as_convolution', [False, True])
 @pytest.mark.parametrize('variant', layers.VARIANTS)
-def test_pointwise_conv_is_nn_conv(variant):
+def test_pointwise_conv_is_nn_conv(variant, as_convolution, monkeypatch):
     # Same parameters (names, shapes, initial values) as a 1x1 nn.Conv, so checkpoints
-    # and imported weights carry over; same outputs and gradients up to rounding.
+    # and imported weights carry over; same outputs, gradients and forward-mode
+    # derivatives (the ODE likelihood's) up to rounding, computed either way.
+    monkeypatch.setattr(layers, 'pointwise_as_convolution', lambda: as_convolution)
     x = jax.random.normal(jax.random.key(1), (2, 5, 6, 12))
     pointwise = layers.conv(7, variant, jnp.float32, kernel=1)
     plain = nn.Conv(7, (1, 1), padding='VALID', kernel_init=layers.default_init(variant))
@@ -326,6 +329,12 @@ def test_pointwise_conv_is_nn_conv(variant):
         chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(pointwise.apply(params, x), plain.apply(params, x),
                                rtol=1e-5, atol=1e-5)
+    tangent = jax.random.normal(jax.random.key(2), x.shape)
+    got = jax.jvp(lambda x: pointwise.apply(params, x), (x,), (tangent,))[1]
+    want = jax.jvp(lambda x: plain.apply(params, x), (x,), (tangent,))[1]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    hlo = jax.jit(pointwise.apply).lower(params, x).as_text()
+    assert ('convolution' in hlo) == as_convolution
     out = layers.conv(7, variant, jnp.bfloat16, kernel=1).apply(params, x)
     assert out.dtype == jnp.bfloat16
 

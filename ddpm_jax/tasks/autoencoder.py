@@ -337,7 +337,7 @@ class AutoencoderTask(base.Task):
         columns = max(1, min(n, 8))
         replicated = parallel.replicated_sharding(mesh)
 
-        @jax.jit
+        @functools.partial(jax.jit, compiler_options=parallel.compiler_options())
         def reconstruct(ae_params, images):
             return jnp.clip(self.autoencoder.apply({'params': ae_params}, images)[0], -1, 1)
 
