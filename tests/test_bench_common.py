@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ddpm_jax import parallel
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'bench'))
 
 import common  # noqa: E402
@@ -59,6 +61,28 @@ def test_profile_summary_attributes_the_matmul():
     assert sum(r['share'] for r in rows) == pytest.approx(1.0, abs=0.01)
     assert all(r['ms_per_step'] >= 0 for r in rows)
     assert any('dot' in r['op'] or 'dot' in r['kind'] or 'ynn' in r['kind'] for r in rows)
+
+
+def test_profile_summary_counts_the_untraced_eigen_convolutions():
+    # XLA's own CPU convolutions leave only launch events in the trace; the process
+    # CPU time they take must still show up (as the '(untraced)' row) and dominate.
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(8, 32, 32, 128)), jnp.float32)
+    w = jnp.asarray(0.05 * rng.normal(size=(3, 3, 128, 128)), jnp.float32)
+    conv = lambda x, w: jax.lax.conv_general_dilated(
+        x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    compiled = jax.jit(lambda x, w: conv(conv(x, w), w) + 1.0, compiler_options={
+        parallel.CPU_FUSION_OPTION: parallel.CPU_FUSION_TYPES}).lower(x, w).compile()
+
+    def run():
+        for _ in range(3):
+            out = compiled(x, w)
+        jax.block_until_ready(out)
+
+    rows = common.profile_summary(run, compiled, steps=3, top=10)
+    assert rows[0]['kind'] == '(untraced)', rows
+    assert rows[0]['share'] > 0.5 and rows[0]['ms_per_step'] > 1.0, rows
+    assert sum(r['share'] for r in rows) == pytest.approx(1.0, abs=0.01)
 
 
 def test_load_config_override_rejects_unknown_field():

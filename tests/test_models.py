@@ -306,17 +306,28 @@ def test_resblock_parameter_count_closed_form(tiny_config):
 
 
 @pytest.mark.parametrize('as_convolution', [False, True])
-@pytest.mark.parametrize('variant', layers.VARIANTS)
-def test_pointwise_conv_is_nn_conv(variant, as_convolution, monkeypatch):
-    # Same parameters (names, shapes, initial values) as a 1x1 nn.Conv, so checkpoints
-    # and imported weights carry over; same outputs, gradients and forward-mode
-    # derivatives (the ODE likelihood's) up to rounding, computed either way.
+@pytest.mark.parametrize('variant, kind, shape', [
+    ('ddpm', 'conv', (2, 5, 6, 12)), ('adm', 'conv', (2, 5, 6, 12)),
+    ('ddpm', 'dense', (2, 30, 12)), ('adm', 'dense', (2, 30, 12)),  # Tokens [B, T, C].
+    ('adm', 'dense', (3, 12)), ('adm', 'dense', (2, 5, 6, 12)),
+])
+def test_channel_products_equal_flax_layers(variant, kind, shape, as_convolution,
+                                            monkeypatch):
+    # PointwiseConv / ChannelDense have nn.Conv's / nn.Dense's parameters (names, shapes,
+    # initial values), so checkpoints and imported weights carry over; same outputs,
+    # gradients and forward-mode derivatives (the ODE likelihood's) up to rounding,
+    # computed as a 1x1 convolution or as a product.
     monkeypatch.setattr(layers, 'pointwise_as_convolution', lambda: as_convolution)
-    x = jax.random.normal(jax.random.key(1), (2, 5, 6, 12))
-    pointwise = layers.conv(7, variant, jnp.float32, kernel=1)
-    plain = nn.Conv(7, (1, 1), padding='VALID', kernel_init=layers.default_init(variant))
-    assert isinstance(pointwise, layers.PointwiseConv)
-    params = pointwise.init(jax.random.key(0), x)
+    x = jax.random.normal(jax.random.key(1), shape)
+    if kind == 'conv':
+        ours = layers.conv(7, variant, jnp.float32, kernel=1)
+        plain = nn.Conv(7, (1, 1), padding='VALID', kernel_init=layers.default_init(variant))
+        assert isinstance(ours, layers.PointwiseConv)
+    else:
+        ours = layers.dense(7, variant, jnp.float32)
+        plain = nn.Dense(7, kernel_init=layers.default_init(variant))
+        assert isinstance(ours, layers.ChannelDense)
+    params = ours.init(jax.random.key(0), x)
     chex.assert_trees_all_equal(params, plain.init(jax.random.key(0), x))
     params = jax.tree.map(lambda p: p + 0.1, params)  # A non-zero bias too.
 
@@ -324,18 +335,18 @@ def test_pointwise_conv_is_nn_conv(variant, as_convolution, monkeypatch):
         return jnp.sum(jnp.sin(module.apply(params, x)))
 
     for argnums in (0, 1):  # Parameters, input.
-        got = jax.grad(functools.partial(loss, pointwise), argnums)(params, x)
+        got = jax.grad(functools.partial(loss, ours), argnums)(params, x)
         want = jax.grad(functools.partial(loss, plain), argnums)(params, x)
         chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(pointwise.apply(params, x), plain.apply(params, x),
+    np.testing.assert_allclose(ours.apply(params, x), plain.apply(params, x),
                                rtol=1e-5, atol=1e-5)
     tangent = jax.random.normal(jax.random.key(2), x.shape)
-    got = jax.jvp(lambda x: pointwise.apply(params, x), (x,), (tangent,))[1]
+    got = jax.jvp(lambda x: ours.apply(params, x), (x,), (tangent,))[1]
     want = jax.jvp(lambda x: plain.apply(params, x), (x,), (tangent,))[1]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    hlo = jax.jit(pointwise.apply).lower(params, x).as_text()
-    assert ('convolution' in hlo) == as_convolution
-    out = layers.conv(7, variant, jnp.bfloat16, kernel=1).apply(params, x)
+    hlo = jax.jit(ours.apply).lower(params, x).as_text()
+    assert ('convolution' in hlo) == (as_convolution and len(shape) in (3, 4))
+    out = type(ours)(7, layers.default_init(variant), jnp.bfloat16).apply(params, x)
     assert out.dtype == jnp.bfloat16
 
 

@@ -212,26 +212,38 @@ class GroupNorm(nn.Module):
 
 
 def pointwise_as_convolution() -> bool:
-    """Whether `PointwiseConv` runs as a convolution (else as a matrix product).
+    """Whether channel products (`PointwiseConv`, `ChannelDense` on tokens) run as 1x1
+    convolutions; else as matrix products.
 
     True in a process whose jits get `parallel.compiler_options()` (one CPU device:
-    XLA's own convolutions). There, at the UNets' skip shapes, the 1x1 convolution's
-    input and filter gradients take 0.4-0.7x the product's (whose filter gradient
-    XLA:CPU computes as a transposed copy then a dot) and the DDPM CIFAR-10 train step
-    is ~3% faster. With YNNPACK's convolutions (XLA's defaults: several CPU devices, or
-    a jit without those options) the product is 1.3-2.3x faster than the convolution,
-    so everywhere else it stays a product. Read at trace time.
+    XLA's own convolutions). There the 1x1 convolution's input and filter gradients
+    take 0.4-0.7x the product's, whose filter gradient XLA:CPU computes as a
+    transposed copy then a dot (the UNets' skips: the DDPM CIFAR-10 train step ~3%
+    faster; its attention block's forward and backward 18.9 -> 16.3 ms). With
+    YNNPACK's convolutions (XLA's defaults: several CPU devices, or a jit without those
+    options) the product is 1.3-2.3x faster than the convolution, so everywhere else
+    they stay products. Read at trace time.
     """
     return parallel.compiler_options() is not None
 
 
-class PointwiseConv(nn.Module):
-    """A 1x1 convolution: a convolution or a matrix product over the channels.
+def _channel_product(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x [..., C] times kernel [C, F] over the channels: a 1x1 convolution on [B, H, W, C]
+    or [B, T, C] where `pointwise_as_convolution()`, else a matrix product."""
+    if pointwise_as_convolution() and x.ndim in (3, 4):
+        x4 = x if x.ndim == 4 else x[:, :, None, :]
+        y = jax.lax.conv_general_dilated(x4, kernel[None, None], (1, 1), 'VALID',
+                                         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+        return y if x.ndim == 4 else y[:, :, 0, :]
+    return jnp.einsum('...c,cf->...f', x, kernel)
 
-    Which one is `pointwise_as_convolution()`'s choice, by speed; the numbers agree to
-    float32 rounding. Its parameters are exactly nn.Conv's (`kernel` [1, 1, C, F],
-    `bias` [F], the same initialisers), so checkpoints and imported weights do not
-    change either way.
+
+class PointwiseConv(nn.Module):
+    """A 1x1 convolution of [B, H, W, C] (`_channel_product`).
+
+    Its parameters are exactly nn.Conv's (`kernel` [1, 1, C, F], `bias` [F], the same
+    initialisers), so checkpoints and imported weights do not change; the numbers agree
+    with nn.Conv's to float32 rounding.
     """
     features: int
     kernel_init: Any
@@ -244,12 +256,24 @@ class PointwiseConv(nn.Module):
         bias = self.param('bias', nn.initializers.zeros_init(), (self.features,),
                           jnp.float32)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        if pointwise_as_convolution() and x.ndim == 4:
-            y = jax.lax.conv_general_dilated(x, kernel, (1, 1), 'VALID',
-                                             dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-        else:
-            y = jnp.einsum('...c,cf->...f', x, kernel[0, 0])
-        return y + bias
+        return _channel_product(x, kernel[0, 0]) + bias
+
+
+class ChannelDense(nn.Module):
+    """nn.Dense over the last axis (`_channel_product`): the same parameters (`kernel`
+    [C, F], `bias` [F], the same initialisers) and numbers to float32 rounding."""
+    features: int
+    kernel_init: Any
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param('kernel', self.kernel_init, (x.shape[-1], self.features),
+                            jnp.float32)
+        bias = self.param('bias', nn.initializers.zeros_init(), (self.features,),
+                          jnp.float32)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return _channel_product(x, kernel) + bias
 
 
 def conv(features: int, variant: str, dtype: Dtype, *, kernel: int = 3, stride: int = 1,
@@ -282,11 +306,10 @@ def conv(features: int, variant: str, dtype: Dtype, *, kernel: int = 3, stride: 
 
 
 def dense(features: int, variant: str, dtype: Dtype, *, zero_init: bool = False,
-          name: str | None = None) -> nn.Dense:
+          name: str | None = None) -> ChannelDense:
     """A dense layer with the variant's initialisation (see `conv`)."""
     init = nn.initializers.zeros_init() if zero_init else default_init(variant)
-    return nn.Dense(features, kernel_init=init, dtype=dtype, param_dtype=jnp.float32,
-                    name=name)
+    return ChannelDense(features, init, dtype, name=name)
 
 
 def upsample_nearest(x: jax.Array) -> jax.Array:
