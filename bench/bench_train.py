@@ -15,7 +15,8 @@ XLA's compiled estimate on a CPU). Like main.py it first calls
 `parallel.reuse_cpu_step_memory()` (one CPU device: the step's memory is reused, not
 faulted in anew each step); `--plain_cpu_memory` skips that, for comparison.
 `--profile=N` traces N more steps and prints the top ops by time, grouped by the model
-code they come from (forward / backward). One JSON line is printed at the end.
+code they come from (forward / backward). `--per_step` waits for each step and adds
+the median step time. One JSON line is printed at the end.
 
     python bench/bench_train.py --config=configs/cifar10.py --batch=8 --profile=2
 """
@@ -62,6 +63,9 @@ def main():
     parser.add_argument('--warmup', type=int, default=2, help='Untimed steps after compile.')
     parser.add_argument('--peak_tflops', type=float, default=None,
                         help='Per-device peak to report utilisation against.')
+    parser.add_argument('--per_step', action='store_true',
+                        help='Wait for each step; also report the median step time '
+                             '(how the README compares with PyTorch).')
     parser.add_argument('--profile', type=int, default=0, metavar='N',
                         help='Also trace N steps and print the top ops by time.')
     parser.add_argument('--profile_top', type=int, default=20, help='Rows of --profile.')
@@ -100,8 +104,12 @@ def main():
     batches = [parallel.to_global(next(iterator), mesh) for _ in range(args.steps)]
     faults_start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start, cpu_start = time.perf_counter(), time.process_time()
+    step_times = []
     for batch in batches:
         state, metrics = compiled(state, batch, rng)
+        if args.per_step:
+            jax.block_until_ready((state, metrics))
+            step_times.append(time.perf_counter() - start - sum(step_times))
     jax.block_until_ready((state, metrics))
     step_s = (time.perf_counter() - start) / args.steps
     cpu_s = (time.process_time() - cpu_start) / args.steps
@@ -130,6 +138,7 @@ def main():
         'dtype': config.model.dtype, 'params_M': round(num_params / 1e6, 2),
         'device': f'{num_devices} x {device.device_kind}', 'platform': device.platform,
         'compile_s': round(compile_s, 2), 'step_s': round(step_s, 4),
+        **({'step_s_median': round(float(np.median(step_times)), 4)} if step_times else {}),
         'cpu_s_per_step': round(cpu_s, 4), 'cpu_step_memory_reused': reuse_memory,
         'compiler_options': parallel.compiler_options(),
         'page_faults_per_step': round(faults),
