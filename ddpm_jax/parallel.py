@@ -138,7 +138,9 @@ def compiler_options() -> dict[str, str] | None:
     Returns None (XLA's defaults) off the CPU, with several devices, where XLA_FLAGS
     already sets the option (yours wins), or with a jaxlib that lacks it. Pass the
     result as `jax.jit(..., compiler_options=parallel.compiler_options())` in your own
-    code. Call after the backends may start (it asks which one is the default).
+    code, above all where you jit the models: where it is not None they trace their
+    1x1 channel products as convolutions (`models.layers.pointwise_as_convolution`).
+    Call after the backends may start (it asks which one is the default).
     """
     if (jax.default_backend() != 'cpu' or jax.device_count() != 1
             or CPU_FUSION_OPTION in os.environ.get('XLA_FLAGS', '')):
