@@ -118,8 +118,8 @@ def create_optimizer(optim: ml_collections.ConfigDict, num_train_steps: int) -> 
     return Optimizer(optax.chain(optax.clip_by_global_norm(max_norm), opt), lr, hyper)
 
 
-def _keep(ok: jax.Array, new: Any, old: Any) -> Any:
-    """`new` where `ok`, else `old`, leaf by leaf."""
+def keep_where(ok: jax.Array, new: Any, old: Any) -> Any:
+    """`new` where `ok` (a boolean scalar), else `old`, leaf by leaf."""
     return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
@@ -151,7 +151,7 @@ def apply_optimizer(optimizer: Optimizer, grads: Any, opt_state: Any, params: An
     if hyper is None:
         updates, new_opt_state = optimizer.tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        return _keep(ok, new_params, params), _keep(ok, new_opt_state, opt_state)
+        return keep_where(ok, new_params, params), keep_where(ok, new_opt_state, opt_state)
     clip_state, inner = opt_state
     adam, schedule = inner[0], inner[-1]
     if not (isinstance(adam, optax.ScaleByAdamState)
@@ -181,11 +181,11 @@ def apply_optimizer(optimizer: Optimizer, grads: Any, opt_state: Any, params: An
             u = u + weight_decay * p
         return (p - lr * u).astype(p.dtype)
 
-    mu = _keep(ok, jax.tree.map(moment1, grads, adam.mu), adam.mu)
-    nu = _keep(ok, jax.tree.map(moment2, grads, adam.nu), adam.nu)
+    mu = keep_where(ok, jax.tree.map(moment1, grads, adam.mu), adam.mu)
+    nu = keep_where(ok, jax.tree.map(moment2, grads, adam.nu), adam.nu)
     # Reads the kept moments (equal to the new ones where `ok`; where not, the
     # parameters are kept anyway), so nothing reads a moment buffer once rewritten.
-    new_params = _keep(ok, jax.tree.map(param, params, mu, nu), params)
+    new_params = keep_where(ok, jax.tree.map(param, params, mu, nu), params)
     adam = adam._replace(count=jnp.where(ok, count, adam.count), mu=mu, nu=nu)
     schedule = schedule._replace(
         count=jnp.where(ok, optax.safe_increment(schedule.count), schedule.count))
@@ -266,4 +266,4 @@ def update_ema(ema: Mapping[str, Any], params: Mapping[str, Any], decay: float,
     """
     new = {part: jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, tree,
                               params[part]) for part, tree in ema.items()}
-    return new if ok is None else _keep(ok, new, dict(ema))
+    return new if ok is None else keep_where(ok, new, dict(ema))

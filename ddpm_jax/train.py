@@ -171,12 +171,13 @@ def make_train_step_fn(task: tasks.Task, mesh: jax.sharding.Mesh | None = None
         # are finite and the EMAs only where all are; with one phase that is all of
         # it, so only the step counter and task state are left to guard here.
         # (Guarding the whole state again would cost XLA copies and passes over it.)
-        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
         if len(task.phases) == 1:
-            new_state = new_state.replace(step=keep(new_state.step, state.step),
-                                          task_state=keep(new_state.task_state, state.task_state))
+            new_state = new_state.replace(
+                step=state_lib.keep_where(finite, new_state.step, state.step),
+                task_state=state_lib.keep_where(finite, new_state.task_state,
+                                                state.task_state))
         else:  # A later phase's failure also reverts the earlier phases' steps.
-            new_state = keep(new_state, state)
+            new_state = state_lib.keep_where(finite, new_state, state)
         single = len(optimizers) == 1
         for part, optimizer in optimizers.items():
             metrics['learning_rate' if single else f'learning_rate_{part}'] = (

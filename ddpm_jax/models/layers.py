@@ -238,42 +238,30 @@ def _channel_product(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return jnp.einsum('...c,cf->...f', x, kernel)
 
 
-class PointwiseConv(nn.Module):
-    """A 1x1 convolution of [B, H, W, C] (`_channel_product`).
-
-    Its parameters are exactly nn.Conv's (`kernel` [1, 1, C, F], `bias` [F], the same
-    initialisers), so checkpoints and imported weights do not change; the numbers agree
-    with nn.Conv's to float32 rounding.
-    """
-    features: int
-    kernel_init: Any
-    dtype: Dtype
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features),
-                            jnp.float32)
-        bias = self.param('bias', nn.initializers.zeros_init(), (self.features,),
-                          jnp.float32)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return _channel_product(x, kernel[0, 0]) + bias
-
-
 class ChannelDense(nn.Module):
     """nn.Dense over the last axis (`_channel_product`): the same parameters (`kernel`
     [C, F], `bias` [F], the same initialisers) and numbers to float32 rounding."""
     features: int
     kernel_init: Any
     dtype: Dtype
+    kernel_prefix = ()  # Leading kernel axes of size 1 (PointwiseConv: nn.Conv's).
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param('kernel', self.kernel_init, (x.shape[-1], self.features),
+        shape = (x.shape[-1], self.features)
+        kernel = self.param('kernel', self.kernel_init, self.kernel_prefix + shape,
                             jnp.float32)
         bias = self.param('bias', nn.initializers.zeros_init(), (self.features,),
                           jnp.float32)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return _channel_product(x, kernel) + bias
+        return _channel_product(x, kernel.reshape(shape)) + bias
+
+
+class PointwiseConv(ChannelDense):
+    """A 1x1 convolution of [B, H, W, C]: nn.Conv's parameters (`kernel` [1, 1, C, F],
+    `bias` [F], the same initialisers), so checkpoints and imported weights do not
+    change; the numbers agree with nn.Conv's to float32 rounding."""
+    kernel_prefix = (1, 1)
 
 
 def conv(features: int, variant: str, dtype: Dtype, *, kernel: int = 3, stride: int = 1,
