@@ -59,7 +59,10 @@ class FeatureExtractor:
     float in [-1, 1] with `from_unit_range=True`, quantised on the devices as
     `images.to_uint8` does) returns numpy features on every process: 'features'
     [B, D] (Inception pool3), 'spatial' [B, S] (sFID; Inception only), 'logits'
-    [B, K] (for IS and label accuracy).
+    [B, K] (for IS) and, where the network's classes are the data's
+    (`predicts_labels`: the digits network always, Inception for a TFDS ImageNet
+    dataset, whose labels it predicts in TFDS's order), 'predicted_label' [B] (for
+    label accuracy).
 
     Raises:
         FileNotFoundError: The Inception weights are missing (one line saying which
@@ -69,6 +72,8 @@ class FeatureExtractor:
     def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
         self.name = config.eval.metrics_network
         self.mesh = mesh
+        self.predicts_labels = (self.name != 'inception'
+                                or config.data.dataset.startswith('imagenet'))
         if self.name == 'inception':
             variables = inception.load_inception_variables(config.eval.inception_path)
             model = inception.InceptionV3()
@@ -76,9 +81,12 @@ class FeatureExtractor:
             def network(v, images):
                 out = model.apply(v, images)
                 spatial = out['spatial'].reshape(out['spatial'].shape[0], -1)
-                # IS uses the TF graph's softmax(pool3 @ W), without the bias.
+                # IS uses the TF graph's softmax(pool3 @ W), without the bias; the
+                # predicted class is the graph's own (with the bias), renumbered.
                 return {'features': out['pool3'], 'spatial': spatial,
-                        'logits': out['logits_unbiased']}
+                        'logits': out['logits_unbiased'],
+                        'predicted_label': jnp.argmax(
+                            inception.imagenet_class_logits(out['logits']), -1)}
         else:
             variables = digits_net.load_or_train()
             model = digits_net.DigitsNet()
@@ -91,12 +99,19 @@ class FeatureExtractor:
                 if k > 1:
                     images = jnp.asarray(images, jnp.float32).reshape(
                         b, 8, k, 8, k, images.shape[-1]).mean(axis=(2, 4))
-                return model.apply(v, images)
+                out = model.apply(v, images)
+                return dict(out, predicted_label=jnp.argmax(out['logits'], -1))
+
+        def labelled(v, images):
+            out = network(v, images)
+            if not self.predicts_labels:
+                out.pop('predicted_label')
+            return out
 
         def apply(v, images, from_unit_range):
             if from_unit_range:
                 images = jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
-            return network(v, images)
+            return labelled(v, images)
 
         replicated = parallel.replicated_sharding(mesh)
         self._variables = jax.device_put(variables, replicated)
@@ -116,7 +131,8 @@ class FeatureAccumulator:
 
     def __init__(self, keep_features: bool = True):
         self.stats: dict[str, metrics.FeatureStats] = {}
-        self.kept: dict[str, list[np.ndarray]] = {'features': [], 'logits': []}
+        self.kept: dict[str, list[np.ndarray]] = {
+            'features': [], 'logits': [], 'predicted_label': []}
         self.keep_features = keep_features
         self.count = 0
 
@@ -131,12 +147,16 @@ class FeatureAccumulator:
                     self.stats[key] = metrics.init_stats(value.shape[-1])
                 self.stats[key] = metrics.update_stats(self.stats[key], value)
         self.kept['logits'].append(np.asarray(features['logits'], np.float32)[rows])
+        if 'predicted_label' in features:
+            self.kept['predicted_label'].append(
+                np.asarray(features['predicted_label'], np.int32)[rows])
         if self.keep_features:
             self.kept['features'].append(np.asarray(features['features'], np.float32)[rows])
         self.count += len(np.asarray(features['logits'])[rows])
 
     def result(self) -> dict[str, np.ndarray]:
-        """{'mu', 'sigma', ['mu_s', 'sigma_s'], 'logits', ['features']} as numpy."""
+        """{'mu', 'sigma', ['mu_s', 'sigma_s'], 'logits', ['features'],
+        ['predicted_label']} as numpy."""
         out = {}
         for key, prefix in (('features', ''), ('spatial', '_s')):
             if key in self.stats:
@@ -144,6 +164,8 @@ class FeatureAccumulator:
                 out[f'mu{prefix}'], out[f'sigma{prefix}'] = metrics.finalize_stats(
                     self.stats[key])
         out['logits'] = np.concatenate(self.kept['logits'])
+        if self.kept['predicted_label']:
+            out['predicted_label'] = np.concatenate(self.kept['predicted_label'])
         if self.kept['features']:
             out['features'] = np.concatenate(self.kept['features'])
         return out
@@ -156,8 +178,10 @@ def score(samples: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
     Returns:
         'fid' always; 'sfid' with spatial statistics on both sides;
         'inception_score' and 'inception_score_std' (10 splits); 'precision' and
-        'recall' (k=3) when both sides kept their features; 'label_accuracy' when
-        `labels` (>= 0: the requested class) are given.
+        'recall' (k=3) when both sides kept their features; 'label_accuracy' (the
+        fraction of samples whose 'predicted_label' is the requested class) when
+        `labels` (>= 0: the requested class) are given and `samples` has
+        'predicted_label' (the feature network's classes are the model's).
     """
     result = {'fid': metrics.frechet_distance(samples['mu'], samples['sigma'],
                                               reference['mu'], reference['sigma'])}
@@ -171,10 +195,10 @@ def score(samples: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
     if 'features' in samples and 'features' in reference:
         result['precision'], result['recall'] = metrics.precision_recall(
             reference['features'], samples['features'])
-    if labels is not None and np.any(labels >= 0):
+    if labels is not None and np.any(labels >= 0) and 'predicted_label' in samples:
         chosen = labels >= 0
         result['label_accuracy'] = float(np.mean(
-            np.argmax(logits[chosen], -1) == labels[chosen]))
+            samples['predicted_label'][chosen] == labels[chosen]))
     result['num_samples'] = int(len(logits))
     return {k: float(v) if k != 'num_samples' else v for k, v in result.items()}
 

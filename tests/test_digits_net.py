@@ -76,7 +76,8 @@ def _score(variables, pixels, labels=None, reference_pixels=None):
         out = _features(variables, x)
         features = out['features']
         return {'mu': features.mean(0), 'sigma': np.cov(features, rowvar=False),
-                'features': features, 'logits': out['logits']}
+                'features': features, 'logits': out['logits'],
+                'predicted_label': np.argmax(out['logits'], -1)}
     return sample_quality.score(stats(pixels), stats(reference_pixels), labels=labels)
 
 

@@ -184,3 +184,38 @@ def test_inception_features_sharded_equal_one_device(fid_config, tmp_path, monke
     assert outputs[0]['logits'].shape == (4, 1008)
     for key in outputs[0]:
         np.testing.assert_allclose(outputs[0][key], outputs[1][key], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('node, label', [(449, 0), (169, 388)])  # Tench; giant panda.
+def test_inception_labels_in_imagenet_order(fid_config, tmp_path, monkeypatch, node, label):
+    """The TF graph's outputs are not ImageNet's label order: output 449 is tench
+    (label 0), 169 the giant panda (label 388). A bias that makes one output win
+    predicts that label, for ImageNet data only."""
+    assert sorted(inception.IMAGENET_CLASS_OUTPUTS) == list(range(1, 1001))
+    variables = random_variables()
+    variables['params']['fc']['bias'][node] = 1e6
+    path = tmp_path / inception.INCEPTION_FILENAME
+    torch_checkpoint.save_state_dict(str(path), inception.torch_state_dict_from_params(variables))
+    real_loader = inception.load_inception_variables
+    monkeypatch.setattr(inception, 'load_inception_variables',
+                        lambda p: real_loader(p, expected_hash_prefix=None))
+    fid_config.eval.metrics_network = 'inception'
+    fid_config.eval.inception_path = str(path)
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    mesh = parallel.create_mesh()
+    fid_config.data.dataset = 'imagenet_resized/64x64'  # Not read: only its name.
+    out = sample_quality.FeatureExtractor(fid_config, mesh)(
+        parallel.shard_host_array(images, mesh))
+    np.testing.assert_array_equal(out['predicted_label'], np.full(4, label))
+    accumulator = sample_quality.FeatureAccumulator()
+    accumulator.update(out, mask=np.array([True, True, False, True]))
+    np.testing.assert_array_equal(accumulator.kept['predicted_label'], [np.full(3, label)])
+    samples = {'mu': np.zeros(2), 'sigma': np.eye(2), 'logits': out['logits'],
+               'predicted_label': out['predicted_label']}
+    scores = sample_quality.score(samples, {'mu': np.zeros(2), 'sigma': np.eye(2)},
+                                  labels=np.array([label, label, label, (label + 1) % 1000]))
+    assert scores['label_accuracy'] == 0.75
+    fid_config.data.dataset = 'cifar10'  # CIFAR-10's classes are not the graph's.
+    out = sample_quality.FeatureExtractor(fid_config, mesh)(
+        parallel.shard_host_array(images, mesh))
+    assert 'predicted_label' not in out
