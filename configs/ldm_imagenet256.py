@@ -12,8 +12,11 @@ T = 1000; AdamW at 1e-4. Differs from the paper: our cross-attention block is on
 attention layer (LDM's SpatialTransformer adds self-attention and a feed-forward
 layer), the betas are 'quadratic' between 1e-4 and 0.02 (LDM: 0.0015 to 0.0195), and
 the first stage has no LPIPS term. Batch and steps are ours (the repository's config
-gives neither). UNet parameters (jax.eval_shape): 290,377,411 (the paper's 400M
-includes the SpatialTransformers' self-attention and feed-forward layers).
+gives neither). As cin256-v2.yaml (use_ema: False), samples, grids and FID use the
+raw parameters: optim.ema_decays = (0.0,) keeps the one "EMA" copy equal to them
+(e <- 0 e + 1 p, exactly). UNet parameters (jax.eval_shape): 290,377,411 (the
+paper's 400M includes the SpatialTransformers' self-attention and feed-forward
+layers).
 """
 
 from configs import default
@@ -61,7 +64,7 @@ def get_config():
     optim.weight_decay = 0.01  # torch.optim.AdamW's default, which LDM uses.
     optim.learning_rate = 1e-4
     optim.grad_clip_norm = 0.0
-    optim.ema_decays = (0.9999,)
+    optim.ema_decays = (0.0,)  # The raw parameters: cin256-v2.yaml has use_ema: False.
 
     train = config.train
     train.global_batch_size = 256

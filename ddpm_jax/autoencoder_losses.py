@@ -7,6 +7,14 @@ or vector quantisation) and a patch-discriminator loss switched on after a numbe
 of steps and weighted adaptively. Everything here is a plain function of arrays:
 no Flax, no I/O, no state.
 
+The two first stages reduce their reconstruction loss differently, and this sets
+the scale of every other term against it: LDM's KL loss (LPIPSWithDiscriminator,
+ldm/modules/losses/contperceptual.py) sums it over the pixels and averages over the
+batch (`torch.sum(nll_loss) / nll_loss.shape[0]`), which its 1e-6 KL weight assumes;
+taming's VQ loss (VQLPIPSWithDiscriminator, taming/modules/losses/vqperceptual.py,
+which LDM's VQ-f4 uses) averages it over the pixels too (`torch.mean(nll_loss)`) and
+adds the quantiser's loss with weight 1. `reduction='sum'` / `'mean'` below.
+
 Per-example terms have shape [B]; images are [B, H, W, C].
 """
 
@@ -20,33 +28,55 @@ ADAPTIVE_WEIGHT_EPS = 1e-4
 ADAPTIVE_WEIGHT_MAX = 1e4
 
 
+# How a reconstruction loss is reduced over each example's pixels and channels:
+# 'sum' (LDM's KL autoencoders) or 'mean' (taming's VQ loss); see the module docstring.
+REDUCTIONS = ('sum', 'mean')
+
+
 def _sum_per_example(x: jax.Array) -> jax.Array:
     return jnp.sum(x, axis=tuple(range(1, x.ndim)))
 
 
-def l1_reconstruction(x: jax.Array, x_rec: jax.Array) -> jax.Array:
-    """sum_pixels |x - x_rec| per example [B] (LDM sums its NLL over the pixels and
-    averages over the batch, which sets the scale of its 1e-6 KL weight)."""
-    return _sum_per_example(jnp.abs(x.astype(jnp.float32) - x_rec.astype(jnp.float32)))
+def _reduce_per_example(x: jax.Array, reduction: str) -> jax.Array:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f'reduction must be one of {REDUCTIONS}, got {reduction!r}.')
+    reduce = jnp.sum if reduction == 'sum' else jnp.mean
+    return reduce(x, axis=tuple(range(1, x.ndim)))
+
+
+def l1_reconstruction(x: jax.Array, x_rec: jax.Array, reduction: str = 'sum') -> jax.Array:
+    """|x - x_rec| summed (or averaged) over each example's pixels and channels [B].
+
+    Args:
+        x, x_rec: Images [B, H, W, C].
+        reduction: 'sum' (LDM's KL loss: its NLL is summed over the pixels and averaged
+            over the batch, the scale its 1e-6 KL weight assumes) or 'mean' (taming's
+            VQ loss: the mean over all pixels).
+    """
+    return _reduce_per_example(
+        jnp.abs(x.astype(jnp.float32) - x_rec.astype(jnp.float32)), reduction)
 
 
 def perceptual_reconstruction(x: jax.Array, x_rec: jax.Array, perceptual: jax.Array,
-                              weight: float) -> jax.Array:
-    """sum_pixels (|x - x_rec| + weight * perceptual) per example [B].
+                              weight: float, reduction: str = 'sum') -> jax.Array:
+    """(|x - x_rec| + weight * perceptual) summed (or averaged) over pixels, per example [B].
 
-    LDM's LPIPSWithDiscriminator (ldm/modules/losses/contperceptual.py) adds the
-    perceptual distance of each example to the L1 error of every one of its pixels and
-    channels before summing them into its NLL, so the term counts H * W * C times:
-    sum |x - x_rec| + weight * H * W * C * perceptual (taming's VQ loss averages the
-    same sum instead; the ratio of the two terms is the same).
+    Both losses add the perceptual distance of each example to the L1 error of every
+    one of its pixels and channels before reducing them into the NLL. Summed (LDM's
+    LPIPSWithDiscriminator, ldm/modules/losses/contperceptual.py) the term counts
+    H * W * C times: sum |x - x_rec| + weight * H * W * C * perceptual. Averaged
+    (taming's VQLPIPSWithDiscriminator) it counts once: mean |x - x_rec| + weight *
+    perceptual. The ratio of the two terms is the same.
 
     Args:
         x, x_rec: Images [B, H, W, C].
         perceptual: A per-example distance [B] (LPIPS of x and x_rec).
         weight: Its weight (LDM's perceptual_weight, 1.0).
+        reduction: 'sum' or 'mean' (see `l1_reconstruction`).
     """
-    pixels = x.shape[1] * x.shape[2] * x.shape[3]
-    return l1_reconstruction(x, x_rec) + weight * pixels * perceptual.astype(jnp.float32)
+    pixels = x.shape[1] * x.shape[2] * x.shape[3] if reduction == 'sum' else 1
+    return (l1_reconstruction(x, x_rec, reduction)
+            + weight * pixels * perceptual.astype(jnp.float32))
 
 
 def clip_logvar(logvar: jax.Array) -> jax.Array:
@@ -128,19 +158,31 @@ def straight_through(z: jax.Array, z_q: jax.Array) -> jax.Array:
     return z + jax.lax.stop_gradient(z_q - z)
 
 
-def vq_losses(z: jax.Array, z_q: jax.Array, beta: float) -> dict[str, jax.Array]:
+def vq_losses(z: jax.Array, z_q: jax.Array, beta: float,
+              legacy: bool = True) -> dict[str, jax.Array]:
     """The codebook and commitment losses per example [B] (van den Oord et al. 2017, Eq. 3).
 
-    codebook = mean ||sg(z) - z_q||^2 (moves the codes), commitment = beta mean
-    ||z - sg(z_q)||^2 (keeps the encoder near them); means over each example's
-    latent elements, as taming's VectorQuantizer.
+    codebook = mean ||sg(z) - z_q||^2 moves the codes; commitment = mean
+    ||z - sg(z_q)||^2 keeps the encoder near them; means over each example's latent
+    elements, as taming's VectorQuantizer2 (its scalar mean over the batch is the
+    batch mean of these). beta weights one of them:
+
+    * legacy=True (taming's default, which LDM's VQModel keeps): beta weights the
+      codebook term and the commitment term has weight 1, `torch.mean((z_q.detach() -
+      z)**2) + beta * torch.mean((z_q - z.detach())**2)`, a bug taming kept "for
+      backwards compatibility" (taming/modules/vqvae/quantize.py);
+    * legacy=False: the paper's codebook + beta * commitment.
 
     Returns:
-        {'codebook': [B], 'commitment': [B], 'vq': their sum [B]}.
+        {'codebook': [B], 'commitment': [B], 'vq': their sum [B]}, each with its weight.
     """
     axes = tuple(range(1, z.ndim))
     codebook = jnp.mean(jnp.square(jax.lax.stop_gradient(z) - z_q), axis=axes)
-    commitment = beta * jnp.mean(jnp.square(z - jax.lax.stop_gradient(z_q)), axis=axes)
+    commitment = jnp.mean(jnp.square(z - jax.lax.stop_gradient(z_q)), axis=axes)
+    if legacy:
+        codebook = beta * codebook
+    else:
+        commitment = beta * commitment
     return {'codebook': codebook, 'commitment': commitment, 'vq': codebook + commitment}
 
 

@@ -1,8 +1,10 @@
 """Tests for the first-stage autoencoder (ddpm_jax.models.autoencoder,
 ddpm_jax.autoencoder_losses, ddpm_jax.tasks.autoencoder): shapes for each f, the KL
-and hinge terms against float64 NumPy, the VQ straight-through gradient and codebook
-update, the adaptive weight against the full-model gradient, a short digits run, and
-the LPIPS perceptual term (its loss, gradients, frozen constants, rules and resume)."""
+and hinge terms and the sum/mean reconstruction reductions against float64 NumPy,
+the VQ straight-through gradient and taming's legacy codebook/commitment weights, the
+codebook's U(-1/K, 1/K) init, the adaptive weight against the full-model gradient,
+the VQ task's loss at taming's scale, a short digits run, and the LPIPS perceptual
+term (its loss, gradients, frozen constants, rules and resume)."""
 
 import json
 
@@ -113,25 +115,39 @@ def test_vq_straight_through_gradient_and_codebook_update():
     grad = jax.grad(lambda z: jnp.sum(weights * ae_losses.straight_through(z, z_q)))(z)
     np.testing.assert_allclose(grad, weights, rtol=1e-6)
 
-    def codebook_loss(book):
+    def codebook_loss(book, legacy):
         q, _ = ae_losses.quantize(z, book)
-        return jnp.sum(ae_losses.vq_losses(z, q, beta=0.25)['vq'])
+        return jnp.sum(ae_losses.vq_losses(z, q, beta=0.25, legacy=legacy)['vq'])
 
-    g = np.asarray(jax.grad(codebook_loss)(codebook))
     zs, c = np.asarray(z).reshape(-1, 2), np.asarray(codes).ravel()
     want = np.zeros((4, 2))
     for vec, k in zip(zs, c):  # d/d e_k of mean_n ||z_n - e_k||^2 over the 8 elements.
         want[k] += 2.0 * (np.asarray(codebook)[k] - vec) / zs.size
-    np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-7)
+    # taming's legacy form (LDM's default) puts beta on the codebook term; the
+    # paper's form (legacy=False) gives it weight 1.
+    for legacy, weight in ((True, 0.25), (False, 1.0)):
+        g = np.asarray(jax.grad(codebook_loss)(codebook, legacy))
+        np.testing.assert_allclose(g, weight * want, rtol=1e-5, atol=1e-7)
     assert not g[3].any()  # An unused code gets no gradient.
     moved = codebook - 0.5 * g  # One SGD step pulls each used code to its inputs.
     for k in (0, 1, 2):
         inputs = zs[c == k]
         before = np.sum((inputs - np.asarray(codebook)[k]) ** 2)
         assert np.sum((inputs - np.asarray(moved)[k]) ** 2) < before
-    # Commitment: beta * mean ||z - sg(z_q)||^2 moves z only.
-    commit = jax.grad(lambda z: jnp.sum(ae_losses.vq_losses(z, z_q, 0.25)['commitment']))(z)
-    np.testing.assert_allclose(commit, 0.25 * 2 * (z - z_q) / z.size, rtol=1e-5)
+    # Commitment mean ||z - sg(z_q)||^2 moves z only: weight 1 in the legacy form
+    # (the quantiser's loss as a whole moves z by the same), beta in the paper's.
+    d = np.asarray(z, np.float64) - np.asarray(z_q, np.float64)
+    for legacy, weight in ((True, 1.0), (False, 0.25)):
+        for term in ('commitment', 'vq'):
+            commit = jax.grad(lambda z: jnp.sum(
+                ae_losses.vq_losses(z, z_q, 0.25, legacy=legacy)[term]))(z)
+            np.testing.assert_allclose(commit, weight * 2 * d / d.size, rtol=1e-5)
+    # The values: taming's mean((z_q.detach() - z)**2) + beta * mean((z_q - z.detach())**2).
+    m = np.mean(d ** 2)
+    terms = ae_losses.vq_losses(z, z_q, 0.25)
+    np.testing.assert_allclose(terms['commitment'], [m], rtol=1e-6)
+    np.testing.assert_allclose(terms['codebook'], [0.25 * m], rtol=1e-6)
+    np.testing.assert_allclose(terms['vq'], [1.25 * m], rtol=1e-6)
     perplexity, used = ae_losses.codebook_usage(codes, 4)
     p = np.array([2, 1, 1, 0]) / 4
     np.testing.assert_allclose(perplexity, np.exp(-np.sum(p[p > 0] * np.log(p[p > 0]))),
@@ -201,27 +217,95 @@ def test_adversarial_terms_switch_on_at_disc_start(tiny_task):
     assert 0.5 < float(d_loss) < 1.5
 
 
-def test_vq_task_logs_codebook_usage():
-    task = tasks.create_task(ae_config(default.get_config(), kind='vq'))
-    rng = np.random.default_rng(1)
-    shapes = jax.eval_shape(task.init_params, jax.random.key(0))
-    params = jax.tree.map(lambda s: (0.3 * rng.normal(size=s.shape)).astype(np.float32), shapes)
+def test_codebook_init_is_tamings_symmetric_uniform():
+    """U(-1/K, 1/K) (taming's VectorQuantizer2), not Flax's uniform(2/K) = U[0, 2/K)."""
+    k = 4096
+    model = ae_lib.Autoencoder(kind='vq', base_channels=8, channel_mult=(1, 2),
+                               num_res_blocks=1, z_channels=3, codebook_size=k,
+                               num_groups=4, out_channels=1)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 2, 2, 3)),
+                        method=ae_lib.Autoencoder.quantize)['params']
+    book = np.asarray(params['codebook'], np.float64) * k  # U(-1, 1) if right.
+    assert book.shape == (k, 3)
+    assert book.min() >= -1 and book.max() <= 1
+    assert book.min() < -0.99 and book.max() > 0.99
+    # Mean 0 and variance 1/3 of U(-1, 1); the standard errors over 12,288 draws are
+    # 0.0052 and 0.0027.
+    assert abs(book.mean()) < 0.02
+    np.testing.assert_allclose(np.mean(book ** 2), 1 / 3, rtol=0.05)
+    assert abs(np.mean(book < 0) - 0.5) < 0.02
+
+
+def test_reconstruction_reductions_against_numpy():
+    """'sum' (LDM's KL loss) and 'mean' (taming's VQ loss) over pixels, with LPIPS."""
+    rng = np.random.default_rng(0)
+    x, x_rec = rng.uniform(-1, 1, size=(2, 3, 4, 5, 3))
+    p = rng.uniform(0, 1, size=3)
+    l1 = np.abs(x - x_rec).reshape(3, -1)
+    args = [jnp.asarray(a, jnp.float32) for a in (x, x_rec, p)]
+    np.testing.assert_allclose(ae_losses.l1_reconstruction(*args[:2]), l1.sum(1), rtol=1e-5)
+    np.testing.assert_allclose(ae_losses.l1_reconstruction(*args[:2], 'mean'), l1.mean(1),
+                               rtol=1e-5)
+    # taming: torch.mean(|x - x_rec| + w * p) broadcasts p over the 60 pixels.
+    np.testing.assert_allclose(ae_losses.perceptual_reconstruction(*args, 0.5, 'mean'),
+                               np.mean(np.abs(x - x_rec) + 0.5 * p[:, None, None, None],
+                                       axis=(1, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(ae_losses.perceptual_reconstruction(*args, 0.5),
+                               l1.sum(1) + 0.5 * 60 * p, rtol=1e-5)
+    with pytest.raises(ValueError, match='reduction'):
+        ae_losses.l1_reconstruction(*args[:2], 'max')
+
+
+def test_vq_task_has_tamings_loss_scale_and_logs_codebook_usage():
+    """taming's VQLPIPSWithDiscriminator: mean |x - x_rec| over all pixels + the legacy
+    quantiser loss (weight 1) + disc_weight * lambda * g, lambda from the gradients of
+    that mean, against the whole model's gradients in float64."""
+    config = ae_config(default.get_config(), kind='vq')
+    config.autoencoder.disc_weight = 0.75
+    task = tasks.create_task(config)
+    assert task.reduction == 'mean'
+    params = random_params(task, seed=1)
     batch = {'image': jax.random.uniform(jax.random.key(1), (4, 8, 8, 1), minval=-1),
              'label': jnp.zeros((4,), jnp.int32)}
+    x = batch['image']
+
+    def rec_and_adv(ae):
+        x_rec, _ = task.autoencoder.apply({'params': ae}, x)
+        rec = jnp.mean(jnp.abs(x - x_rec))  # taming: torch.mean(rec_loss).
+        adv = -jnp.mean(task.discriminator.apply({'params': params['discriminator']}, x_rec))
+        return rec, adv
 
     @jax.jit
-    def terms():
-        examples = task.prepare_batch(batch, jax.random.key(2), task.init_task_state())
-        _, latent = task.reconstruct(params['autoencoder'], batch['image'])
-        return task.loss(0, params, examples, jax.random.key(3))[1], latent['codes']
+    def run():
+        state = {**task.init_task_state(), 'step': jnp.asarray(2, jnp.int32)}  # disc_start.
+        examples = task.prepare_batch(batch, jax.random.key(2), state)
+        x_rec, latent = task.autoencoder.apply({'params': params['autoencoder']}, x)
+        kernel = lambda g: g['decoder']['conv_out']['kernel']  # noqa: E731
+        return (task.loss(0, params, examples, jax.random.key(3))[1], x_rec, latent,
+                kernel(jax.grad(lambda q: rec_and_adv(q)[0])(params['autoencoder'])),
+                kernel(jax.grad(lambda q: rec_and_adv(q)[1])(params['autoencoder'])))
 
-    out, codes = parallel.to_host(terms())
+    out, x_rec, latent, rec_grad, adv_grad = parallel.to_host(run())
+    l1 = np.mean(np.abs(np.asarray(x, np.float64) - x_rec), axis=(1, 2, 3))
+    m = np.mean((latent['z'].astype(np.float64) - latent['z_q']) ** 2, axis=(1, 2, 3))
+    np.testing.assert_allclose(out['rec_l1'], l1, rtol=1e-5)
+    np.testing.assert_allclose(out['commitment'], m, rtol=1e-5)
+    np.testing.assert_allclose(out['codebook'], 0.25 * m, rtol=1e-5)
+    lam = np.linalg.norm(rec_grad.astype(np.float64)) / (
+        np.linalg.norm(adv_grad.astype(np.float64)) + 1e-4)
+    assert 0 < lam < 1e4
+    np.testing.assert_allclose(out['d_weight'], 0.75 * lam, rtol=1e-4)
+    g = -np.mean(task.discriminator.apply({'params': params['discriminator']},
+                                          jnp.asarray(x_rec)), axis=(1, 2, 3))
+    np.testing.assert_allclose(out['g_loss'], g, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(out['loss'], l1 + 1.25 * m + 0.75 * lam * g, rtol=1e-4,
+                               atol=1e-7)
+    codes = latent['codes']
     counts = np.bincount(codes.ravel(), minlength=16) / codes.size
     nonzero = counts[counts > 0]
     np.testing.assert_allclose(out['perplexity'], np.exp(-np.sum(nonzero * np.log(nonzero))),
                                rtol=1e-5)
     assert out['codebook_usage'][0] == np.mean(counts > 0)
-    np.testing.assert_allclose(out['commitment'], 0.25 * out['codebook'], rtol=1e-5)
 
 
 @pytest.mark.slow

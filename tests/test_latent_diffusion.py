@@ -21,7 +21,8 @@ from ddpm_jax.models import UNet, conditioning, make_model_fn
 from ddpm_jax.tasks import diffusion as diffusion_task
 from ddpm_jax.tasks import latent_diffusion
 
-from configs import autoencoder_vq_f4, default, digits_autoencoder, digits_ldm, ldm_celebahq256
+from configs import (autoencoder_vq_f4, default, digits_autoencoder, digits_ldm,
+                     ldm_celebahq256, ldm_imagenet256)
 
 
 def autoencoder_config():
@@ -252,6 +253,25 @@ def test_ldm_configs_validate_and_match_the_papers_sizes():
         count = _count(jax.eval_shape(task.init_params, jax.random.key(0)))
         if unet_params:  # Rombach et al. 2022 report 274M parameters for LDM-4 CelebA-HQ.
             assert abs(count - unet_params) < 0.005 * unet_params, count
+
+
+def test_imagenet_ldm_samples_the_raw_parameters():
+    """cin256-v2.yaml has use_ema: False: decay 0 keeps the EMA copy equal to the
+    parameters, bit for bit, and sampling reads that copy; CelebA-HQ keeps LDM's 0.9999."""
+    config = ldm_imagenet256.get_config()
+    config_lib.validate(config, mode='train', num_devices=1)
+    assert tuple(config.optim.ema_decays) == (0.0,)
+    assert tuple(ldm_celebahq256.get_config().optim.ema_decays) == (0.9999,)
+    rng = np.random.default_rng(0)
+    ema, params = ({'model': {'w': rng.normal(size=(3, 4)).astype(np.float32)}}
+                   for _ in range(2))
+    new = state_lib.update_ema(ema, params, config.optim.ema_decays[0])
+    np.testing.assert_array_equal(new['model']['w'], params['model']['w'])
+    assert state_lib.select_ema_params(config, (new,)) is new
+    # The generic EMA (no warm-up): e <- d e + (1 - d) p.
+    slow = state_lib.update_ema(ema, params, 0.9999)['model']['w']
+    want = 0.9999 * ema['model']['w'].astype(np.float64) + 1e-4 * params['model']['w']
+    np.testing.assert_allclose(slow, want, rtol=1e-6)
 
 
 # --- the latent cache ----------------------------------------------------------------

@@ -19,6 +19,21 @@ batch and need a mutable collection; group statistics do neither.
 
 Layers are `ddpm_jax.models.layers`' 'ddpm' variant (TensorFlow-style padding of
 the stride-2 convolution = taming's (0, 1) pad, GroupNorm epsilon 1e-6 as taming).
+
+The autoencoder's departures from LDM's PyTorch modules are in the initialisation
+(the same architecture and parameters; training starts from a different point):
+
+* convolutions and attention projections draw DDPM's Glorot-uniform ("fan_avg",
+  variance scaling 1.0) kernels with zero biases; LDM keeps PyTorch's defaults
+  (kaiming_uniform(a=sqrt(5)) kernels, i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)), and
+  biases of the same bound);
+* every attention block's output projection `proj_out` starts at zero (the block
+  starts as the identity; LDM's AttnBlock draws it like any other convolution).
+
+The VQ codebook is drawn from U(-1/K, 1/K) as taming's `VectorQuantizer2`
+(`embedding.weight.data.uniform_(-1.0 / n_e, 1.0 / n_e)`); the discriminator's
+N(0, 0.02) convolution kernels are taming's `weights_init` (its biases start at
+zero, PyTorch's at U(-1/sqrt(fan_in), 1/sqrt(fan_in))).
 """
 
 from typing import Any, Sequence
@@ -32,6 +47,14 @@ from ddpm_jax.models import layers
 
 KINDS = ('kl', 'vq')
 _VARIANT = 'ddpm'
+
+
+def symmetric_uniform(bound: float) -> nn.initializers.Initializer:
+    """U(-bound, bound) (taming's codebook init with bound 1/K; Flax's
+    `initializers.uniform(scale)` would draw U[0, scale))."""
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
 
 
 def downsampling_factor(channel_mult: Sequence[float]) -> int:
@@ -176,9 +199,8 @@ class Autoencoder(nn.Module):
         self.post_quant_conv = layers.conv(self.z_channels, _VARIANT, jnp.float32, kernel=1)
         self.decoder = Decoder(out_channels=self.out_channels, **arch)
         if self.kind == 'vq':
-            bound = 1.0 / self.codebook_size  # taming's uniform(-1/K, 1/K) init.
             self.codebook = self.param(
-                'codebook', nn.initializers.uniform(2 * bound),
+                'codebook', symmetric_uniform(1.0 / self.codebook_size),
                 (self.codebook_size, self.z_channels), jnp.float32)
 
     @property

@@ -2,14 +2,20 @@
 
 Two parts, each with its own Adam, and two phases per step (as `ddgan`):
 
-1. 'autoencoder': L1 reconstruction summed over pixels (LDM's NLL with its
-   log-variance fixed at 0; with the LPIPS term, each pixel's L1 error plus
-   `perceptual_weight` * LPIPS(x, x_rec), as LDM's LPIPSWithDiscriminator), plus
-   `kl_weight` * KL(q(z|x) || N(0, I)) for a KL
-   latent or the codebook + commitment losses for a VQ latent, plus, from step
+1. 'autoencoder': the L1 reconstruction loss (LDM's NLL with its log-variance fixed
+   at 0; with the LPIPS term, each pixel's L1 error plus `perceptual_weight` *
+   LPIPS(x, x_rec)), plus the latent's regulariser, plus, from step
    `autoencoder.disc_start` on, lambda * disc_weight * (-mean D(x_rec)), with lambda
    the adaptive weight of Esser et al. 2021, Eq. 7 (the ratio of the gradient norms
-   of the reconstruction and adversarial losses at the decoder's last layer).
+   of the reconstruction and adversarial losses at the decoder's last layer). As the
+   two reference losses: a KL latent (LDM's LPIPSWithDiscriminator) sums the
+   reconstruction loss over the pixels and adds `kl_weight` * KL(q(z|x) || N(0, I));
+   a VQ latent (taming's VQLPIPSWithDiscriminator, LDM's VQ-f4) averages it over the
+   pixels and adds the quantiser's loss with weight 1, in taming's legacy form
+   (commitment + `vq_beta` * codebook; `autoencoder_losses.vq_losses`). The
+   reduction sets the VQ term's scale against the reconstruction (a sum would make
+   it 1 / (H W C) of taming's); lambda, a ratio of gradient norms of the
+   reconstruction loss as reduced, follows it.
 2. 'discriminator': the hinge loss of the patch discriminator on x against the
    (updated) reconstruction, from `disc_start` on (zero before: D is not trained,
    as taming's disc_factor = 0).
@@ -107,6 +113,8 @@ class AutoencoderTask(base.Task):
         self.autoencoder = create_autoencoder(config)
         self.discriminator = create_discriminator(config)
         self.vq = config.autoencoder.kind == 'vq'
+        # Over each example's pixels: taming's VQ loss averages, LDM's KL loss sums.
+        self.reduction = 'mean' if self.vq else 'sum'
         self.perceptual_weight = perceptual_weight(config)
         self.lpips = lpips_lib.LPIPS()
         self.lpips_params = None  # Host float32 arrays, closed over by the jitted step.
@@ -221,15 +229,17 @@ class AutoencoderTask(base.Task):
             {'params': self.lpips_params}, x, method=lpips_lib.LPIPS.features))
 
     def reconstruction_loss(self, x, x_rec, reference):
-        """(the reconstruction loss [B], LPIPS(x, x_rec) [B] or None): L1 summed over
-        pixels, plus the perceptual term when `reference` (of x) is given."""
+        """(the reconstruction loss [B], LPIPS(x, x_rec) [B] or None): L1, plus the
+        perceptual term when `reference` (of x) is given, summed over pixels for a KL
+        latent, averaged for a VQ latent (`self.reduction`; module docstring)."""
         if reference is None:
-            return ae_losses.l1_reconstruction(x, x_rec), None
+            return ae_losses.l1_reconstruction(x, x_rec, self.reduction), None
         apply = functools.partial(self.lpips.apply, {'params': self.lpips_params})
         distance = apply(reference, apply(x_rec, method=lpips_lib.LPIPS.features),
                          method=lpips_lib.LPIPS.distance)
         return (ae_losses.perceptual_reconstruction(x, x_rec, distance,
-                                                    self.perceptual_weight), distance)
+                                                    self.perceptual_weight, self.reduction),
+                distance)
 
     def adaptive_weight(self, params, x, features, reference=None) -> jax.Array:
         """lambda of Esser et al. 2021, Eq. 7 at the decoder's last-layer kernel, from
@@ -266,11 +276,12 @@ class AutoencoderTask(base.Task):
             reference = self.perceptual_reference(x)
             rec, distance = self.reconstruction_loss(x, x_rec, reference)
             # Mean |x - x_rec| per pixel.
-            terms = {'rec_l1': ae_losses.l1_reconstruction(x, x_rec) / np.prod(x.shape[1:])}
+            terms = {'rec_l1': ae_losses.l1_reconstruction(x, x_rec, 'mean')}
             if distance is not None:
                 terms['lpips'] = distance
             if self.vq:
-                vq = ae_losses.vq_losses(latent['z'], latent['z_q'], a.vq_beta)
+                # LDM's VQModel: taming's VectorQuantizer2(beta=0.25), legacy by default.
+                vq = ae_losses.vq_losses(latent['z'], latent['z_q'], a.vq_beta, legacy=True)
                 regulariser = vq['vq']
                 perplexity, used = ae_losses.codebook_usage(latent['codes'], a.codebook_size)
                 terms.update(codebook=vq['codebook'], commitment=vq['commitment'],
