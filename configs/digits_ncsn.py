@@ -15,7 +15,10 @@ NCSNv2's Eq. 4 closest to 1 (`sde_samplers.ncsnv2_step_size(1.35, 0.01, 5)`), an
 final denoising step: 24 x 5 + 1 = 121 model evaluations. The network, optimiser,
 labels and guidance are the quick start's (configs/digits.py: width-32 UNet, 1,500
 steps of 128, class-conditional with label dropout, guidance scale 2), conditioned on
-an embedding of log sigma (`score_matching.noise_label`) with s = output / sigma.
+an embedding of log sigma (`score_matching.noise_label`) with s = output / sigma. The
+loss averages over the 64 pixels (`sde.reduce_mean=True`, the quick start's loss
+scale); NCSN's code takes half the sum (score_sde: `reduce_mean=False`), the same
+gradient direction 2 D = 128 times longer, which only gradient clipping would notice.
 
 `--config.sample.sampler=pc|sde|heun|ode` sample the same model with the reverse-time
 SDE on its 24 levels (`sde.num_scales`); `--config.sample.langevin_steps_per_level=20

@@ -79,6 +79,7 @@ OPTION_FIELDS: Mapping[str, tuple[str, type]] = {
     'solver': ('sample.ode_solver', str),
     'rtol': ('sample.ode_rtol', float),
     'atol': ('sample.ode_atol', float),
+    'denoise': ('sample.ode_denoise', bool),
     'snr': ('sample.pc_snr', float),
     'predictor': ('sample.predictor', str),
     'sigma_max': ('sample.heun_sigma_max', float),

@@ -456,8 +456,21 @@ def dpm_solver_sample(model_fn: ModelFn,
     most accurate when the steps are roughly uniform in lambda. Uniform-time
     spacing ('ddim20') on the linear schedule makes the last solver step much
     longer in lambda than the one before it (h ~ 2.9 vs 0.7 at T = 1000), where
-    extrapolating overshoots; `lower_order_final` (default, as the DPM-Solver
-    authors' code does for short runs) takes that step with first order.
+    extrapolating overshoots; `lower_order_final` (default) takes that step with
+    first order. The authors' code (LuChengTHU/dpm-solver, `DPM_Solver.sample`)
+    lowers the final order only in runs of fewer than 10 steps; here it is lowered at
+    any length (Gaussian data, 'ddim20' on the linear schedule, relative error of the
+    probability-flow map 0.040 with it, 0.227 without, DDIM 0.133;
+    tests/test_samplers.py). `lower_order_final=False` gives the authors' update for
+    runs of 10 or more steps.
+
+    The grid is the respaced schedule's kept timesteps: 'ddimN' is N model calls, N - 1
+    solver steps from the top kept step (950 of 1000 for 'ddim20') and the final
+    x0_hat. The authors' default grid is continuous instead (N steps uniform in time
+    from t = 1 to 1/N, no final denoising; or uniform in lambda, which
+    `schedules`' respacing does not offer). `clip_denoised` clips x0_hat before the
+    guidance shift, as `ddim_sample` does; the authors' solver leaves x0_hat as it is
+    unless asked to threshold it, so pass clip_denoised=False to match it.
 
     With `cond_fn`, the noise prediction is shifted as in DDIM,
     eps' = eps - sqrt(1 - abar) s grad (Dhariwal & Nichol 2021, Alg. 2), i.e.

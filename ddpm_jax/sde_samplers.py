@@ -200,7 +200,10 @@ def annealed_langevin_sample(score_fn: ScoreFn, sigmas, shape: Sequence[int],
         rng: `jax.random.key`.
         step_size: eps > 0 (NCSN: 2e-5; `ncsnv2_step_size` gives NCSNv2's choice).
         steps_per_level: T >= 1 (NCSN: 100).
-        x_init: start; default sigma_1 N(0, I) (the VE prior).
+        x_init: start; default sigma_1 N(0, I) (the VE prior, as score_sde's 'ald'
+            corrector starts). NCSN's and NCSNv2's code start from uniform noise
+            instead (`torch.rand`, U[0, 1] in their data range; for data in [-1, 1]
+            pass `2 * jax.random.uniform(key, shape) - 1`).
         denoise: Add the final Tweedie step.
 
     Returns:
@@ -314,7 +317,8 @@ def pc_sample(sde, score_fn: ScoreFn, shape: Sequence[int], rng: Array, *,
         corrector: One of `CORRECTORS`.
         snr: r > 0 of the Langevin corrector (score_sde: 0.16 for VE, 0.01-0.27 VP).
         corrector_steps: Corrector iterations per step, >= 1.
-        denoise: Return the last noise-free mean (score_sde's `noise_removal`).
+        denoise: Return the last predictor step's noise-free mean (score_sde's
+            `noise_removal`); corrector-only runs return x either way, as score_sde.
         x_init: Start; default a draw of the prior.
 
     Returns:
@@ -372,6 +376,8 @@ def pc_sample(sde, score_fn: ScoreFn, shape: Sequence[int], rng: Array, *,
             x, x_mean = correct(x, t, jax.random.fold_in(key, 1))
         if predictor != 'none':
             x, x_mean = predict(x, t, jax.random.fold_in(key, 0))
+        else:  # score_sde's NonePredictor returns (x, x): no noise-free mean to keep.
+            x_mean = x
         return (x, x_mean), None
 
     (x, x_mean), _ = jax.lax.scan(body, (x, x), jnp.arange(num_steps, dtype=jnp.int32))
@@ -424,7 +430,9 @@ def ode_sample(sde, score_fn: ScoreFn, shape: Sequence[int], rng: Optional[Array
     """Samples by solving the probability-flow ODE dx/dt = f - g^2 s / 2 from t = 1 to eps
     (Song et al. 2021b, Eq. 13 and Sec. 4.3) with diffrax (adaptive step, PID controller;
     score_sde used scipy's RK45 with rtol = atol = 1e-5). With `denoise`, one
-    reverse-diffusion mean step at eps follows (score_sde's `denoise`; one evaluation).
+    reverse-diffusion mean step at eps follows (score_sde's `denoise`, which its
+    configs turn on with `sampling.noise_removal = True`; one evaluation): it removes
+    the noise of std ~sigma(eps) that x(eps) still holds.
 
     Args:
         sde, score_fn: As in `pc_sample`.
@@ -847,9 +855,11 @@ def vp_ode_sample(model_fn, sched: Schedule, shape: Sequence[int], rng: Optional
                   cond_fn=None, classifier_scale: float = 1.0,
                   x_T: Optional[Array] = None, return_intermediates: bool = False,
                   solver: str = 'tsit5', rtol: float = 1e-5, atol: float = 1e-5,
-                  eps: float = 1e-3, max_steps: int = 4096, return_nfe: bool = False):
+                  eps: float = 1e-3, max_steps: int = 4096, denoise: bool = False,
+                  return_nfe: bool = False):
     """`ode_sample` for a discrete-time model, through its VP view (`sde.make_vp_score_fn`),
-    with the signature of `samplers.SAMPLERS`' functions.
+    with the signature of `samplers.SAMPLERS`' functions (`denoise`: `ode_sample`'s
+    final denoising step; the config's `sample.ode_denoise` turns it on).
 
     `sched` should be the model's full training schedule: its steps are the view's knots
     (a respaced schedule gives a coarser VP SDE through the kept levels). x_T ~ N(0, I)
@@ -870,7 +880,7 @@ def vp_ode_sample(model_fn, sched: Schedule, shape: Sequence[int], rng: Optional
     x_T, _ = samplers._initial_state(shape, rng, x_T, needs_noise=False,
                                      name='vp_ode_sample')
     out = ode_sample(view, score, shape, None, eps=eps, solver=solver, rtol=rtol,
-                     atol=atol, max_steps=max_steps, x_init=x_T)
+                     atol=atol, max_steps=max_steps, x_init=x_T, denoise=denoise)
     return (out.samples, out.nfe) if return_nfe else out.samples
 
 
@@ -1024,7 +1034,7 @@ SDE_SAMPLERS = {
         vp_heun_sample, ('num_steps', 's_churn', 'sigma_max'),
         "Karras et al. 2022's Heun sampler on the VP view (2 num_steps - 1 NFE)"),
     'ode': samplers.SamplerSpec(
-        vp_ode_sample, ('solver', 'rtol', 'atol'),
+        vp_ode_sample, ('solver', 'rtol', 'atol', 'denoise'),
         'probability-flow ODE, adaptive diffrax solver (Song et al. 2021b)'),
     'pc': samplers.SamplerSpec(
         vp_pc_sample, ('snr',),

@@ -50,7 +50,7 @@ def test_registry_holds_every_sampler_with_its_config_fields():
             group, key = field.split('.')
             assert key in config[group], (name, field)
     assert sampler_registry.sampler_options(config, 'ode') == {
-        'solver': 'tsit5', 'rtol': 1e-5, 'atol': 1e-5}
+        'solver': 'tsit5', 'rtol': 1e-5, 'atol': 1e-5, 'denoise': True}
     assert sampler_registry.sampler_options(config, 'heun') == {
         'num_steps': 18, 's_churn': 0.0, 'sigma_max': 0.0}
     assert sampler_registry.sampler_options(config, 'langevin') == {

@@ -60,6 +60,24 @@ def test_ode_sample_is_the_exact_flow_map(solver):
     assert 20 < int(out.nfe) < 400
 
 
+def test_ode_sample_denoise_is_one_reverse_diffusion_mean_step():
+    """score_sde's noise removal after the ODE: at t = eps (discrete VP step 0,
+    beta_0 = b0 / N), x + (1 - sqrt(1 - beta_0)) x + beta_0 s(x, eps), in float64."""
+    sde = sde_lib.VPSDE()
+    z = jax.random.normal(jax.random.key(0), (500, DIM))
+    run = lambda denoise: jax.jit(lambda z: sde_samplers.ode_sample(  # noqa: E731
+        sde, gauss_score(sde), z.shape, None, x_init=z, denoise=denoise))(z)
+    plain, denoised = run(False), run(True)
+    assert int(denoised.nfe) == int(plain.nfe) + 1
+    x = np.asarray(plain.samples, np.float64)
+    beta = 0.1 / 1000
+    a, std = [float(v) for v in sde_lib.marginal_coefs(sde, jnp.float32(1e-3))]
+    score = -(x - a * MU) / (a ** 2 * S ** 2 + std ** 2)
+    expected = x + (1.0 - np.sqrt(1.0 - beta)) * x + beta * score
+    np.testing.assert_allclose(denoised.samples, expected, rtol=1e-5, atol=1e-5)
+    assert np.abs(expected - x).max() > 1e-3  # The step is not negligible here.
+
+
 @pytest.mark.slow
 def test_ode_sample_ve():
     sde = sde_lib.VESDE(0.01, 10.0)
@@ -114,6 +132,17 @@ def test_reverse_sde_and_pc_samples_have_the_data_moments(sde, predictor, correc
                                  snr=0.16, eps=eps)
     assert int(out.nfe) == 200 * (2 if corrector == 'langevin' else 1)
     assert_data_moments(out.samples, 0.17)
+
+
+def test_pc_corrector_only_returns_the_noisy_sample():
+    """score_sde's NonePredictor returns (x, x): with no predictor, noise removal keeps
+    the last corrector step's noise (the same x with or without `denoise`)."""
+    sde = sde_lib.VPSDE()
+    run = lambda predictor, denoise: np.asarray(sde_samplers.pc_sample(  # noqa: E731
+        sde, gauss_score(sde), (8, DIM), jax.random.key(4), num_steps=5,
+        predictor=predictor, corrector='langevin', denoise=denoise).samples)
+    np.testing.assert_array_equal(run('none', True), run('none', False))
+    assert np.abs(run('reverse_diffusion', True) - run('reverse_diffusion', False)).max() > 1e-3
 
 
 @pytest.mark.slow

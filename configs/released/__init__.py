@@ -47,7 +47,9 @@ def adm_classifier(image_size: int, channel_mult: tuple, depth: int = 2,
     with 64 channels per head (legacy qkv order), BigGAN down-sampling, AdaGN and
     attention pooling to 1000 logits; trained with AdamW (lr 3e-4 annealed, weight
     decay 0.05), batch 256, 300k steps, on the noise of the model it guides
-    (`schedule`, T = 1000).
+    (`schedule`, T = 1000). For fine-tuning, note that guided-diffusion trained the
+    classifiers on random crops (`classifier_train.py`: `random_crop=True`); the data
+    pipeline here only centre-crops.
     """
     config = default.get_config()
     config.task = 'classifier'
@@ -139,12 +141,14 @@ def iddpm(image_size: int, channel_mult: tuple, dropout: float) -> ml_collection
     nearest up-sampling, learned variances (learned_range) trained with L_hybrid,
     cosine schedule with T = 4000, and the network fed t * 1000 / T
     (rescale_timesteps, on by default in improved-diffusion); Adam lr 1e-4, batch
-    128, EMA 0.9999. Unconditional.
+    128, EMA 0.9999, no random flips (improved-diffusion's `ImageDataset` has none).
+    Unconditional.
     """
     config = default.get_config()
     data = config.data
     data.image_size = image_size
     data.channels = 3
+    data.random_flip = False
 
     model = config.model
     model.base_channels = 128

@@ -16,7 +16,8 @@ Two variants share these blocks and differ only where the papers differ:
 * 'adm' (Dhariwal & Nichol 2021, Sec. 3; openai/guided-diffusion): embedding
   [cos, sin] with frequencies exp(-log(10000) k / (d/2)); one fused qkv projection
   and several heads (num_heads, or num_head_channels per head); GroupNorm epsilon
-  1e-5; PyTorch's default fan-in uniform initialisation; symmetric padding.
+  1e-5; PyTorch's default fan-in uniform initialisation of the weights (biases
+  start at zero, where PyTorch draws them from the same uniform); symmetric padding.
 
 Both zero-initialise the last convolution of every residual branch and the
 attention output projection, so every block starts as the identity.
@@ -94,7 +95,9 @@ def default_init(variant: str) -> nn.initializers.Initializer:
     """Weight initialiser of each variant.
 
     DDPM uses variance scaling 1.0 with fan_avg and a uniform distribution; ADM keeps
-    PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)), i.e. scale 1/3 with fan_in.
+    PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)), i.e. scale 1/3 with fan_in
+    (for the weights: biases start at zero in both variants, where PyTorch's layers
+    draw theirs from the same uniform).
 
     Args:
         variant: 'ddpm' or 'adm'.

@@ -115,7 +115,8 @@ def _run_sampler(config, sde, score_fn, shape, rng, constants=None):
     eps = float(c.sampling_eps)
     if s.sampler == 'ode':
         out = sde_samplers.ode_sample(sde, score_fn, shape, rng, eps=eps, solver=s.ode_solver,
-                                      rtol=float(s.ode_rtol), atol=float(s.ode_atol))
+                                      rtol=float(s.ode_rtol), atol=float(s.ode_atol),
+                                      denoise=bool(s.ode_denoise))
     elif s.sampler in ('pc', 'sde'):
         out = sde_samplers.pc_sample(
             sde, score_fn, shape, rng, num_steps=int(c.num_scales), eps=eps,
