@@ -3,11 +3,15 @@
 Denoising diffusion GAN on CIFAR-10 (Xiao et al. 2022; FID 3.75 with T = 4): the
 settings of DDGAN's released CIFAR-10 command (--num_timesteps 4 --num_channels_dae
 128 --ch_mult 1 2 2 2 --num_res_blocks 2 --nz 100 --z_emb_dim 256 --n_mlp 4 --r1_gamma
-0.02 --lazy_reg 15 --lr_d 1.25e-4 --lr_g 1.6e-4 --ema_decay 0.9999, batch 64 on each of
-4 GPUs, 1800 epochs = 351,562 steps of 256), Adam betas (0.5, 0.9), cosine decay.
-The generator is this library's UNet (ADM blocks, AdaGN driven by the time embedding
-plus the mapped latent), not the paper's NCSN++, so its parameter count differs from
-the paper's; the discriminator is the paper's small one (models/ddgan_discriminator.py).
+0.02 --lazy_reg 15 --lr_d 1.25e-4 --lr_g 1.6e-4 --ema_decay 0.9999 --batch_size 64
+--num_process_per_node 4 --num_epoch 1800), Adam betas (0.5, 0.9), cosine decay to
+1e-5. Steps: each of the 4 processes sees 50,000 / 4 = 12,500 images, 195 full
+batches of 64 (drop_last), for epochs 0..1800 (range(0, num_epoch + 1)): 1801 x 195 =
+351,195 steps of 256. The generator is this library's UNet (ADM blocks, AdaGN driven
+by the time embedding plus the mapped latent; their SiLU mapping network and tanh
+output), not the paper's NCSN++, so its parameter count differs from the paper's; the
+discriminator is the paper's small one with t_emb_dim 256
+(models/ddgan_discriminator.py).
 """
 
 from configs import ddgan, default
@@ -15,8 +19,7 @@ from configs import ddgan, default
 
 def get_config():
     """Returns the DDGAN CIFAR-10 config."""
-    config = ddgan.make_ddgan(default.get_config(), num_timesteps=4, latent_dim=100,
-                              mapping_layers=4)
+    config = ddgan.make_ddgan(default.get_config(), num_timesteps=4, latent_dim=100, n_mlp=4)
 
     data = config.data
     data.dataset = 'cifar10'
@@ -42,7 +45,7 @@ def get_config():
 
     train = config.train
     train.global_batch_size = 256
-    train.num_train_steps = 351_562
+    train.num_train_steps = 351_195  # 1801 epochs x 195 steps (see the docstring).
     train.log_every_steps = 100
     train.checkpoint_every_steps = 10_000
     train.sample_every_steps = 25_000

@@ -5,15 +5,21 @@ Not a runnable config: `cifar10_ddgan.py`, `celebahq256_ddgan.py` and
 """
 
 
-def make_ddgan(config, *, num_timesteps: int, latent_dim: int, mapping_layers: int):
+def make_ddgan(config, *, num_timesteps: int, latent_dim: int, n_mlp: int):
     """Turns a denoiser config into a DDGAN one: the task, a generator G(x_t, z, t)
-    whose mapped latent drives AdaGN, x_0 prediction stepped with the posterior on
-    the discretised VP schedule, DDGAN's Adam (betas 0.5, 0.9, cosine decay, no
-    clipping) and the 'ddgan' sampler."""
+    whose mapped latent drives AdaGN and whose output is tanh'd, x_0 prediction
+    stepped with the posterior on the discretised VP schedule, DDGAN's Adam (betas
+    0.5, 0.9, cosine decay to 1e-5, no clipping) and the 'ddgan' sampler.
+
+    `latent_dim` and `n_mlp` are DDGAN's --nz and --n_mlp: their mapping network is
+    dense(nz) then n_mlp more dense layers, each followed by SiLU.
+    """
     config.task = 'ddgan'
     config.model.use_scale_shift_norm = True  # The latent enters through AdaGN.
     config.model.latent_dim = latent_dim
-    config.model.mapping_layers = mapping_layers
+    config.model.mapping_layers = n_mlp + 1
+    config.model.mapping_activation = 'silu'
+    config.model.output_tanh = True  # NCSN++'s torch.tanh(h) (their --not_use_tanh off).
     config.model.class_dropout_prob = 0.0  # No classifier-free guidance for a GAN.
     diffusion = config.diffusion
     diffusion.num_timesteps = num_timesteps
@@ -21,7 +27,11 @@ def make_ddgan(config, *, num_timesteps: int, latent_dim: int, mapping_layers: i
     diffusion.mean_type = 'x0'
     diffusion.var_type = 'fixed_small'
     config.gan.b1, config.gan.b2 = 0.5, 0.9
+    # CosineAnnealingLR(T_max=num_epoch, eta_min=1e-5) in train_ddgan.py. Theirs steps
+    # once per epoch (a staircase over num_epoch + 1 epochs); ours decays every step
+    # over train.num_train_steps, reaching 1e-5 at the last step.
     config.optim.lr_schedule = 'cosine'
+    config.optim.min_learning_rate = 1e-5
     config.optim.warmup_steps = 0
     config.optim.grad_clip_norm = 0.0
     config.sample.sampler = 'ddgan'

@@ -55,6 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
     model.learn_sigma = False  # Output 2*channels: eps and the variance interpolation.
     model.latent_dim = 0  # > 0: a DDGAN generator G(x_t, z, t) with z of this size.
     model.mapping_layers = 3  # Dense layers of the generator's latent mapping network.
+    model.mapping_activation = 'silu'  # Its activation: 'silu' (DDGAN's) or 'leaky_relu'.
+    model.output_tanh = False  # tanh on the output (a DDGAN generator's x_0 in (-1, 1)).
     model.pool = 'attention'  # Classifier head: 'attention' pooling or 'adaptive' (mean).
     # Released checkpoints (ddpm_jax.released) and ADM's upsamplers:
     model.legacy_qkv_order = False  # Split the fused qkv into heads before q/k/v (ADM's
@@ -105,6 +107,8 @@ def get_config() -> ml_collections.ConfigDict:
     gan.disc_channel_mult = (1, 2)  # Its multiplier per residual block; blocks 1.. halve
     #                                 the resolution (models/ddgan_discriminator.py).
     gan.disc_downsample_first = False  # Block 0 halves it too (the paper's large D).
+    gan.disc_temb_dim = 256  # Width of D's timestep embedding (DDGAN's --t_emb_dim).
+    gan.disc_init = 'ddgan'  # D's initialisation: 'ddgan' (their dense_layer.py) or 'adm'.
     gan.lr_generator = 1.6e-4  # Generator Adam learning rate (optim.* gives the schedule).
     gan.lr_discriminator = 1.25e-4  # Discriminator Adam learning rate.
     gan.b1 = 0.5  # Adam beta1 of both networks.
@@ -122,7 +126,7 @@ def get_config() -> ml_collections.ConfigDict:
     ae.z_channels = 3  # Latent channels (the VQ codebook's entry width too).
     ae.num_groups = 32  # GroupNorm groups of the autoencoder.
     ae.codebook_size = 8192  # 'vq': codebook entries.
-    ae.vq_beta = 0.25  # 'vq': commitment loss weight beta.
+    ae.vq_beta = 0.25  # 'vq': codebook loss weight beta (taming's legacy form; commitment 1).
     ae.kl_weight = 1e-6  # 'kl': weight of the KL term (the L1 term is summed over pixels).
     ae.disc_start = 50_001  # Step from which the adversarial loss and D's updates are on.
     ae.disc_weight = 0.5  # Factor on the adaptive adversarial weight (taming's disc_weight).
@@ -149,6 +153,7 @@ def get_config() -> ml_collections.ConfigDict:
     optim.optimizer = 'adam'  # 'adam' or 'adamw'.
     optim.learning_rate = 2e-4  # Peak learning rate.
     optim.lr_schedule = 'constant'  # After warmup: 'constant', 'cosine' or 'linear' decay.
+    optim.min_learning_rate = 0.0  # Where 'cosine' / 'linear' decay ends (at the last step).
     optim.warmup_steps = 0  # Linear learning-rate warmup, in steps.
     optim.b1 = 0.9  # Adam beta1.
     optim.b2 = 0.999  # Adam beta2.
@@ -188,6 +193,8 @@ def get_config() -> ml_collections.ConfigDict:
     sample.ode_solver = 'tsit5'  # 'ode': adaptive diffrax solver, 'tsit5' or 'dopri5' (RK45).
     sample.ode_rtol = 1e-5  # 'ode': relative tolerance (score_sde: 1e-5).
     sample.ode_atol = 1e-5  # 'ode': absolute tolerance (score_sde: 1e-5).
+    sample.ode_denoise = True  # 'ode': then one reverse-diffusion mean step at eps, NFE + 1
+    #                            (score_sde's sampling.noise_removal, on in its configs).
     sample.predictor = 'reverse_diffusion'  # 'pc' / 'sde' predictor, or 'euler_maruyama'.
     sample.pc_snr = 0.16  # 'pc': Langevin corrector's signal-to-noise ratio r (score_sde:
     #                       0.16 for VE, 0.01 for VP DDPM models).

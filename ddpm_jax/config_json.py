@@ -38,6 +38,11 @@ def upgrade_json_dict(saved: Mapping[str, Any]) -> dict:
     Version 0.1 had no `task` (a classifier was trained when model.name was
     'classifier'), called `diffusion.timestep_sampling` `timestep_sampler`, and had no
     `model.latent_dim` / `model.mapping_layers` (0 and 3: not a generator).
+    DDGAN records from before the match with DDGAN's code have no
+    `model.mapping_activation` / `model.output_tanh` ('leaky_relu' and False, what
+    they were trained with; 'silu' for a non-generator, where it is unused, so that
+    such records still equal today's default), `gan.disc_temb_dim` (128),
+    `gan.disc_init` ('adm') or `optim.min_learning_rate` (0).
     Autoencoder records before the LPIPS term have no `autoencoder.vgg16_weights_path`
     ('': no perceptual term, which they could not have had). Latent diffusion records
     before latent caching have no `latent.cache` ('none': encode in the step).
@@ -52,6 +57,17 @@ def upgrade_json_dict(saved: Mapping[str, Any]) -> dict:
     model = saved.get('model', {})
     model.setdefault('latent_dim', 0)  # Added with the DDGAN generator.
     model.setdefault('mapping_layers', 3)
+    # Added when DDGAN was matched to its reference code: generators stored before used a
+    # leaky-ReLU mapping and no output tanh, and their discriminators a 128-wide
+    # timestep embedding; their learning rates decayed to 0.
+    generator = model['latent_dim'] > 0
+    model.setdefault('mapping_activation', 'leaky_relu' if generator else 'silu')
+    model.setdefault('output_tanh', False)
+    if 'gan' in saved:
+        saved['gan'].setdefault('disc_temb_dim', 128)
+        saved['gan'].setdefault('disc_init', 'adm')
+    if 'optim' in saved:
+        saved['optim'].setdefault('min_learning_rate', 0.0)
     for name in ('disc_num_res_blocks', 'disc_attention_resolutions', 'disc_num_groups'):
         saved.get('gan', {}).pop(name, None)  # The ADM-encoder discriminator before 0.2.
     model.setdefault('legacy_qkv_order', False)  # Added with the released checkpoints.

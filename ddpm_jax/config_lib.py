@@ -117,6 +117,10 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
           f'model.class_dropout_prob={m.class_dropout_prob} must be in [0, 1).')
     check(m.class_dropout_prob == 0 or m.num_classes > 0,
           'model.class_dropout_prob > 0 needs model.num_classes > 0.')
+    check_choice('model.mapping_activation', m.mapping_activation,
+                 tuple(unet.MAPPING_ACTIVATIONS))
+    check(not m.output_tanh or m.latent_dim > 0,
+          'model.output_tanh is for a DDGAN generator (model.latent_dim > 0).')
     models.create_model(config)  # Architecture rules (sizes, heads, groups).
 
 
@@ -137,6 +141,12 @@ def _validate_optim(config: ml_collections.ConfigDict) -> None:
     check_choice('optim.lr_schedule', o.lr_schedule, LR_SCHEDULES)
     check(o.learning_rate > 0, f'optim.learning_rate={o.learning_rate} must be > 0.')
     check(o.warmup_steps >= 0, f'optim.warmup_steps={o.warmup_steps} must be >= 0.')
+    check(0 <= o.min_learning_rate < o.learning_rate,
+          f'optim.min_learning_rate={o.min_learning_rate} must be in [0, '
+          f'optim.learning_rate={o.learning_rate}).')
+    check(o.min_learning_rate == 0 or o.lr_schedule != 'constant',
+          "optim.min_learning_rate is where 'cosine' or 'linear' decay ends; with "
+          "lr_schedule='constant' it must be 0.")
     check(o.grad_clip_norm >= 0, f'optim.grad_clip_norm={o.grad_clip_norm} must be >= 0.')
     check(len(o.ema_decays) >= 1, 'optim.ema_decays must list at least one decay rate.')
     for decay in o.ema_decays:

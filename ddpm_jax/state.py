@@ -67,20 +67,26 @@ class Optimizer(NamedTuple):
 
 def create_learning_rate_fn(optim: ml_collections.ConfigDict,
                             num_train_steps: int) -> optax.Schedule:
-    """Linear warmup to `optim.learning_rate`, then constant or cosine/linear decay to 0.
+    """Linear warmup to `optim.learning_rate`, then constant or cosine/linear decay to
+    `optim.min_learning_rate`.
+
+    The cosine decay after warmup is lr(s) = m + (p - m)(1 + cos(pi s / S)) / 2 for
+    peak p, minimum m and S = num_train_steps - warmup_steps (PyTorch's
+    CosineAnnealingLR with eta_min = m, T_max = S, here stepped every step).
 
     Args:
         optim: An optimiser config group (fields as `config.optim`).
         num_train_steps: Where the decay ends.
     """
     peak, warmup = optim.learning_rate, optim.warmup_steps
+    final = optim.min_learning_rate
     decay_steps = max(1, num_train_steps - warmup)
     if optim.lr_schedule == 'constant':
         after = optax.constant_schedule(peak)
     elif optim.lr_schedule == 'cosine':
-        after = optax.cosine_decay_schedule(peak, decay_steps)
+        after = optax.cosine_decay_schedule(peak, decay_steps, alpha=final / peak)
     elif optim.lr_schedule == 'linear':
-        after = optax.linear_schedule(peak, 0.0, decay_steps)
+        after = optax.linear_schedule(peak, final, decay_steps)
     else:
         raise ValueError(f'optim.lr_schedule={optim.lr_schedule!r} is not valid.')
     if warmup == 0:

@@ -7,10 +7,11 @@ ADM checkpoints of Dhariwal & Nichol 2021 (guided-diffusion).
 
 import importlib
 
+import jax
 import pytest
 
 from configs import default
-from ddpm_jax import config_lib, models
+from ddpm_jax import config_lib, models, tasks
 
 CONFIGS = ('cifar10', 'celebahq256', 'imagenet64', 'imagenet128', 'imagenet256',
            'imagenet512', 'lsun_bedroom256', 'imagenet64_classifier')
@@ -171,12 +172,50 @@ def test_null_label_row_not_in_published_count():
     assert PARAMS['imagenet256'] - PARAMS['lsun_bedroom256'] == 1000 * 4 * 256
 
 
-DDGAN_PAPER = {  # DDGAN's released training commands (Xiao et al. 2022).
+DDGAN_PAPER = {  # DDGAN's released training commands (readme.md of
+    # NVlabs/denoising-diffusion-gan) with train_ddgan.py's defaults (--n_mlp 3,
+    # --ema_decay 0.9999, --t_emb_dim 256, --nz 100, eta_min 1e-5).
     'cifar10_ddgan': dict(T=4, lr_g=1.6e-4, lr_d=1.25e-4, r1=0.02, lazy=15, ema=0.9999,
-                          nz=100, n_mlp=4, mult=(1, 2, 2, 2), width=128),
-    'celebahq256_ddgan': dict(T=2, lr_g=2e-4, lr_d=1e-4, r1=2.0, lazy=10, ema=0.999,
-                              nz=100, n_mlp=3, mult=(1, 1, 2, 2, 4, 4), width=64),
+                          nz=100, n_mlp=4, mult=(1, 2, 2, 2), width=128, t_emb=256,
+                          batch=64 * 4),
+    'celebahq256_ddgan': dict(T=2, lr_g=2e-4, lr_d=1e-4, r1=2.0, lazy=10, ema=0.9999,
+                              nz=100, n_mlp=3, mult=(1, 1, 2, 2, 4, 4), width=64, t_emb=256,
+                              batch=4 * 8),
 }
+# Steps of their runs: epochs 0..num_epoch, each process taking its 1/P share of the
+# N training images in full batches (DistributedSampler, drop_last=True).
+DDGAN_RUNS = {  # (num_epoch, N, processes P, per-process batch)
+    'cifar10_ddgan': (1800, 50_000, 4, 64),
+    'celebahq256_ddgan': (800, 27_000, 8, 4),  # Their CelebA-HQ LMDB train split.
+}
+# (generator, discriminator) parameters. The generator is our UNet (no published
+# count to match); the discriminators are checked against DDGAN's own below.
+DDGAN_PARAMS = {
+    'cifar10_ddgan': (39_672_195, 12_725_249),
+    'celebahq256_ddgan': (30_019_203, 27_737_217),
+    'digits_ddgan': (810_049, 634_753),
+}
+
+
+def _reference_discriminator_params(nc, ngf, t_emb_dim, large):
+    """Parameters of DDGAN's Discriminator_small / _large (score_sde/models/
+    discriminator.py), layer by layer: TimestepEmbedding's two dense layers, the 1x1
+    start conv, DownConvBlocks (3x3 conv1, 3x3 conv2, dense_t1, bias-free 1x1 skip),
+    the final 3x3 conv over the stddev channel and the end linear."""
+    def conv(i, o, k, bias=True):
+        return i * o * k * k + (o if bias else 0)
+
+    def dense(i, o):
+        return i * o + o
+
+    def block(i, o):
+        return conv(i, o, 3) + conv(o, o, 3) + dense(t_emb_dim, o) + conv(i, o, 1, bias=False)
+
+    widths = [2, 4, 8, 8, 8, 8, 8] if large else [2, 2, 4, 8, 8]
+    widths = [ngf * w for w in widths]
+    return (2 * dense(t_emb_dim, t_emb_dim) + conv(nc, 2 * ngf, 1)
+            + sum(block(i, o) for i, o in zip(widths[:-1], widths[1:]))
+            + conv(8 * ngf + 1, 8 * ngf, 3) + dense(8 * ngf, 1))
 
 
 @pytest.mark.parametrize('name', sorted(DDGAN_PAPER))
@@ -191,7 +230,34 @@ def test_ddgan_configs(name):
     got = dict(T=config.diffusion.num_timesteps, lr_g=config.gan.lr_generator,
                lr_d=config.gan.lr_discriminator, r1=config.gan.r1_gamma,
                lazy=config.gan.lazy_reg, ema=config.optim.ema_decays[0],
-               nz=config.model.latent_dim, n_mlp=config.model.mapping_layers,
-               mult=tuple(config.model.channel_mult), width=config.model.base_channels)
+               nz=config.model.latent_dim, n_mlp=config.model.mapping_layers - 1,
+               mult=tuple(config.model.channel_mult), width=config.model.base_channels,
+               t_emb=config.gan.disc_temb_dim, batch=config.train.global_batch_size)
     assert got == want
     assert (config.gan.b1, config.gan.b2, config.diffusion.schedule) == (0.5, 0.9, 'vp')
+    assert (config.model.mapping_activation, config.model.output_tanh) == ('silu', True)
+    assert (config.optim.lr_schedule, config.optim.min_learning_rate) == ('cosine', 1e-5)
+    num_epoch, images, processes, batch = DDGAN_RUNS[name]
+    assert config.train.num_train_steps == (num_epoch + 1) * (images // processes // batch)
+
+
+@pytest.mark.parametrize('name', sorted(DDGAN_PARAMS))
+def test_ddgan_parameter_counts(name):
+    """Pinned counts; each discriminator equals DDGAN's (Discriminator_small with
+    nc = 2 C, ngf = disc_base_channels / 2) less the 1x1 skip of its first block,
+    where ours has an identity (models/ddgan_discriminator.py), or equals
+    Discriminator_large exactly."""
+    config = load(name).get_config()
+    shapes = jax.eval_shape(tasks.create_task(config).init_params, jax.random.key(0))
+    counts = tuple(sum(x.size for x in jax.tree.leaves(shapes[part]))
+                   for part in ('generator', 'discriminator'))
+    assert counts == DDGAN_PARAMS[name]
+    g = config.gan
+    if name == 'digits_ddgan':
+        return  # Two blocks and a label projection: no DDGAN counterpart.
+    large = g.disc_downsample_first
+    reference = _reference_discriminator_params(2 * config.data.channels,
+                                                g.disc_base_channels // 2,
+                                                g.disc_temb_dim, large)
+    identity_skip = 0 if large else g.disc_base_channels ** 2
+    assert counts[1] == reference - identity_skip

@@ -1,17 +1,21 @@
 """Tests for the denoising diffusion GAN (ddpm_jax.tasks.ddgan, samplers.ddgan_sample,
 the 'vp' schedule): closed forms in float64, R1 by hand, the two optimisers kept apart,
-exact resume and sharding through the generic trainer, and a short digits run."""
+exact resume and sharding through the generic trainer, a short digits run, and the
+points matched to DDGAN's code (D's time embedding and initialisation, the mapping
+network, the tanh output, the learning-rate floor, upgraded old records)."""
+
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import config_lib, parallel, samplers, schedules
+from ddpm_jax import checkpointing, config_lib, models, parallel, samplers, schedules
 from ddpm_jax import data as data_lib
 from ddpm_jax import state as state_lib
 from ddpm_jax import tasks, train
-from ddpm_jax.models import ddgan_discriminator
+from ddpm_jax.models import ddgan_discriminator, layers
 
 
 @pytest.fixture
@@ -206,11 +210,15 @@ def test_short_digits_run_narrows_the_discriminator_advantage(gan_config, tmp_pa
 
 
 def test_ddgan_config_rules(gan_config):
+    gan_config.optim.lr_schedule, gan_config.optim.min_learning_rate = 'cosine', 1e-5
     config_lib.validate(gan_config, num_devices=4)
     for field, value, match in [('sample.sampler', 'ddpm', "sample.sampler='ddgan'"),
                                 ('diffusion.mean_type', 'eps', "mean_type='x0'"),
                                 ('model.latent_dim', 0, 'model.latent_dim > 0'),
-                                ('sample.respacing', '2', 'exactly its training steps')]:
+                                ('sample.respacing', '2', 'exactly its training steps'),
+                                ('gan.disc_init', 'he', "gan.disc_init='he' must be one of"),
+                                ('optim.min_learning_rate', 1.0, 'must be below'),
+                                ('optim.lr_schedule', 'constant', "'constant' it must be 0")]:
         config = gan_config.copy_and_resolve_references()
         group, name = field.split('.')
         config[group][name] = value
@@ -236,15 +244,228 @@ def test_minibatch_stddev_against_numpy():
 
 
 def test_discriminator_logit_depends_on_pair_time_and_label():
+    """The small D starts with a near-constant logit (their near-zero second and final
+    convs); once its weights move, the logit depends on the pair, t and the label."""
     disc = ddgan_discriminator.DDGANDiscriminator(base_channels=8, channel_mult=(1, 2),
                                                   num_classes=3)
     rng = np.random.default_rng(1)
     pair = jnp.asarray(rng.normal(size=(4, 8, 8, 2)), jnp.float32)
     t, y = jnp.array([0, 1, 2, 3]), jnp.array([0, 1, 2, 0])
     params = disc.init(jax.random.key(0), pair, t, y)
+    assert np.abs(np.asarray(disc.apply(params, pair, t, y))).max() < 1e-3
+    params = jax.tree.map(lambda w: w + 0.05 * jnp.asarray(
+        rng.normal(size=w.shape), w.dtype), params)  # As after some training.
     base = np.asarray(disc.apply(params, pair, t, y))
-    assert base.shape == (4,) and np.abs(base).max() > 0.05  # No zero-initialised head.
+    assert base.shape == (4,) and np.abs(base).max() > 0.05
     for changed in (disc.apply(params, pair.at[:, :, :, 0].add(0.5), t, y),
                     disc.apply(params, pair, t + 1, y),
                     disc.apply(params, pair, t, (y + 1) % 3)):
         assert np.all(np.abs(np.asarray(changed) - base) > 1e-6)
+
+
+# --- DDGAN's reference code (NVlabs/denoising-diffusion-gan) --------------------------
+
+
+def _ddgan_sinusoid(t, dim):
+    """score_sde/models/layers.py get_timestep_embedding in float64: [sin, cos] with
+    frequencies exp(-ln(1e4) k / (dim/2 - 1))."""
+    half = dim // 2
+    freqs = np.exp(-np.log(10000.0) / (half - 1) * np.arange(half))
+    args = np.asarray(t, np.float64)[:, None] * freqs[None]
+    return np.concatenate([np.sin(args), np.cos(args)], axis=1)
+
+
+def _intermediate(state, *path):
+    node = state['intermediates']
+    for name in path:
+        node = node[name]
+    return np.asarray(node['__call__'][0], np.float64)
+
+
+def test_discriminator_time_embedding_is_ddgans(gan_config):
+    """D's embedding is 256 wide (--t_emb_dim's default, gan.disc_temb_dim) and is
+    their [sin, cos] sinusoid: temb_0's output is emb(t) W + b by hand."""
+    t = np.array([0.0, 1.0, 3.0, 2.5])
+    np.testing.assert_allclose(layers.timestep_embedding(jnp.asarray(t), 256, 'ddpm'),
+                               _ddgan_sinusoid(t, 256), atol=2e-5)
+    disc = tasks.ddgan.create_discriminator(gan_config)
+    assert disc.temb_dim == gan_config.gan.disc_temb_dim == 256
+    pair = jnp.zeros((4, 8, 8, 2), jnp.float32)
+    ti, y = jnp.array([0, 1, 3, 2]), jnp.array([0, 1, 2, 3])
+    params = disc.init(jax.random.key(0), pair, ti, y)
+    _, state = disc.apply(params, pair, ti, y, capture_intermediates=True,
+                          mutable=['intermediates'])
+    dense = jax.tree.map(lambda a: np.asarray(a, np.float64), params['params']['temb_0'])
+    assert dense['kernel'].shape == (256, 256)
+    want = _ddgan_sinusoid(np.asarray(ti), 256) @ dense['kernel'] + dense['bias']
+    np.testing.assert_allclose(_intermediate(state, 'temb_0'), want, atol=1e-4)
+    adm = np.concatenate(np.split(_ddgan_sinusoid(np.asarray(ti), 256), 2, axis=1)[::-1], 1)
+    assert np.abs(_intermediate(state, 'temb_0') - adm @ dense['kernel']).max() > 0.1
+
+
+@pytest.mark.parametrize('large', [False, True])
+def test_discriminator_init_is_ddgans_fan_out_uniform(large):
+    """Every kernel is U(-b, b) with b = sqrt(3 scale / fan_out) (dense_layer.py: mode
+    'fan_avg' falls through to fan_out), scale 1e-10 for each block's second conv and
+    the small D's final conv (init_scale=0), else 1; biases are zero."""
+    disc = ddgan_discriminator.DDGANDiscriminator(base_channels=32, channel_mult=(1, 2, 2),
+                                                  downsample_first=large)
+    params = disc.init(jax.random.key(0), jnp.zeros((1, 16, 16, 2)),
+                       jnp.zeros((1,), jnp.int32))['params']
+    checked = set()
+    for path, w in jax.tree_util.tree_flatten_with_path(params)[0]:
+        names = [k.key for k in path]
+        w = np.asarray(w, np.float64)
+        if names[-1] == 'bias':
+            assert not w.any(), names
+            continue
+        near_zero = names[-2] == 'conv_1' or (names[-2] == 'conv_out' and not large)
+        fan_out = w.shape[-1] * (np.prod(w.shape[:2]) if w.ndim == 4 else 1)
+        bound = np.sqrt(3 * (1e-10 if near_zero else 1.0) / fan_out)
+        assert np.abs(w).max() <= bound * (1 + 1e-6), names
+        if w.size >= 2048:
+            assert np.abs(w).max() > 0.97 * bound, names
+            np.testing.assert_allclose(w.var(), bound ** 2 / 3, rtol=0.1, err_msg=str(names))
+        checked.add(names[-2])
+    assert {'conv_in', 'conv_0', 'conv_1', 'skip', 'temb_proj', 'temb_0', 'temb_1',
+            'conv_out', 'logit'} <= checked
+    # The 1x1 skip of 32 -> 64 channels: fan_out 64 (PyTorch's default would be fan_in 32).
+    skip = np.asarray(params['down_1']['skip']['kernel'])
+    assert np.abs(skip).max() > 0.97 * np.sqrt(3 / 64) > 1 / np.sqrt(32)
+    logits = disc.apply({'params': params}, jax.random.normal(jax.random.key(1),
+                                                              (4, 16, 16, 2)),
+                        jnp.arange(4))
+    # The small D's logit starts at ~0 for every input; the large one's does not.
+    assert (np.abs(np.asarray(logits)).max() > 1e-2) == large
+
+
+def test_discriminator_adm_init_is_pytorch_default_everywhere():
+    """gan.disc_init='adm' (the digits config): every kernel U(+-1/sqrt(fan_in)), no
+    near-zero layer, so the small D's first logits already depend on the input."""
+    disc = ddgan_discriminator.DDGANDiscriminator(base_channels=32, channel_mult=(1, 2, 2),
+                                                  weight_init='adm')
+    params = disc.init(jax.random.key(0), jnp.zeros((1, 16, 16, 2)),
+                       jnp.zeros((1,), jnp.int32))['params']
+    for path, w in jax.tree_util.tree_flatten_with_path(params)[0]:
+        names = [k.key for k in path]
+        w = np.asarray(w, np.float64)
+        if names[-1] == 'kernel':
+            fan_in = np.prod(w.shape[:-1])
+            assert np.abs(w).max() <= (1 + 1e-6) / np.sqrt(fan_in), names
+            if w.size >= 2048:
+                np.testing.assert_allclose(w.var(), 1 / (3 * fan_in), rtol=0.1,
+                                           err_msg=str(names))
+    logits = disc.apply({'params': params}, jax.random.normal(jax.random.key(1),
+                                                              (4, 16, 16, 2)), jnp.arange(4))
+    assert np.abs(np.asarray(logits)).max() > 1e-2
+    with pytest.raises(ValueError, match=r"gan.disc_init must be one of \('ddgan', 'adm'\)"):
+        ddgan_discriminator.DDGANDiscriminator(weight_init='xavier').init(
+            jax.random.key(0), jnp.zeros((1, 16, 16, 2)), jnp.zeros((1,), jnp.int32))
+
+
+@pytest.mark.parametrize('activation', ['silu', 'leaky_relu'])
+def test_generator_mapping_network_by_hand(gan_config, activation):
+    """z -> pixel norm -> mapping_layers x (dense, activation) -> linear projection, in
+    float64 from the parameters; the mapping kernels are U(+-sqrt(3 / fan_out))."""
+    gan_config.model.mapping_activation = activation
+    model = models.create_model(gan_config)
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(3, 8, 8, 1)), jnp.float32)
+    t, y = jnp.array([0, 2, 3]), jnp.array([1, 2, 3])
+    z = rng.normal(size=(3, 8))
+    params = model.init(jax.random.key(0), x, t, y=y, z=jnp.asarray(z, jnp.float32))
+    _, state = model.apply(params, x, t, y=y, z=jnp.asarray(z, jnp.float32),
+                           capture_intermediates=True, mutable=['intermediates'])
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params['params'])
+    act = {'silu': lambda v: v / (1 + np.exp(-v)),
+           'leaky_relu': lambda v: np.where(v > 0, v, 0.2 * v)}[activation]
+    h = z / np.sqrt(np.mean(z ** 2, axis=1, keepdims=True) + 1e-8)
+    for k in range(gan_config.model.mapping_layers):
+        kernel = p[f'mapping_{k}']['kernel']
+        assert np.abs(kernel).max() <= np.sqrt(3 / kernel.shape[1]) * (1 + 1e-6)
+        h = act(h @ kernel + p[f'mapping_{k}']['bias'])
+    want = h @ p['latent_emb']['kernel'] + p['latent_emb']['bias']
+    np.testing.assert_allclose(_intermediate(state, 'latent_emb'), want, rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_generator_output_is_tanh_in_training_and_sampling(gan_config):
+    """With model.output_tanh (the DDGAN configs) G's x_0 is tanh of the raw output:
+    in the model, in the training step's fake x_{-1} (exactly G's x_0 at step 0) and
+    in the sampler's x0 prediction."""
+    gan_config.model.output_tanh = True
+    task = tasks.create_task(gan_config)
+    params = task.init_params(jax.random.key(0))
+    g = params['generator']
+    kernel = g['conv_out']['kernel']  # Zero at init: give G an output beyond [-1, 1].
+    g['conv_out']['kernel'] = 3.0 * jax.random.normal(jax.random.key(1), kernel.shape)
+    raw = task.model.clone(output_tanh=False)
+    batch = next(data_lib.create_train_iterator(gan_config))
+    examples = task.prepare_batch({k: jnp.asarray(v) for k, v in batch.items()},
+                                  jax.random.key(2), jnp.zeros((), jnp.int32))
+    examples['d_i'] = jnp.zeros_like(examples['d_i'])
+    args = (examples['d_x_t'], jnp.zeros_like(examples['d_i']))
+    kwargs = dict(y=examples['label'], z=examples['d_z'])
+    raw_x0 = np.asarray(raw.apply({'params': g}, *args, **kwargs), np.float64)
+    assert np.abs(raw_x0).max() > 2
+    np.testing.assert_allclose(task.model.apply({'params': g}, *args, **kwargs),
+                               np.tanh(raw_x0), atol=1e-6)
+    fake = task._fake_prev(params, examples, 'd_', jax.random.key(3))  # pylint: disable=protected-access
+    np.testing.assert_allclose(fake, np.tanh(raw_x0), atol=1e-6)
+    _, inter = samplers.ddgan_sample(
+        models.make_model_fn(task.model, g), task.sched, (8, 8, 8, 1), jax.random.key(4),
+        latent_dim=8, clip_denoised=False, model_kwargs={'y': examples['label']},
+        return_intermediates=True)
+    pred = np.asarray(inter['pred_x0'])
+    assert np.abs(pred).max() <= 1 and np.abs(pred).max() > 0.9  # Not clipped: tanh'd.
+    from configs import default
+    config = default.get_config()  # A diffusion model: its output is no x_0 in [-1, 1].
+    config.model.output_tanh = True
+    with pytest.raises(ValueError, match='output_tanh is for a DDGAN generator'):
+        config_lib.validate(config, num_devices=1)
+
+
+def test_cosine_schedule_ends_at_min_learning_rate(gan_config):
+    """lr(s) = m + (p - m)(1 + cos(pi s / S)) / 2 (CosineAnnealingLR, eta_min = m = 1e-5)
+    for each network's own peak p, in float64; 'linear' ends at m too."""
+    gan_config.optim.lr_schedule = 'cosine'
+    gan_config.optim.min_learning_rate = 1e-5
+    gan_config.train.num_train_steps = 100
+    optimizers = tasks.create_task(gan_config).create_optimizers()
+    steps = np.array([0, 1, 25, 50, 99, 100, 150])
+    for part, peak in (('generator', gan_config.gan.lr_generator),
+                       ('discriminator', gan_config.gan.lr_discriminator)):
+        want = 1e-5 + (peak - 1e-5) * (1 + np.cos(np.pi * np.minimum(steps, 100) / 100)) / 2
+        got = [float(optimizers[part].learning_rate_fn(s)) for s in steps]
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    optim = gan_config.optim.copy_and_resolve_references()
+    optim.lr_schedule, optim.warmup_steps = 'linear', 10
+    lr = state_lib.create_learning_rate_fn(optim, 110)
+    np.testing.assert_allclose([float(lr(s)) for s in (4, 10, 60, 110)],
+                               [2e-4 * 5 / 10, 2e-4, 1e-5 + (2e-4 - 1e-5) / 2, 1e-5],
+                               rtol=1e-6)
+
+
+def test_records_of_earlier_ddgans_keep_their_networks_or_fail_loudly():
+    """A DDGAN record written before the reference match upgrades to what it was
+    trained with (leaky-ReLU mapping, no tanh, D embedding 128, decay to 0), so its
+    own config rebuilds its networks, and today's config is refused by name; an old
+    non-GAN record still matches today's default."""
+    from configs import cifar10_ddgan, default
+    current = config_lib.to_json_dict(cifar10_ddgan.get_config())
+    old = json.loads(json.dumps(current))
+    for group, name in (('model', 'mapping_activation'), ('model', 'output_tanh'),
+                        ('gan', 'disc_temb_dim'), ('gan', 'disc_init'),
+                        ('optim', 'min_learning_rate')):
+        del old[group][name]
+    upgraded = config_lib.upgrade_json_dict(old)
+    assert (upgraded['model']['mapping_activation'], upgraded['model']['output_tanh'],
+            upgraded['gan']['disc_temb_dim'], upgraded['gan']['disc_init'],
+            upgraded['optim']['min_learning_rate']) == ('leaky_relu', False, 128, 'adm', 0.0)
+    with pytest.raises(checkpointing.CheckpointMismatchError,
+                       match=r'model.mapping_activation.*\n.*model.output_tanh'):
+        checkpointing.check_config_compatible(old, cifar10_ddgan.get_config())
+    plain = config_lib.to_json_dict(default.get_config())
+    for group, name in (('model', 'mapping_activation'), ('model', 'output_tanh')):
+        del plain[group][name]
+    checkpointing.check_config_compatible(plain, default.get_config())

@@ -35,6 +35,7 @@ def _create_unet(config: ml_collections.ConfigDict, **kwargs) -> nn.Module:
     m = config.model
     return UNet(class_dropout_prob=m.class_dropout_prob, learn_sigma=m.learn_sigma,
                 latent_dim=m.latent_dim, mapping_layers=m.mapping_layers,
+                mapping_activation=m.mapping_activation, output_tanh=m.output_tanh,
                 timestep_scale=m.timestep_scale, low_res_size=m.low_res_size, **kwargs)
 
 

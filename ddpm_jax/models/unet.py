@@ -26,6 +26,10 @@ from ddpm_jax.models import layers
 
 
 REMAT_POLICIES = ('full', 'save_convs')
+# The generator's mapping-network activations: 'silu' is DDGAN's (NCSN++'s act);
+# 'leaky_relu' (slope 0.2) is what this library's first DDGAN generators used (their
+# stored configs are upgraded to it: config_json.upgrade_json_dict).
+MAPPING_ACTIVATIONS = {'silu': nn.silu, 'leaky_relu': lambda x: nn.leaky_relu(x, 0.2)}
 
 
 def _save_convs(prim, *_, **params) -> bool:
@@ -190,9 +194,14 @@ class UNet(nn.Module):
 
     With `latent_dim > 0` it is a DDGAN generator G(x_t, z, t) (Xiao et al. 2022,
     Sec. 4): z ~ N(0, I) is normalised (pixel norm), mapped by `mapping_layers`
-    dense layers (leaky ReLU 0.2, as their StyleGAN-style mapping network) and added
-    to the time embedding, which drives the adaptive group norms of every residual
-    block when `use_scale_shift_norm` is set.
+    dense layers, each followed by `mapping_activation` (their NCSN++ generator's
+    z_transform: PixelNorm, dense(nz), SiLU, then n_mlp x (dense, SiLU), so
+    mapping_layers = n_mlp + 1; weights initialised as their dense_layer.py, see
+    `ddgan_discriminator.reference_init`), projected linearly and added to the time
+    embedding, which drives the adaptive group norms of every residual block when
+    `use_scale_shift_norm` is set. `output_tanh` squashes the output into (-1, 1)
+    (their generator's final torch.tanh, on unless --not_use_tanh); it is only
+    allowed for a generator.
 
     With `low_res_size > 0` it is ADM's super-resolution model ("ADM-U", Dhariwal &
     Nichol 2021, App. I; guided-diffusion's SuperResModel): the low-resolution image
@@ -227,6 +236,8 @@ class UNet(nn.Module):
     learn_sigma: bool = False
     latent_dim: int = 0
     mapping_layers: int = 3
+    mapping_activation: str = 'silu'
+    output_tanh: bool = False
     legacy_qkv_order: bool = False
     timestep_scale: float = 1.0
     low_res_size: int = 0
@@ -287,6 +298,9 @@ class UNet(nn.Module):
         if (self.latent_dim > 0) != (z is not None):
             raise ValueError(f'model.latent_dim={self.latent_dim}: a latent z is '
                              f'{"required" if self.latent_dim > 0 else "not taken"}.')
+        if self.output_tanh and self.latent_dim == 0:
+            raise ValueError('model.output_tanh is for a DDGAN generator (model.latent_dim '
+                             '> 0), whose output is x_0 in [-1, 1].')
         batch_size, out_channels = x.shape[0], x.shape[-1] * (2 if self.learn_sigma else 1)
         if low_res is not None or self.low_res_size:
             x = self._concat_low_res(x, low_res)
@@ -334,6 +348,8 @@ class UNet(nn.Module):
                                      name='out_norm')(h))
         h = layers.conv(out_channels, self.variant, jnp.float32, zero_init=True,
                         name='conv_out')(h)
+        if self.output_tanh:
+            h = jnp.tanh(h)
         return h.astype(jnp.float32)
 
     def _concat_low_res(self, x: jax.Array, low_res: jax.Array | None) -> jax.Array:
@@ -352,13 +368,19 @@ class UNet(nn.Module):
         return jnp.concatenate([x, upsampled.astype(x.dtype)], axis=-1)
 
     def _map_latent(self, z: jax.Array, batch_size: int, emb_dim: int) -> jax.Array:
-        """The mapping network: pixel norm, then dense layers with leaky ReLU (float32)."""
+        """The mapping network: pixel norm, then dense layers each followed by the
+        activation, then a linear projection (float32)."""
         if z.shape != (batch_size, self.latent_dim):
             raise ValueError(f'z must have shape [{batch_size}, {self.latent_dim}], got '
                              f'{z.shape}.')
+        if self.mapping_activation not in MAPPING_ACTIVATIONS:
+            raise ValueError(f'model.mapping_activation must be one of '
+                             f'{tuple(MAPPING_ACTIVATIONS)}, got {self.mapping_activation!r}.')
+        act = MAPPING_ACTIVATIONS[self.mapping_activation]
+        # Their dense_layer.dense: U(+-sqrt(3 / fan_out)) (ddgan_discriminator.reference_init).
+        init = nn.initializers.variance_scaling(1.0, 'fan_out', 'uniform')
         h = z.astype(jnp.float32)
         h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + 1e-8)
         for k in range(self.mapping_layers):
-            h = nn.leaky_relu(layers.dense(emb_dim, self.variant, jnp.float32,
-                                           name=f'mapping_{k}')(h), 0.2)
+            h = act(layers.ChannelDense(emb_dim, init, jnp.float32, name=f'mapping_{k}')(h))
         return layers.dense(emb_dim, self.variant, jnp.float32, name='latent_emb')(h)

@@ -4,12 +4,14 @@ A few large steps (T = 2..8 of the 'vp' schedule) replace the thousand small one
 the reverse step is no longer Gaussian, so each is modelled by a conditional GAN:
 
 * The generator G(x_t, z, t) (a UNet with `model.latent_dim > 0`, part 'generator')
-  predicts x_0; the fake x_{t-1} is drawn from the Gaussian posterior
-  q(x_{t-1} | x_t, x_0 = G(...)) of `diffusion.q_posterior_mean_variance`.
-* The discriminator D(x_{t-1}, x_t, t) (the noise-aware classifier's encoder on
-  the channel-concatenated pair, part 'discriminator') tells the real pair,
+  predicts x_0, squashed by tanh (`model.output_tanh`, as their NCSN++ generator)
+  so training and sampling both see an x_0 in (-1, 1); the fake x_{t-1} is drawn
+  from the Gaussian posterior q(x_{t-1} | x_t, x_0 = G(...)) of
+  `diffusion.q_posterior_mean_variance`.
+* The discriminator D(x_{t-1}, x_t, t) (`models.ddgan_discriminator`, the paper's,
+  on the channel-concatenated pair, part 'discriminator') tells the real pair,
   (x_{t-1}, x_t) ~ q(x_{t-1}, x_t | x_0), from the fake one. Class-conditional
-  models read D's logit of the label (a per-class output head).
+  models add a projection term of the label to D's logit.
 * Each train step is two phases in one jitted step, as the paper's Algorithm 1:
   the discriminator's non-saturating loss softplus(-D(real)) + softplus(D(fake))
   plus the R1 penalty (r1_gamma / 2) E||grad_{x_{t-1}} D(real)||^2 (Mescheder et al.
@@ -30,7 +32,7 @@ from ddpm_jax import diffusion
 from ddpm_jax import schedules
 from ddpm_jax import state as state_lib
 from ddpm_jax.models import create_model, example_inputs, make_model_fn
-from ddpm_jax.models.ddgan_discriminator import DDGANDiscriminator
+from ddpm_jax.models.ddgan_discriminator import DDGANDiscriminator, DISC_INITS
 from ddpm_jax.tasks import base
 from ddpm_jax.tasks import diffusion as diffusion_task
 
@@ -43,7 +45,9 @@ def create_discriminator(config: ml_collections.ConfigDict) -> DDGANDiscriminato
     return DDGANDiscriminator(base_channels=g.disc_base_channels,
                               channel_mult=tuple(g.disc_channel_mult),
                               downsample_first=g.disc_downsample_first,
-                              num_classes=config.model.num_classes)
+                              temb_dim=g.disc_temb_dim,
+                              num_classes=config.model.num_classes,
+                              weight_init=g.disc_init)
 
 
 class DDGANTask(diffusion_task.DiffusionTask):
@@ -89,6 +93,13 @@ class DDGANTask(diffusion_task.DiffusionTask):
             (g.lazy_reg >= 1, f'gan.lazy_reg={g.lazy_reg} must be >= 1.'),
             (g.lr_generator > 0 and g.lr_discriminator > 0,
              'gan.lr_generator and gan.lr_discriminator must be > 0.'),
+            (config.optim.min_learning_rate < min(g.lr_generator, g.lr_discriminator),
+             f'optim.min_learning_rate={config.optim.min_learning_rate} must be below '
+             'gan.lr_generator and gan.lr_discriminator (the decay ends there).'),
+            (g.disc_temb_dim >= 2, f'gan.disc_temb_dim={g.disc_temb_dim} must be >= 2.'),
+            (g.disc_init in DISC_INITS,
+             f'gan.disc_init={g.disc_init!r} must be one of '
+             f'{DISC_INITS}.'),
         ]
         for ok, message in checks:
             if not ok:
@@ -106,7 +117,7 @@ class DDGANTask(diffusion_task.DiffusionTask):
 
     def create_optimizers(self) -> dict[str, state_lib.Optimizer]:
         """Adam per network with the paper's betas and its own learning rate; the
-        schedule (warmup, decay) is `optim`'s."""
+        schedule (warmup, decay to `optim.min_learning_rate`) is `optim`'s."""
         out = {}
         for part, rate in (('generator', self.config.gan.lr_generator),
                            ('discriminator', self.config.gan.lr_discriminator)):
