@@ -31,6 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
     data.channels = 1  # Image channels (1 for digits, 3 for RGB datasets).
     data.center_crop = False  # Centre-crop to a square before resizing (ImageNet, LSUN).
     data.random_flip = True  # Random horizontal flips during training.
+    data.wordnet_label_order = True  # WordNet-ID labels (ImageNet) in sorted-ID order, as
+    #                                  guided-diffusion: renumbers imagenet_resized's.
     data.num_workers = 0  # grain worker processes per host (0 = in the main process).
     data.prefetch_batches = 2  # Batches prepared ahead of the train step.
 

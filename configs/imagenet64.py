@@ -9,6 +9,14 @@ the hybrid loss (Nichol & Dhariwal 2021, Eq. 16), T = 1000, Adam, EMA 0.9999, no
 gradient clipping; 192 channels, 3 residual blocks per level, multipliers 1,2,3,4,
 64 channels per head, dropout 0.1, cosine schedule, lr 3e-4, batch 2048, 540k
 steps. Sampled with 250 respaced steps.
+
+Data: TFDS's `imagenet_resized/64x64` (Chrabaszcz et al.'s box-resized whole images,
+their labels renumbered to sorted WordNet IDs by `data.wordnet_label_order`, as
+guided-diffusion's). ADM itself trained on ILSVRC2012 centre-cropped and downsampled
+(guided-diffusion's `center_crop_arr`: BOX halvings, a bicubic resize of the short
+side, a centre crop of the uint8 result); for that, use `data.dataset='imagenet2012'`
+with `data.center_crop=True`, whose preprocessing (a centre crop, then one antialiased
+bicubic resize in float, not rounded) is close to it but not the same pixels.
 """
 
 from configs import adm

@@ -59,6 +59,7 @@ STRUCTURAL_FIELDS = (
     'diffusion.timestep_sampling',
     'data.image_size',
     'data.channels',
+    'data.wordnet_label_order',
     'optim.optimizer',
     'optim.ema_decays',
 )

@@ -43,6 +43,8 @@ def upgrade_json_dict(saved: Mapping[str, Any]) -> dict:
     they were trained with; 'silu' for a non-generator, where it is unused, so that
     such records still equal today's default), `gan.disc_temb_dim` (128),
     `gan.disc_init` ('adm') or `optim.min_learning_rate` (0).
+    Records before `data.wordnet_label_order` on `imagenet_resized` get False (TFDS's
+    label order, what they trained with), others True (no effect there).
     Autoencoder records before the LPIPS term have no `autoencoder.vgg16_weights_path`
     ('': no perceptual term, which they could not have had). Latent diffusion records
     before latent caching have no `latent.cache` ('none': encode in the step).
@@ -77,6 +79,11 @@ def upgrade_json_dict(saved: Mapping[str, Any]) -> dict:
     for name, value in (('context_encoder', 'none'), ('context_dim', 0),
                         ('context_layers', 1), ('context_vocab_size', 0)):
         model.setdefault(name, value)  # Added with cross-attention (latent diffusion).
+    data = saved.get('data', {})
+    # Added with the renumbering of imagenet_resized's labels (sorted WordNet IDs); the
+    # runs on it before kept TFDS's order.
+    data.setdefault('wordnet_label_order',
+                    not str(data.get('dataset', '')).startswith('imagenet_resized'))
     if 'latent' in saved:  # Added with latent caching.
         saved['latent'].setdefault('cache', 'none')
     if 'autoencoder' in saved:  # Added with the LPIPS term (lpips_weights_path was unused).

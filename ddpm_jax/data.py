@@ -18,7 +18,12 @@ trainer shards onto its mesh:
   channel conversion to `data.channels` (grey is repeated, RGB goes to ITU-R 601
   luma, alpha is dropped), scaling to float32 in [-1, 1], optional random
   horizontal flip (training only). Labels are int32 'label'; a dataset without
-  a 'label' feature gets label 0 (and `dataset_info` reports 0 classes).
+  a 'label' feature gets label 0 (and `dataset_info` reports 0 classes). Labels
+  named by WordNet IDs are numbered in sorted-ID order (`wordnet_label_order`), as
+  TFDS's imagenet2012 and guided-diffusion number ImageNet's classes:
+  `imagenet_resized` (Chrabaszcz et al.'s own order; TFDS warns that its labels do
+  not match its other ImageNet datasets') is renumbered, tench being 0 everywhere
+  (`data.wordnet_label_order`, a structural field: runs begun before it keep theirs).
 * Training iterator: process `p` of `n` reads only every n-th example
   (`ds[p::n]`), shuffled with a seed derived from `config.seed`, reshuffled each
   epoch, repeated forever. Flips depend only on (seed, process, position in the
@@ -62,7 +67,8 @@ must be parsed (true under `absl.app.run`) and the caller should `close()` it.
 import dataclasses
 import functools
 import os
-from typing import Any, Callable, Mapping
+import re
+from typing import Any, Callable, Mapping, Sequence
 
 import grain
 import jax
@@ -97,11 +103,13 @@ class _Source:
             numbers in [0, max_value]) and optionally 'label'.
         max_value: The pixel value that maps to +1.
         num_classes: Number of label classes, 0 if the records have no label.
+        label_order: None, or the int64 [num_classes] new number of each label.
     """
 
     records: Any
     max_value: float
     num_classes: int
+    label_order: Any = None
 
 
 # ---------------------------------------------------------------------------------
@@ -193,8 +201,9 @@ def _is_prepared(name: str, data_dir: str) -> bool:
     return any('dataset_info.json' in files for _, _, files in os.walk(root))
 
 
-def _open_tfds(name: str, split: str, data_dir: str) -> _Source:
-    """Opens one split of a prepared TFDS dataset as a random-access source.
+def _open_tfds(name: str, split: str, data_dir: str, renumber: bool = True) -> _Source:
+    """Opens one split of a prepared TFDS dataset as a random-access source; with
+    `renumber`, WordNet-ID labels in sorted-ID order (`wordnet_label_order`).
 
     Raises:
         DatasetNotFoundError: The dataset is not prepared in array_record format.
@@ -230,7 +239,20 @@ def _open_tfds(name: str, split: str, data_dir: str) -> _Source:
                          f'{list(features.keys())}')
     label = features['label'] if 'label' in features else None
     num_classes = int(getattr(label, 'num_classes', 0) or 0)
-    return _Source(records=records, max_value=255.0, num_classes=num_classes)
+    names = list(getattr(label, 'names', None) or [])
+    return _Source(records=records, max_value=255.0, num_classes=num_classes,
+                   label_order=wordnet_label_order(names) if renumber else None)
+
+
+def wordnet_label_order(names: Sequence[str]) -> np.ndarray | None:
+    """The new number of each label when the labels are WordNet IDs ('n01440764')
+    not in sorted order: its rank among the sorted IDs (guided-diffusion's and TFDS
+    imagenet2012's numbering of ImageNet). None when there is nothing to renumber."""
+    if not names or not all(re.fullmatch(r'n\d{8}', n) for n in names):
+        return None
+    if list(names) == sorted(names):
+        return None
+    return np.argsort(np.argsort(np.asarray(names)))
 
 
 def _open_source(config: ml_collections.ConfigDict, split: str) -> _Source:
@@ -249,7 +271,7 @@ def _open_source(config: ml_collections.ConfigDict, split: str) -> _Source:
                        num_classes=10)
     if not name:
         raise ValueError('config.data.dataset is empty')
-    return _open_tfds(name, split, config.data.data_dir)
+    return _open_tfds(name, split, config.data.data_dir, config.data.wordnet_label_order)
 
 
 # ---------------------------------------------------------------------------------
@@ -301,6 +323,8 @@ def _make_preprocess_fn(source: _Source, image_size: int, channels: int,
         image = _convert_channels(image, channels)
         image = image * np.float32(2.0 / source.max_value) - np.float32(1.0)
         label = record['label'] if 'label' in record else 0
+        if source.label_order is not None:
+            label = source.label_order[label]
         return {'image': image.astype(np.float32), 'label': np.int32(label)}
 
     return preprocess

@@ -705,7 +705,9 @@ def dpm_solver_3m_sample(model_fn, sched: Schedule, shape: Sequence[int],
     The first step is 1st order (DDIM), the second 2nd order (2M: -alpha_p phi1 (D0 + E0/2)),
     the rest 3rd order; the final step into abar = 1 returns x0_hat (as 2M). With
     `lower_order_final` (default, as 2M) the last two solver steps use orders 1 and 2,
-    which keeps few-step runs stable on uniform-time spacings. N model calls for N steps.
+    which keeps few-step runs stable on uniform-time spacings. The authors' code lowers
+    them only in runs of fewer than 10 steps, so their samples are reproduced there, or
+    with `lower_order_final=False` for 10 or more. N model calls for N steps.
 
     Args, Returns, Raises: as `samplers.dpm_solver_sample`; `return_nfe` also returns
         the NFE (N) as `(result, nfe)`.
@@ -791,8 +793,9 @@ def dpm_solver_2s_sample(model_fn, sched: Schedule, shape: Sequence[int],
         D = (1 - 1 / (2r)) x0(x, a) + 1 / (2r) x0(u, b),
         x_c = (sigma_c / sigma_a) x - alpha_c (e^{-h} - 1) D.
 
-    With an odd number of gaps the first step is DDIM (first order); the last call
-    returns x0_hat at step 0 (as 2M). N model calls for N steps, so a 2S run at N steps
+    With an odd number of gaps the first step is DDIM (first order; the authors'
+    DPM-Solver-fast puts it last, `orders = [2] * (K - 1) + [1]`, so their samples
+    differ there); the last call returns x0_hat at step 0 (as 2M). N model calls for N steps, so a 2S run at N steps
     costs what 2M costs at N, with N/2 solver steps.
 
     Args, Returns, Raises: as `dpm_solver_3m_sample` (no `lower_order_final`).
@@ -930,7 +933,10 @@ def vp_heun_sample(model_fn, sched: Schedule, shape: Sequence[int], rng: Optiona
     when it is > 0 (`capped_sigma_max`; Karras et al. use 80: a cosine schedule's largest
     sigma is ~20,000, where few steps are wasted); the denoiser is the VP view's
     (`sde.denoiser_from_score`: the model at the step nearest in t, x_vp = alpha y), so
-    guidance and every mean type work as in the other samplers. x_T ~ N(0, I) is x_vp at
+    guidance and every mean type work as in the other samplers. EDM instead rounds
+    every sigma (and the churned one) to the nearest trained level (`round_sigma`);
+    here a sigma between levels uses the nearest step's output at its own sigma
+    (`snap_sigmas` moves the schedule onto the levels). x_T ~ N(0, I) is x_vp at
     sigma_max, i.e. y = sqrt(1 + sigma_max^2) x_T. NFE = 2 num_steps - 1 (35 for 18).
 
     Returns:

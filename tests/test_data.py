@@ -13,6 +13,8 @@ import pytest
 import tensorflow_datasets as tfds
 from sklearn import datasets as sk_datasets
 
+from ddpm_jax import checkpointing
+from ddpm_jax import config_lib
 from ddpm_jax import data
 
 TINY_NAME = 'ddpm_jax_tiny_images'  # Matches the builder class name below.
@@ -319,3 +321,42 @@ def test_worker_processes_give_same_batches_and_resume(tiny_config):
     fresh.set_state(state)
     _assert_batches_equal(_take(fresh, 2), expected[3:])
     fresh.close()
+
+
+def test_wordnet_labels_are_numbered_in_sorted_id_order():
+    """TFDS's imagenet_resized keeps Chrabaszcz et al.'s class order (label 0 is
+    n02119789, kit fox); guided-diffusion and TFDS imagenet2012 number the same 1000
+    WordNet IDs in sorted order (kit fox is 278, tench n01440764 is 0)."""
+    path = os.path.join(os.path.dirname(tfds.__file__), 'image_classification',
+                        'imagenet_resized_labels.txt')
+    with open(path) as f:
+        names = f.read().split()
+    assert len(names) == 1000 and names[0] == 'n02119789' and names != sorted(names)
+    order = data.wordnet_label_order(names)
+    np.testing.assert_array_equal(np.sort(order), np.arange(1000))
+    assert order[0] == 278 and order[names.index('n01440764')] == 0
+    assert all(sorted(names)[order[i]] == n for i, n in enumerate(names))
+    assert data.wordnet_label_order(sorted(names)) is None  # imagenet2012: as it is.
+    assert data.wordnet_label_order(['cat', 'dog']) is None
+    source = data._Source(records=None, max_value=255.0, num_classes=1000,
+                          label_order=order)
+    preprocess = data._make_preprocess_fn(source, 4, 3, center_crop=False)
+    out = preprocess({'image': np.zeros((4, 4, 3), np.uint8), 'label': np.int64(0)})
+    assert out['label'] == 278 and out['label'].dtype == np.int32
+
+
+def test_runs_on_imagenet_resized_before_the_renumbering_keep_their_labels():
+    """An imagenet_resized record without data.wordnet_label_order trained on TFDS's
+    order: resuming it with today's config is refused by name; other datasets' old
+    records still match."""
+    from configs import default, imagenet64
+    for get_config, refused in ((imagenet64.get_config, True), (default.get_config, False)):
+        old = config_lib.to_json_dict(get_config())
+        del old['data']['wordnet_label_order']
+        assert config_lib.upgrade_json_dict(old)['data']['wordnet_label_order'] != refused
+        if refused:
+            with pytest.raises(checkpointing.CheckpointMismatchError,
+                               match=r'data.wordnet_label_order: checkpoint=False, config=True'):
+                checkpointing.check_config_compatible(old, get_config())
+        else:
+            checkpointing.check_config_compatible(old, get_config())

@@ -97,8 +97,9 @@ SPATIAL_CHANNELS = 7  # ADM evaluator: spatial = mixed_6/conv:0[..., :7].
 BN_EPSILON = 1e-3  # TF graph's BatchNormWithGlobalNormalization; torchvision's eps=0.001.
 
 # The graph's output scoring ImageNet class c, for c = 0..999 numbered as TFDS's
-# imagenet2012 / imagenet_resized and guided-diffusion number them (WordNet IDs in
-# sorted order, n01440764 first): the `target_class` of each synset in the graph's
+# imagenet2012 and guided-diffusion number them, and as `data` renumbers
+# imagenet_resized (WordNet IDs in sorted order, n01440764 first): the `target_class`
+# of each synset in the graph's
 # label map, `imagenet_2012_challenge_label_map_proto.pbtxt` (shipped with
 # inception-2015-12-05; e.g. n01440764 -> 449, n02510455 (giant panda) -> 169).
 # Outputs 0 and 1001-1007 score no class.
