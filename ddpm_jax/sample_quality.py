@@ -85,8 +85,7 @@ class FeatureExtractor:
                 # predicted class is the graph's own (with the bias), renumbered.
                 return {'features': out['pool3'], 'spatial': spatial,
                         'logits': out['logits_unbiased'],
-                        'predicted_label': jnp.argmax(
-                            inception.imagenet_class_logits(out['logits']), -1)}
+                        'label_logits': inception.imagenet_class_logits(out['logits'])}
         else:
             variables = digits_net.load_or_train()
             model = digits_net.DigitsNet()
@@ -100,18 +99,16 @@ class FeatureExtractor:
                     images = jnp.asarray(images, jnp.float32).reshape(
                         b, 8, k, 8, k, images.shape[-1]).mean(axis=(2, 4))
                 out = model.apply(v, images)
-                return dict(out, predicted_label=jnp.argmax(out['logits'], -1))
-
-        def labelled(v, images):
-            out = network(v, images)
-            if not self.predicts_labels:
-                out.pop('predicted_label')
-            return out
+                return dict(out, label_logits=out['logits'])
 
         def apply(v, images, from_unit_range):
             if from_unit_range:
                 images = jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
-            return labelled(v, images)
+            out = network(v, images)
+            label_logits = out.pop('label_logits')  # The dataset's classes, in its order.
+            if self.predicts_labels:
+                out['predicted_label'] = jnp.argmax(label_logits, -1)
+            return out
 
         replicated = parallel.replicated_sharding(mesh)
         self._variables = jax.device_put(variables, replicated)

@@ -98,8 +98,7 @@ class DDGANTask(diffusion_task.DiffusionTask):
              'gan.lr_generator and gan.lr_discriminator (the decay ends there).'),
             (g.disc_temb_dim >= 2, f'gan.disc_temb_dim={g.disc_temb_dim} must be >= 2.'),
             (g.disc_init in DISC_INITS,
-             f'gan.disc_init={g.disc_init!r} must be one of '
-             f'{DISC_INITS}.'),
+             f'gan.disc_init={g.disc_init!r} must be one of {DISC_INITS}.'),
         ]
         for ok, message in checks:
             if not ok:
