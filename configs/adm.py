@@ -9,7 +9,8 @@ attention at 32, 16 and 8 pixels with 64 channels per head, 256 base channels, t
 residual blocks per level, 1000 classes, learned variances (learned_range) trained
 with the hybrid loss (Nichol & Dhariwal 2021, Eq. 16), T = 1000, linear betas, Adam
 at 1e-4 with EMA 0.9999 and no gradient clipping, batch 256, bfloat16 compute, and
-sampling with 250 respaced steps; ImageNet 2012, centre-cropped.
+sampling with 250 respaced steps; ImageNet 2012, preprocessed as guided-diffusion's
+`center_crop_arr` (`data.resize='adm'`).
 """
 
 import ml_collections
@@ -26,6 +27,7 @@ def get_adm_config() -> ml_collections.ConfigDict:
     data.eval_split = 'validation'
     data.channels = 3
     data.center_crop = True
+    data.resize = 'adm'  # guided-diffusion's center_crop_arr.
 
     model = config.model
     model.base_channels = 256

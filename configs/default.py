@@ -30,6 +30,11 @@ def get_config() -> ml_collections.ConfigDict:
     data.image_size = 8  # Side of the square images fed to the model, in pixels.
     data.channels = 1  # Image channels (1 for digits, 3 for RGB datasets).
     data.center_crop = False  # Centre-crop to a square before resizing (ImageNet, LSUN).
+    data.resize = 'bicubic'  # 'bicubic' (one antialiased float resize after the crop) or
+    #                          'adm' (guided-diffusion's center_crop_arr: BOX halvings, a
+    #                          bicubic short side, the uint8 centre; needs center_crop).
+    data.random_crop = False  # Training: guided-diffusion's random_crop_arr (its
+    #                           classifiers), a random square of a 1-1.25x short side.
     data.random_flip = True  # Random horizontal flips during training.
     data.wordnet_label_order = True  # WordNet-ID labels (ImageNet) in sorted-ID order, as
     #                                  guided-diffusion: renumbers imagenet_resized's.
@@ -215,6 +220,9 @@ def get_config() -> ml_collections.ConfigDict:
     sample.classifier_workdir = ''  # Workdir of a trained noise-aware classifier.
     sample.num_images = 64  # Images written by --mode=sample.
     sample.global_batch_size = 64  # Images per sampling batch, over all devices.
+    sample.quantize = 'round'  # Samples to uint8 (.npz files, FID/IS features, grids, a
+    #                            cascade's base): 'round' (the inverse of the data's map) or
+    #                            'truncate' (guided-diffusion's scripts: floor, -0.5 level).
     sample.label = -1  # Class to sample (-1 = uniformly random labels).
     # task='super_resolution': what --mode=sample upsamples (one of the two).
     sample.low_res_npz = ''  # .npz of uint8 [N, s, s, C] images ('images' or 'arr_0';

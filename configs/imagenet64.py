@@ -13,10 +13,10 @@ steps. Sampled with 250 respaced steps.
 Data: TFDS's `imagenet_resized/64x64` (Chrabaszcz et al.'s box-resized whole images,
 their labels renumbered to sorted WordNet IDs by `data.wordnet_label_order`, as
 guided-diffusion's). ADM itself trained on ILSVRC2012 centre-cropped and downsampled
-(guided-diffusion's `center_crop_arr`: BOX halvings, a bicubic resize of the short
-side, a centre crop of the uint8 result); for that, use `data.dataset='imagenet2012'`
-with `data.center_crop=True`, whose preprocessing (a centre crop, then one antialiased
-bicubic resize in float, not rounded) is close to it but not the same pixels.
+by guided-diffusion's `center_crop_arr` (BOX halvings, a bicubic resize of the short
+side, a centre crop of the uint8 result), which `data.resize='adm'` reproduces pixel
+for pixel: `--config.data.dataset=imagenet2012` trains on that (on the 64x64 images
+of imagenet_resized the same preprocessing leaves them as they are).
 """
 
 from configs import adm
@@ -29,7 +29,7 @@ def get_config():
     data = config.data
     data.dataset = 'imagenet_resized/64x64'
     data.image_size = 64
-    data.center_crop = False  # Already resized to 64x64.
+    # Kept from adm.py: center_crop=True, resize='adm' (a no-op on 64x64 images).
 
     model = config.model
     model.base_channels = 192

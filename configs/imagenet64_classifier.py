@@ -7,8 +7,9 @@ released 64x64_classifier.pt): width 128, depth 4, multipliers 1,2,3,4, attentio
 at 32, 16 and 8 pixels with 64 channels per head, BigGAN down-sampling, AdaGN and
 attention pooling to 1000 logits. Trained on x_t from the ImageNet 64 model's
 cosine schedule with AdamW (lr 3e-4 annealed linearly to 0, weight decay 0.05),
-batch 256, 300k steps (the released guided-diffusion classifier flags). Point
-sample.classifier_workdir of configs/imagenet64.py at this run's workdir.
+batch 256, 300k steps (the released guided-diffusion classifier flags), on
+guided-diffusion's random crops (`data.random_crop`: the short side resized to
+64-80 pixels, a random 64x64 square). Point sample.classifier_workdir of configs/imagenet64.py at this run's workdir.
 """
 
 from configs import default
@@ -25,6 +26,9 @@ def get_config():
     data.eval_split = 'validation'
     data.image_size = 64
     data.channels = 3
+    data.center_crop = True
+    data.resize = 'adm'  # guided-diffusion's center_crop_arr (evaluation) and
+    data.random_crop = True  # random_crop_arr in training (classifier_train.py).
 
     model = config.model
     model.name = 'classifier'

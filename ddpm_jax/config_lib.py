@@ -22,6 +22,7 @@ import jax
 import ml_collections
 
 from ddpm_jax import diffusion
+from ddpm_jax import images
 from ddpm_jax.config_json import from_json_dict, to_json_dict, upgrade_json_dict  # noqa: F401
 from ddpm_jax import losses
 from ddpm_jax import ode_likelihood
@@ -41,6 +42,7 @@ MODEL_DTYPES = ('float32', 'bfloat16')
 OPTIMIZERS = ('adam', 'adamw')
 LR_SCHEDULES = ('constant', 'cosine', 'linear')
 EVAL_LIKELIHOODS = ('vb', 'ode')  # --mode=eval: variational bound or probability-flow ODE.
+DATA_RESIZE_METHODS = ('bicubic', 'adm')  # data.resize (see `data`'s preprocessing).
 
 # Folded into jax.random.key(config.seed): one independent stream per consumer.
 RNG_SALTS: Mapping[str, int] = {
@@ -105,6 +107,15 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
     check(d.image_size >= 1, f'data.image_size={d.image_size} must be >= 1.')
     check(d.channels in (1, 3), f'data.channels={d.channels} must be 1 or 3.')
     check(d.num_workers >= 0, f'data.num_workers={d.num_workers} must be >= 0.')
+    check_choice('data.resize', d.resize, DATA_RESIZE_METHODS)
+    if d.resize == 'adm':
+        check(d.center_crop, "data.resize='adm' is guided-diffusion's center_crop_arr, "
+                             'which crops the centre square: set data.center_crop=True.')
+        check(d.dataset != 'digits', "data.resize='adm' resamples 8-bit images; the "
+                                     "bundled digits are 0..16: use data.resize='bicubic'.")
+    check(not d.random_crop or d.resize == 'adm',
+          f"data.random_crop=True is guided-diffusion's random_crop_arr: it needs "
+          f"data.resize='adm', got {d.resize!r}.")
 
 
 def _validate_model(config: ml_collections.ConfigDict) -> None:
@@ -189,6 +200,7 @@ def _validate_sample(config: ml_collections.ConfigDict, *, for_grid: bool,
           f'model.class_dropout_prob > 0 (got num_classes={m.num_classes}, '
           f'class_dropout_prob={m.class_dropout_prob}); set sample.guidance_scale=1.')
     state.ema_index(config)  # sample.ema_decay must name one of optim.ema_decays.
+    check_choice('sample.quantize', s.quantize, images.QUANTIZE_MODES)
     if for_grid:
         return
     check(s.classifier_scale >= 0, f'sample.classifier_scale={s.classifier_scale} must be '

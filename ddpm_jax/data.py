@@ -13,8 +13,11 @@ trainer shards onto its mesh:
     split 'test' the last 297.
   - 'fake': deterministic uniform-noise images with random labels (10,000 train,
     1,000 test), for smoke tests and input-free benchmarks.
-* Preprocessing (grain, no TensorFlow): optional centre crop to a square,
-  resize to `data.image_size` (PIL bicubic on float pixels, antialiased),
+* Preprocessing (grain, no TensorFlow): with `data.resize='bicubic'` an optional
+  centre crop to a square and a resize to `data.image_size` (PIL bicubic on float
+  pixels, antialiased); with 'adm' guided-diffusion's `center_crop_arr` on the uint8
+  image (BOX halvings, a bicubic resize of the short side, the centre square of the
+  uint8 result), and in training with `data.random_crop` its `random_crop_arr`; then
   channel conversion to `data.channels` (grey is repeated, RGB goes to ITU-R 601
   luma, alpha is dropped), scaling to float32 in [-1, 1], optional random
   horizontal flip (training only). Labels are int32 'label'; a dataset without
@@ -66,6 +69,7 @@ must be parsed (true under `absl.app.run`) and the caller should `close()` it.
 
 import dataclasses
 import functools
+import math
 import os
 import re
 from typing import Any, Callable, Mapping, Sequence
@@ -308,26 +312,112 @@ def _convert_channels(image: np.ndarray, channels: int) -> np.ndarray:
     raise ValueError(f'cannot convert {have}-channel images to data.channels={channels}')
 
 
-def _make_preprocess_fn(source: _Source, image_size: int, channels: int,
-                        center_crop: bool) -> Callable[[Mapping[str, Any]], Batch]:
-    """Returns record -> {'image': float32 [S, S, C] in [-1, 1], 'label': int32 []}."""
+def _pil_image(image: np.ndarray) -> PIL.Image.Image:
+    """uint8 [H, W, C] (C = 1, 3 or 4) or [H, W] as a PIL 'L' or 'RGB' image (alpha
+    dropped, as guided-diffusion's `convert("RGB")`; grey stays grey, which resamples
+    as its RGB copy would, channel by channel)."""
+    if image.dtype != np.uint8:
+        raise ValueError(f"data.resize='adm' resamples 8-bit images, got {image.dtype}")
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[:, :, 0]
+    elif image.ndim == 3 and image.shape[-1] == 4:
+        image = image[:, :, :3]
+    return PIL.Image.fromarray(np.ascontiguousarray(image))
 
-    def preprocess(record: Mapping[str, Any]) -> Batch:
-        image = np.asarray(record['image'], np.float32)
-        if image.ndim == 2:
-            image = image[:, :, None]
-        if center_crop:
-            image = _center_crop(image)
-        if image.shape[:2] != (image_size, image_size):
-            image = np.clip(_resize(image, image_size), 0.0, source.max_value)
+
+def _adm_resize_short_side(pil: PIL.Image.Image, short_side: int) -> np.ndarray:
+    """guided-diffusion's resize: BOX halvings while the short side is at least twice
+    `short_side`, then one bicubic resize making it `short_side` (the long side
+    Python-rounded), as uint8 [H, W(, C)]."""
+    while min(*pil.size) >= 2 * short_side:
+        pil = pil.resize(tuple(x // 2 for x in pil.size), resample=PIL.Image.Resampling.BOX)
+    scale = short_side / min(*pil.size)
+    pil = pil.resize(tuple(round(x * scale) for x in pil.size),
+                     resample=PIL.Image.Resampling.BICUBIC)
+    return np.asarray(pil)
+
+
+def center_crop_arr(image: np.ndarray, image_size: int) -> np.ndarray:
+    """guided-diffusion's and improved-diffusion's preprocessing (`center_crop_arr` in
+    image_datasets.py), on uint8 pixels: halve the image with PIL's BOX filter while its
+    short side is at least 2 `image_size`, resize it bicubically so that the short side
+    is `image_size` (the long side `round(side * scale)`), and cut the centre square
+    (offsets `(side - image_size) // 2`) out of the uint8 result.
+
+    Args:
+        image: uint8 [H, W, C] (C = 1, 3 or 4; alpha is dropped) or [H, W].
+
+    Returns:
+        uint8 [image_size, image_size, C'] (C' = 1 for grey, else 3).
+    """
+    arr = _adm_resize_short_side(_pil_image(image), image_size)
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return _with_channels(arr[top:top + image_size, left:left + image_size])
+
+
+def random_crop_arr(image: np.ndarray, image_size: int, rng: np.random.Generator,
+                    min_crop_frac: float = 0.8, max_crop_frac: float = 1.0) -> np.ndarray:
+    """guided-diffusion's training crop for its classifiers (`random_crop_arr`): the
+    short side is resized (as `center_crop_arr`) to an integer drawn uniformly from
+    [ceil(image_size / max_crop_frac), ceil(image_size / min_crop_frac)], and a square
+    of `image_size` is cut at a uniformly drawn position.
+
+    Args:
+        image: As `center_crop_arr`.
+        image_size: Side of the output.
+        rng: The draws (short side, then row and column offsets).
+        min_crop_frac, max_crop_frac: The crop's side over the resized short side.
+
+    Returns:
+        uint8 [image_size, image_size, C'].
+    """
+    lo = math.ceil(image_size / max_crop_frac)
+    hi = math.ceil(image_size / min_crop_frac)
+    short_side = int(rng.integers(lo, hi + 1))
+    arr = _adm_resize_short_side(_pil_image(image), short_side)
+    top = int(rng.integers(0, arr.shape[0] - image_size + 1))
+    left = int(rng.integers(0, arr.shape[1] - image_size + 1))
+    return _with_channels(arr[top:top + image_size, left:left + image_size])
+
+
+def _with_channels(arr: np.ndarray) -> np.ndarray:
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _make_preprocess_fn(source: _Source, config: ml_collections.ConfigDict, *,
+                        random_crop: bool = False) -> Callable[..., Batch]:
+    """Returns record -> {'image': float32 [S, S, C] in [-1, 1], 'label': int32 []};
+    with `random_crop` (training, `data.random_crop`), (record, rng) -> the same with
+    `random_crop_arr`'s crop."""
+    d = config.data
+    image_size, channels = d.image_size, d.channels
+    # pixel / (max / 2) - 1: for 8-bit data guided-diffusion's `arr / 127.5 - 1`.
+    half_max = np.float32(source.max_value / 2.0)
+
+    def preprocess(record: Mapping[str, Any], rng: np.random.Generator | None = None
+                   ) -> Batch:
+        if d.resize == 'adm':
+            raw = np.asarray(record['image'])
+            image = (random_crop_arr(raw, image_size, rng) if rng is not None
+                     else center_crop_arr(raw, image_size)).astype(np.float32)
+        else:
+            image = np.asarray(record['image'], np.float32)
+            if image.ndim == 2:
+                image = image[:, :, None]
+            if d.center_crop:
+                image = _center_crop(image)
+            if image.shape[:2] != (image_size, image_size):
+                image = np.clip(_resize(image, image_size), 0.0, source.max_value)
         image = _convert_channels(image, channels)
-        image = image * np.float32(2.0 / source.max_value) - np.float32(1.0)
+        image = image / half_max - np.float32(1.0)
         label = record['label'] if 'label' in record else 0
         if source.label_order is not None:
             label = source.label_order[label]
         return {'image': image.astype(np.float32), 'label': np.int32(label)}
 
-    return preprocess
+    if random_crop:
+        return preprocess
+    return lambda record: preprocess(record)
 
 
 def _random_flip(example: Batch, rng: np.random.Generator) -> Batch:
@@ -398,12 +488,20 @@ def create_train_iterator(config: ml_collections.ConfigDict, *,
         DatasetNotFoundError: A TFDS dataset is not prepared.
     """
     source = _open_source(config, config.data.split)
-    preprocess = _make_preprocess_fn(source, config.data.image_size, config.data.channels,
-                                     config.data.center_crop)
-    return create_records_train_iterator(
-        config, source.records, preprocess,
-        flip=_random_flip if config.data.random_flip else None,
-        process_index=process_index, process_count=process_count)
+    flip = _random_flip if config.data.random_flip else None
+    if not config.data.random_crop:
+        return create_records_train_iterator(
+            config, source.records, _make_preprocess_fn(source, config), flip=flip,
+            process_index=process_index, process_count=process_count)
+    cropped = _make_preprocess_fn(source, config, random_crop=True)
+
+    def crop_and_flip(record: Mapping[str, Any], rng: np.random.Generator) -> Batch:
+        example = cropped(record, rng)
+        return example if flip is None else flip(example, rng)
+
+    return create_records_train_iterator(config, source.records, None, flip=crop_and_flip,
+                                         process_index=process_index,
+                                         process_count=process_count)
 
 
 def create_records_train_iterator(
@@ -493,8 +591,7 @@ def create_eval_iterator(config: ml_collections.ConfigDict, *,
     if num_examples <= 0:
         raise ValueError(f'eval.num_images={config.eval.num_images} must be positive')
     num_batches = -(-num_examples // global_batch_size)
-    preprocess = _make_preprocess_fn(source, config.data.image_size, config.data.channels,
-                                     config.data.center_crop)
+    preprocess = _make_preprocess_fn(source, config)
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
 
     def load(position: int) -> Batch:

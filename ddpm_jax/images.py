@@ -1,8 +1,9 @@
 """Image output: [-1, 1] floats to uint8, sample grids, PNG and npz files.
 
 This module owns how generated images leave the library: `to_uint8` quantises
-model outputs to 8-bit pixels (the inverse of the data pipeline's
-`p * 2 / 255 - 1`), `make_grid` tiles a batch into one picture with 1-pixel
+model outputs to 8-bit pixels (by default rounding, the inverse of the data
+pipeline's `p * 2 / 255 - 1`; or truncating, as the reference sampling scripts
+write their .npz files), `make_grid` tiles a batch into one picture with 1-pixel
 separators (optionally upscaled, nearest neighbour, so 8x8 digits are
 viewable), and `save_png` / `save_npz` write files through `etils.epath`, so
 local paths and cloud buckets both work. Pure NumPy and PIL; no JAX.
@@ -15,23 +16,41 @@ import numpy as np
 import PIL.Image
 from etils import epath
 
-__all__ = ['to_uint8', 'upscale_factor', 'make_grid', 'save_png', 'save_npz', 'grid_columns']
+__all__ = ['QUANTIZE_MODES', 'to_uint8', 'upscale_factor', 'make_grid', 'save_png', 'save_npz', 'grid_columns']
 
 
-def to_uint8(images) -> np.ndarray:
-    """Quantises images in [-1, 1] to uint8 pixels: clip(round((x + 1) * 127.5), 0, 255).
+# How samples in [-1, 1] become 8-bit pixels (`sample.quantize`).
+QUANTIZE_MODES = ('round', 'truncate')
 
-    Rounding is NumPy's round-half-to-even; values outside [-1, 1] are clipped.
-    The data pipeline maps pixel p to p / 127.5 - 1, which this inverts exactly.
+
+def to_uint8(images, mode: str = 'round') -> np.ndarray:
+    """Quantises images in [-1, 1] to uint8 pixels.
+
+    'round': clip(round((x + 1) * 127.5), 0, 255), NumPy's round-half-to-even; the
+    data pipeline maps pixel p to p / 127.5 - 1, which this inverts exactly.
+    'truncate': floor(clip((x + 1) * 127.5, 0, 255)) computed in float32, what
+    guided-diffusion's and improved-diffusion's sampling scripts write
+    (`((sample + 1) * 127.5).clamp(0, 255).to(th.uint8)`): half a level darker on
+    average, and a data image p / 127.5 - 1 may come back as p - 1. Values outside
+    [-1, 1] are clipped in both.
 
     Args:
         images: Array-like of any shape (e.g. [N, H, W, C]) with values in [-1, 1].
+        mode: One of `QUANTIZE_MODES`.
 
     Returns:
         A uint8 NumPy array of the same shape.
+
+    Raises:
+        ValueError: An unknown mode.
     """
-    x = np.asarray(images, np.float64)
-    return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    if mode == 'round':
+        x = np.asarray(images, np.float64)
+        return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    if mode == 'truncate':
+        x = np.asarray(images, np.float32)
+        return np.clip((x + np.float32(1.0)) * np.float32(127.5), 0, 255).astype(np.uint8)
+    raise ValueError(f'quantize mode must be one of {QUANTIZE_MODES}, got {mode!r}')
 
 
 def upscale_factor(image_size: int, min_size: int = 32) -> int:

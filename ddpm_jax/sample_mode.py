@@ -176,7 +176,7 @@ def sample_and_save(config: ml_collections.ConfigDict, workdir: str, *,
         nfes.append(int(nfe))  # Model evaluations (adaptive solvers: per batch).
         host = parallel.gather(out)[:len(chunk)]
         if is_main:
-            collected.append(images_lib.to_uint8(host))
+            collected.append(images_lib.to_uint8(host, s.quantize))
             if not sys.stdout.isatty():
                 logger.info('Sampled batch %d/%d.', b + 1, num_batches)
 

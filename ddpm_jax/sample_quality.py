@@ -38,6 +38,7 @@ from etils import epath
 from ddpm_jax import checkpointing
 from ddpm_jax import config_lib
 from ddpm_jax import data as data_lib
+from ddpm_jax import images as images_lib
 from ddpm_jax import metrics
 from ddpm_jax import parallel
 from ddpm_jax import sample_mode
@@ -52,12 +53,24 @@ from ddpm_jax.tasks import super_resolution
 
 logger = logging.getLogger('ddpm_jax')
 
+def quantize_to_uint8(x: jax.Array, mode: str) -> jax.Array:
+    """`images.to_uint8` in jit: float [-1, 1] -> uint8 by 'round' or 'truncate'."""
+    x = (jnp.asarray(x, jnp.float32) + 1.0) * 127.5
+    if mode == 'round':
+        x = jnp.round(x)
+    elif mode != 'truncate':
+        raise ValueError(f'quantize mode must be one of {images_lib.QUANTIZE_MODES}, '
+                         f'got {mode!r}')
+    return jnp.floor(jnp.clip(x, 0.0, 255.0)).astype(jnp.uint8)
+
+
 class FeatureExtractor:
     """The feature network of `eval.metrics_network`, jitted over the mesh.
 
     Calling it with a batch-sharded global image array (uint8 [B, H, W, C], or
     float in [-1, 1] with `from_unit_range=True`, quantised on the devices as
-    `images.to_uint8` does) returns numpy features on every process: 'features'
+    `images.to_uint8(x, quantize)` does: data 'round', samples `sample.quantize`)
+    returns numpy features on every process: 'features'
     [B, D] (Inception pool3), 'spatial' [B, S] (sFID; Inception only), 'logits'
     [B, K] (for IS) and, where the network's classes are the data's
     (`predicts_labels`: the digits network always, Inception for a TFDS ImageNet
@@ -101,9 +114,9 @@ class FeatureExtractor:
                 out = model.apply(v, images)
                 return dict(out, label_logits=out['logits'])
 
-        def apply(v, images, from_unit_range):
-            if from_unit_range:
-                images = jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+        def apply(v, images, quantize):
+            if quantize is not None:
+                images = quantize_to_uint8(images, quantize)
             out = network(v, images)
             label_logits = out.pop('label_logits')  # The dataset's classes, in its order.
             if self.predicts_labels:
@@ -117,9 +130,9 @@ class FeatureExtractor:
                               out_shardings=parallel.batch_sharding(mesh),
                               compiler_options=parallel.compiler_options())
 
-    def __call__(self, images: jax.Array, *, from_unit_range: bool = False
-                 ) -> dict[str, np.ndarray]:
-        out = self._apply(self._variables, images, from_unit_range)
+    def __call__(self, images: jax.Array, *, from_unit_range: bool = False,
+                 quantize: str = 'round') -> dict[str, np.ndarray]:
+        out = self._apply(self._variables, images, quantize if from_unit_range else None)
         return {k: parallel.gather(v) for k, v in out.items()}
 
 
@@ -282,8 +295,9 @@ def reference_statistics(config: ml_collections.ConfigDict, extractor: FeatureEx
     if e.fid_reference:
         return load_reference_npz(e.fid_reference, extractor, e.fid_batch_size)
     name = config.data.dataset.replace('/', '_').replace(':', '_')
+    resize = '' if config.data.resize == 'bicubic' else f'{config.data.resize}_'
     cache = epath.Path(cache_dir) / (
-        f'fid_reference_{name}_{e.fid_reference_split}_{config.data.image_size}px_'
+        f'fid_reference_{name}_{e.fid_reference_split}_{config.data.image_size}px_{resize}'
         f'{e.metrics_network}_{e.fid_reference_num_images}.npz')
     if cache.exists():
         with np.load(os.fspath(cache)) as f:
@@ -332,7 +346,7 @@ def _sample_features(config: ml_collections.ConfigDict, sample_fn: Callable, par
         batch_labels[:len(chunk)] = np.maximum(chunk, 0)
         images = sample_fn(params, jax.random.fold_in(rng, b), batch_labels,
                            task_state=task_state)
-        features = extractor(images, from_unit_range=True)
+        features = extractor(images, from_unit_range=True, quantize=config.sample.quantize)
         accumulator.update(features, np.arange(batch_size) < len(chunk))
         if progress and not sys.stdout.isatty() and (b + 1) % 10 == 0:
             logger.info('FID samples: batch %d/%d.', b + 1, num_batches)
@@ -391,7 +405,8 @@ def _upsampled_eval_features(config: ml_collections.ConfigDict, sample_fn: Calla
         samples = sample_fn(params, jax.random.fold_in(rng, b), batch['label'],
                             low_res=low_res)
         mask = parallel.gather(batch['mask'])
-        accumulator.update(extractor(samples, from_unit_range=True), mask)
+        accumulator.update(extractor(samples, from_unit_range=True,
+                                     quantize=config.sample.quantize), mask)
         labels.append(parallel.gather(batch['label'])[mask])
         ours, bilinear = psnr_of(samples, low_res, batch['image'])
         psnr.append(parallel.gather(ours)[mask])

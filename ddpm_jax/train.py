@@ -344,7 +344,8 @@ class Trainer:
             state_lib.select_ema_params(self.config, state.ema_params), state.task_state)
         if jax.process_index() != 0:
             return None
-        grid = images_lib.make_grid(images_lib.to_uint8(images), columns,
+        pixels = images_lib.to_uint8(images, self.config.sample.quantize)
+        grid = images_lib.make_grid(pixels, columns,
                                     scale=images_lib.upscale_factor(self.config.data.image_size))
         return images_lib.save_png(epath.Path(workdir) / 'samples' / f'step_{step}.png', grid)
 

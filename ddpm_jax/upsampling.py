@@ -103,13 +103,14 @@ class _Generator:
                                                        classifier=classifier, mesh=mesh)
         self.step, _, ema_params = checkpointing.restore_for_inference(config, workdir, mesh)
         self.params = ema_params[tasks.TASKS[config.task].sample_part]
+        self.quantize = config.sample.quantize
 
     def __call__(self, rng: jax.Array, labels: np.ndarray, low_res: Any = None) -> np.ndarray:
         """uint8 [B, H, W, C] on every process (labels -1 feed nothing)."""
         kwargs = {} if low_res is None else {'low_res': low_res}
         out = self.sample_fn(self.params, rng, np.maximum(labels, 0), self.classifier_params,
                              **kwargs)
-        return images_lib.to_uint8(parallel.gather(out))
+        return images_lib.to_uint8(parallel.gather(out), self.quantize)
 
 
 def _npz_rows(images: Any, start: int, count: int, batch_size: int,

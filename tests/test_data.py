@@ -13,6 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 from sklearn import datasets as sk_datasets
 
+from configs import default
 from ddpm_jax import checkpointing
 from ddpm_jax import config_lib
 from ddpm_jax import data
@@ -340,7 +341,9 @@ def test_wordnet_labels_are_numbered_in_sorted_id_order():
     assert data.wordnet_label_order(['cat', 'dog']) is None
     source = data._Source(records=None, max_value=255.0, num_classes=1000,
                           label_order=order)
-    preprocess = data._make_preprocess_fn(source, 4, 3, center_crop=False)
+    tiny = default.get_config()
+    tiny.data.image_size, tiny.data.channels = 4, 3
+    preprocess = data._make_preprocess_fn(source, tiny)
     out = preprocess({'image': np.zeros((4, 4, 3), np.uint8), 'label': np.int64(0)})
     assert out['label'] == 278 and out['label'].dtype == np.int32
 
@@ -360,3 +363,93 @@ def test_runs_on_imagenet_resized_before_the_renumbering_keep_their_labels():
                 checkpointing.check_config_compatible(old, get_config())
         else:
             checkpointing.check_config_compatible(old, get_config())
+
+
+def _box_halve(image):
+    """PIL's BOX halving of uint8 [H, W, C] (even sides): the horizontal pass, rounded
+    half up to uint8, then the vertical pass, rounded again."""
+    x = image.astype(np.int64)
+    x = (x[:, 0::2] + x[:, 1::2] + 1) // 2
+    return (x[0::2] + x[1::2] + 1) // 2
+
+
+def test_adm_center_crop_arr_is_guided_diffusions():
+    """center_crop_arr: BOX halvings while the short side >= 2 S, the bicubic resize of
+    the short side to S (none when it already is S), the uint8 centre square."""
+    image = np.random.default_rng(0).integers(0, 256, (24, 36, 3), dtype=np.uint8)
+    # 24x36 -> 12x18 -> 6x9 (6 < 12 stops), no resize, columns (9 - 6) // 2 = 1 on.
+    expected = _box_halve(_box_halve(image))[:, 1:7]
+    np.testing.assert_array_equal(data.center_crop_arr(image, 6), expected)
+    # Already S x S (imagenet_resized): unchanged; grey stays one channel.
+    np.testing.assert_array_equal(data.center_crop_arr(image[:6, :6], 6), image[:6, :6])
+    grey = data.center_crop_arr(image[..., :1], 6)
+    np.testing.assert_array_equal(grey, expected[..., :1])
+    # A real resize (20x30 -> 10x15 -> bicubic to 8x12, columns 2..9): a constant stays.
+    flat = np.full((20, 30, 3), 77, np.uint8)
+    np.testing.assert_array_equal(data.center_crop_arr(flat, 8), np.full((8, 8, 3), 77))
+    with pytest.raises(ValueError, match='8-bit'):
+        data.center_crop_arr(image.astype(np.float32), 6)
+
+
+def test_adm_random_crop_arr_draws_side_and_position():
+    """random_crop_arr at S = 8 on an 8x8 image: the short side is drawn from {8, 9, 10}
+    and only side 8 at offset (0, 0) returns the image itself (1/3 of draws)."""
+    image = np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    outs = [data.random_crop_arr(image, 8, np.random.default_rng(seed)) for seed in range(150)]
+    assert all(o.shape == (8, 8, 3) and o.dtype == np.uint8 for o in outs)
+    same = sum(np.array_equal(o, image) for o in outs)
+    assert 30 <= same <= 70, same
+    assert len({o.tobytes() for o in outs}) > 10  # Sides and positions vary.
+    flat = np.full((12, 20, 3), 9, np.uint8)
+    np.testing.assert_array_equal(data.random_crop_arr(flat, 8, np.random.default_rng(3)),
+                                  np.full((8, 8, 3), 9))
+
+
+def test_adm_preprocessing_on_tfds_and_random_crops_in_training(tiny_config, tiny_data_dir):
+    tiny_config.data.dataset = TINY_NAME
+    tiny_config.data.data_dir = tiny_data_dir
+    tiny_config.data.image_size = 3
+    tiny_config.data.channels = 3
+    tiny_config.data.center_crop = True
+    tiny_config.data.resize = 'adm'
+    tiny_config.eval.num_images = 5
+    tiny_config.eval.global_batch_size = 5
+    config_lib._validate_data(tiny_config)  # Valid (3x3 is too small for the model).
+    batch = next(data.create_eval_iterator(tiny_config, process_index=0, process_count=1))
+    for i in range(TINY_SPLITS['test']):
+        # 6x10 -> 3x5 (BOX), no resize, columns 1..3; p / 127.5 - 1 as guided-diffusion.
+        pixels = _box_halve(_tiny_image('test', i))[:, 1:4].astype(np.float32)
+        np.testing.assert_array_equal(batch['image'][i], pixels / np.float32(127.5) - 1)
+
+    tiny_config.data.random_flip = False
+    tiny_config.train.global_batch_size = 12
+    centred = next(data.create_train_iterator(tiny_config, process_index=0, process_count=1))
+    tiny_config.data.random_crop = True
+    config_lib._validate_data(tiny_config)
+    iterator = data.create_train_iterator(tiny_config, process_index=0, process_count=1)
+    cropped = next(iterator)
+    state = iterator.get_state()
+    following = _take(iterator, 2)
+    np.testing.assert_array_equal(cropped['label'], centred['label'])  # Same order.
+    assert not np.array_equal(cropped['image'], centred['image'])
+    assert cropped['image'].shape == (12, 3, 3, 3)
+    again = data.create_train_iterator(tiny_config, process_index=0, process_count=1)
+    again.set_state(state)
+    _assert_batches_equal(_take(again, 2), following)
+    # Evaluation never crops at random.
+    batch_again = next(data.create_eval_iterator(tiny_config, process_index=0,
+                                                 process_count=1))
+    np.testing.assert_array_equal(batch_again['image'], batch['image'])
+
+
+@pytest.mark.parametrize('fields, match', [
+    ({'resize': 'area'}, r"data.resize='area' is not valid.*'bicubic', 'adm'"),
+    ({'resize': 'adm'}, r"set data.center_crop=True"),
+    ({'resize': 'adm', 'center_crop': True}, r"digits are 0..16"),
+    ({'random_crop': True}, r"data.random_crop=True .* needs data.resize='adm'"),
+])
+def test_adm_preprocessing_fields_are_checked(tiny_config, fields, match):
+    for name, value in fields.items():
+        tiny_config.data[name] = value
+    with pytest.raises(ValueError, match=match):
+        config_lib.validate(tiny_config, mode='train', num_devices=1)

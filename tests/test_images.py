@@ -19,6 +19,23 @@ def test_to_uint8_exact():
         images.to_uint8((pixels / 127.5 - 1.0).astype(np.float32)), pixels)
 
 
+def test_to_uint8_truncate_as_the_reference_scripts():
+    x = np.array([-1.0, -0.5, 0.0, 1.0, 1.5, -2.0, 2.0 / 255.0 - 1.0, 0.999], np.float32)
+    # floor(clip((x + 1) * 127.5, 0, 255)) of 0, 63.75, 127.5, 255, 318.75, -127.5,
+    # 0.99999994 (pixel 1 through float32), 254.87.
+    np.testing.assert_array_equal(images.to_uint8(x, 'truncate'),
+                                  [0, 63, 127, 255, 255, 0, 0, 254])
+    assert images.to_uint8(x, 'truncate').dtype == np.uint8
+    # In float32, as torch computes ((x + 1) * 127.5).to(uint8): a data image p / 127.5 - 1
+    # comes back as p or p - 1 (never above), some values as p - 1.
+    pixels = np.arange(256)
+    data = (pixels / 127.5 - 1.0).astype(np.float32)
+    back = images.to_uint8(data, 'truncate').astype(int)
+    assert set(np.unique(pixels - back)) == {0, 1}
+    with pytest.raises(ValueError, match='quantize mode'):
+        images.to_uint8(x, 'floor')
+
+
 def test_make_grid_exact():
     imgs = np.array([[[[1], [2]], [[3], [4]]],
                      [[[5], [6]], [[7], [8]]],

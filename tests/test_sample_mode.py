@@ -47,6 +47,15 @@ def test_sample_and_save_end_to_end(small_config, tmp_path):
     assert [json.loads(r)['mode'] for r in runs] == ['train', 'sample', 'sample']
     assert json.loads(runs[-1])['outputs']['npz'] == again['npz']
 
+    # Truncated as guided-diffusion's scripts write them: the same samples, every pixel
+    # the rounded one or one level below, some below.
+    config.sample.quantize = 'truncate'
+    truncated = sample_mode.sample_and_save(config, workdir)
+    config.sample.quantize = 'round'
+    with np.load(again['npz']) as f, np.load(truncated['npz']) as g:
+        below = f['images'].astype(int) - g['images'].astype(int)
+    assert set(np.unique(below)) == {0, 1}
+
     config.sample.classifier_scale = 1.0
     with pytest.raises(ValueError, match='sample.classifier_workdir'):
         sample_mode.sample_and_save(config, workdir)

@@ -9,6 +9,7 @@ import pytest
 
 from ddpm_jax import config_lib
 from ddpm_jax import data as data_lib
+from ddpm_jax import images as images_lib
 from ddpm_jax import parallel
 from ddpm_jax import sample_quality
 from ddpm_jax import torch_checkpoint
@@ -43,6 +44,26 @@ def test_sharded_features_equal_one_device(fid_config):
     assert out4['features'].shape == (16, 64) and out4['logits'].shape == (16, 10)
     for key in out1:
         np.testing.assert_allclose(out4[key], out1[key], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('mode', ['round', 'truncate'])
+def test_samples_quantised_on_devices_as_the_npz_files(fid_config, mode):
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.uniform(-1.1, 1.1, 4000),
+                        np.arange(256) / 127.5 - 1.0]).astype(np.float32)
+    np.testing.assert_array_equal(
+        np.asarray(sample_quality.quantize_to_uint8(x, mode)), images_lib.to_uint8(x, mode))
+    extractor = sample_quality.FeatureExtractor(fid_config, parallel.create_mesh())
+    samples = rng.uniform(-1, 1, (16, 8, 8, 1)).astype(np.float32)
+    floats = extractor(parallel.shard_host_array(samples, extractor.mesh),
+                       from_unit_range=True, quantize=mode)
+    pixels = extractor(parallel.shard_host_array(images_lib.to_uint8(samples, mode),
+                                                 extractor.mesh))
+    other = extractor(parallel.shard_host_array(
+        images_lib.to_uint8(samples, 'truncate' if mode == 'round' else 'round'),
+        extractor.mesh))
+    np.testing.assert_array_equal(floats['features'], pixels['features'])
+    assert np.abs(floats['features'] - other['features']).max() > 1e-4
 
 
 def test_streaming_with_padding_equals_one_pass(fid_config):

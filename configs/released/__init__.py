@@ -48,8 +48,9 @@ def adm_classifier(image_size: int, channel_mult: tuple, depth: int = 2,
     attention pooling to 1000 logits; trained with AdamW (lr 3e-4 annealed, weight
     decay 0.05), batch 256, 300k steps, on the noise of the model it guides
     (`schedule`, T = 1000). For fine-tuning, note that guided-diffusion trained the
-    classifiers on random crops (`classifier_train.py`: `random_crop=True`); the data
-    pipeline here only centre-crops.
+    classifiers on random crops (`classifier_train.py`: `random_crop=True`), which
+    `data.random_crop` reproduces (with `data.resize='adm'`, its `center_crop_arr` in
+    evaluation).
     """
     config = default.get_config()
     config.task = 'classifier'
@@ -58,7 +59,9 @@ def adm_classifier(image_size: int, channel_mult: tuple, depth: int = 2,
     data.eval_split = 'validation'
     data.image_size = image_size
     data.channels = 3
-    data.center_crop = image_size != 64
+    data.center_crop = True
+    data.resize = 'adm'  # guided-diffusion's center_crop_arr; a no-op on 64x64 images.
+    data.random_crop = True
 
     model = config.model
     model.name = 'classifier'
@@ -107,6 +110,7 @@ def adm_upsampler(large_size: int, small_size: int) -> ml_collections.ConfigDict
     data.image_size = large_size
     data.channels = 3
     data.center_crop = True
+    data.resize = 'adm'  # guided-diffusion's center_crop_arr.
 
     model = config.model
     model.base_channels = 192

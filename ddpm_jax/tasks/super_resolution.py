@@ -175,8 +175,8 @@ def base_sample_config(config: ml_collections.ConfigDict,
                        base_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The config a cascade samples its base model with.
 
-    The base's stored config, with this run's seed, image count, batch and label,
-    and the `sample.base_*` overrides of the upsampler's config.
+    The base's stored config, with this run's seed, image count, batch, label and
+    quantisation, and the `sample.base_*` overrides of the upsampler's config.
 
     Args:
         config: The upsampler's config (`sample.base_workdir` set).
@@ -204,6 +204,7 @@ def base_sample_config(config: ml_collections.ConfigDict,
     out.seed = config.seed
     b = out.sample
     b.num_images, b.global_batch_size, b.label = s.num_images, s.global_batch_size, s.label
+    b.quantize = s.quantize  # The base's samples reach the upsampler as uint8, so quantised.
     if s.base_sampler:
         b.sampler = s.base_sampler
     if s.base_respacing:
