@@ -197,6 +197,8 @@ def get_config() -> ml_collections.ConfigDict:
     sample.s_churn = 0.0  # 'heun': Karras et al.'s S_churn (0 = deterministic).
     sample.heun_sigma_max = 0.0  # 'heun': cap on the first sigma (0 = the model's largest;
     #                              Karras et al.: 80).
+    sample.heun_round_sigma = False  # 'heun': every sigma on a trained level, as EDM's
+    #                                  round_sigma for discrete models (iDDPMPrecond).
     sample.ode_solver = 'tsit5'  # 'ode': adaptive diffrax solver, 'tsit5' or 'dopri5' (RK45).
     sample.ode_rtol = 1e-5  # 'ode': relative tolerance (score_sde: 1e-5).
     sample.ode_atol = 1e-5  # 'ode': absolute tolerance (score_sde: 1e-5).

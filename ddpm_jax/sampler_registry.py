@@ -83,6 +83,7 @@ OPTION_FIELDS: Mapping[str, tuple[str, type]] = {
     'snr': ('sample.pc_snr', float),
     'predictor': ('sample.predictor', str),
     'sigma_max': ('sample.heun_sigma_max', float),
+    'round_sigma': ('sample.heun_round_sigma', bool),
     'step_size': ('sample.langevin_step_size', float),
     'steps_per_level': ('sample.langevin_steps_per_level', int),
     'num_levels': ('sample.langevin_num_levels', int),

@@ -11,7 +11,7 @@ This module owns the samplers of the continuous-time view (`ddpm_jax.sde`):
   PID step-size control), the whole solve under `jit`;
 * `karras_sample`: Karras et al. 2022's 2nd-order Heun sampler with their sigma schedule
   and optional churn, on a denoiser D(x, sigma); `make_vp_denoiser` adapts a discrete
-  VP model to it;
+  VP model to it, and `make_round_sigma` is EDM's rounding to its trained levels;
 
 and, on a discrete `Schedule` with the signature of `samplers.SAMPLERS`' functions
 (`fn(model_fn, sched, shape, rng, *, mean_type, var_type, clip_denoised, ...)`),
@@ -506,7 +506,8 @@ def karras_sample(denoiser_fn: DenoiserFn, sigmas, shape: Sequence[int],
                   rng: Optional[Array], *, second_order: bool = True,
                   s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float('inf'),
                   s_noise: float = 1.0, x_init: Optional[Array] = None,
-                  return_intermediates: bool = False):
+                  return_intermediates: bool = False,
+                  round_sigma: Optional[Callable[[Array], Array]] = None):
     """Karras et al. 2022's sampler (Alg. 2; Alg. 1 when s_churn = 0).
 
     For i = 0..N-1: gamma_i = min(S_churn / N, sqrt(2) - 1) if S_tmin <= sigma_i <= S_tmax
@@ -520,6 +521,17 @@ def karras_sample(denoiser_fn: DenoiserFn, sigmas, shape: Sequence[int],
     With `second_order=False` and s_churn = 0 this is Euler in (y = x / alpha, sigma),
     which on a VP model's own sigmas is exactly DDIM with eta = 0.
 
+    `round_sigma` (off by default) is EDM's rounding of the churned level for a
+    discrete model (NVlabs/edm generate.py's `edm_sampler`:
+    `t_hat = net.round_sigma(t_cur + gamma * t_cur)`): with churn on (s_churn > 0 or
+    traced), sigma_hat = round_sigma(sigma_i (1 + gamma_i)), and the noise added is
+    sqrt(max((sigma_hat - sigma_i)(sigma_hat + sigma_i), 0)) S_noise z with that rounded
+    sigma_hat (EDM's `(t_hat ** 2 - t_cur ** 2).sqrt()`; nearest-level rounding can
+    give sigma_hat = sigma_i, hence exactly no noise, and the max(., 0) keeps a
+    rounding below sigma_i from giving NaN). The schedule itself is not rounded here:
+    EDM rounds it before the loop (`make_round_sigma`, `vp_heun_sample(round_sigma=
+    True)`), after which its t_hat = round_sigma(t_cur) with churn off is t_cur.
+
     Args:
         denoiser_fn: D(x [B, ...], sigma [B]) -> [B, ...].
         sigmas: [N + 1] decreasing, last usually 0 (`karras_sigmas`).
@@ -530,6 +542,9 @@ def karras_sample(denoiser_fn: DenoiserFn, sigmas, shape: Sequence[int],
         x_init: Start; default sigmas[0] N(0, I).
         return_intermediates: Also return {'x': [N, B, ...] the state entering each step,
             'denoised': [N, B, ...] D at that step}.
+        round_sigma: None (default: no rounding), or a jittable map of a float32 scalar
+            sigma to a float32 scalar level, e.g. `make_round_sigma(sched)`; applied to
+            the churned sigma_hat as above.
 
     Returns:
         `SampleOutput` (and the intermediates dict with `return_intermediates`).
@@ -556,8 +571,15 @@ def karras_sample(denoiser_fn: DenoiserFn, sigmas, shape: Sequence[int],
             gamma = jnp.where((sigma >= s_tmin) & (sigma <= s_tmax), gamma_max, 0.0)
             sigma_hat = sigma * (1.0 + gamma)
             z = jax.random.normal(jax.random.fold_in(noise_rng, i), x.shape, x.dtype)
-            # sqrt(sigma_hat^2 - sigma^2) written so rounding cannot make it negative.
-            x_hat = x + sigma * jnp.sqrt(gamma * (2.0 + gamma)) * s_noise * z
+            if round_sigma is None:
+                # sqrt(sigma_hat^2 - sigma^2) written so rounding cannot make it negative.
+                x_hat = x + sigma * jnp.sqrt(gamma * (2.0 + gamma)) * s_noise * z
+            else:  # EDM: the rounded t_hat, sqrt(t_hat^2 - t_cur^2) (>= 0, docstring).
+                sigma_hat = jnp.reshape(jnp.asarray(round_sigma(sigma_hat), jnp.float32), ())
+                # Factored: exactly 0 when sigma_hat = sigma (XLA may fuse a^2 - b^2
+                # into an FMA, which leaves b^2's rounding error, ~1e-4 at sigma = 80).
+                var = jnp.maximum((sigma_hat - sigma) * (sigma_hat + sigma), 0.0)
+                x_hat = x + jnp.sqrt(var) * s_noise * z
         else:
             sigma_hat, x_hat = sigma, x
         denoised = denoiser_fn(x_hat, _batch(sigma_hat, x))
@@ -624,6 +646,31 @@ def make_vp_denoiser(model_fn: Callable[..., Array], sched: Schedule, *,
         return terms['pred_x0']
 
     return denoise
+
+
+def make_round_sigma(sched: Schedule) -> Callable[[Array], Array]:
+    """EDM's `round_sigma` of a discrete model (NVlabs/edm training/networks.py,
+    `iDDPMPrecond.round_sigma`): each positive sigma goes to the nearest of the levels
+    `vp_sigmas(sched)` in absolute distance |sigma - sigma_i| (not in log, unlike
+    `snap_sigmas`), in float32, a tie going to the larger level (EDM's argmin over its
+    decreasing levels u_0 > ... > u_{M-1}). sigma <= 0 is returned as it is (EDM's
+    levels end with u_M = 0, so sigmas below u_{M-1} / 2 round to 0 there; its sampler
+    never asks for them). EDM measures the distance with `torch.cdist`, which for more
+    than 25 levels uses the float32 expansion a^2 + b^2 - 2ab; here it is |a - b|, so
+    the two can differ only for a sigma within a small multiple of float32 precision of
+    a midpoint between two levels.
+
+    Returns:
+        round_sigma(sigma: float32 array of any shape) -> the levels, same shape.
+    """
+    levels = vp_sigmas(sched)[::-1]  # Decreasing, as EDM's u.
+
+    def round_sigma(sigma):
+        sigma = jnp.asarray(sigma, jnp.float32)
+        i = jnp.argmin(jnp.abs(sigma[..., None] - levels), axis=-1)
+        return jnp.where(sigma > 0.0, levels[i], sigma)
+
+    return round_sigma
 
 
 def snap_sigmas(sigmas, sched: Schedule) -> Array:
@@ -762,8 +809,14 @@ _FINAL, _FIRST, _TWO_STAGE = 0, 1, 2
 
 
 def _two_stage_plan(num_steps: int) -> np.ndarray:
-    """[M, 4] int rows (a, b, c, kind): steps a -> c through the midpoint b (2S), a -> b
-    (first order) or the final denoise at a. N model calls in all."""
+    """[M, 4] int rows (a, b, c, kind), in order, of the 2S sampler on steps
+    N - 1, ..., 0 of a schedule of N = `num_steps` steps: a -> c = a - 2 through the
+    midpoint b = a - 1 (_TWO_STAGE, 2 model calls), a -> b = c = a - 1 (_FIRST, DDIM,
+    1 call) or the final denoise at a = b = c = 0 (_FINAL, 1 call). The N - 1 gaps
+    between step N - 1 and step 0 take, when N - 1 is odd, one first-order step first,
+    N - 1 -> N - 2, then floor((N - 1) / 2) two-stage steps; then the final row. N model
+    calls in all, e.g. N = 6: (5, 4, 4, 1st), (4, 3, 2, 2S), (2, 1, 0, 2S),
+    (0, 0, 0, final)."""
     rows = []
     a = num_steps - 1
     if (num_steps - 1) % 2 == 1:  # An odd number of gaps: one DDIM step first.
@@ -793,10 +846,16 @@ def dpm_solver_2s_sample(model_fn, sched: Schedule, shape: Sequence[int],
         D = (1 - 1 / (2r)) x0(x, a) + 1 / (2r) x0(u, b),
         x_c = (sigma_c / sigma_a) x - alpha_c (e^{-h} - 1) D.
 
-    With an odd number of gaps the first step is DDIM (first order; the authors'
-    DPM-Solver-fast puts it last, `orders = [2] * (K - 1) + [1]`, so their samples
-    differ there); the last call returns x0_hat at step 0 (as 2M). N model calls for N steps, so a 2S run at N steps
-    costs what 2M costs at N, with N/2 solver steps.
+    The N - 1 gaps from step N - 1 down to step 0 are covered two at a time; with an
+    odd number of gaps (N even) the first solver step, N - 1 -> N - 2, is DDIM (first
+    order). The authors' order-2 singlestep plan puts it last instead
+    (dpm_solver_pytorch.py's `get_orders_and_timesteps_for_singlestep_solver`:
+    `orders = [2] * (K - 1) + [1]`), on steps uniform in log-SNR; on uniform-time
+    grids ('ddimN') the last gap is the longest in log-SNR, and a first-order step
+    there costs accuracy (Gaussian data, 'ddim20' on the linear schedule, max error of
+    the flow map 0.069 with it first, 0.121 last; 2M 0.106, DDIM 0.168), so samples
+    differ from theirs at even N. The last call returns x0_hat at step 0 (as 2M). N model calls for N steps, so a
+    2S run at N steps costs what 2M costs at N, with about N/2 solver steps.
 
     Args, Returns, Raises: as `dpm_solver_3m_sample` (no `lower_order_final`).
     """
@@ -925,7 +984,8 @@ def vp_heun_sample(model_fn, sched: Schedule, shape: Sequence[int], rng: Optiona
                    return_intermediates: bool = False, num_steps: int = 18,
                    rho: float = 7.0, s_churn: float = 0.0, s_tmin: float = 0.0,
                    s_tmax: float = float('inf'), s_noise: float = 1.0,
-                   sigma_max: float = 0.0, return_nfe: bool = False):
+                   sigma_max: float = 0.0, round_sigma: bool = False,
+                   return_nfe: bool = False):
     """Karras et al. 2022's Heun sampler for a discrete-time model, registry signature.
 
     The sigma schedule (`karras_sigmas`, rho = 7) runs between the schedule's smallest
@@ -933,11 +993,24 @@ def vp_heun_sample(model_fn, sched: Schedule, shape: Sequence[int], rng: Optiona
     when it is > 0 (`capped_sigma_max`; Karras et al. use 80: a cosine schedule's largest
     sigma is ~20,000, where few steps are wasted); the denoiser is the VP view's
     (`sde.denoiser_from_score`: the model at the step nearest in t, x_vp = alpha y), so
-    guidance and every mean type work as in the other samplers. EDM instead rounds
-    every sigma (and the churned one) to the nearest trained level (`round_sigma`);
-    here a sigma between levels uses the nearest step's output at its own sigma
-    (`snap_sigmas` moves the schedule onto the levels). x_T ~ N(0, I) is x_vp at
-    sigma_max, i.e. y = sqrt(1 + sigma_max^2) x_T. NFE = 2 num_steps - 1 (35 for 18).
+    guidance and every mean type work as in the other samplers. By default
+    (`round_sigma=False`) a sigma between levels uses the nearest step's output at its
+    own sigma. With `round_sigma=True` the sampler is EDM's for a discrete model
+    (NVlabs/edm generate.py's `edm_sampler` with `iDDPMPrecond`): every sigma of the
+    schedule but the final 0 is rounded to the nearest level in absolute distance
+    (`make_round_sigma`), and so is the churned one, whose added noise is
+    sqrt(sigma_hat^2 - sigma_i^2) with the rounded sigma_hat (`karras_sample`'s
+    `round_sigma`), so the model only ever sees its trained levels; rounding can
+    repeat a level, a step of zero length that still costs its evaluations.
+
+    The range: EDM uses [max(sigma_min, net.sigma_min), min(sigma_max, net.sigma_max)]
+    with sigma_min = 0.002 and sigma_max = 80 by default; here it is [the smallest
+    level, `capped_sigma_max`(the largest level, `sigma_max`)], so `sigma_max=80`
+    reproduces EDM's top for a model whose largest level exceeds 80 (the default 0 is
+    no cap), and the bottom is EDM's whenever the smallest level is >= 0.002 (e.g.
+    0.01 for the linear schedule of 1000 steps). x_T ~ N(0, I) is x_vp at sigma_max,
+    i.e. y = sqrt(1 + sigma_max^2) x_T (EDM starts at y = sigma_max x_T, the same up
+    to the factor sqrt(1 + 1 / sigma_max^2)). NFE = 2 num_steps - 1 (35 for 18).
 
     Returns:
         The samples, or (samples, nfe) with `return_nfe`.
@@ -954,10 +1027,14 @@ def vp_heun_sample(model_fn, sched: Schedule, shape: Sequence[int], rng: Optiona
     ladder = _vp_sigmas_np(sched)
     sigmas = karras_sigmas(num_steps, float(ladder[0]),
                            capped_sigma_max(float(ladder[-1]), sigma_max), rho)
+    rounder = None
+    if round_sigma:  # EDM: t_steps = cat([net.round_sigma(t_steps), 0]).
+        rounder = make_round_sigma(sched)
+        sigmas = jnp.append(rounder(sigmas[:-1]), 0.0)
     y_T = x_T * jnp.sqrt(1.0 + jnp.square(sigmas[0]))
     out = karras_sample(sde_lib.denoiser_from_score(view, score), sigmas, shape, noise_rng,
                         s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
-                        x_init=y_T)
+                        x_init=y_T, round_sigma=rounder)
     return (out.samples, out.nfe) if return_nfe else out.samples
 
 
@@ -1037,7 +1114,7 @@ SDE_SAMPLERS = {
     'dpm_solver_2s': samplers.SamplerSpec(
         dpm_solver_2s_sample, (), 'DPM-Solver++(2S), singlestep 2nd order (Lu et al. 2022b)'),
     'heun': samplers.SamplerSpec(
-        vp_heun_sample, ('num_steps', 's_churn', 'sigma_max'),
+        vp_heun_sample, ('num_steps', 's_churn', 'sigma_max', 'round_sigma'),
         "Karras et al. 2022's Heun sampler on the VP view (2 num_steps - 1 NFE)"),
     'ode': samplers.SamplerSpec(
         vp_ode_sample, ('solver', 'rtol', 'atol', 'denoise'),

@@ -52,7 +52,7 @@ def test_registry_holds_every_sampler_with_its_config_fields():
     assert sampler_registry.sampler_options(config, 'ode') == {
         'solver': 'tsit5', 'rtol': 1e-5, 'atol': 1e-5, 'denoise': True}
     assert sampler_registry.sampler_options(config, 'heun') == {
-        'num_steps': 18, 's_churn': 0.0, 'sigma_max': 0.0}
+        'num_steps': 18, 's_churn': 0.0, 'sigma_max': 0.0, 'round_sigma': False}
     assert sampler_registry.sampler_options(config, 'langevin') == {
         'step_size': 2e-5, 'steps_per_level': 100, 'num_levels': 10,
         'langevin_sigma_max': 0.0, 'langevin_sigma_min': 0.0, 'final_denoise': False}

@@ -255,6 +255,7 @@ def test_langevin_samples_a_discrete_ncsn_model(small_config, tmp_path):
     ('langevin_num_levels', 1, r'sample.langevin_num_levels=1 must be an int >= 2'),
     ('langevin_step_size', 0.0, r'sample.langevin_step_size=0.0 must be > 0'),
     ('heun_sigma_max', -1.0, r'sample.heun_sigma_max=-1.0 must be >= 0'),
+    ('heun_round_sigma', True, r"sample.heun_round_sigma=True .*task='score' is continuous"),
 ])
 def test_langevin_config_errors_name_the_field(small_config, field, value, match):
     config = _score_config(small_config, 've')

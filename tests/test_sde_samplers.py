@@ -353,23 +353,102 @@ def test_dpm_solver_3m_and_2s_converge_at_their_order():
 
 
 def test_dpm_solver_3m_and_2s_defaults_beat_ddim_on_uniform_steps():
-    sched = schedules.make_schedule('linear', T, 'ddim20')
     x_T = np.asarray(jax.random.normal(jax.random.key(9), (64, DIM)))
-    exact = _exact_final(x_T, int(sched.timesteps[-1]), int(sched.timesteps[0]))
-    # Clipping to [-1, 1] is on (the defaults); the dimensions are independent, so
-    # compare the entries well inside the box. Measured max errors: DDIM 0.159,
-    # 2M 0.111, 3M 0.108 (its last step is 1st order), 2S 0.066.
-    inside = np.abs(exact) < 0.9
-    assert inside.sum() > 300
 
-    def error(fn):
-        out = fn(eps_model, sched, x_T.shape, None, x_T=x_T)
-        return np.abs(np.asarray(out) - exact)[inside].max()
+    def errors(num_steps, *fns):
+        sched = schedules.make_schedule('linear', T, f'ddim{num_steps}')
+        exact = _exact_final(x_T, int(sched.timesteps[-1]), int(sched.timesteps[0]))
+        # Clipping to [-1, 1] is on (the defaults); the dimensions are independent, so
+        # compare the entries well inside the box.
+        inside = np.abs(exact) < 0.9
+        assert inside.sum() > 300
+        return [np.abs(np.asarray(fn(eps_model, sched, x_T.shape, None, x_T=x_T))
+                       - exact)[inside].max() for fn in fns]
 
-    ddim, dpm2m = error(samplers.ddim_sample), error(samplers.dpm_solver_sample)
-    dpm3m = error(sde_samplers.dpm_solver_3m_sample)
-    dpm2s = error(sde_samplers.dpm_solver_2s_sample)
-    assert dpm3m < 0.8 * ddim and dpm3m < 1.05 * dpm2m and dpm2s < 0.7 * dpm2m
+    # Measured max errors at 20 steps: DDIM 0.168, 2M 0.106, 3M 0.102 (its last step is
+    # 1st order), 2S 0.069: its 19 gaps begin with a DDIM step (0.121 with that step
+    # last, the authors' order, where the gap is the longest in log-SNR).
+    ddim, dpm2m, dpm3m, dpm2s = errors(
+        20, samplers.ddim_sample, samplers.dpm_solver_sample,
+        sde_samplers.dpm_solver_3m_sample, sde_samplers.dpm_solver_2s_sample)
+    assert dpm3m < 0.8 * ddim and dpm3m < 1.05 * dpm2m
+    assert dpm2s < 0.7 * dpm2m
+    # 21 steps, 20 gaps, all 2nd order: 2S 0.064, 2M 0.099.
+    dpm2m, dpm2s = errors(21, samplers.dpm_solver_sample, sde_samplers.dpm_solver_2s_sample)
+    assert dpm2s < 0.75 * dpm2m
+
+
+def test_two_stage_plan_puts_the_first_order_step_first():
+    """Rows (a, b, c, kind) with kind 2 = 2S a -> c via b, 1 = DDIM a -> c, 0 = the final
+    x0 at step 0; N model calls; an odd number N - 1 of gaps begins with DDIM N-1 -> N-2
+    (the authors' orders [2] * (K - 1) + [1] end with it: see dpm_solver_2s_sample)."""
+    plan = lambda n: sde_samplers._two_stage_plan(n).tolist()  # noqa: E731
+    assert plan(6) == [[5, 4, 4, 1], [4, 3, 2, 2], [2, 1, 0, 2], [0, 0, 0, 0]]
+    assert plan(7) == [[6, 5, 4, 2], [4, 3, 2, 2], [2, 1, 0, 2], [0, 0, 0, 0]]
+    assert plan(2) == [[1, 0, 0, 1], [0, 0, 0, 0]]
+    assert plan(1) == [[0, 0, 0, 0]]
+    for n in range(1, 12):
+        rows = np.asarray(plan(n))
+        assert sum({0: 1, 1: 1, 2: 2}[k] for k in rows[:, 3]) == n
+        assert list(rows[1:, 0]) == list(rows[:-1, 2])  # Contiguous from N - 1 to 0.
+
+
+def _gauss_x0(x, abar):
+    """The exact E[x_0 | x_t] of the Gaussian data at abar, float64."""
+    a = np.sqrt(abar)
+    return MU + a * S ** 2 / (abar * S ** 2 + 1 - abar) * (x - a * MU)
+
+
+def _dpm_solver_2s_np(x_T, abar, orders):
+    """DPM-Solver++ singlestep (Lu et al. 2022b, Alg. 1; dpm_solver_pytorch.py's
+    singlestep_dpm_solver_second_update, 'dpmsolver++') in float64 on the exact x0 of the
+    Gaussian data, from step N - 1 down to step 0 of abar [N] in solver steps of the
+    given orders (2: through the next step), then x0 at step 0."""
+    lam = 0.5 * (np.log(abar) - np.log1p(-abar))
+    x, a = np.asarray(x_T, np.float64), len(abar) - 1
+    for order in orders:
+        c = a - order
+        h = lam[c] - lam[a]
+        d = _gauss_x0(x, abar[a])
+        if order == 2:
+            b = a - 1
+            r = (lam[b] - lam[a]) / h
+            u = (np.sqrt((1 - abar[b]) / (1 - abar[a])) * x
+                 - np.sqrt(abar[b]) * np.expm1(-r * h) * d)
+            d = d + 0.5 / r * (_gauss_x0(u, abar[b]) - d)
+        x = np.sqrt((1 - abar[c]) / (1 - abar[a])) * x - np.sqrt(abar[c]) * np.expm1(-h) * d
+        a = c
+    assert a == 0
+    return _gauss_x0(x, abar[0])
+
+
+@pytest.mark.parametrize('num_steps', [6, 7])
+def test_dpm_solver_2s_in_float64(num_steps):
+    """N steps: N - 1 solver NFE in orders [2] * K, or [1] + [2] * K for an odd count
+    (the authors' order-2 singlestep plan: [2] * K + [1]), then x0 at step 0. N = 6 starts
+    with the DDIM step 5 -> 4, checked on the intermediates."""
+    sched = schedules.make_schedule('linear', T, f'ddim{num_steps}')
+    abar = ABAR[np.asarray(sched.timesteps)]
+    assert abar.shape == (num_steps,)
+    nfe = num_steps - 1
+    orders = [1] * (nfe % 2) + [2] * (nfe // 2)
+    x_T = np.asarray(jax.random.normal(jax.random.key(13), (64, DIM)))
+    x, inter = sde_samplers.dpm_solver_2s_sample(eps_model, sched, x_T.shape, None, x_T=x_T,
+                                                 clip_denoised=False,
+                                                 return_intermediates=True)
+    expected = _dpm_solver_2s_np(x_T, abar, orders)
+    np.testing.assert_allclose(x, expected, rtol=1e-4, atol=1e-4)
+    if nfe % 2:
+        # The first-order step last (the authors' order) lands far from it.
+        other = _dpm_solver_2s_np(x_T, abar, orders[::-1])
+        assert np.abs(other - expected).max() > 0.1
+        # The state after the first row is DDIM's step from step N - 1 to N - 2.
+        x1, d1 = (np.asarray(inter[k][0], np.float64) for k in ('x_t', 'pred_x0'))
+        lam = 0.5 * (np.log(abar) - np.log1p(-abar))
+        a, b = num_steps - 1, num_steps - 2
+        ddim = (np.sqrt((1 - abar[b]) / (1 - abar[a])) * x1
+                - np.sqrt(abar[b]) * np.expm1(-(lam[b] - lam[a])) * d1)
+        np.testing.assert_allclose(inter['x_t'][1], ddim, rtol=1e-5, atol=1e-5)
 
 
 def test_vp_view_of_an_eps_model_gives_the_ddim_trajectory():
@@ -431,6 +510,190 @@ def test_vp_view_samplers_with_the_registry_signature():
         eps_model, sched, (2000, DIM), r, **common))(jax.random.key(12))
     assert int(nfe) == 2 * T
     assert_data_moments(x, 0.15)
+
+
+def _np_gauss_denoiser(y, sigma):
+    return MU + S ** 2 / (S ** 2 + sigma ** 2) * (y - MU)
+
+
+def _edm_sampler_np(denoise, y0, t_steps, round_sigma, zs, s_churn, s_tmin, s_tmax,
+                    s_noise):
+    """NVlabs/edm generate.py's `edm_sampler` loop in float64: t_steps [N + 1] already
+    rounded (ending with 0), t_hat = round_sigma(t_cur + gamma t_cur), the noise
+    sqrt(t_hat^2 - t_cur^2) S_noise zs[i] (clamped at 0, which EDM's rounding never
+    needs: it does not go below t_cur), Heun while i < N - 1. Returns the sample and
+    the [N, 2] (t_cur, t_hat) of each step."""
+    num_steps = len(t_steps) - 1
+    x_next = np.asarray(y0, np.float64)
+    hats = []
+    for i in range(num_steps):
+        t_cur, t_next = float(t_steps[i]), float(t_steps[i + 1])
+        x_cur = x_next
+        gamma = min(s_churn / num_steps, np.sqrt(2) - 1) if s_tmin <= t_cur <= s_tmax else 0
+        t_hat = round_sigma(t_cur + gamma * t_cur)
+        x_hat = x_cur + np.sqrt(max(t_hat ** 2 - t_cur ** 2, 0.0)) * s_noise * zs[i]
+        d_cur = (x_hat - denoise(x_hat, t_hat)) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+        if i < num_steps - 1:
+            d_prime = (x_next - denoise(x_next, t_next)) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+        hats.append((t_cur, t_hat))
+    return x_next, np.asarray(hats)
+
+
+def _edm_round_sigma_np(levels):
+    """iDDPMPrecond.round_sigma: the nearest of the float32 levels, searched in decreasing
+    order (EDM's u), so a tie goes to the larger level."""
+    u = np.sort(np.asarray(levels, np.float32))[::-1]
+    return lambda s: float(u[np.argmin(np.abs(np.float32(s) - u))])
+
+
+def _karras_noise(noise_rng, num_steps, shape):
+    """The z of each step of karras_sample(rng=noise_rng): split, then fold_in(., i)."""
+    _, rng = jax.random.split(noise_rng)
+    return np.stack([np.asarray(jax.random.normal(jax.random.fold_in(rng, i), shape),
+                                np.float64) for i in range(num_steps)])
+
+
+# gamma = 0.5 / 10 on sigma in [0.005, 50]: the first step (80.3) has none, the last
+# (0.01, levels ~40 % apart) rounds back to itself (no noise), the others go up a level.
+_CHURN = dict(s_churn=0.5, s_tmin=0.005, s_tmax=50.0, s_noise=1.007)
+
+
+def test_make_round_sigma_is_the_nearest_level_in_absolute_distance():
+    sched = schedules.make_schedule('linear', T)
+    levels = np.asarray(sde_samplers.vp_sigmas(sched))
+    x = np.exp(np.random.RandomState(1).uniform(np.log(levels[0]), np.log(levels[-1]), 500))
+    lo, hi = levels[:5].astype(np.float64), levels[1:6].astype(np.float64)
+    mid = 0.5 * (lo + hi)  # Between the log and the linear midpoint: log rounds up.
+    x = np.concatenate([x, levels[:5], 0.999 * mid, 1.001 * mid,
+                        0.5 * (np.sqrt(lo * hi) + mid), [0.0]]).astype(np.float32)
+    got = np.asarray(sde_samplers.make_round_sigma(sched)(jnp.asarray(x)))
+    near = _edm_round_sigma_np(levels)
+    np.testing.assert_array_equal(got, [near(v) if v > 0 else 0.0 for v in x])
+    assert np.all(np.isin(got[:-1], levels)) and got[-1] == 0.0
+    # Not the nearest in log (snap_sigmas): they differ near the small levels' midpoints.
+    assert np.any(got != np.asarray(sde_samplers.snap_sigmas(jnp.asarray(x), sched)))
+    assert sde_samplers.make_round_sigma(sched)(jnp.ones((2, 3))).shape == (2, 3)
+    # Exact float32 ties between two levels go to the larger one (EDM's argmin over u).
+    lo, hi = levels[:-1], levels[1:]
+    mid = (0.5 * (lo.astype(np.float64) + hi)).astype(np.float32)
+    tie = np.abs(mid - lo) == np.abs(hi - mid)
+    assert tie.sum() > 10
+    got = np.asarray(sde_samplers.make_round_sigma(sched)(jnp.asarray(mid[tie])))
+    np.testing.assert_array_equal(got, hi[tie])
+
+
+def test_karras_round_sigma_is_edm_sampler_in_float64():
+    """karras_sample with EDM's rounded schedule and `round_sigma` is edm_sampler with
+    iDDPMPrecond's rounding, on the exact denoiser of the Gaussian data."""
+    sched = schedules.make_schedule('linear', T)
+    levels = np.asarray(sde_samplers.vp_sigmas(sched))
+    rounder = sde_samplers.make_round_sigma(sched)
+    sigmas = sde_samplers.karras_sigmas(10, float(levels[0]), 80.0)
+    rounded = jnp.append(rounder(sigmas[:-1]), 0.0)
+    near = _edm_round_sigma_np(levels)
+    np.testing.assert_array_equal(rounded[:-1], [near(v) for v in np.asarray(sigmas[:-1])])
+    rng = jax.random.key(14)
+    y0 = np.asarray(float(rounded[0]) * jax.random.normal(jax.random.key(15), (64, DIM)))
+    out = sde_samplers.karras_sample(_gauss_denoiser, rounded, y0.shape, rng, x_init=y0,
+                                     round_sigma=rounder, **_CHURN)
+    assert int(out.nfe) == 19
+    expected, hats = _edm_sampler_np(_np_gauss_denoiser, y0, np.asarray(rounded, np.float64),
+                                     near, _karras_noise(rng, 10, y0.shape), **_CHURN)
+    np.testing.assert_allclose(out.samples, expected, rtol=1e-5, atol=1e-5)
+    # The case mix of _CHURN: no churn, churn onto the next level, churn rounded away.
+    assert hats[0, 1] == hats[0, 0] and np.all(hats[1:-1, 1] > hats[1:-1, 0])
+    assert hats[-1, 1] == hats[-1, 0]
+    # Unrounded churn differs by more than the tolerance.
+    plain = sde_samplers.karras_sample(_gauss_denoiser, rounded, y0.shape, rng, x_init=y0,
+                                       **_CHURN)
+    assert np.abs(np.asarray(plain.samples) - expected).max() > 1e-2
+
+
+def test_karras_round_sigma_below_sigma_adds_no_noise():
+    """A rounding below sigma_i gives sqrt(max(sigma_hat^2 - sigma_i^2, 0)) = 0, no NaN."""
+    sigmas = sde_samplers.karras_sigmas(6)
+    y0 = np.asarray(80.0 * jax.random.normal(jax.random.key(16), (8, DIM)))
+    down = lambda s: 0.8 * s  # noqa: E731  sigma (1 + 1/6) 0.8 < sigma.
+    out = sde_samplers.karras_sample(_gauss_denoiser, sigmas, y0.shape, jax.random.key(17),
+                                     x_init=y0, s_churn=1.0, round_sigma=down)
+    zeros = np.zeros((6,) + y0.shape)
+    expected, hats = _edm_sampler_np(_np_gauss_denoiser, y0, np.asarray(sigmas, np.float64),
+                                     down, zeros, s_churn=1.0, s_tmin=0.0, s_tmax=np.inf,
+                                     s_noise=1.0)
+    assert np.all(hats[:, 1] < hats[:, 0])
+    assert np.all(np.isfinite(out.samples))
+    np.testing.assert_allclose(out.samples, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_vp_heun_round_sigma_is_edm_sampler_for_a_discrete_model():
+    """vp_heun_sample(round_sigma=True, sigma_max=80) on the exact eps model of the
+    Gaussian data is edm_sampler(sigma_max=80) with round_sigma over the model's levels."""
+    sched = schedules.make_schedule('linear', T)
+    levels = np.asarray(sde_samplers.vp_sigmas(sched))
+    x_T = np.asarray(jax.random.normal(jax.random.key(18), (64, DIM)))
+    rng = jax.random.key(19)
+    x, nfe = sde_samplers.vp_heun_sample(
+        eps_model, sched, x_T.shape, rng, x_T=x_T, clip_denoised=False, num_steps=10,
+        sigma_max=80.0, round_sigma=True, return_nfe=True, **_CHURN)
+    assert int(nfe) == 19
+    # EDM: sigma_min = max(0.002, 0.01), sigma_max = min(80, 157.4), float64 steps.
+    i = np.arange(10) / 9
+    t_steps = (80.0 ** (1 / 7) + i * (float(levels[0]) ** (1 / 7) - 80.0 ** (1 / 7))) ** 7
+    near = _edm_round_sigma_np(levels)
+    t_steps = np.append([near(t) for t in t_steps], 0.0)
+    y0 = x_T * np.sqrt(1 + t_steps[0] ** 2)  # x_T is x_vp = y / sqrt(1 + sigma^2).
+    zs = _karras_noise(jax.random.split(rng)[1], 10, x_T.shape)
+    expected, _ = _edm_sampler_np(_np_gauss_denoiser, y0, t_steps, near, zs, **_CHURN)
+    np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_vp_heun_round_sigma_evaluates_the_model_only_at_its_levels(monkeypatch):
+    sched = schedules.make_schedule('linear', T)
+    levels = np.asarray(sde_samplers.vp_sigmas(sched))
+    seen = []
+    make_denoiser = sde_lib.denoiser_from_score
+
+    def recording(view, score):
+        denoise = make_denoiser(view, score)
+
+        def recorded(y, sigma):
+            jax.debug.callback(lambda s: seen.append(np.asarray(s)), sigma)
+            return denoise(y, sigma)
+        return recorded
+
+    monkeypatch.setattr(sde_lib, 'denoiser_from_score', recording)
+    for round_sigma in (True, False):
+        seen.clear()
+        _, nfe = sde_samplers.vp_heun_sample(
+            eps_model, sched, (4, DIM), jax.random.key(20), clip_denoised=False,
+            num_steps=10, round_sigma=round_sigma, return_nfe=True, **_CHURN)
+        jax.effects_barrier()
+        assert len(seen) == int(nfe) == 19
+        on_ladder = np.isin(np.concatenate(seen), levels)
+        assert on_ladder.all() if round_sigma else on_ladder.mean() < 0.5, round_sigma
+
+
+def test_vp_heun_without_round_sigma_is_unchanged():
+    """round_sigma=False (the default) is karras_sample on the unrounded schedule with the
+    VP view's denoiser, bit for bit, churn included."""
+    sched = schedules.make_schedule('linear', T)
+    x_T = np.asarray(jax.random.normal(jax.random.key(21), (8, DIM)))
+    rng = jax.random.key(22)
+    run = lambda **kw: np.asarray(sde_samplers.vp_heun_sample(  # noqa: E731
+        eps_model, sched, x_T.shape, rng, x_T=x_T, clip_denoised=False, num_steps=10,
+        **_CHURN, **kw))
+    view, score = sde_lib.make_vp_score_fn(eps_model, sched, clip_denoised=False)
+    levels = sde_samplers._vp_sigmas_np(sched)  # float64, as vp_heun_sample.
+    sigmas = sde_samplers.karras_sigmas(10, float(levels[0]), float(levels[-1]))
+    ref = sde_samplers.karras_sample(
+        sde_lib.denoiser_from_score(view, score), sigmas, x_T.shape,
+        jax.random.split(rng)[1], x_init=x_T * jnp.sqrt(1.0 + jnp.square(sigmas[0])),
+        **_CHURN)
+    np.testing.assert_array_equal(run(), ref.samples)
+    np.testing.assert_array_equal(run(round_sigma=False), ref.samples)
+    assert np.abs(run(round_sigma=True) - run()).max() > 1e-3
 
 
 # ---------------------------------------------------------------------------

@@ -268,6 +268,10 @@ class ScoreTask(base.SingleModelTask):
         if s.classifier_scale != 0:
             raise ValueError(f'sample.classifier_scale={s.classifier_scale}: task=\'score\' '
                              'has no classifier guidance; set it to 0.')
+        if s.heun_round_sigma:
+            raise ValueError('sample.heun_round_sigma=True rounds sigmas to a discrete '
+                             "model's trained levels; task='score' is continuous in t "
+                             '(EDM rounds only for iDDPMPrecond): set it to False.')
         if s.respacing:
             raise ValueError(f'sample.respacing={s.respacing!r}: task=\'score\' samples its '
                              'SDE (steps: sde.num_scales for pc / sde, sample.num_steps for '
