@@ -215,6 +215,8 @@ def get_config() -> ml_collections.ConfigDict:
     sample.langevin_sigma_max = 0.0  # sigma_1 (0 = the model's largest sigma).
     sample.langevin_sigma_min = 0.0  # sigma_L (0 = the model's smallest sigma).
     sample.langevin_denoise = False  # A final Tweedie step x + sigma_L^2 s (NCSNv2).
+    sample.langevin_init = 'prior'  # Start: 'prior' (sigma_1 N(0, I), score_sde) or
+    #                                 'uniform' (U(-1, 1) over the data, NCSN's code).
     sample.clip_denoised = True  # Clip predicted x_0 to [-1, 1].
     sample.ema_decay = -1.0  # EMA copy to sample from (-1 = the first in optim.ema_decays).
     sample.guidance_scale = 1.0  # Classifier-free scale (1 = plain conditional).

@@ -12,7 +12,8 @@ digits (9.6; Technique 1); sigma_L = 0.01; geometric ratio gamma = (10 / 0.01)^(
 Phi(sqrt(2D)(gamma - 1) - 3 gamma) = 0.5 for D = 64 (1.36), hence L = 24. Sampling
 (Technique 4): T = 5 steps per level with the step size eps = 2.37e-5 that brings
 NCSNv2's Eq. 4 closest to 1 (`sde_samplers.ncsnv2_step_size(1.35, 0.01, 5)`), and the
-final denoising step: 24 x 5 + 1 = 121 model evaluations. The network, optimiser,
+final denoising step: 24 x 5 + 1 = 121 model evaluations, from NCSN's uniform start
+(`sample.langevin_init='uniform'`, U(-1, 1)). The network, optimiser,
 labels and guidance are the quick start's (configs/digits.py: width-32 UNet, 1,500
 steps of 128, class-conditional with label dropout, guidance scale 2), conditioned on
 an embedding of log sigma (`score_matching.noise_label`) with s = output / sigma. The
@@ -28,7 +29,7 @@ Measured on a 2-core CPU shared with other jobs (2026-11-29, jax 0.10.2): 39 s t
 compile the step, 2.2-4.3 steps/s, 9 min 38 s wall time for the whole command; the grid
 shows the requested digits. `--mode=fid` (1,000 samples, the bundled digits network
 against the 297 held-out digits): Frechet distance 11.1 with annealed Langevin dynamics
-(T = 5, 121 NFE; label accuracy 99.7%), 12.6 (T = 20, 481 NFE; 100%), 15.5 (Heun, 18
+(T = 5, 121 NFE; label accuracy 99.7%; the same from the VE prior), 12.6 (T = 20, 481 NFE; 100%), 15.5 (Heun, 18
 steps, 35 NFE), but 32.7 (PC, 48 NFE) and 47.3 (reverse-time SDE, 24 NFE): one
 reverse step per level of a ladder this coarse is too few.
 """
@@ -57,6 +58,7 @@ def get_config():
     sample.langevin_steps_per_level = 5  # T.
     sample.langevin_step_size = 2.37e-5  # NCSNv2 Technique 4 for gamma 1.35, T = 5.
     sample.langevin_denoise = True
+    sample.langevin_init = 'uniform'  # NCSN's and NCSNv2's start, U(-1, 1) over the data.
     sample.pc_snr = 0.16  # score_sde's VE PC setting.
     sample.num_steps = 18  # 'heun'.
 

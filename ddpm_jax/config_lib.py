@@ -247,6 +247,7 @@ def _validate_langevin(config: ml_collections.ConfigDict) -> None:
     s = config.sample
     check(s.langevin_step_size > 0,
           f'sample.langevin_step_size={s.langevin_step_size} must be > 0.')
+    check_choice('sample.langevin_init', s.langevin_init, sde_samplers.LANGEVIN_INITS)
     check(isinstance(s.langevin_steps_per_level, int) and s.langevin_steps_per_level >= 1,
           f'sample.langevin_steps_per_level={s.langevin_steps_per_level!r} must be an int '
           '>= 1.')

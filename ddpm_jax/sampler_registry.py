@@ -90,6 +90,7 @@ OPTION_FIELDS: Mapping[str, tuple[str, type]] = {
     'langevin_sigma_max': ('sample.langevin_sigma_max', float),
     'langevin_sigma_min': ('sample.langevin_sigma_min', float),
     'final_denoise': ('sample.langevin_denoise', bool),
+    'langevin_init': ('sample.langevin_init', str),
 }
 
 # Samplers that pick their own times on the model's full training schedule (the VP

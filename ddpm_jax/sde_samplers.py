@@ -101,6 +101,11 @@ def _init(shape, rng, x_init, scale: float, name: str, needs_noise: bool):
     return x_init.astype(jnp.float32), noise_rng
 
 
+def _uniform_start(rng: Array, shape) -> Array:
+    """U(-1, 1) from the key `_init` draws its normal start from (split(rng)[0])."""
+    return jax.random.uniform(jax.random.split(rng)[0], tuple(shape), jnp.float32, -1.0, 1.0)
+
+
 def _batch(v, x):
     return jnp.broadcast_to(jnp.asarray(v, jnp.float32), (x.shape[0],))
 
@@ -175,10 +180,14 @@ def ncsnv2_step_size(gamma: float, sigma_last: float, steps_per_level: int) -> f
     return float(0.5 * (lo + hi) * sigma_last ** 2)
 
 
+# Where annealed Langevin dynamics starts (`sample.langevin_init`).
+LANGEVIN_INITS = ('prior', 'uniform')
+
+
 def annealed_langevin_sample(score_fn: ScoreFn, sigmas, shape: Sequence[int],
                              rng: Array, *, step_size: float = 2e-5,
                              steps_per_level: int = 100, x_init: Optional[Array] = None,
-                             denoise: bool = False) -> SampleOutput:
+                             denoise: bool = False, init: str = 'prior') -> SampleOutput:
     """Annealed Langevin dynamics (Song & Ermon 2019, Alg. 1; NCSNv2's Alg. 1).
 
     For each noise level sigma_i of sigma_1 > ... > sigma_L, with
@@ -200,11 +209,12 @@ def annealed_langevin_sample(score_fn: ScoreFn, sigmas, shape: Sequence[int],
         rng: `jax.random.key`.
         step_size: eps > 0 (NCSN: 2e-5; `ncsnv2_step_size` gives NCSNv2's choice).
         steps_per_level: T >= 1 (NCSN: 100).
-        x_init: start; default sigma_1 N(0, I) (the VE prior, as score_sde's 'ald'
-            corrector starts). NCSN's and NCSNv2's code start from uniform noise
-            instead (`torch.rand`, U[0, 1] in their data range; for data in [-1, 1]
-            pass `2 * jax.random.uniform(key, shape) - 1`).
+        x_init: start; default drawn as `init` says.
         denoise: Add the final Tweedie step.
+        init: The default start: 'prior', sigma_1 N(0, I) (the VE prior, as score_sde's
+            'ald' corrector starts), or 'uniform', U(-1, 1): NCSN's and NCSNv2's code
+            (`torch.rand`, U[0, 1) in their data range, which NCSNv2's
+            `data_transform` rescales to [-1, 1) for rescaled data as ours).
 
     Returns:
         `SampleOutput`, nfe = L T (+ 1).
@@ -218,8 +228,12 @@ def annealed_langevin_sample(score_fn: ScoreFn, sigmas, shape: Sequence[int],
     if sigmas.ndim != 1 or sigmas.shape[0] < 1:
         raise ValueError(f'sigmas must be a non-empty 1-D array, got shape {sigmas.shape}.')
     num_levels = sigmas.shape[0]
+    if init not in LANGEVIN_INITS:
+        raise ValueError(f'init must be one of {LANGEVIN_INITS}, got {init!r}.')
     x, noise_rng = _init(shape, rng, x_init, 1.0, 'annealed_langevin_sample', True)
-    if x_init is None:
+    if x_init is None and init == 'uniform':
+        x = _uniform_start(rng, x.shape)
+    elif x_init is None:
         x = x * sigmas[0]
     sigma_last = sigmas[-1]
 
@@ -242,7 +256,7 @@ def sde_langevin_sample(sde, score_fn: ScoreFn, shape: Sequence[int], rng: Array
                         sigma_max: float, sigma_min: float, num_levels: int,
                         step_size: float = 2e-5, steps_per_level: int = 100,
                         denoise: bool = False,
-                        x_init: Optional[Array] = None) -> SampleOutput:
+                        x_init: Optional[Array] = None, init: str = 'prior') -> SampleOutput:
     """Annealed Langevin dynamics on any SDE's model, in the VE variables y = x / alpha.
 
     The levels are NCSN's geometric sequence from sigma_max down to sigma_min
@@ -260,7 +274,8 @@ def sde_langevin_sample(sde, score_fn: ScoreFn, shape: Sequence[int], rng: Array
         sigma_max, sigma_min: The first and last level, within the SDE's range.
         num_levels: L >= 2.
         step_size, steps_per_level, denoise: As `annealed_langevin_sample`.
-        x_init: Start y; default sigma_max N(0, I).
+        x_init: Start y; default by `init`: 'prior' sigma_max N(0, I), 'uniform'
+            U(-1, 1) (NCSN's; see `annealed_langevin_sample`).
 
     Returns:
         `SampleOutput`, nfe = L T (+ 1).
@@ -273,7 +288,7 @@ def sde_langevin_sample(sde, score_fn: ScoreFn, shape: Sequence[int], rng: Array
     return annealed_langevin_sample(sde_lib.sigma_score_from_score(sde, score_fn), sigmas,
                                     shape, rng, step_size=step_size,
                                     steps_per_level=steps_per_level, x_init=x_init,
-                                    denoise=denoise)
+                                    denoise=denoise, init=init)
 
 
 # ---------------------------------------------------------------------------
@@ -1046,14 +1061,15 @@ def vp_langevin_sample(model_fn, sched: Schedule, shape: Sequence[int], rng: Arr
                        step_size: float = 2e-5, steps_per_level: int = 100,
                        num_levels: int = 10, langevin_sigma_max: float = 0.0,
                        langevin_sigma_min: float = 0.0, final_denoise: bool = False,
-                       return_nfe: bool = False):
+                       langevin_init: str = 'prior', return_nfe: bool = False):
     """Annealed Langevin dynamics (NCSN) for a discrete-time model, registry signature.
 
     Through the VP view the model is a VE one in y = x / sqrt(abar), sigma =
     sqrt((1 - abar) / abar) (`sde_langevin_sample`): L = `num_levels` geometric levels
     from `langevin_sigma_max` down to `langevin_sigma_min` (0: the schedule's largest /
     smallest sigma), each evaluated at the nearest trained step. x_T ~ N(0, I) is the
-    standard draw the start y = sigma_1 x_T is made of. NFE = L T (+ 1 with
+    standard draw the start y = sigma_1 x_T is made of (`langevin_init='prior'`); with
+    'uniform' the start is U(-1, 1), as NCSN's code (then x_T must be None). NFE = L T (+ 1 with
     `final_denoise`). Pick the levels: a cosine schedule's largest sigma is ~20,000, and
     NCSNv2 (Technique 1) starts at about the largest distance between training images.
 
@@ -1068,15 +1084,22 @@ def vp_langevin_sample(model_fn, sched: Schedule, shape: Sequence[int], rng: Arr
         denoised_fn=denoised_fn, model_kwargs=model_kwargs, cond_fn=cond_fn,
         classifier_scale=classifier_scale, return_intermediates=return_intermediates,
         name='vp_langevin_sample')
+    if langevin_init not in LANGEVIN_INITS:
+        raise ValueError(f'vp_langevin_sample: langevin_init must be one of '
+                         f'{LANGEVIN_INITS}, got {langevin_init!r}.')
+    if langevin_init == 'uniform' and x_T is not None:
+        raise ValueError("vp_langevin_sample: x_T is the normal draw of the 'prior' start; "
+                         "langevin_init='uniform' draws its own.")
     x_T, noise_rng = samplers._initial_state(shape, rng, x_T, needs_noise=True,
                                              name='vp_langevin_sample')
     ladder = _vp_sigmas_np(sched)
     hi, lo = langevin_sigma_range(float(ladder[-1]), float(ladder[0]), langevin_sigma_max,
                                   langevin_sigma_min)
+    y_init = _uniform_start(rng, shape) if langevin_init == 'uniform' else hi * x_T
     out = sde_langevin_sample(view, score, shape, noise_rng, sigma_max=hi, sigma_min=lo,
                               num_levels=num_levels, step_size=step_size,
                               steps_per_level=steps_per_level, denoise=final_denoise,
-                              x_init=hi * x_T)
+                              x_init=y_init)
     return (out.samples, out.nfe) if return_nfe else out.samples
 
 
@@ -1125,6 +1148,6 @@ SDE_SAMPLERS = {
     'langevin': samplers.SamplerSpec(
         vp_langevin_sample,
         ('step_size', 'steps_per_level', 'num_levels', 'langevin_sigma_max',
-         'langevin_sigma_min', 'final_denoise'),
+         'langevin_sigma_min', 'final_denoise', 'langevin_init'),
         "annealed Langevin dynamics, NCSN (Song & Ermon 2019), L T NFE"),
 }

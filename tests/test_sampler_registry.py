@@ -55,7 +55,8 @@ def test_registry_holds_every_sampler_with_its_config_fields():
         'num_steps': 18, 's_churn': 0.0, 'sigma_max': 0.0, 'round_sigma': False}
     assert sampler_registry.sampler_options(config, 'langevin') == {
         'step_size': 2e-5, 'steps_per_level': 100, 'num_levels': 10,
-        'langevin_sigma_max': 0.0, 'langevin_sigma_min': 0.0, 'final_denoise': False}
+        'langevin_sigma_max': 0.0, 'langevin_sigma_min': 0.0, 'final_denoise': False,
+        'langevin_init': 'prior'}
 
 
 @pytest.mark.parametrize('name', [
@@ -93,6 +94,7 @@ def test_each_sampler_samples_through_sample_mode_and_reports_its_nfe(checkpoint
     ('sample.heun_sigma_max', -80.0, r'sample.heun_sigma_max=-80.0 must be >= 0'),
     ('sample.langevin_step_size', -1.0, r'sample.langevin_step_size=-1.0 must be > 0'),
     ('sample.langevin_steps_per_level', 0, r'sample.langevin_steps_per_level=0 must be'),
+    ('sample.langevin_init', 'zeros', r"sample.langevin_init='zeros'.*'prior', 'uniform'"),
     ('sample.langevin_num_levels', 0, r"langevin_num_levels=0 .*is for task='score'"),
     ('sample.langevin_sigma_max', 1e6, r'sample.langevin_sigma_max=1000000.0 is outside'),
     ('sample.langevin_sigma_min', 1e-9, r'sample.langevin_sigma_min=1e-09 is outside'),

@@ -247,6 +247,19 @@ def test_langevin_samples_a_discrete_ncsn_model(small_config, tmp_path):
     # The Langevin levels are the model's: t(sigma_i) = i / (N - 1) exactly.
     t = sde_lib.t_of_sigma(sde, sde_lib.ncsn_sigmas(hi, lo, num_levels))
     np.testing.assert_allclose(np.asarray(t) * 3, [3, 2, 1, 0], atol=1e-4)
+    # sample.langevin_init: with a negligible step the samples are the start, sigma_1 N(0, I)
+    # (the VE prior) or NCSN's U(-1, 1).
+    config.sample.langevin_step_size = 1e-14
+    config.sample.langevin_denoise = False
+    starts = {}
+    for init in ('prior', 'uniform'):
+        config.sample.langevin_init = init
+        x, _ = score_task._run_sampler(  # noqa: SLF001
+            config, sde, lambda x, t: jnp.zeros_like(x), (256, 8, 8, 1), jax.random.key(0),
+            (hi, lo, num_levels))
+        starts[init] = np.asarray(x)
+    assert abs(starts['prior'].std() - 10.0) < 0.3
+    assert np.abs(starts['uniform']).max() <= 1.001 and abs(starts['uniform'].var() - 1 / 3) < 0.01
 
 
 @pytest.mark.parametrize('field, value, match', [

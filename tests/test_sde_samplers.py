@@ -156,12 +156,13 @@ def test_pc_corrector_only_is_worse_than_pc():
     assert np.min(np.var(np.asarray(out.samples), 0) / S ** 2) > 2.0
 
 
-def _langevin_law(sigmas, step, per_level, denoise=False):
+def _langevin_law(sigmas, step, per_level, denoise=False, start_var=None):
     """Mean and variance per dimension of annealed Langevin dynamics on N(MU, S^2) data
-    with the exact score, from x ~ sigma_1 N(0, I): each step is linear,
-    x' = MU + c (x - MU) + sqrt(2 a) z with c = 1 - a / (S^2 + sigma^2), float64."""
+    with the exact score, from x of mean 0 and variance `start_var` (default sigma_1^2,
+    the prior): each step is linear, x' = MU + c (x - MU) + sqrt(2 a) z with
+    c = 1 - a / (S^2 + sigma^2), float64."""
     sig = np.asarray(sigmas, np.float32).astype(np.float64)
-    m, v = np.zeros(DIM), np.full(DIM, sig[0] ** 2)
+    m, v = np.zeros(DIM), np.full(DIM, sig[0] ** 2 if start_var is None else start_var)
     for s in sig:
         a = step * (s / sig[-1]) ** 2
         c = 1 - a / (S ** 2 + s ** 2)
@@ -200,6 +201,27 @@ def test_annealed_langevin_matches_its_exact_law_and_the_data(denoise):
     assert abs(np.mean(v_half / v) - 1) > pooled_tol
     np.testing.assert_allclose(v / S ** 2, 1.0, atol=0.05)
     np.testing.assert_allclose(m, MU, atol=0.01)
+
+
+def test_annealed_langevin_uniform_start_is_ncsns():
+    """init='uniform' starts from U(-1, 1) (NCSN's torch.rand over the data range): a
+    short run's law is the one from variance 1/3, not from the prior's sigma_1^2 = 4;
+    with a negligible step the samples are the start itself."""
+    sigmas = sde_lib.ncsn_sigmas(2.0, 1.0, 2)
+    n = 8000
+    run = lambda step, init: sde_samplers.annealed_langevin_sample(  # noqa: E731
+        _gauss_sigma_score, sigmas, (n, DIM), jax.random.key(6), step_size=step,
+        steps_per_level=2, init=init).samples
+    x = np.asarray(run(0.05, 'uniform'), np.float64)
+    m, v = _langevin_law(sigmas, 0.05, 2, start_var=1 / 3)
+    _, v_prior = _langevin_law(sigmas, 0.05, 2)
+    assert np.mean(v_prior / v) > 1.5
+    np.testing.assert_allclose(np.mean(x.var(0) / v), 1.0, atol=4 * np.sqrt(2 / (n * DIM)))
+    np.testing.assert_array_less(np.abs(x.mean(0) - m), 5 * np.sqrt(v / n))
+    start = np.asarray(run(1e-14, 'uniform'))
+    assert np.abs(start).max() <= 1.0 + 1e-5 and abs(start.var() - 1 / 3) < 0.01
+    with pytest.raises(ValueError, match='init must be one of'):
+        run(0.05, 'zeros')
 
 
 def test_langevin_step_sizes_by_hand():
@@ -789,6 +811,14 @@ def test_vp_langevin_of_an_exact_discrete_model_reaches_the_data():
         steps_per_level=100, clip_denoised=False, return_nfe=True))(jax.random.key(8))
     assert int(nfe) == 1000
     assert_data_moments(x, 0.15)
+    # NCSN's uniform start reaches the data as well.
+    x = jax.jit(lambda r: sde_samplers.vp_langevin_sample(
+        eps_model, sched, (n, DIM), r, langevin_sigma_max=1.0, num_levels=10,
+        steps_per_level=100, clip_denoised=False, langevin_init='uniform'))(jax.random.key(8))
+    assert_data_moments(x, 0.15)
+    with pytest.raises(ValueError, match="langevin_init='uniform' draws its own"):
+        sde_samplers.vp_langevin_sample(eps_model, sched, (2, DIM), jax.random.key(0),
+                                        x_T=jnp.zeros((2, DIM)), langevin_init='uniform')
     with pytest.raises(ValueError, match='sigma_max=300 is outside'):
         sde_samplers.vp_langevin_sample(eps_model, sched, (2, DIM), jax.random.key(0),
                                         langevin_sigma_max=300.0)

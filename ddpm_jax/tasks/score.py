@@ -122,12 +122,13 @@ def _run_sampler(config, sde, score_fn, shape, rng, constants=None):
             sde, score_fn, shape, rng, num_steps=int(c.num_scales), eps=eps,
             predictor=s.predictor, corrector='langevin' if s.sampler == 'pc' else 'none',
             snr=float(s.pc_snr))
-    elif s.sampler == 'langevin':  # In y = x / alpha, from sigma_1 N(0, I).
+    elif s.sampler == 'langevin':  # In y = x / alpha, from sigma_1 N(0, I) or U(-1, 1).
         hi, lo, num_levels = constants
         out = sde_samplers.sde_langevin_sample(
             sde, score_fn, shape, rng, sigma_max=hi, sigma_min=lo, num_levels=num_levels,
             step_size=float(s.langevin_step_size),
-            steps_per_level=int(s.langevin_steps_per_level), denoise=bool(s.langevin_denoise))
+            steps_per_level=int(s.langevin_steps_per_level), denoise=bool(s.langevin_denoise),
+            init=s.langevin_init)
     else:  # 'heun' in Karras et al.'s variables y = x / alpha, from a prior draw.
         sigmas, y_std = constants
         init_rng, noise_rng = jax.random.split(rng)
