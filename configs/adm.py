@@ -38,6 +38,7 @@ def get_adm_config() -> ml_collections.ConfigDict:
     model.use_scale_shift_norm = True
     model.num_classes = 1000
     model.learn_sigma = True
+    model.bias_init = 'torch'  # PyTorch's uniform biases, as guided-diffusion's start.
     model.dtype = 'bfloat16'
 
     diffusion = config.diffusion

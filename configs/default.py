@@ -45,6 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = model = ml_collections.ConfigDict()
     model.name = 'unet'  # Network (ddpm_jax.models.MODELS): 'unet' or 'classifier'.
     model.variant = 'adm'  # 'ddpm' (Ho et al. 2020) or 'adm' (Dhariwal & Nichol 2021).
+    model.bias_init = 'zeros'  # Biases start at 'zeros' or 'torch' (PyTorch's U(+-1/sqrt(
+    #                            fan_in)) beside non-zero kernels, as ADM / Improved DDPM).
     model.base_channels = 32  # Channels at the first resolution.
     model.channel_mult = (1, 2)  # Channel multiplier per resolution level.
     model.num_res_blocks = 1  # Residual blocks per resolution level.

@@ -40,6 +40,7 @@ def get_config():
     model.resblock_updown = True
     model.use_scale_shift_norm = True
     model.num_classes = 1000
+    model.bias_init = 'torch'  # PyTorch's uniform biases, as guided-diffusion's start.
     model.dtype = 'bfloat16'
 
     config.diffusion.schedule = 'cosine'  # The noise of the model it guides.

@@ -40,6 +40,7 @@ def get_config():
     config.latent.cache = 'autoencoder_workdir'
 
     m = config.model
+    m.bias_init = 'torch'  # PyTorch's uniform biases, as LDM's UNet starts.
     m.variant = 'adm'
     m.base_channels = 224
     m.channel_mult = (1, 2, 3, 4)

@@ -63,8 +63,9 @@ STRUCTURAL_FIELDS = (
     'optim.optimizer',
     'optim.ema_decays',
 )
-# Model fields that only change how the same parameters are computed with.
-COMPUTE_ONLY_FIELDS = ('model.dtype', 'model.remat', 'model.remat_policy', 'model.dropout')
+# Model fields that only change how the same parameters are computed with (or start).
+COMPUTE_ONLY_FIELDS = ('model.dtype', 'model.remat', 'model.remat_policy', 'model.dropout',
+                       'model.bias_init')
 
 
 class CheckpointMismatchError(ValueError):

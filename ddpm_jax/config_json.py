@@ -76,6 +76,7 @@ def upgrade_json_dict(saved: Mapping[str, Any]) -> dict:
     model.setdefault('timestep_scale', 1.0)
     model.setdefault('low_res_size', 0)
     model.setdefault('remat_policy', 'full')  # Added with the remat policies.
+    model.setdefault('bias_init', 'zeros')  # Added with PyTorch's bias initialisation.
     for name, value in (('context_encoder', 'none'), ('context_dim', 0),
                         ('context_layers', 1), ('context_vocab_size', 0)):
         model.setdefault(name, value)  # Added with cross-attention (latent diffusion).

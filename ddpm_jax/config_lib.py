@@ -34,6 +34,7 @@ from ddpm_jax import tasks
 from ddpm_jax import timestep_sampling
 from ddpm_jax import models
 from ddpm_jax.models import inception
+from ddpm_jax.models import layers
 from ddpm_jax.models import unet
 
 MODES = ('train', 'sample', 'eval', 'fid')
@@ -123,6 +124,7 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
     check_choice('model.name', m.name, tuple(models.MODELS))
     check_choice('model.dtype', m.dtype, MODEL_DTYPES)
     check_choice('model.remat_policy', m.remat_policy, unet.REMAT_POLICIES)
+    check_choice('model.bias_init', m.bias_init, layers.BIAS_INITS)
     check(m.num_classes >= 0, f'model.num_classes={m.num_classes} must be >= 0.')
     check(0.0 <= m.class_dropout_prob < 1.0,
           f'model.class_dropout_prob={m.class_dropout_prob} must be in [0, 1).')

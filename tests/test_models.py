@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from configs import default
-from ddpm_jax import models
+from ddpm_jax import checkpointing, config_lib, models, tasks
 from ddpm_jax.models import layers
 
 IMAGE_SIZE = 8
@@ -534,3 +535,61 @@ def test_module_constructed_directly_is_validated():
     with pytest.raises(ValueError, match=r'model\.num_groups'):
         _trace(model, jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32), None)
     assert isinstance(model, nn.Module)
+
+
+def test_torch_default_biases_are_pytorchs_uniform():
+    """Every bias beside a non-zero kernel ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with
+    fan_in = kh kw C_in (conv) or C_in (dense), as nn.Conv2d / nn.Linear start; biases of
+    zero kernels, norm offsets and everything else unchanged."""
+    rng = np.random.default_rng(0)
+    params = {
+        'conv': {'kernel': jnp.asarray(rng.normal(size=(3, 3, 16, 4096)), jnp.float32),
+                 'bias': jnp.zeros(4096)},
+        'dense': {'kernel': jnp.ones((64, 4096)), 'bias': jnp.zeros(4096)},
+        'out': {'kernel': jnp.zeros((3, 3, 8, 3)), 'bias': jnp.zeros(3)},
+        'norm': {'scale': jnp.ones(8), 'bias': jnp.zeros(8)},
+        'embed': {'embedding': jnp.ones((10, 8))},
+    }
+    out = layers.torch_default_biases(params, jax.random.key(0))
+    for name, fan_in in (('conv', 144), ('dense', 64)):
+        b = np.asarray(out[name]['bias'], np.float64)
+        bound = 1 / np.sqrt(fan_in)
+        assert np.abs(b).max() <= bound and np.abs(b).max() > 0.99 * bound
+        # U(-a, a): mean 0, variance a^2 / 3 (4096 draws: 4 standard errors).
+        assert abs(b.mean()) < 4 * bound / np.sqrt(3 * 4096)
+        np.testing.assert_allclose(b.var() * 3 / bound ** 2, 1.0, atol=4 * np.sqrt(0.8 / 4096))
+        np.testing.assert_array_equal(out[name]['kernel'], params[name]['kernel'])
+    assert not np.array_equal(out['conv']['bias'][:64], out['dense']['bias'][:64])
+    for name in ('out', 'norm', 'embed'):
+        chex.assert_trees_all_equal(out[name], params[name])
+    chex.assert_trees_all_equal(out, layers.torch_default_biases(params, jax.random.key(0)))
+
+
+def test_bias_init_torch_through_the_task(tiny_config):
+    """model.bias_init='torch': the same kernels as 'zeros', the biases of non-zero layers
+    drawn, those of the zero-initialised layers (residual ends, attention output, the
+    output convolution) still zero, so every block still starts as the identity."""
+    zeros = tasks.create_task(tiny_config).init_params(jax.random.key(0))['model']
+    tiny_config.model.bias_init = 'torch'
+    config_lib.validate(tiny_config, mode='train', num_devices=1)
+    torch = tasks.create_task(tiny_config).init_params(jax.random.key(0))['model']
+    flat_z, flat_t = (traverse_util.flatten_dict(p, sep='/') for p in (zeros, torch))
+    assert flat_z.keys() == flat_t.keys()
+    drawn = 0
+    for path, value in flat_z.items():
+        if path.endswith('/bias') and path[:-4] + 'kernel' in flat_z:
+            if np.any(flat_z[path[:-4] + 'kernel']):
+                assert np.all(np.asarray(value) == 0) and np.any(flat_t[path]), path
+                drawn += 1
+            else:
+                np.testing.assert_array_equal(flat_t[path], 0.0)
+        else:
+            np.testing.assert_array_equal(flat_t[path], value)
+    assert drawn > 10
+    # Resuming with the other initialisation is allowed: only the start differs.
+    saved = config_lib.to_json_dict(tiny_config)
+    tiny_config.model.bias_init = 'zeros'
+    checkpointing.check_config_compatible(saved, tiny_config)
+    tiny_config.model.bias_init = 'uniform'
+    with pytest.raises(ValueError, match=r"model.bias_init='uniform'.*'zeros', 'torch'"):
+        config_lib.validate(tiny_config, mode='train', num_devices=1)

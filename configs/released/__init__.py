@@ -75,6 +75,7 @@ def adm_classifier(image_size: int, channel_mult: tuple, depth: int = 2,
     model.num_classes = 1000
     model.pool = 'attention'
     model.legacy_qkv_order = True
+    model.bias_init = 'torch'  # PyTorch's uniform biases (for training from scratch).
 
     config.diffusion.schedule = schedule
 
@@ -121,6 +122,7 @@ def adm_upsampler(large_size: int, small_size: int) -> ml_collections.ConfigDict
     model.num_classes = 1000
     model.learn_sigma = True
     model.legacy_qkv_order = True
+    model.bias_init = 'torch'  # PyTorch's uniform biases (for training from scratch).
     model.low_res_size = small_size
 
     diffusion = config.diffusion
@@ -164,6 +166,7 @@ def iddpm(image_size: int, channel_mult: tuple, dropout: float) -> ml_collection
     model.use_scale_shift_norm = True
     model.learn_sigma = True
     model.legacy_qkv_order = True
+    model.bias_init = 'torch'  # PyTorch's uniform biases (for training from scratch).
 
     diffusion = config.diffusion
     diffusion.num_timesteps = 4000

@@ -17,7 +17,8 @@ Two variants share these blocks and differ only where the papers differ:
   [cos, sin] with frequencies exp(-log(10000) k / (d/2)); one fused qkv projection
   and several heads (num_heads, or num_head_channels per head); GroupNorm epsilon
   1e-5; PyTorch's default fan-in uniform initialisation of the weights (biases
-  start at zero, where PyTorch draws them from the same uniform); symmetric padding.
+  start at zero, or, with `model.bias_init='torch'`, from the same uniform as
+  PyTorch's: `torch_default_biases`); symmetric padding.
 
 Both zero-initialise the last convolution of every residual branch and the
 attention output projection, so every block starts as the identity.
@@ -30,8 +31,10 @@ from __future__ import annotations
 
 import functools
 import math
+import zlib
 from typing import Any, Sequence
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -89,6 +92,39 @@ def timestep_embedding(t: jax.Array, dim: int, variant: str = 'adm',
     if dim % 2:
         emb = jnp.pad(emb, ((0, 0), (0, 1)))
     return emb
+
+
+BIAS_INITS = ('zeros', 'torch')  # model.bias_init
+
+
+def torch_default_biases(params: Any, rng: jax.Array) -> Any:
+    """PyTorch's default bias initialisation on a parameter tree: every 'bias' beside a
+    'kernel' that is not all zeros drawn from U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in
+    the kernel's input size (all but its last axis: kh kw C_in for a convolution, C_in
+    for a dense layer), as `nn.Conv2d` / `nn.Linear`'s `reset_parameters` leave them in
+    ADM's and Improved DDPM's networks. Biases beside a zero kernel (the zero-initialised
+    layers, `zero_module` in the references, which zeroes both) stay zero; the kernels
+    and every other parameter are returned as they are. Each bias draws from `rng`
+    folded with a hash of its path, so the result does not depend on the tree's order.
+
+    Args:
+        params: A Flax parameter tree.
+        rng: A `jax.random` key.
+
+    Returns:
+        The tree with those biases redrawn (same structure, shapes and dtypes).
+    """
+    flat = flax.traverse_util.flatten_dict(params)
+    out = dict(flat)
+    for path, bias in flat.items():
+        kernel = flat.get(path[:-1] + ('kernel',))
+        if path[-1] != 'bias' or kernel is None:
+            continue
+        bound = 1.0 / math.sqrt(math.prod(kernel.shape[:-1]))
+        key = jax.random.fold_in(rng, zlib.crc32('/'.join(map(str, path)).encode()))
+        drawn = jax.random.uniform(key, bias.shape, jnp.float32, -bound, bound)
+        out[path] = jnp.where(jnp.any(kernel != 0), drawn, bias).astype(bias.dtype)
+    return flax.traverse_util.unflatten_dict(out)
 
 
 def default_init(variant: str) -> nn.initializers.Initializer:

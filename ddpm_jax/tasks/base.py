@@ -31,6 +31,7 @@ import ml_collections
 from ddpm_jax import schedules
 from ddpm_jax import state as state_lib
 from ddpm_jax.models import create_model, example_inputs
+from ddpm_jax.models import layers
 
 Examples = dict[str, jax.Array]
 
@@ -158,9 +159,18 @@ class SingleModelTask(Task):
         self.sched = schedules.make_schedule(d.schedule, d.num_timesteps)
 
     def init_params(self, rng: jax.Array) -> dict[str, Any]:
-        x, t, kwargs = example_inputs(self.model, self.config.data.image_size,
-                                      self.config.data.channels)
+        return {'model': self.init_model(rng, self.config.data.image_size,
+                                         self.config.data.channels)}
+
+    def init_model(self, rng: jax.Array, image_size: int, channels: int) -> Any:
+        """The network's parameters for `image_size` x `channels` inputs; with
+        `model.bias_init='torch'` its biases as PyTorch starts them
+        (`layers.torch_default_biases`)."""
+        x, t, kwargs = example_inputs(self.model, image_size, channels)
         params_rng, dropout_rng = jax.random.split(rng)
         variables = self.model.init({'params': params_rng, 'dropout': dropout_rng}, x, t,
                                     **kwargs, train=False)
-        return {'model': variables['params']}
+        params = variables['params']
+        if self.config.model.bias_init == 'torch':
+            params = layers.torch_default_biases(params, jax.random.fold_in(params_rng, 1))
+        return params

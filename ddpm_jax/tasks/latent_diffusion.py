@@ -45,7 +45,7 @@ from ddpm_jax import parallel
 from ddpm_jax import schedules
 from ddpm_jax import state as state_lib
 from ddpm_jax.models import autoencoder as ae_lib
-from ddpm_jax.models import conditioning, create_model, example_inputs
+from ddpm_jax.models import conditioning, create_model
 from ddpm_jax.tasks import base
 from ddpm_jax.tasks import diffusion as diffusion_task
 from ddpm_jax.tasks.autoencoder import AutoencoderTask, create_autoencoder
@@ -196,11 +196,7 @@ class LatentDiffusionTask(diffusion_task.DiffusionTask):
                 raise ValueError(message)
 
     def init_params(self, rng: jax.Array) -> dict[str, Any]:
-        x, t, kwargs = example_inputs(self.model, self.latent_shape[0], self.latent_shape[2])
-        params_rng, dropout_rng = jax.random.split(rng)
-        variables = self.model.init({'params': params_rng, 'dropout': dropout_rng}, x, t,
-                                    **kwargs, train=False)
-        return {'model': variables['params']}
+        return {'model': self.init_model(rng, self.latent_shape[0], self.latent_shape[2])}
 
     def init_task_state(self) -> dict[str, Any]:
         """{'scale_factor': the config's, or 0 until the first step measures it,
