@@ -39,6 +39,7 @@ def get_config():
 
     a = config.autoencoder
     a.kind = 'kl'
+    a.init = 'torch'  # LDM's PyTorch-default initialisation.
     a.base_channels = 128
     a.channel_mult = (1, 2, 4)
     a.num_res_blocks = 2

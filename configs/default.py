@@ -147,6 +147,8 @@ def get_config() -> ml_collections.ConfigDict:
     #                               with vgg16_weights_path: the perceptual term; '' = none.
     ae.vgg16_weights_path = ''  # torchvision's VGG16 (vgg16-397923af.pth): LPIPS backbone.
     ae.perceptual_weight = 1.0  # Weight of the LPIPS term (LDM: 1.0) when both are given.
+    ae.init = 'ddpm'  # 'ddpm' (fan_avg kernels, zero biases and attention outputs) or
+    #                   'torch' (LDM's: PyTorch's U(+-1/sqrt(fan_in)) on every layer).
 
     # --- latent diffusion (task='latent_diffusion'; Rombach et al. 2022) -------------
     config.latent = latent = ml_collections.ConfigDict()

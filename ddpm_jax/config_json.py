@@ -89,6 +89,7 @@ def upgrade_json_dict(saved: Mapping[str, Any]) -> dict:
         saved['latent'].setdefault('cache', 'none')
     if 'autoencoder' in saved:  # Added with the LPIPS term (lpips_weights_path was unused).
         saved['autoencoder'].setdefault('vgg16_weights_path', '')
+        saved['autoencoder'].setdefault('init', 'ddpm')  # Added with LDM's initialisation.
     return saved
 
 

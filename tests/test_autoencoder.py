@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from ddpm_jax import autoencoder_losses as ae_losses
 from ddpm_jax import checkpointing, config_lib, parallel, tasks, train
@@ -236,6 +237,43 @@ def test_codebook_init_is_tamings_symmetric_uniform():
     assert abs(np.mean(book < 0) - 0.5) < 0.02
 
 
+def test_torch_init_is_ldms_pytorch_defaults(tiny_config):
+    """autoencoder.init='torch': every autoencoder kernel and bias in U(+-1/sqrt(fan_in))
+    (attention output projections too, not zero), norms and the codebook as before; the
+    discriminator keeps its N(0, 0.02) kernels and draws its biases at that bound."""
+    config = ae_config(tiny_config, kind='vq')
+    ddpm = tasks.create_task(config).init_params(jax.random.key(0))
+    config.autoencoder.init = 'torch'
+    tasks.TASKS['autoencoder'].validate_config(config)
+    torch = tasks.create_task(config).init_params(jax.random.key(0))
+    flat_d, flat_t = (traverse_util.flatten_dict(p['autoencoder'], sep='/')
+                      for p in (ddpm, torch))
+    proj_outs = 0
+    for path, value in flat_t.items():
+        name = path.rsplit('/', 1)[-1]
+        if name in ('kernel', 'bias') and path.rsplit('/', 1)[0] + '/kernel' in flat_t:
+            kernel = flat_t[path.rsplit('/', 1)[0] + '/kernel']
+            bound = 1 / np.sqrt(np.prod(kernel.shape[:-1]))
+            v = np.abs(np.asarray(value))
+            assert v.max() <= bound and (v.size < 8 or v.max() > 0.5 * bound), path
+            assert not np.array_equal(value, flat_d[path]), path
+            proj_outs += 'proj_out' in path and name == 'kernel'
+        else:
+            np.testing.assert_array_equal(value, flat_d[path])  # Norms, the codebook.
+    assert proj_outs >= 2  # The encoder's and decoder's mid attention.
+    big = max((v for p, v in flat_t.items() if p.endswith('kernel')), key=np.size)
+    bound = 1 / np.sqrt(np.prod(big.shape[:-1]))
+    np.testing.assert_allclose(np.var(np.asarray(big, np.float64)) * 3 / bound ** 2, 1.0,
+                               atol=6 * np.sqrt(0.8 / big.size))
+    disc_d, disc_t = (traverse_util.flatten_dict(p['discriminator'], sep='/')
+                      for p in (ddpm, torch))
+    biases = [p for p in disc_t if p.endswith('bias') and p[:-4] + 'kernel' in disc_t]
+    assert biases and all(np.any(disc_t[p]) and not np.any(disc_d[p]) for p in biases)
+    for path in disc_t:
+        if path not in biases:
+            np.testing.assert_array_equal(disc_t[path], disc_d[path])
+
+
 def test_reconstruction_reductions_against_numpy():
     """'sum' (LDM's KL loss) and 'mean' (taming's VQ loss) over pixels, with LPIPS."""
     rng = np.random.default_rng(0)
@@ -355,7 +393,8 @@ def test_config_rules(tiny_config, tmp_path):
     for field, value, match in (('kind', 'gumbel', 'autoencoder.kind'),
                                 ('disc_num_layers', 3, 'autoencoder.disc_num_layers'),
                                 ('channel_mult', (1, 1, 1, 1, 1), 'downsampling factor'),
-                                ('kl_weight', -1.0, 'autoencoder.kl_weight')):
+                                ('kl_weight', -1.0, 'autoencoder.kl_weight'),
+                                ('init', 'kaiming', r"autoencoder.init='kaiming'")):
         bad = ml_collections.ConfigDict(config.to_dict())
         bad.autoencoder[field] = value
         with pytest.raises(ValueError, match=match):

@@ -20,20 +20,21 @@ batch and need a mutable collection; group statistics do neither.
 Layers are `ddpm_jax.models.layers`' 'ddpm' variant (TensorFlow-style padding of
 the stride-2 convolution = taming's (0, 1) pad, GroupNorm epsilon 1e-6 as taming).
 
-The autoencoder's departures from LDM's PyTorch modules are in the initialisation
-(the same architecture and parameters; training starts from a different point):
+Initialisation (`autoencoder.init`; the same architecture and parameters either way):
 
-* convolutions and attention projections draw DDPM's Glorot-uniform ("fan_avg",
-  variance scaling 1.0) kernels with zero biases; LDM keeps PyTorch's defaults
-  (kaiming_uniform(a=sqrt(5)) kernels, i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)), and
-  biases of the same bound);
-* every attention block's output projection `proj_out` starts at zero (the block
-  starts as the identity; LDM's AttnBlock draws it like any other convolution).
+* 'ddpm' (the default, the digits configs): convolutions and attention projections
+  draw DDPM's Glorot-uniform ("fan_avg", variance scaling 1.0) kernels with zero
+  biases, and every attention block's output projection `proj_out` starts at zero
+  (the block starts as the identity);
+* 'torch' (autoencoder_kl_f4 / vq_f4): LDM's, i.e. PyTorch's defaults on every layer
+  (`layers.torch_default_init`: kaiming_uniform(a=sqrt(5)) kernels, i.e.
+  U(-1/sqrt(fan_in), 1/sqrt(fan_in)), biases of the same bound, `proj_out` drawn like
+  any other convolution), and the discriminator's biases at that bound too.
 
 The VQ codebook is drawn from U(-1/K, 1/K) as taming's `VectorQuantizer2`
 (`embedding.weight.data.uniform_(-1.0 / n_e, 1.0 / n_e)`); the discriminator's
 N(0, 0.02) convolution kernels are taming's `weights_init` (its biases start at
-zero, PyTorch's at U(-1/sqrt(fan_in), 1/sqrt(fan_in))).
+zero under 'ddpm'; PyTorch's, and 'torch', at U(-1/sqrt(fan_in), 1/sqrt(fan_in))).
 """
 
 from typing import Any, Sequence
@@ -46,6 +47,7 @@ from ddpm_jax import autoencoder_losses
 from ddpm_jax.models import layers
 
 KINDS = ('kl', 'vq')
+INITS = ('ddpm', 'torch')  # autoencoder.init (the module docstring).
 _VARIANT = 'ddpm'
 
 

@@ -114,16 +114,40 @@ def torch_default_biases(params: Any, rng: jax.Array) -> Any:
     Returns:
         The tree with those biases redrawn (same structure, shapes and dtypes).
     """
+    return _torch_uniform(params, rng, kernels=False)
+
+
+def torch_default_init(params: Any, rng: jax.Array) -> Any:
+    """PyTorch's default initialisation of every layer of a parameter tree, as modules
+    that never zero a layer start (taming's and LDM's autoencoder): each 'kernel' and
+    the 'bias' beside it drawn from U(-1/sqrt(fan_in), 1/sqrt(fan_in)), whatever they
+    were (`kaiming_uniform_(a=sqrt(5))` is that bound for the weights, and the bias
+    uses it too); every other parameter (norms, codebooks, embeddings) as it is.
+
+    Args, Returns: as `torch_default_biases`.
+    """
+    return _torch_uniform(params, rng, kernels=True)
+
+
+def _torch_uniform(params: Any, rng: jax.Array, *, kernels: bool) -> Any:
     flat = flax.traverse_util.flatten_dict(params)
     out = dict(flat)
-    for path, bias in flat.items():
+
+    def draw(path, like, bound):
+        key = jax.random.fold_in(rng, zlib.crc32('/'.join(map(str, path)).encode()))
+        return jax.random.uniform(key, like.shape, jnp.float32, -bound, bound).astype(like.dtype)
+
+    for path, value in flat.items():
+        if path[-1] not in ('kernel', 'bias'):
+            continue
         kernel = flat.get(path[:-1] + ('kernel',))
-        if path[-1] != 'bias' or kernel is None:
+        if kernel is None:
             continue
         bound = 1.0 / math.sqrt(math.prod(kernel.shape[:-1]))
-        key = jax.random.fold_in(rng, zlib.crc32('/'.join(map(str, path)).encode()))
-        drawn = jax.random.uniform(key, bias.shape, jnp.float32, -bound, bound)
-        out[path] = jnp.where(jnp.any(kernel != 0), drawn, bias).astype(bias.dtype)
+        if kernels:
+            out[path] = draw(path, value, bound)
+        elif path[-1] == 'bias':
+            out[path] = jnp.where(jnp.any(kernel != 0), draw(path, value, bound), value)
     return flax.traverse_util.unflatten_dict(out)
 
 

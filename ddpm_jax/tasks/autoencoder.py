@@ -47,6 +47,7 @@ from ddpm_jax import autoencoder_losses as ae_losses
 from ddpm_jax import parallel
 from ddpm_jax import state as state_lib
 from ddpm_jax.models import autoencoder as ae_lib
+from ddpm_jax.models import layers
 from ddpm_jax.models import lpips as lpips_lib
 from ddpm_jax.tasks import base
 
@@ -147,6 +148,8 @@ class AutoencoderTask(base.Task):
              f'discriminator channels {chans}.'),
             (a.perceptual_weight >= 0,
              f'autoencoder.perceptual_weight={a.perceptual_weight} must be >= 0.'),
+            (a.init in ae_lib.INITS, f'autoencoder.init={a.init!r} is not valid; choose one '
+                                     f'of {ae_lib.INITS}.'),
         ]
         for ok, message in checks:
             if not ok:
@@ -176,6 +179,9 @@ class AutoencoderTask(base.Task):
         x = jnp.zeros((1, size, size, channels), jnp.float32)
         ae = self.autoencoder.init(a_rng, x)['params']
         disc = self.discriminator.init(d_rng, x)['params']
+        if self.config.autoencoder.init == 'torch':  # LDM's (taming's) PyTorch defaults.
+            ae = layers.torch_default_init(ae, jax.random.fold_in(a_rng, 1))
+            disc = layers.torch_default_biases(disc, jax.random.fold_in(d_rng, 1))
         return {'autoencoder': ae, 'discriminator': disc}
 
     def create_optimizers(self) -> dict[str, state_lib.Optimizer]:
