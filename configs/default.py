@@ -265,5 +265,7 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.fid_reference_split = 'train'  # Split the reference statistics come from.
     evaluation.fid_reference_num_images = 50_000  # Images of that split used (at most).
     evaluation.fid_samples = ''  # Score this samples .npz instead of sampling the model.
+    evaluation.is_split_size = 0  # Inception Score over 10 equal splits (0), or chunks of
+    #                               this many (the ADM evaluator: 5000; equal at 50k).
 
     return config

@@ -301,6 +301,8 @@ def _validate_fid(config: ml_collections.ConfigDict, num_devices: int, *,
     check_global_batch('eval.fid_batch_size', e.fid_batch_size, num_devices=num_devices)
     check(e.fid_reference_num_images >= 2,
           f'eval.fid_reference_num_images={e.fid_reference_num_images} must be >= 2.')
+    check(e.is_split_size >= 0, f'eval.is_split_size={e.is_split_size} must be >= 0 '
+                                '(0 = 10 equal splits).')
     if e.metrics_network == 'inception':
         inception.resolve_inception_path(e.inception_path)  # A missing file stops here.
     else:

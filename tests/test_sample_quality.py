@@ -240,3 +240,29 @@ def test_inception_labels_in_imagenet_order(fid_config, tmp_path, monkeypatch, n
     out = sample_quality.FeatureExtractor(fid_config, mesh)(
         parallel.shard_host_array(images, mesh))
     assert 'predicted_label' not in out
+
+
+def test_inception_score_splits_equal_or_adms_chunks():
+    """eval.is_split_size: 0 -> 10 equal splits; 5000 -> the ADM evaluator's chunks of
+    5,000 (the last shorter), which differ below 50,000 samples."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(12_000, 8)) * 3
+    stats = {'mu': np.zeros(2), 'sigma': np.eye(2), 'logits': logits}
+    ref = {'mu': np.zeros(2), 'sigma': np.eye(2)}
+
+    def split_scores(bounds):
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        out = []
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            part = p[lo:hi]
+            out.append(np.exp(np.mean(np.sum(part * (np.log(part) - np.log(part.mean(0))), 1))))
+        return np.mean(out), np.std(out)
+
+    ten = sample_quality.score(stats, ref)
+    adm = sample_quality.score(stats, ref, is_split_size=5000)
+    np.testing.assert_allclose([ten['inception_score'], ten['inception_score_std']],
+                               split_scores(np.arange(0, 12_001, 1200)), rtol=1e-10)
+    np.testing.assert_allclose([adm['inception_score'], adm['inception_score_std']],
+                               split_scores([0, 5000, 10_000, 12_000]), rtol=1e-10)
+    assert abs(adm['inception_score_std'] - ten['inception_score_std']) > 1e-3
