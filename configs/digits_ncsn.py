@@ -29,8 +29,8 @@ Measured on a 2-core CPU shared with other jobs (2026-11-29, jax 0.10.2): 39 s t
 compile the step, 2.2-4.3 steps/s, 9 min 38 s wall time for the whole command; the grid
 shows the requested digits. `--mode=fid` (1,000 samples, the bundled digits network
 against the 297 held-out digits): Frechet distance 11.1 with annealed Langevin dynamics
-(T = 5, 121 NFE; label accuracy 99.7%; the same from the VE prior), 12.6 (T = 20, 481 NFE; 100%), 15.5 (Heun, 18
-steps, 35 NFE), but 32.7 (PC, 48 NFE) and 47.3 (reverse-time SDE, 24 NFE): one
+(T = 5, 121 NFE; label accuracy 99.7%; the same from the VE prior), 12.6 (T = 20, 481
+NFE; 100%), 15.5 (Heun, 18 steps, 35 NFE), but 32.7 (PC, 48 NFE) and 47.3 (reverse-time SDE, 24 NFE): one
 reverse step per level of a ladder this coarse is too few.
 """
 

@@ -9,7 +9,8 @@ attention pooling to 1000 logits. Trained on x_t from the ImageNet 64 model's
 cosine schedule with AdamW (lr 3e-4 annealed linearly to 0, weight decay 0.05),
 batch 256, 300k steps (the released guided-diffusion classifier flags), on
 guided-diffusion's random crops (`data.random_crop`: the short side resized to
-64-80 pixels, a random 64x64 square). Point sample.classifier_workdir of configs/imagenet64.py at this run's workdir.
+64-80 pixels, a random 64x64 square). Point sample.classifier_workdir of
+configs/imagenet64.py at this run's workdir.
 """
 
 from configs import default

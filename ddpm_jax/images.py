@@ -16,7 +16,8 @@ import numpy as np
 import PIL.Image
 from etils import epath
 
-__all__ = ['QUANTIZE_MODES', 'to_uint8', 'upscale_factor', 'make_grid', 'save_png', 'save_npz', 'grid_columns']
+__all__ = ['QUANTIZE_MODES', 'to_uint8', 'upscale_factor', 'make_grid', 'save_png', 'save_npz',
+           'grid_columns']
 
 
 # How samples in [-1, 1] become 8-bit pixels (`sample.quantize`).

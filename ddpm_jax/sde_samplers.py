@@ -869,8 +869,9 @@ def dpm_solver_2s_sample(model_fn, sched: Schedule, shape: Sequence[int],
     grids ('ddimN') the last gap is the longest in log-SNR, and a first-order step
     there costs accuracy (Gaussian data, 'ddim20' on the linear schedule, max error of
     the flow map 0.069 with it first, 0.121 last; 2M 0.106, DDIM 0.168), so samples
-    differ from theirs at even N. The last call returns x0_hat at step 0 (as 2M). N model calls for N steps, so a
-    2S run at N steps costs what 2M costs at N, with about N/2 solver steps.
+    differ from theirs at even N. The last call returns x0_hat at step 0 (as 2M). N
+    model calls for N steps, so a 2S run at N steps costs what 2M costs at N, with about
+    N/2 solver steps.
 
     Args, Returns, Raises: as `dpm_solver_3m_sample` (no `lower_order_final`).
     """
