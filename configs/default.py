@@ -258,6 +258,8 @@ def get_config() -> ml_collections.ConfigDict:
     # --mode=fid (and train.fid_every_steps): FID, sFID, IS, precision/recall.
     evaluation.metrics_network = 'inception'  # 'inception' (FID's) or 'digits' (bundled).
     evaluation.inception_path = ''  # pt_inception-2015-12-05-6726825d.pth; '' = $DDPM_JAX_INCEPTION.
+    evaluation.inception_input = 'pytorch_fid'  # Its input resize and scaling: pytorch-fid's
+    #                                             or 'tf' (the TF graph's, ADM evaluator's).
     evaluation.fid_num_samples = 50_000  # Samples scored by --mode=fid.
     evaluation.fid_batch_size = 250  # Images per sampling / feature batch, over all devices.
     evaluation.fid_reference = ''  # Reference .npz (ours, or an ADM reference batch); '' =

@@ -303,6 +303,7 @@ def _validate_fid(config: ml_collections.ConfigDict, num_devices: int, *,
           f'eval.fid_reference_num_images={e.fid_reference_num_images} must be >= 2.')
     check(e.is_split_size >= 0, f'eval.is_split_size={e.is_split_size} must be >= 0 '
                                 '(0 = 10 equal splits).')
+    check_choice('eval.inception_input', e.inception_input, inception.INPUT_PIPELINES)
     if e.metrics_network == 'inception':
         inception.resolve_inception_path(e.inception_path)  # A missing file stops here.
     else:

@@ -89,7 +89,7 @@ class FeatureExtractor:
                                 or config.data.dataset.startswith('imagenet'))
         if self.name == 'inception':
             variables = inception.load_inception_variables(config.eval.inception_path)
-            model = inception.InceptionV3()
+            model = inception.InceptionV3(input_pipeline=config.eval.inception_input)
 
             def network(v, images):
                 out = model.apply(v, images)
@@ -298,9 +298,11 @@ def reference_statistics(config: ml_collections.ConfigDict, extractor: FeatureEx
         return load_reference_npz(e.fid_reference, extractor, e.fid_batch_size)
     name = config.data.dataset.replace('/', '_').replace(':', '_')
     resize = '' if config.data.resize == 'bicubic' else f'{config.data.resize}_'
+    network = e.metrics_network + ('_tf' if (e.metrics_network == 'inception'
+                                             and e.inception_input == 'tf') else '')
     cache = epath.Path(cache_dir) / (
         f'fid_reference_{name}_{e.fid_reference_split}_{config.data.image_size}px_{resize}'
-        f'{e.metrics_network}_{e.fid_reference_num_images}.npz')
+        f'{network}_{e.fid_reference_num_images}.npz')
     if cache.exists():
         with np.load(os.fspath(cache)) as f:
             return {k: f[k] for k in f.files}

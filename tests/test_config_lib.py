@@ -147,3 +147,9 @@ def test_a_record_of_the_previous_schema_upgrades_and_fills():
     assert _leaf_keys(filled) == _leaf_keys(current)  # ... filled from the schema,
     assert filled['sample']['heun_sigma_max'] == 80.0
     assert filled['data']['image_size'] == old['data']['image_size']  # the record's kept.
+
+
+def test_inception_input_is_checked_before_the_weights_file(tiny_config):
+    tiny_config.eval.inception_input = 'torch'
+    with pytest.raises(ValueError, match=r"eval.inception_input='torch'.*'pytorch_fid', 'tf'"):
+        config_lib.validate(tiny_config, mode='fid', num_devices=4)

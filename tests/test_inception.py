@@ -267,6 +267,36 @@ def test_resize_closed_form():
     np.testing.assert_allclose(np.asarray(down).ravel(), [(1 + 4) / 2, (25 + 36) / 2])
 
 
+def test_tf1_resize_and_the_tf_graphs_scaling_closed_form():
+    """pipeline='tf': TF1's ResizeBilinear (align_corners=False, no half-pixel offset:
+    output i samples input i * in / out) of the [0, 255] image, then (x - 128) / 128."""
+    # tf.compat.v1.image.resize_bilinear([0, 1], 4) samples 0, 0.5, 1, 1.5 -> 0, .5, 1, 1.
+    up = inception.resize_bilinear(jnp.asarray([0.0, 1.0]).reshape(1, 1, 2, 1), 1, 4,
+                                   tf1=True)
+    np.testing.assert_allclose(np.asarray(up).ravel(), [0.0, 0.5, 1.0, 1.0], atol=1e-7)
+    # Shrinking 8 -> 2 samples at 0 and 4 exactly (PyTorch's grid: 1.5 and 5.5).
+    x = np.arange(8.0) ** 2
+    down = inception.resize_bilinear(jnp.asarray(x).reshape(1, 1, 8, 1), 1, 2, tf1=True)
+    np.testing.assert_allclose(np.asarray(down).ravel(), [0.0, 16.0])
+    images = random_images((2, 20, 24, 3), seed=4)
+    got = np.asarray(inception.preprocess_images(jnp.asarray(images), pipeline='tf'))
+    xf = images.astype(np.float64)
+    for axis, size in ((2, 299), (1, 299)):  # Width, then height, as a NumPy loop.
+        n = xf.shape[axis]
+        src = np.arange(size) * n / size
+        i0 = np.floor(src).astype(int)
+        i1 = np.minimum(i0 + 1, n - 1)
+        shape = [1, 1, 1, 1]
+        shape[axis] = size
+        frac = (src - i0).reshape(shape)
+        xf = np.take(xf, i0, axis=axis) * (1 - frac) + np.take(xf, i1, axis=axis) * frac
+    np.testing.assert_allclose(got, (xf - 128) / 128, atol=2e-6)
+    pytorch = np.asarray(inception.preprocess_images(jnp.asarray(images)))
+    assert np.abs(got - pytorch).max() > 0.05
+    with pytest.raises(ValueError, match='pipeline must be one of'):
+        inception.preprocess_images(jnp.asarray(images), pipeline='torch')
+
+
 def test_preprocess_resizes_then_normalises():
     images = random_images((2, 20, 24, 3), seed=4)
     got = np.asarray(inception.preprocess_images(jnp.asarray(images)))

@@ -205,6 +205,15 @@ def test_inception_features_sharded_equal_one_device(fid_config, tmp_path, monke
     assert outputs[0]['logits'].shape == (4, 1008)
     for key in outputs[0]:
         np.testing.assert_allclose(outputs[0][key], outputs[1][key], rtol=1e-4, atol=1e-4)
+    # eval.inception_input='tf': the TF graph's resize and scaling, other features.
+    fid_config.eval.inception_input = 'tf'
+    mesh = parallel.create_mesh(jax.devices()[:1])
+    tf_out = sample_quality.FeatureExtractor(fid_config, mesh)(
+        parallel.shard_host_array(images, mesh))
+    direct = inception.InceptionV3(input_pipeline='tf').apply(
+        jax.device_put(real_loader(str(path), expected_hash_prefix=None)), images)
+    np.testing.assert_allclose(tf_out['features'], direct['pool3'], rtol=1e-4, atol=1e-4)
+    assert np.abs(tf_out['features'] - outputs[1]['features']).max() > 1e-3
 
 
 @pytest.mark.parametrize('node, label', [(449, 0), (169, 388)])  # Tench; giant panda.

@@ -19,10 +19,13 @@ Input pipeline (pytorch-fid): images in [0, 255] are scaled to [0, 1] (its
 `ToTensor`), resized to 299x299 with `F.interpolate(mode='bilinear',
 align_corners=False)` (no antialiasing, even when shrinking), and only then mapped
 to [-1, 1] by 2x - 1 (`normalize_input`). The TF graph itself differs in two small
-ways that this module does not reproduce: it resizes with TF1's ResizeBilinear
-(no half-pixel offset) and normalises by (x - 128) / 128 (see torch-fidelity's
-`feature_extractor_inceptionv3.py`). The ADM evaluator runs the TF graph, so its
-numbers differ slightly from pytorch-fid's, and so from these.
+ways: it resizes the [0, 255] images with TF1's ResizeBilinear (align_corners=False,
+no half-pixel offset: output pixel i samples the input at i * in / out) and then
+normalises by (x - 128) / 128 (its `Sub` and `Mul` after `ResizeBilinear`; see
+torch-fidelity's `feature_extractor_inceptionv3.py`). The ADM evaluator (and TTUR's
+FID code) run the TF graph; `input_pipeline='tf'` (`eval.inception_input='tf'`)
+reproduces it, so that statistics compare with theirs (e.g. an ADM reference
+batch's `mu`/`sigma`).
 
 Outputs and their TF graph names (the graph calls Mixed_5b..7c `mixed`, `mixed_1`,
 ..., `mixed_10`; within a block `conv` is the 1x1 branch and `tower`, `tower_1`,
@@ -79,6 +82,7 @@ __all__ = [
     'INPUT_SIZE', 'NUM_CLASSES', 'IMAGENET_CLASS_OUTPUTS', 'imagenet_class_logits', 'SPATIAL_CHANNELS', 'InceptionV3', 'BasicConv2d',
     'FIDInceptionA', 'InceptionB', 'FIDInceptionC', 'InceptionD', 'FIDInceptionE_1',
     'FIDInceptionE_2', 'bilinear_source_indices', 'resize_bilinear', 'preprocess_images',
+    'INPUT_PIPELINES', 'tf1_bilinear_source_indices',
     'avg_pool_exclude_pad', 'variable_shapes', 'params_from_torch_state_dict',
     'torch_state_dict_from_params', 'resolve_inception_path', 'load_inception_variables',
     'make_feature_fn',
@@ -204,8 +208,25 @@ def bilinear_source_indices(in_size: int, out_size: int
     return i0.astype(np.int32), i1.astype(np.int32), 1.0 - w1, w1
 
 
-def _resize_axis(x: Array, axis: int, out_size: int) -> Array:
-    i0, i1, w0, w1 = bilinear_source_indices(x.shape[axis], out_size)
+def tf1_bilinear_source_indices(in_size: int, out_size: int
+                                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Taps and weights of TF1's ResizeBilinear with align_corners=False and
+    half_pixel_centers=False (the FID graph's): output pixel i samples the input at
+    s = i * in_size / out_size, reading floor(s) and min(floor(s) + 1, in_size - 1)
+    with weights 1 - frac and frac (TF's legacy scaler; no antialiasing).
+
+    Returns:
+        (i0, i1, w0, w1) as `bilinear_source_indices`.
+    """
+    src = np.arange(out_size, dtype=np.float64) * (in_size / out_size)
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    w1 = src - i0
+    return i0.astype(np.int32), i1.astype(np.int32), 1.0 - w1, w1
+
+
+def _resize_axis(x: Array, axis: int, out_size: int, taps=bilinear_source_indices) -> Array:
+    i0, i1, w0, w1 = taps(x.shape[axis], out_size)
     shape = [1] * x.ndim
     shape[axis] = out_size
     w0 = jnp.asarray(w0.reshape(shape), x.dtype)
@@ -213,9 +234,11 @@ def _resize_axis(x: Array, axis: int, out_size: int) -> Array:
     return jnp.take(x, i0, axis=axis) * w0 + jnp.take(x, i1, axis=axis) * w1
 
 
-def resize_bilinear(images: Array, height: int = INPUT_SIZE, width: int = INPUT_SIZE
-                    ) -> Array:
-    """`F.interpolate(images, (height, width), mode='bilinear', align_corners=False)`.
+def resize_bilinear(images: Array, height: int = INPUT_SIZE, width: int = INPUT_SIZE,
+                    *, tf1: bool = False) -> Array:
+    """`F.interpolate(images, (height, width), mode='bilinear', align_corners=False)`,
+    or with `tf1` TF1's `tf.image.resize_bilinear` (no half-pixel offset,
+    `tf1_bilinear_source_indices`).
 
     Bilinear interpolation is separable, so the width and height passes are two
     two-tap gathers (exact, and O(output) rather than a dense resampling matmul).
@@ -224,35 +247,52 @@ def resize_bilinear(images: Array, height: int = INPUT_SIZE, width: int = INPUT_
         images: [B, H, W, C] float.
         height: output height.
         width: output width.
+        tf1: TF1's legacy sampling grid instead of PyTorch's.
 
     Returns:
         [B, height, width, C], same dtype.
     """
-    x = _resize_axis(images, 2, width)
-    return _resize_axis(x, 1, height)
+    taps = tf1_bilinear_source_indices if tf1 else bilinear_source_indices
+    x = _resize_axis(images, 2, width, taps)
+    return _resize_axis(x, 1, height, taps)
 
 
-def preprocess_images(images: Array, resize_input: bool = True) -> Array:
-    """pytorch-fid's input pipeline: [0, 255] -> [0, 1] -> resize to 299 -> [-1, 1].
+# How images reach the network: pytorch-fid's, or the TF graph's (the ADM evaluator's).
+INPUT_PIPELINES = ('pytorch_fid', 'tf')
+
+
+def preprocess_images(images: Array, resize_input: bool = True,
+                      pipeline: str = 'pytorch_fid') -> Array:
+    """pytorch-fid's input pipeline: [0, 255] -> [0, 1] -> resize to 299 -> [-1, 1];
+    or with `pipeline='tf'` the TF graph's: [0, 255] -> TF1 resize to 299 ->
+    (x - 128) / 128.
 
     Args:
         images: [B, H, W, C] uint8, or float in [0, 255]; C is 3, or 1 for grey
             images, which are repeated to RGB as PIL's convert('RGB') does.
         resize_input: resize to 299x299 (pytorch-fid's `resize_input`). FID is
             defined with it on; off only makes sense for inputs already 299x299.
+        pipeline: One of `INPUT_PIPELINES`.
 
     Returns:
         [B, 299, 299, 3] float32 in [-1, 1] (input size if resize_input is False).
 
     Raises:
-        ValueError: if images is not 4-D with 1 or 3 channels.
+        ValueError: if images is not 4-D with 1 or 3 channels, or an unknown pipeline.
     """
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError('Inception expects [B, H, W, C] images with C = 1 or 3, got shape '
                          f'{tuple(images.shape)}.')
-    x = jnp.asarray(images).astype(jnp.float32) / 255.0
+    if pipeline not in INPUT_PIPELINES:
+        raise ValueError(f'pipeline must be one of {INPUT_PIPELINES}, got {pipeline!r}.')
+    x = jnp.asarray(images).astype(jnp.float32)
     if x.shape[-1] == 1:
         x = jnp.repeat(x, 3, axis=-1)
+    if pipeline == 'tf':  # ExpandDims -> ResizeBilinear -> Sub 128 -> Mul 1/128.
+        if resize_input:
+            x = resize_bilinear(x, INPUT_SIZE, INPUT_SIZE, tf1=True)
+        return (x - 128.0) * (1.0 / 128.0)
+    x = x / 255.0
     if resize_input:
         x = resize_bilinear(x, INPUT_SIZE, INPUT_SIZE)
     # pytorch-fid normalises after resizing; both are affine, but the float32
@@ -434,10 +474,13 @@ class InceptionV3(nn.Module):
             defined with it). Off only for inputs that are already 299x299, or in
             tests that run the fully convolutional body on small images.
         precision: matmul/convolution precision (default HIGHEST, i.e. true float32).
+        input_pipeline: 'pytorch_fid' (default) or 'tf', the TF graph's resize and
+            normalisation (`preprocess_images`).
     """
 
     resize_input: bool = True
     precision: Any = DEFAULT_PRECISION
+    input_pipeline: str = 'pytorch_fid'
 
     @nn.compact
     def __call__(self, images: Array) -> dict[str, Array]:
@@ -450,7 +493,8 @@ class InceptionV3(nn.Module):
             {'pool3': [B, 2048], 'logits': [B, 1008], 'logits_unbiased': [B, 1008],
              'spatial': [B, 17, 17, 7]}, float32 (see the module docstring).
         """
-        x = preprocess_images(images, self.resize_input)  # [B, 299, 299, 3]
+        # [B, 299, 299, 3]
+        x = preprocess_images(images, self.resize_input, self.input_pipeline)
         conv = functools.partial(BasicConv2d, precision=self.precision)
         p = dict(precision=self.precision)
         x = conv(32, (3, 3), strides=(2, 2), name='Conv2d_1a_3x3')(x)  # [B, 149, 149, 32]
