@@ -152,4 +152,4 @@ def test_a_record_of_the_previous_schema_upgrades_and_fills():
 def test_inception_input_is_checked_before_the_weights_file(tiny_config):
     tiny_config.eval.inception_input = 'torch'
     with pytest.raises(ValueError, match=r"eval.inception_input='torch'.*'pytorch_fid', 'tf'"):
-        config_lib.validate(tiny_config, mode='fid', num_devices=4)
+        config_lib.validate(tiny_config, mode='fid', num_devices=1)
