@@ -34,7 +34,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ddpm_jax import models, parallel, samplers, schedules  # noqa: E402
+from ddpm_jax import models, parallel, samplers, tasks  # noqa: E402
 import common  # noqa: E402
 from common import compiled_flops, load_config, peak_flops  # noqa: E402
 
@@ -146,8 +146,7 @@ def main(argv=None) -> None:
         print(line)
 
     if args.sample_steps and is_unet:
-        sched = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps,
-                                        str(args.sample_steps))
+        sched = tasks.config_schedule(config, str(args.sample_steps))
 
         classifier, classifier_params, labels = None, None, None
         if args.classifier_config:

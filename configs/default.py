@@ -89,6 +89,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.diffusion = diffusion = ml_collections.ConfigDict()
     diffusion.num_timesteps = 1000  # T, the training timesteps.
     diffusion.schedule = 'linear'  # Beta schedule: linear, cosine, sigmoid, quadratic, vp, ...
+    diffusion.beta_start = 0.0  # First and last beta of linear, quadratic, sigmoid, ...: 0 =
+    diffusion.beta_end = 0.0  # Ho et al.'s 1e-4, 0.02 scaled by 1000 / T (LDM: 0.0015, 0.0195).
     diffusion.mean_type = 'eps'  # Model predicts 'eps', 'x0', 'xprev' or 'v'.
     diffusion.var_type = 'fixed_large'  # fixed_small, fixed_large, learned, learned_range.
     diffusion.loss_type = 'mse'  # mse, rescaled_mse (hybrid), kl, rescaled_kl.

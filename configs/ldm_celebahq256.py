@@ -7,9 +7,9 @@ channels 224 with multipliers 1, 2, 3, 4, two residual blocks per level, attenti
 latent sides 32, 16, 8 (image pixels 128, 64, 32 here), 32 channels per head; eps
 prediction, T = 1000; AdamW at 2e-6 per image of the batch of 48 (9.6e-5), 410k
 steps, EMA 0.9999; latents unscaled (a VQ first stage: scale factor 1), sampled with
-DDIM. Differs from the paper: the betas are 'quadratic' between DDPM's 1e-4 and 0.02
-(LDM squares a line from sqrt(0.0015) to sqrt(0.0195); ddpm_jax has no such schedule
-yet), the first stage has no LPIPS term, and the EMA has no warm-up: LDM's LitEma
+DDIM; LDM's betas (its 'linear': a line from sqrt(0.0015) to sqrt(0.0195), squared,
+i.e. 'quadratic' with diffusion.beta_start / beta_end = 0.0015 / 0.0195). Differs
+from the paper: the EMA has no warm-up: LDM's LitEma
 (use_ema defaults to True) decays at min(0.9999, (1 + n) / (10 + n)) after update n,
 reaching 0.9999 only at n = 89,990, while ours is 0.9999 from the first step (the
 generic EMA of ddpm_jax.state has no warm-up). From then on both follow the same
@@ -51,7 +51,8 @@ def get_config():
 
     d = config.diffusion
     d.num_timesteps = 1000
-    d.schedule = 'quadratic'
+    d.schedule = 'quadratic'  # LDM's 'linear': linspace(sqrt(start), sqrt(end), T) ** 2.
+    d.beta_start, d.beta_end = 0.0015, 0.0195
     d.mean_type = 'eps'
     d.var_type = 'fixed_small'
 

@@ -8,10 +8,9 @@ VQ-f4 autoencoder (configs/autoencoder_vq_f4.py), channels 192 with multipliers
 sides 32, 16, 8 (image pixels 128, 64, 32 here), each followed by cross-attention to
 the label's learned 512-wide embedding (one token; 1,001 rows, the last the null
 label of classifier-free guidance, dropped 10% of the time); eps prediction,
-T = 1000; AdamW at 1e-4. Differs from the paper: our cross-attention block is one
-attention layer (LDM's SpatialTransformer adds self-attention and a feed-forward
-layer), the betas are 'quadratic' between 1e-4 and 0.02 (LDM: 0.0015 to 0.0195), and
-the first stage has no LPIPS term. Batch and steps are ours (the repository's config
+T = 1000, LDM's betas ('quadratic' from 0.0015 to 0.0195); AdamW at 1e-4. Differs
+from the paper: our cross-attention block is one attention layer (LDM's
+SpatialTransformer adds self-attention and a feed-forward layer). Batch and steps are ours (the repository's config
 gives neither). As cin256-v2.yaml (use_ema: False), samples, grids and FID use the
 raw parameters: optim.ema_decays = (0.0,) keeps the one "EMA" copy equal to them
 (e <- 0 e + 1 p, exactly). UNet parameters (jax.eval_shape): 290,377,411 (the
@@ -56,7 +55,8 @@ def get_config():
 
     d = config.diffusion
     d.num_timesteps = 1000
-    d.schedule = 'quadratic'
+    d.schedule = 'quadratic'  # LDM's 'linear': linspace(sqrt(start), sqrt(end), T) ** 2.
+    d.beta_start, d.beta_end = 0.0015, 0.0195
     d.mean_type = 'eps'
     d.var_type = 'fixed_small'
 

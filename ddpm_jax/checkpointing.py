@@ -54,6 +54,8 @@ STRUCTURAL_FIELDS = (
     'model',
     'diffusion.num_timesteps',
     'diffusion.schedule',
+    'diffusion.beta_start',
+    'diffusion.beta_end',
     'diffusion.mean_type',
     'diffusion.var_type',
     'diffusion.timestep_sampling',

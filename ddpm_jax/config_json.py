@@ -56,6 +56,8 @@ def upgrade_json_dict(saved: Mapping[str, Any]) -> dict:
     d = saved.get('diffusion', {})
     if 'timestep_sampler' in d:
         d['timestep_sampling'] = d.pop('timestep_sampler')
+    d.setdefault('beta_start', 0.0)  # Added with the schedules' endpoints (0: Ho et al.'s).
+    d.setdefault('beta_end', 0.0)
     model = saved.get('model', {})
     model.setdefault('latent_dim', 0)  # Added with the DDGAN generator.
     model.setdefault('mapping_layers', 3)

@@ -146,6 +146,10 @@ def _validate_diffusion(config: ml_collections.ConfigDict) -> None:
     check_choice('diffusion.timestep_sampling', d.timestep_sampling,
                  timestep_sampling.TIMESTEP_SAMPLING)
     check(d.num_timesteps >= 1, f'diffusion.num_timesteps={d.num_timesteps} must be >= 1.')
+    try:
+        schedules.check_beta_endpoints(d.schedule, d.beta_start, d.beta_end)
+    except ValueError as e:
+        raise ValueError(f'diffusion.{e}') from None
 
 
 def _validate_optim(config: ml_collections.ConfigDict) -> None:
@@ -190,8 +194,7 @@ def _validate_sample(config: ml_collections.ConfigDict, *, for_grid: bool,
     check_choice('sample.sampler', s.sampler, tuple(sampler_registry.SAMPLERS))
     _validate_sampler_options(config)
     try:
-        schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps,
-                                s.respacing or None)
+        tasks.config_schedule(config, s.respacing)
     except ValueError as e:
         raise ValueError(f'sample.respacing={s.respacing!r}: {e}') from None
     check(s.eta >= 0, f'sample.eta={s.eta} must be >= 0.')
@@ -265,8 +268,7 @@ def _validate_langevin(config: ml_collections.ConfigDict) -> None:
           f'sample.langevin_sigma_min={s.langevin_sigma_min}.')
     if s.sampler != 'langevin' or config.task == 'score':
         return
-    sched = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps,
-                                    s.respacing or None)
+    sched = tasks.config_schedule(config, s.respacing)
     ladder = [float(v) for v in sde_samplers.vp_sigmas(sched)]
     for field in ('langevin_sigma_max', 'langevin_sigma_min'):
         value = s[field]

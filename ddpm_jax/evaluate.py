@@ -42,10 +42,10 @@ from ddpm_jax import diffusion
 from ddpm_jax import likelihood
 from ddpm_jax import ode_likelihood
 from ddpm_jax import parallel
-from ddpm_jax import schedules
 from ddpm_jax import sde as sde_lib
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.models import create_model, make_model_fn
+from ddpm_jax.tasks import base as task_base
 from ddpm_jax.tasks import score as score_task
 from ddpm_jax.tasks import super_resolution
 
@@ -73,7 +73,7 @@ def make_eval_step_fn(config: ml_collections.ConfigDict, model: nn.Module,
         'count', 'total_bpd' and 'nfe' (the ODE solver's evaluations).
     """
     d = config.diffusion
-    sched = schedules.make_schedule(d.schedule, d.num_timesteps)
+    sched = task_base.config_schedule(config)
     conditional = config.model.num_classes > 0
     batch_size = config.eval.global_batch_size
     eval_rng = config_lib.rng_for(config, 'eval')
@@ -123,7 +123,7 @@ def _make_ode_per_example_fn(config: ml_collections.ConfigDict, model: nn.Module
     if config.task == score_task.ScoreTask.name:
         sde = score_task.create_sde(config)
     else:
-        sched = schedules.make_schedule(d.schedule, d.num_timesteps)
+        sched = task_base.config_schedule(config)
         sde = sde_lib.vp_view(sched)
 
     def per_example(params, image, label, rng):

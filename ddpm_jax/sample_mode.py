@@ -69,8 +69,8 @@ def restore_classifier(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
     if c.task != 'classifier':
         raise ValueError(f'sample.classifier_workdir={workdir!r} holds a task={c.task!r} '
                          'checkpoint, not a classifier.')
-    for field in ('diffusion.num_timesteps', 'diffusion.schedule', 'data.image_size',
-                  'data.channels'):
+    for field in ('diffusion.num_timesteps', 'diffusion.schedule', 'diffusion.beta_start',
+                  'diffusion.beta_end', 'data.image_size', 'data.channels'):
         group, name = field.split('.')
         if c[group][name] != config[group][name]:
             raise ValueError(f'The classifier in sample.classifier_workdir={workdir!r} has '

@@ -20,6 +20,8 @@ import numpy as np
 
 BETA_SCHEDULES = ('linear', 'cosine', 'sigmoid', 'quadratic', 'constant', 'jsd',
                   'warmup10', 'warmup50', 'vp')
+# The schedules defined by a first and last beta (`beta_start` / `beta_end`).
+ENDPOINT_SCHEDULES = ('linear', 'sigmoid', 'quadratic', 'constant', 'warmup10', 'warmup50')
 
 # Ho et al. 2020 (Sec. 4): linear betas from 1e-4 to 0.02 for T = 1000.
 _BETA_START_1000 = 1e-4
@@ -118,13 +120,18 @@ def vp_alpha_bar(s: float) -> float:
     return math.exp(-0.5 * t * t * (VP_BETA_MAX - VP_BETA_MIN) - t * VP_BETA_MIN)
 
 
-def get_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
+def get_beta_schedule(name: str, num_timesteps: int, beta_start: float = 0.0,
+                      beta_end: float = 0.0) -> np.ndarray:
     """Returns the named beta schedule.
 
-    Schedules with endpoints (linear, quadratic, sigmoid, constant, warmup*) use Ho et
-    al.'s 1e-4 .. 0.02 scaled by 1000 / T, so that any T gives the same total noise as
-    T = 1000 (Nichol & Dhariwal 2021, Sec. 3.2 / their code); betas are then capped at
-    `MAX_BETA` = 0.999, which matters only for T <= 20 (where 0.02 * 1000 / T >= 1).
+    Schedules with endpoints (`ENDPOINT_SCHEDULES`: linear, quadratic, sigmoid,
+    constant, warmup*) run from `beta_start` to `beta_end` when both are given (> 0),
+    as they are; by default (0) from Ho et al.'s 1e-4 .. 0.02 scaled by 1000 / T, so
+    that any T gives the same total noise as T = 1000 (Nichol & Dhariwal 2021, Sec. 3.2
+    / their code). Betas are then capped at `MAX_BETA` = 0.999, which matters only for
+    T <= 20 with the defaults (where 0.02 * 1000 / T >= 1). Latent diffusion's
+    'linear' schedule is 'quadratic' from 0.0015 to 0.0195 here (LDM's
+    `make_beta_schedule`: linspace(sqrt(linear_start), sqrt(linear_end), T) ** 2).
 
     - 'linear': linspace(beta_start, beta_end, T) (Ho et al. 2020, Sec. 4).
     - 'cosine': Nichol & Dhariwal 2021, Eq. 17 with s = 0.008, betas capped at 0.999.
@@ -141,18 +148,23 @@ def get_beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
     Args:
         name: One of `BETA_SCHEDULES`.
         num_timesteps: T.
+        beta_start, beta_end: The endpoints (0 < beta_start < beta_end <= 1), or both 0
+            for the defaults above; only for `ENDPOINT_SCHEDULES`.
 
     Returns:
         float64 [T] betas in (0, 1].
 
     Raises:
-        ValueError: Unknown name or T < 1.
+        ValueError: Unknown name, T < 1, or bad endpoints.
     """
     num_timesteps = _check_num_timesteps(num_timesteps)
     if name not in BETA_SCHEDULES:
         raise ValueError(f'Unknown beta schedule {name!r}; valid: {BETA_SCHEDULES}.')
+    check_beta_endpoints(name, beta_start, beta_end)
     scale = 1000.0 / num_timesteps
     start, end = scale * _BETA_START_1000, scale * _BETA_END_1000
+    if beta_end > 0:
+        start, end = float(beta_start), float(beta_end)
     t = num_timesteps
     if name == 'linear':
         betas = np.linspace(start, end, t, dtype=np.float64)
@@ -370,14 +382,30 @@ def create_schedule(betas: np.ndarray, timesteps=None) -> Schedule:
     )
 
 
+def check_beta_endpoints(name: str, beta_start: float, beta_end: float) -> None:
+    """Raises a ValueError naming `beta_start` / `beta_end` unless both are 0 (the
+    defaults) or 0 < beta_start < beta_end <= 1 for a schedule with endpoints
+    (`ENDPOINT_SCHEDULES`; 'constant' uses beta_end only, but takes both)."""
+    if beta_start == 0 and beta_end == 0:
+        return
+    if name not in ENDPOINT_SCHEDULES:
+        raise ValueError(f'beta_start={beta_start}, beta_end={beta_end}: schedule {name!r} '
+                         f'has no endpoints (those of {ENDPOINT_SCHEDULES} do); use 0.')
+    if not 0.0 < beta_start < beta_end <= 1.0:
+        raise ValueError(f'beta_start={beta_start}, beta_end={beta_end}: need 0 < beta_start '
+                         '< beta_end <= 1, or both 0 (Ho et al.\'s, scaled by 1000 / T).')
+
+
 def make_schedule(name: str, num_timesteps: int,
-                  respacing: str | Sequence[int] | None = None) -> Schedule:
+                  respacing: str | Sequence[int] | None = None, *,
+                  beta_start: float = 0.0, beta_end: float = 0.0) -> Schedule:
     """Builds a named schedule, optionally respaced (in float64 from the original betas).
 
     Args:
         name: One of `BETA_SCHEDULES`.
         num_timesteps: T, the training timesteps.
         respacing: Anything `space_timesteps` accepts; None or "" keeps all steps.
+        beta_start, beta_end: `get_beta_schedule`'s endpoints (0: the defaults).
 
     Returns:
         The `Schedule`; its `timesteps` are the kept original timesteps.
@@ -385,7 +413,7 @@ def make_schedule(name: str, num_timesteps: int,
     Raises:
         ValueError: See `get_beta_schedule` and `space_timesteps`.
     """
-    betas = get_beta_schedule(name, num_timesteps)
+    betas = get_beta_schedule(name, num_timesteps, beta_start, beta_end)
     if respacing is None or (isinstance(respacing, str) and respacing.strip() == ''):
         return create_schedule(betas)
     new_betas, kept = respace_betas(betas, space_timesteps(num_timesteps, respacing))

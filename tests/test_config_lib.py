@@ -33,6 +33,7 @@ README = open(__file__.replace('tests/test_config_lib.py', 'README.md')).read()
     ('sample.ema_decay', 0.5, r'sample.ema_decay=0.5 is not one of optim.ema_decays'),
     ('optim.ema_decays', (1.0,), r'optim.ema_decays=\(1.0,\)'),
     ('sample.quantize', 'floor', r"sample.quantize='floor'.*'round', 'truncate'"),
+    ('diffusion.beta_end', 0.02, r'diffusion.beta_start=0.0, beta_end=0.02: need 0 <'),
 ])
 def test_train_mode_checks_name_the_field(tiny_config, field, value, match):
     """Training checks what its end-of-run sample grid will use, too."""

@@ -8,10 +8,11 @@ ADM checkpoints of Dhariwal & Nichol 2021 (guided-diffusion).
 import importlib
 
 import jax
+import numpy as np
 import pytest
 
 from configs import default
-from ddpm_jax import config_lib, models, tasks
+from ddpm_jax import checkpointing, config_lib, models, tasks
 
 CONFIGS = ('cifar10', 'celebahq256', 'imagenet64', 'imagenet128', 'imagenet256',
            'imagenet512', 'lsun_bedroom256', 'imagenet64_classifier')
@@ -261,3 +262,18 @@ def test_ddgan_parameter_counts(name):
                                                 g.disc_temb_dim, large)
     identity_skip = 0 if large else g.disc_base_channels ** 2
     assert counts[1] == reference - identity_skip
+
+
+@pytest.mark.parametrize('name', ['ldm_celebahq256', 'ldm_imagenet256'])
+def test_ldm_configs_train_on_ldms_betas(name):
+    """LDM's 'linear' betas (a line from sqrt(0.0015) to sqrt(0.0195), squared); a run
+    recorded before the endpoints existed (Ho et al.'s 'quadratic') is refused by name."""
+    config = importlib.import_module(f'configs.{name}').get_config()
+    ldm = np.linspace(0.0015 ** 0.5, 0.0195 ** 0.5, 1000) ** 2
+    np.testing.assert_allclose(np.asarray(tasks.config_schedule(config).betas), ldm,
+                               rtol=1e-6)
+    old = config_lib.to_json_dict(config)
+    del old['diffusion']['beta_start'], old['diffusion']['beta_end']
+    with pytest.raises(checkpointing.CheckpointMismatchError,
+                       match=r'diffusion.beta_end: checkpoint=0.0, config=0.0195'):
+        checkpointing.check_config_compatible(old, config)

@@ -189,3 +189,23 @@ def test_respace_composes_timestep_maps():
 def test_bad_input_raises(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_endpoints_give_latent_diffusions_schedule():
+    """LDM's 'linear' (make_beta_schedule: linspace(sqrt(0.0015), sqrt(0.0195), 1000) ** 2,
+    float64) is 'quadratic' with beta_start / beta_end; endpoints are used as given
+    (no 1000 / T scaling), and a schedule without endpoints refuses them."""
+    ldm = np.linspace(0.0015 ** 0.5, 0.0195 ** 0.5, 1000, dtype=np.float64) ** 2
+    np.testing.assert_array_equal(
+        schedules.get_beta_schedule('quadratic', 1000, 0.0015, 0.0195), ldm)
+    sched = schedules.make_schedule('quadratic', 1000, beta_start=0.0015, beta_end=0.0195)
+    np.testing.assert_allclose(np.asarray(sched.alphas_cumprod), np.cumprod(1 - ldm),
+                               rtol=1e-6)
+    np.testing.assert_array_equal(schedules.get_beta_schedule('linear', 100, 0.001, 0.01),
+                                  np.linspace(0.001, 0.01, 100))
+    assert schedules.get_beta_schedule('quadratic', 1000)[0] == pytest.approx(1e-4)
+    for name, start, end, match in (('cosine', 0.001, 0.01, "schedule 'cosine' has no"),
+                                    ('linear', 0.01, 0.001, 'need 0 < beta_start'),
+                                    ('linear', 0.0, 0.01, 'need 0 < beta_start')):
+        with pytest.raises(ValueError, match=match):
+            schedules.make_schedule(name, 10, beta_start=start, beta_end=end)

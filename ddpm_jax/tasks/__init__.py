@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import ml_collections
 
 from ddpm_jax.tasks.autoencoder import AutoencoderTask
-from ddpm_jax.tasks.base import Task
+from ddpm_jax.tasks.base import Task, config_schedule
 from ddpm_jax.tasks.classifier import ClassifierTask
 from ddpm_jax.tasks.ddgan import DDGANTask
 from ddpm_jax.tasks.diffusion import DiffusionTask
@@ -27,7 +27,8 @@ from ddpm_jax.tasks import score as _score
 from ddpm_jax.tasks.super_resolution import SuperResolutionTask
 
 __all__ = ['TASKS', 'Task', 'AutoencoderTask', 'ClassifierTask', 'DDGANTask', 'DiffusionTask',
-           'LatentDiffusionTask', 'ScoreTask', 'make_sample_fn', 'SuperResolutionTask', 'create_task']
+           'LatentDiffusionTask', 'ScoreTask', 'make_sample_fn', 'SuperResolutionTask', 'create_task',
+           'config_schedule']
 
 TASKS: Mapping[str, type[Task]] = {
     DiffusionTask.name: DiffusionTask,

@@ -29,9 +29,10 @@ The perceptual term (Zhang et al. 2018; `ddpm_jax.models.lpips`) is on when
 files and `perceptual_weight` > 0. Its parameters are constants of the jitted step,
 read once when the task is built: not trained, not in the optimiser, not in the
 checkpoint (a run can switch the term on or off when it resumes). It enters the
-adaptive weight's reconstruction loss too, as in LDM. Departures from LDM: the
-output log-variance is fixed at 0 (LDM learns it) and grey images are repeated to
-RGB for LPIPS.
+adaptive weight's reconstruction loss too, as in LDM. The output log-variance is 0,
+as LDM's: its `logvar` is an `nn.Parameter` that AutoencoderKL's optimiser leaves
+out, so it stays at `logvar_init` = 0. Departure from LDM: grey images are repeated
+to RGB for LPIPS.
 """
 
 import functools

@@ -36,6 +36,14 @@ from ddpm_jax.models import layers
 Examples = dict[str, jax.Array]
 
 
+def config_schedule(config: ml_collections.ConfigDict,
+                    respacing: str | None = None) -> schedules.Schedule:
+    """The schedule of `config.diffusion` (name, T and endpoints), optionally respaced."""
+    d = config.diffusion
+    return schedules.make_schedule(d.schedule, d.num_timesteps, respacing or None,
+                                   beta_start=d.beta_start, beta_end=d.beta_end)
+
+
 class Task:
     """Base class of a model family trained by `ddpm_jax.train`.
 
@@ -154,9 +162,8 @@ class SingleModelTask(Task):
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
-        d = config.diffusion
         self.model = create_model(config)
-        self.sched = schedules.make_schedule(d.schedule, d.num_timesteps)
+        self.sched = config_schedule(config)
 
     def init_params(self, rng: jax.Array) -> dict[str, Any]:
         return {'model': self.init_model(rng, self.config.data.image_size,

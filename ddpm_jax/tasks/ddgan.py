@@ -29,7 +29,6 @@ import ml_collections
 
 from ddpm_jax import control_flow
 from ddpm_jax import diffusion
-from ddpm_jax import schedules
 from ddpm_jax import state as state_lib
 from ddpm_jax.models import create_model, example_inputs, make_model_fn
 from ddpm_jax.models.ddgan_discriminator import DDGANDiscriminator, DISC_INITS
@@ -60,10 +59,9 @@ class DDGANTask(diffusion_task.DiffusionTask):
 
     def __init__(self, config: ml_collections.ConfigDict):
         base.Task.__init__(self, config)  # Not SingleModelTask's 'model' part.
-        d = config.diffusion
         self.model = create_model(config)  # The generator: sample mode builds it so too.
         self.discriminator = create_discriminator(config)
-        self.sched = schedules.make_schedule(d.schedule, d.num_timesteps)
+        self.sched = base.config_schedule(config)
         self.loss_aware = False
         self.conditional = config.model.num_classes > 0
 

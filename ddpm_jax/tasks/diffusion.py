@@ -38,8 +38,7 @@ from ddpm_jax.tasks import base
 
 def create_sampling_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
     """The training schedule of `config.diffusion`, respaced by `config.sample.respacing`."""
-    d = config.diffusion
-    return schedules.make_schedule(d.schedule, d.num_timesteps, config.sample.respacing or None)
+    return base.config_schedule(config, config.sample.respacing)
 
 
 def sampled_grid_fn(config: ml_collections.ConfigDict, sample_fn: Callable, part: str,

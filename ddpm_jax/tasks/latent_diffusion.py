@@ -42,7 +42,6 @@ from etils import epath
 
 from ddpm_jax import config_json
 from ddpm_jax import parallel
-from ddpm_jax import schedules
 from ddpm_jax import state as state_lib
 from ddpm_jax.models import autoencoder as ae_lib
 from ddpm_jax.models import conditioning, create_model
@@ -163,9 +162,8 @@ class LatentDiffusionTask(diffusion_task.DiffusionTask):
         self.model = create_model(lc).clone(
             context_encoder=m.context_encoder, context_dim=m.context_dim,
             context_layers=m.context_layers, context_vocab_size=m.context_vocab_size)
-        d = config.diffusion
-        self.sched = schedules.make_schedule(d.schedule, d.num_timesteps)
-        self.loss_aware = d.timestep_sampling == 'loss_aware'
+        self.sched = base.config_schedule(config)
+        self.loss_aware = config.diffusion.timestep_sampling == 'loss_aware'
         self.conditional = m.num_classes > 0
 
     @staticmethod
