@@ -120,6 +120,8 @@ def get_config() -> ml_collections.ConfigDict:
     gan.disc_downsample_first = False  # Block 0 halves it too (the paper's large D).
     gan.disc_temb_dim = 256  # Width of D's timestep embedding (DDGAN's --t_emb_dim).
     gan.disc_init = 'ddgan'  # D's initialisation: 'ddgan' (their dense_layer.py) or 'adm'.
+    gan.disc_blocks = 'ddgan'  # D's blocks: 'ddgan' (FIR (1,3,3,1) down, 1x1 skips) or
+    #                            'simple' (2x2 average, identity skips where shapes keep).
     gan.lr_generator = 1.6e-4  # Generator Adam learning rate (optim.* gives the schedule).
     gan.lr_discriminator = 1.25e-4  # Discriminator Adam learning rate.
     gan.b1 = 0.5  # Adam beta1 of both networks.

@@ -247,6 +247,9 @@ def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
 TASK_STRUCTURAL_FIELDS = {
     'score': ('sde.kind', 'sde.beta_min', 'sde.beta_max', 'sde.sigma_min', 'sde.sigma_max',
               'sde.continuous'),
+    # The discriminator's layout.
+    'ddgan': ('gan.disc_base_channels', 'gan.disc_channel_mult', 'gan.disc_downsample_first',
+              'gan.disc_temb_dim', 'gan.disc_blocks'),
 }
 
 

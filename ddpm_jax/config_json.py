@@ -42,7 +42,8 @@ def upgrade_json_dict(saved: Mapping[str, Any]) -> dict:
     `model.mapping_activation` / `model.output_tanh` ('leaky_relu' and False, what
     they were trained with; 'silu' for a non-generator, where it is unused, so that
     such records still equal today's default), `gan.disc_temb_dim` (128),
-    `gan.disc_init` ('adm') or `optim.min_learning_rate` (0).
+    `gan.disc_init` ('adm'), `gan.disc_blocks` ('simple') or `optim.min_learning_rate`
+    (0).
     Records before `data.wordnet_label_order` on `imagenet_resized` get False (TFDS's
     label order, what they trained with), others True (no effect there).
     Autoencoder records before the LPIPS term have no `autoencoder.vgg16_weights_path`
@@ -70,6 +71,7 @@ def upgrade_json_dict(saved: Mapping[str, Any]) -> dict:
     if 'gan' in saved:
         saved['gan'].setdefault('disc_temb_dim', 128)
         saved['gan'].setdefault('disc_init', 'adm')
+        saved['gan'].setdefault('disc_blocks', 'simple')  # Before the FIR / skip-conv match.
     if 'optim' in saved:
         saved['optim'].setdefault('min_learning_rate', 0.0)
     for name in ('disc_num_res_blocks', 'disc_attention_resolutions', 'disc_num_groups'):

@@ -192,7 +192,7 @@ DDGAN_RUNS = {  # (num_epoch, N, processes P, per-process batch)
 # (generator, discriminator) parameters. The generator is our UNet (no published
 # count to match); the discriminators are checked against DDGAN's own below.
 DDGAN_PARAMS = {
-    'cifar10_ddgan': (39_672_195, 12_725_249),
+    'cifar10_ddgan': (39_672_195, 12_741_633),  # D: DDGAN's Discriminator_small.
     'celebahq256_ddgan': (30_019_203, 27_737_217),
     'digits_ddgan': (810_049, 634_753),
 }
@@ -244,10 +244,9 @@ def test_ddgan_configs(name):
 
 @pytest.mark.parametrize('name', sorted(DDGAN_PARAMS))
 def test_ddgan_parameter_counts(name):
-    """Pinned counts; each discriminator equals DDGAN's (Discriminator_small with
-    nc = 2 C, ngf = disc_base_channels / 2) less the 1x1 skip of its first block,
-    where ours has an identity (models/ddgan_discriminator.py), or equals
-    Discriminator_large exactly."""
+    """Pinned counts; each discriminator equals DDGAN's exactly (Discriminator_small with
+    nc = 2 C, ngf = disc_base_channels / 2, or Discriminator_large; their blocks:
+    gan.disc_blocks='ddgan')."""
     config = load(name).get_config()
     shapes = jax.eval_shape(tasks.create_task(config).init_params, jax.random.key(0))
     counts = tuple(sum(x.size for x in jax.tree.leaves(shapes[part]))
@@ -260,8 +259,7 @@ def test_ddgan_parameter_counts(name):
     reference = _reference_discriminator_params(2 * config.data.channels,
                                                 g.disc_base_channels // 2,
                                                 g.disc_temb_dim, large)
-    identity_skip = 0 if large else g.disc_base_channels ** 2
-    assert counts[1] == reference - identity_skip
+    assert counts[1] == reference
 
 
 @pytest.mark.parametrize('name', ['ldm_celebahq256', 'ldm_imagenet256'])

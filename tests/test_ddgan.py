@@ -469,3 +469,50 @@ def test_records_of_earlier_ddgans_keep_their_networks_or_fail_loudly():
     for group, name in (('model', 'mapping_activation'), ('model', 'output_tanh')):
         del plain[group][name]
     checkpointing.check_config_compatible(plain, default.get_config())
+
+
+def test_fir_downsample_is_upfirdn2d_with_1331():
+    """downsample_2d(x, (1, 3, 3, 1), factor=2): zero-pad 1, filter with outer(k, k) / 64,
+    keep every second pixel, in float64 NumPy; a constant's interior stays constant."""
+    from ddpm_jax.models import ddgan_discriminator as dd
+    x = np.random.default_rng(0).normal(size=(2, 8, 6, 3))
+    k = np.outer([1, 3, 3, 1], [1, 3, 3, 1]) / 64.0
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    want = np.zeros((2, 4, 3, 3))
+    for i in range(4):
+        for j in range(3):
+            window = padded[:, 2 * i:2 * i + 4, 2 * j:2 * j + 4]
+            want[:, i, j] = np.einsum('bhwc,hw->bc', window, k)
+    got = np.asarray(dd.fir_downsample_2x(jnp.asarray(x, jnp.float32)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    flat = np.asarray(dd.fir_downsample_2x(jnp.ones((1, 8, 8, 1))))[0, ..., 0]
+    # Output i reads input rows 2i-1..2i+2: the first and last rows/columns of the output
+    # see one padded row (weight 1/8 of the kernel), the corners two.
+    np.testing.assert_allclose(flat[1:-1, 1:-1], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(flat[[0, -1], 1:-1], 7 / 8, rtol=1e-6)
+    np.testing.assert_allclose(flat[0, 0], 49 / 64, rtol=1e-6)
+
+
+def test_disc_blocks_ddgan_has_their_layout_and_old_records_are_refused():
+    """'ddgan' blocks: a skip conv in the first (shape-keeping) block too, so the CIFAR-10
+    D has DDGAN's 12,741,633 parameters; 'simple' leaves it out. A record from before
+    the field upgrades to 'simple', which today's CIFAR-10 config refuses by name."""
+    from configs import cifar10_ddgan
+    from ddpm_jax.tasks import ddgan as ddgan_task
+    config = cifar10_ddgan.get_config()
+    x = jnp.zeros((1, 32, 32, 6))
+
+    def count(blocks):
+        config.gan.disc_blocks = blocks
+        disc = ddgan_task.create_discriminator(config)
+        shapes = jax.eval_shape(
+            lambda: disc.init(jax.random.key(0), x, jnp.zeros((1,), jnp.int32)))
+        return sum(np.prod(v.shape) for v in jax.tree_util.tree_leaves(shapes))
+
+    assert count('ddgan') == 12_741_633 and count('ddgan') - count('simple') == 128 * 128
+    old = config_lib.to_json_dict(cifar10_ddgan.get_config())
+    del old['gan']['disc_blocks']
+    assert config_lib.upgrade_json_dict(old)['gan']['disc_blocks'] == 'simple'
+    with pytest.raises(checkpointing.CheckpointMismatchError,
+                       match=r"gan.disc_blocks: checkpoint='simple', config='ddgan'"):
+        checkpointing.check_config_compatible(old, cifar10_ddgan.get_config())

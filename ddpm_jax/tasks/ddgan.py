@@ -31,7 +31,7 @@ from ddpm_jax import control_flow
 from ddpm_jax import diffusion
 from ddpm_jax import state as state_lib
 from ddpm_jax.models import create_model, example_inputs, make_model_fn
-from ddpm_jax.models.ddgan_discriminator import DDGANDiscriminator, DISC_INITS
+from ddpm_jax.models.ddgan_discriminator import DDGANDiscriminator, DISC_BLOCKS, DISC_INITS
 from ddpm_jax.tasks import base
 from ddpm_jax.tasks import diffusion as diffusion_task
 
@@ -46,7 +46,7 @@ def create_discriminator(config: ml_collections.ConfigDict) -> DDGANDiscriminato
                               downsample_first=g.disc_downsample_first,
                               temb_dim=g.disc_temb_dim,
                               num_classes=config.model.num_classes,
-                              weight_init=g.disc_init)
+                              weight_init=g.disc_init, blocks=g.disc_blocks)
 
 
 class DDGANTask(diffusion_task.DiffusionTask):
@@ -97,6 +97,8 @@ class DDGANTask(diffusion_task.DiffusionTask):
             (g.disc_temb_dim >= 2, f'gan.disc_temb_dim={g.disc_temb_dim} must be >= 2.'),
             (g.disc_init in DISC_INITS,
              f'gan.disc_init={g.disc_init!r} must be one of {DISC_INITS}.'),
+            (g.disc_blocks in DISC_BLOCKS,
+             f'gan.disc_blocks={g.disc_blocks!r} must be one of {DISC_BLOCKS}.'),
         ]
         for ok, message in checks:
             if not ok:
