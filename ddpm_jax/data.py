@@ -384,11 +384,11 @@ def _with_channels(arr: np.ndarray) -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-def _make_preprocess_fn(source: _Source, config: ml_collections.ConfigDict, *,
-                        random_crop: bool = False) -> Callable[..., Batch]:
-    """Returns record -> {'image': float32 [S, S, C] in [-1, 1], 'label': int32 []};
-    with `random_crop` (training, `data.random_crop`), (record, rng) -> the same with
-    `random_crop_arr`'s crop."""
+def _make_preprocess_fn(source: _Source, config: ml_collections.ConfigDict
+                        ) -> Callable[..., Batch]:
+    """Returns (record, rng=None) -> {'image': float32 [S, S, C] in [-1, 1], 'label':
+    int32 []}; given an rng, data.resize='adm' crops as `random_crop_arr` (training with
+    `data.random_crop`)."""
     d = config.data
     image_size, channels = d.image_size, d.channels
     # pixel / (max / 2) - 1: for 8-bit data guided-diffusion's `arr / 127.5 - 1`.
@@ -415,9 +415,7 @@ def _make_preprocess_fn(source: _Source, config: ml_collections.ConfigDict, *,
             label = source.label_order[label]
         return {'image': image.astype(np.float32), 'label': np.int32(label)}
 
-    if random_crop:
-        return preprocess
-    return lambda record: preprocess(record)
+    return preprocess
 
 
 def _random_flip(example: Batch, rng: np.random.Generator) -> Batch:
@@ -493,7 +491,7 @@ def create_train_iterator(config: ml_collections.ConfigDict, *,
         return create_records_train_iterator(
             config, source.records, _make_preprocess_fn(source, config), flip=flip,
             process_index=process_index, process_count=process_count)
-    cropped = _make_preprocess_fn(source, config, random_crop=True)
+    cropped = _make_preprocess_fn(source, config)
 
     def crop_and_flip(record: Mapping[str, Any], rng: np.random.Generator) -> Batch:
         example = cropped(record, rng)

@@ -2,7 +2,7 @@
 
 This module owns how generated images leave the library: `to_uint8` quantises
 model outputs to 8-bit pixels (by default rounding, the inverse of the data
-pipeline's `p * 2 / 255 - 1`; or truncating, as the reference sampling scripts
+pipeline's `p / 127.5 - 1`; or truncating, as the reference sampling scripts
 write their .npz files), `make_grid` tiles a batch into one picture with 1-pixel
 separators (optionally upscaled, nearest neighbour, so 8x8 digits are
 viewable), and `save_png` / `save_npz` write files through `etils.epath`, so

@@ -68,8 +68,8 @@ class FeatureExtractor:
     """The feature network of `eval.metrics_network`, jitted over the mesh.
 
     Calling it with a batch-sharded global image array (uint8 [B, H, W, C], or
-    float in [-1, 1] with `from_unit_range=True`, quantised on the devices as
-    `images.to_uint8(x, quantize)` does: data 'round', samples `sample.quantize`)
+    float in [-1, 1] with `quantize` = 'round' or 'truncate', quantised on the devices
+    as `images.to_uint8(x, quantize)` does: data 'round', samples `sample.quantize`)
     returns numpy features on every process: 'features'
     [B, D] (Inception pool3), 'spatial' [B, S] (sFID; Inception only), 'logits'
     [B, K] (for IS) and, where the network's classes are the data's
@@ -130,9 +130,9 @@ class FeatureExtractor:
                               out_shardings=parallel.batch_sharding(mesh),
                               compiler_options=parallel.compiler_options())
 
-    def __call__(self, images: jax.Array, *, from_unit_range: bool = False,
-                 quantize: str = 'round') -> dict[str, np.ndarray]:
-        out = self._apply(self._variables, images, quantize if from_unit_range else None)
+    def __call__(self, images: jax.Array, *, quantize: str | None = None
+                 ) -> dict[str, np.ndarray]:
+        out = self._apply(self._variables, images, quantize)
         return {k: parallel.gather(v) for k, v in out.items()}
 
 
@@ -316,7 +316,7 @@ def reference_statistics(config: ml_collections.ConfigDict, extractor: FeatureEx
     for local in data_lib.create_eval_iterator(ref_config):
         batch = parallel.to_global({'image': local['image'], 'mask': local['mask']},
                                    extractor.mesh)
-        features = extractor(batch['image'], from_unit_range=True)
+        features = extractor(batch['image'], quantize='round')
         accumulator.update(features, parallel.gather(batch['mask']))
     result = accumulator.result()
     if jax.process_index() == 0:
@@ -350,7 +350,7 @@ def _sample_features(config: ml_collections.ConfigDict, sample_fn: Callable, par
         batch_labels[:len(chunk)] = np.maximum(chunk, 0)
         images = sample_fn(params, jax.random.fold_in(rng, b), batch_labels,
                            task_state=task_state)
-        features = extractor(images, from_unit_range=True, quantize=config.sample.quantize)
+        features = extractor(images, quantize=config.sample.quantize)
         accumulator.update(features, np.arange(batch_size) < len(chunk))
         if progress and not sys.stdout.isatty() and (b + 1) % 10 == 0:
             logger.info('FID samples: batch %d/%d.', b + 1, num_batches)
@@ -363,7 +363,7 @@ def _psnr(images: jax.Array, reference: jax.Array) -> jax.Array:
     exact copy scores as if one value were one grey level off (MSE = 1 / its size), so
     the mean over images stays finite."""
     def pixels(x):
-        return jnp.clip(jnp.round((x.astype(jnp.float32) + 1.0) * 127.5), 0.0, 255.0)
+        return quantize_to_uint8(x, 'round').astype(jnp.float32)
 
     mse = jnp.mean(jnp.square(pixels(images) - pixels(reference)), axis=(1, 2, 3))
     return 10.0 * jnp.log10(255.0 ** 2 / jnp.maximum(mse, 1.0 / images[0].size))
@@ -409,8 +409,7 @@ def _upsampled_eval_features(config: ml_collections.ConfigDict, sample_fn: Calla
         samples = sample_fn(params, jax.random.fold_in(rng, b), batch['label'],
                             low_res=low_res)
         mask = parallel.gather(batch['mask'])
-        accumulator.update(extractor(samples, from_unit_range=True,
-                                     quantize=config.sample.quantize), mask)
+        accumulator.update(extractor(samples, quantize=config.sample.quantize), mask)
         labels.append(parallel.gather(batch['label'])[mask])
         ours, bilinear = psnr_of(samples, low_res, batch['image'])
         psnr.append(parallel.gather(ours)[mask])

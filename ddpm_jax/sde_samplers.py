@@ -101,11 +101,6 @@ def _init(shape, rng, x_init, scale: float, name: str, needs_noise: bool):
     return x_init.astype(jnp.float32), noise_rng
 
 
-def _uniform_start(rng: Array, shape) -> Array:
-    """U(-1, 1) from the key `_init` draws its normal start from (split(rng)[0])."""
-    return jax.random.uniform(jax.random.split(rng)[0], tuple(shape), jnp.float32, -1.0, 1.0)
-
-
 def _batch(v, x):
     return jnp.broadcast_to(jnp.asarray(v, jnp.float32), (x.shape[0],))
 
@@ -232,7 +227,8 @@ def annealed_langevin_sample(score_fn: ScoreFn, sigmas, shape: Sequence[int],
         raise ValueError(f'init must be one of {LANGEVIN_INITS}, got {init!r}.')
     x, noise_rng = _init(shape, rng, x_init, 1.0, 'annealed_langevin_sample', True)
     if x_init is None and init == 'uniform':
-        x = _uniform_start(rng, x.shape)
+        # From the key `_init` draws its normal start from.
+        x = jax.random.uniform(jax.random.split(rng)[0], x.shape, jnp.float32, -1.0, 1.0)
     elif x_init is None:
         x = x * sigmas[0]
     sigma_last = sigmas[-1]
@@ -1085,9 +1081,6 @@ def vp_langevin_sample(model_fn, sched: Schedule, shape: Sequence[int], rng: Arr
         denoised_fn=denoised_fn, model_kwargs=model_kwargs, cond_fn=cond_fn,
         classifier_scale=classifier_scale, return_intermediates=return_intermediates,
         name='vp_langevin_sample')
-    if langevin_init not in LANGEVIN_INITS:
-        raise ValueError(f'vp_langevin_sample: langevin_init must be one of '
-                         f'{LANGEVIN_INITS}, got {langevin_init!r}.')
     if langevin_init == 'uniform' and x_T is not None:
         raise ValueError("vp_langevin_sample: x_T is the normal draw of the 'prior' start; "
                          "langevin_init='uniform' draws its own.")
@@ -1096,11 +1089,11 @@ def vp_langevin_sample(model_fn, sched: Schedule, shape: Sequence[int], rng: Arr
     ladder = _vp_sigmas_np(sched)
     hi, lo = langevin_sigma_range(float(ladder[-1]), float(ladder[0]), langevin_sigma_max,
                                   langevin_sigma_min)
-    y_init = _uniform_start(rng, shape) if langevin_init == 'uniform' else hi * x_T
     out = sde_langevin_sample(view, score, shape, noise_rng, sigma_max=hi, sigma_min=lo,
                               num_levels=num_levels, step_size=step_size,
                               steps_per_level=steps_per_level, denoise=final_denoise,
-                              x_init=y_init)
+                              x_init=None if langevin_init == 'uniform' else hi * x_T,
+                              init=langevin_init)
     return (out.samples, out.nfe) if return_nfe else out.samples
 
 

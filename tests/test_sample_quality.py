@@ -56,7 +56,7 @@ def test_samples_quantised_on_devices_as_the_npz_files(fid_config, mode):
     extractor = sample_quality.FeatureExtractor(fid_config, parallel.create_mesh())
     samples = rng.uniform(-1, 1, (16, 8, 8, 1)).astype(np.float32)
     floats = extractor(parallel.shard_host_array(samples, extractor.mesh),
-                       from_unit_range=True, quantize=mode)
+                       quantize=mode)
     pixels = extractor(parallel.shard_host_array(images_lib.to_uint8(samples, mode),
                                                  extractor.mesh))
     other = extractor(parallel.shard_host_array(
