@@ -12,8 +12,8 @@ all. Steps: their CelebA-HQ LMDB train split has 27,000 images
 (datasets_prep/lmdb_datasets.py), 3,375 per process, 843 full batches of 4
 (drop_last), for epochs 0..800 (range(0, num_epoch + 1)): 801 x 843 = 675,243 steps.
 We train on TFDS's celeb_a_hq/256 (all 30,000 images; its only split), so an
-epoch here is 937 steps and the run is ~720 of our epochs. The generator is this
-library's UNet, not NCSN++ (its parameter count differs).
+epoch here is 937 steps and the run is ~720 of our epochs. The generator is their
+NCSN++ with adaptive group norms (39,726,979 parameters, as theirs).
 """
 
 from configs import ddgan, default

@@ -7,11 +7,11 @@ settings of DDGAN's released CIFAR-10 command (--num_timesteps 4 --num_channels_
 --num_process_per_node 4 --num_epoch 1800), Adam betas (0.5, 0.9), cosine decay to
 1e-5. Steps: each of the 4 processes sees 50,000 / 4 = 12,500 images, 195 full
 batches of 64 (drop_last), for epochs 0..1800 (range(0, num_epoch + 1)): 1801 x 195 =
-351,195 steps of 256. The generator is this library's UNet (ADM blocks, AdaGN driven
-by the time embedding plus the mapped latent; their SiLU mapping network and tanh
-output), not the paper's NCSN++, so its parameter count differs from the paper's; the
-discriminator is the paper's small one with t_emb_dim 256
-(models/ddgan_discriminator.py).
+351,195 steps of 256. The generator is theirs: NCSN++ with adaptive group norms
+(`model.name='ncsnpp'`, train_ddgan.py's defaults: FIR resampling, the residual input
+pyramid, the sinusoidal step embedding, z mapped by pixel norm and 5 SiLU layers to
+256), 48,432,515 parameters as the paper's; the discriminator is the paper's small one
+with t_emb_dim 256 (models/ddgan_discriminator.py), 12,741,633 parameters.
 """
 
 from configs import ddgan, default

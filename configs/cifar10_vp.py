@@ -10,10 +10,11 @@ ending at t = 1e-3, and --mode=eval's likelihood by the probability-flow ODE fro
 t = 1e-5 (score_sde's likelihood eps). For the likelihood weighting with importance
 sampling (Song et al. 2021a) set sde.weighting='likelihood'.
 
-The architecture differs: DDPM++ is not in ddpm_jax, so this is our UNet at DDPM++'s
-width and depth (128 channels, multipliers 1-2-2-2, 4 residual blocks per level,
-BigGAN-style up/down-sampling, attention at 16x16, dropout 0.1), conditioned on
-999 t as DDPM++ is.
+The network is DDPM++ cont. itself (`model.name='ncsnpp'`, models/ncsnpp.py): 128
+channels, multipliers 1-2-2-2, 4 BigGAN residual blocks per level (resampling inside,
+no FIR), skip connections rescaled by 1/sqrt(2), attention at 16x16, dropout 0.1, the
+sinusoidal embedding of 999 t; 61,804,419 parameters, the reference's exactly (its
+PyTorch state dict imports: `released.import_state_dict`).
 """
 
 from configs import default
@@ -30,13 +31,21 @@ def get_config():
     data.channels = 3
 
     model = config.model
-    model.variant = 'ddpm'
+    model.name = 'ncsnpp'
     model.base_channels = 128
     model.channel_mult = (1, 2, 2, 2)
     model.num_res_blocks = 4
     model.attention_resolutions = (16,)
     model.dropout = 0.1
-    model.resblock_updown = True
+    model.conv_resample = True
+    ncsnpp = model.ncsnpp  # score_sde's configs/vp/cifar10_ddpmpp_continuous.py.
+    ncsnpp.fir = False
+    ncsnpp.skip_rescale = True
+    ncsnpp.resblock_type = 'biggan'
+    ncsnpp.progressive = 'none'
+    ncsnpp.progressive_input = 'none'
+    ncsnpp.embedding_type = 'positional'
+    ncsnpp.init_scale = 0.0
 
     sde = config.sde
     sde.kind = 'vp'

@@ -5,16 +5,33 @@ Not a runnable config: `cifar10_ddgan.py`, `celebahq256_ddgan.py` and
 """
 
 
-def make_ddgan(config, *, num_timesteps: int, latent_dim: int, n_mlp: int):
+def make_ddgan(config, *, num_timesteps: int, latent_dim: int, n_mlp: int,
+               generator: str = 'ncsnpp'):
     """Turns a denoiser config into a DDGAN one: the task, a generator G(x_t, z, t)
     whose mapped latent drives AdaGN and whose output is tanh'd, x_0 prediction
     stepped with the posterior on the discretised VP schedule, DDGAN's Adam (betas
     0.5, 0.9, cosine decay to 1e-5, no clipping) and the 'ddgan' sampler.
 
     `latent_dim` and `n_mlp` are DDGAN's --nz and --n_mlp: their mapping network is
-    dense(nz) then n_mlp more dense layers, each followed by SiLU.
+    dense(nz) then n_mlp more dense layers, each followed by SiLU. `generator`
+    'ncsnpp' is their network (NCSN++ with adaptive group norms: train_ddgan.py's
+    defaults, FIR resampling, the residual input pyramid, the sinusoidal embedding of
+    the step, dropout 0, z mapped to --z_emb_dim 256); 'unet' keeps the config's UNet
+    (the latent added to its time embedding, which drives AdaGN), which can also be
+    class-conditional.
     """
     config.task = 'ddgan'
+    if generator == 'ncsnpp':
+        config.model.name = 'ncsnpp'
+        config.model.dropout = 0.0
+        config.model.conv_resample = True
+        ncsnpp = config.model.ncsnpp
+        ncsnpp.fir, ncsnpp.fir_kernel, ncsnpp.skip_rescale = True, (1, 3, 3, 1), True
+        ncsnpp.resblock_type, ncsnpp.progressive = 'biggan', 'none'
+        ncsnpp.progressive_input, ncsnpp.progressive_combine = 'residual', 'sum'
+        ncsnpp.embedding_type, ncsnpp.z_emb_dim = 'positional', 256
+    elif generator != 'unet':
+        raise ValueError(f"generator={generator!r}: choose 'ncsnpp' or 'unet'.")
     config.model.use_scale_shift_norm = True  # The latent enters through AdaGN.
     config.model.latent_dim = latent_dim
     config.model.mapping_layers = n_mlp + 1

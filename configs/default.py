@@ -81,6 +81,24 @@ def get_config() -> ml_collections.ConfigDict:
     model.context_dim = 0  # Width of the context tokens (> 0 with a context encoder).
     model.context_layers = 1  # 'tokens': transformer layers of the context encoder.
     model.context_vocab_size = 0  # 'tokens': token ids 0..this-1 (this = the null token).
+    # model.name='ncsnpp' (NCSN++ / DDPM++ of score_sde, DDGAN's generator): the fields
+    # of score_sde's configs that the UNet has no counterpart for. base_channels,
+    # channel_mult, num_res_blocks, attention_resolutions, dropout and conv_resample are
+    # their nf, ch_mult, num_res_blocks, attn_resolutions, dropout, resamp_with_conv.
+    model.ncsnpp = ncsnpp = ml_collections.ConfigDict()
+    ncsnpp.fir = True  # FIR up/down-sampling (StyleGAN2's upfirdn2d) with fir_kernel.
+    ncsnpp.fir_kernel = (1, 3, 3, 1)
+    ncsnpp.skip_rescale = True  # Residual sums divided by sqrt(2).
+    ncsnpp.resblock_type = 'biggan'  # 'biggan' (blocks resample) or 'ddpm'.
+    ncsnpp.progressive = 'none'  # Output pyramid: 'none', 'output_skip', 'residual'.
+    ncsnpp.progressive_input = 'residual'  # Input pyramid: 'none', 'input_skip', 'residual'.
+    ncsnpp.progressive_combine = 'sum'  # How 'input_skip' joins: 'sum' or 'cat'.
+    ncsnpp.embedding_type = 'positional'  # 'positional' (of t) or 'fourier' (of log sigma).
+    ncsnpp.fourier_scale = 16.0  # Std of the Fourier features' frequencies.
+    ncsnpp.init_scale = 0.0  # Init scale of each branch's last conv (0 = 1e-10).
+    ncsnpp.centered = True  # False: trained on [0, 1] data (score_sde's VE): the
+    #                         Fourier embedding takes log(sigma / 2), sigma in [-1, 1] units.
+    ncsnpp.z_emb_dim = 256  # DDGAN generator (latent_dim > 0): width of the mapped z.
     model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay f32).
     model.remat = False  # Rematerialise each block (less memory, more compute).
     model.remat_policy = 'full'  # What a remat block stores: 'full' (inputs only), 'save_convs'.

@@ -35,7 +35,8 @@ from configs import ddgan, digits
 
 def get_config():
     """Returns the digits DDGAN config."""
-    config = ddgan.make_ddgan(digits.get_config(), num_timesteps=4, latent_dim=32, n_mlp=2)
+    config = ddgan.make_ddgan(digits.get_config(), num_timesteps=4, latent_dim=32, n_mlp=2,
+                              generator='unet')  # Class-conditional: our UNet.
 
     config.gan.disc_base_channels = 64
     config.gan.disc_init = 'adm'  # PyTorch's default init: 14.9 vs 22.5 with DDGAN's.

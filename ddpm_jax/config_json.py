@@ -32,6 +32,14 @@ def _lists_to_tuples(tree):
     return tree
 
 
+# configs/default.py's `model.ncsnpp` group (tests/test_ncsnpp.py holds them equal).
+NCSNPP_DEFAULTS = {'fir': True, 'fir_kernel': [1, 3, 3, 1], 'skip_rescale': True,
+                   'resblock_type': 'biggan', 'progressive': 'none',
+                   'progressive_input': 'residual', 'progressive_combine': 'sum',
+                   'embedding_type': 'positional', 'fourier_scale': 16.0, 'init_scale': 0.0,
+                   'centered': True, 'z_emb_dim': 256}
+
+
 def upgrade_json_dict(saved: Mapping[str, Any]) -> dict:
     """A config record of an earlier schema in the current one.
 
@@ -46,6 +54,7 @@ def upgrade_json_dict(saved: Mapping[str, Any]) -> dict:
     (0).
     Records before `data.wordnet_label_order` on `imagenet_resized` get False (TFDS's
     label order, what they trained with), others True (no effect there).
+    Records before NCSN++ get configs/default.py's `model.ncsnpp` group.
     Autoencoder records before the LPIPS term have no `autoencoder.vgg16_weights_path`
     ('': no perceptual term, which they could not have had). Latent diffusion records
     before latent caching have no `latent.cache` ('none': encode in the step).
@@ -81,6 +90,10 @@ def upgrade_json_dict(saved: Mapping[str, Any]) -> dict:
     model.setdefault('low_res_size', 0)
     model.setdefault('remat_policy', 'full')  # Added with the remat policies.
     model.setdefault('bias_init', 'zeros')  # Added with PyTorch's bias initialisation.
+    # Added with NCSN++ (model.name='ncsnpp'); configs/default.py's values, unused by
+    # the networks of the records before it.
+    for name, value in NCSNPP_DEFAULTS.items():
+        model.setdefault('ncsnpp', {}).setdefault(name, value)
     for name, value in (('context_encoder', 'none'), ('context_dim', 0),
                         ('context_layers', 1), ('context_vocab_size', 0)):
         model.setdefault(name, value)  # Added with cross-attention (latent diffusion).

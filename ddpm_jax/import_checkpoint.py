@@ -69,29 +69,37 @@ def create_imported_state(config: ml_collections.ConfigDict, params: Mapping[str
                           mesh: jax.sharding.Mesh) -> state_lib.TrainState:
     """Step 0 of training from `params`: EMAs equal to them, a fresh optimiser state.
 
+    The imported network is the task's only part ('diffusion', 'score', 'classifier')
+    or the one it samples with (a DDGAN's 'generator'); any other part (a DDGAN's
+    discriminator, which no release includes) starts from its initialisation.
+
     Args:
-        config: The run's config (task 'diffusion' or 'classifier').
-        params: The model's parameter tree (host arrays).
+        config: The run's config.
+        params: The network's parameter tree (host arrays).
         mesh: Every leaf is replicated over it.
 
     Raises:
-        ValueError: A task with several parameter trees (e.g. 'ddgan').
+        ValueError: A task with several parts none of which samples (an autoencoder).
     """
     task = tasks.create_task(config)
-    if tuple(task.parts) != ('model',) or tuple(task.ema_parts) != ('model',):
-        raise ValueError(f'task={config.task!r} has the parts {task.parts}; a released '
-                         "checkpoint holds one network ('diffusion' or 'classifier').")
+    part = task.parts[0] if len(task.parts) == 1 else task.sample_part
+    if part is None:
+        raise ValueError(f'task={config.task!r} has the parts {task.parts} and samples with '
+                         'none of them; a released checkpoint holds one network.')
     replicated = parallel.replicated_sharding(mesh)
     tree = jax.device_put(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params),
                           replicated)
-    optimizer = task.create_optimizers()['model']
-    opt_state = jax.jit(optimizer.tx.init, out_shardings=replicated)(tree)
-    state = state_lib.TrainState(
-        step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
-        params={'model': tree},
-        ema_params=tuple({'model': tree} for _ in config.optim.ema_decays),
-        opt_state={'model': opt_state},
-        task_state=jax.device_put(task.init_task_state(), replicated))
+    optimizer = task.create_optimizers()[part]
+
+    def build(rng, tree):
+        fresh = state_lib.create_train_state(task, rng)
+        return fresh.replace(
+            params={**fresh.params, part: tree},
+            ema_params=tuple({**ema, part: tree} if part in ema else ema
+                             for ema in fresh.ema_params),
+            opt_state={**fresh.opt_state, part: optimizer.tx.init(tree)})
+
+    state = jax.jit(build, out_shardings=replicated)(jax.random.key(0), tree)
     # The trainer and the inference modes restore against this abstract state.
     abstract = state_lib.create_abstract_train_state(task, mesh)
     got = jax.tree.map(lambda a: (a.shape, a.dtype), state)

@@ -1,4 +1,4 @@
-"""The released PyTorch weights of ADM and Improved DDPM, as ddpm_jax parameter trees.
+"""The released PyTorch weights of ADM, Improved DDPM, score_sde and DDGAN as ddpm_jax trees.
 
 Owns the one correspondence between the state dicts that openai/guided-diffusion
 (ADM, Dhariwal & Nichol 2021: `UNetModel`, `SuperResModel`, and `EncoderUNetModel`,
@@ -30,6 +30,13 @@ lossless; float16 and bfloat16 widen to float32 exactly, and export writes the
 dtype asked for). A missing, extra or mis-shaped tensor is a ValueError naming it,
 and, given candidate configs, the message says which of them the file fits.
 
+score_sde_pytorch's NCSN++ / DDPM++ and DDGAN's generator (`models.NCSNpp`) name theirs
+`all_modules.<k>.<layer>` in the order their constructor appends modules
+(`_walk_ncsnpp`), plus DDGAN's `z_transform.<k>`; NIN layers store [in, out] matrices,
+as ours. Their files carry DataParallel's 'module.' prefix and score_sde's `sigmas`
+buffer, both dropped on import, and score_sde's training checkpoints bundle the EMA
+weights as a list (`_load_ncsnpp`).
+
 What the mapping cannot express is in the model, behind config fields: the head
 split of the fused qkv (`model.legacy_qkv_order`; QKVAttentionLegacy in all
 released files but `64x64_diffusion.pt`, and in Improved DDPM), Improved DDPM's
@@ -37,6 +44,7 @@ timestep rescaling (`model.timestep_scale`) and the super-resolution input
 (`model.low_res_size`).
 """
 
+import logging
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -47,6 +55,9 @@ import numpy as np
 
 from ddpm_jax import torch_checkpoint
 from ddpm_jax.models import Classifier, UNet, create_model, param_shapes
+from ddpm_jax.models.ncsnpp import NCSNpp
+
+logger = logging.getLogger('ddpm_jax')
 
 __all__ = ['TensorSpec', 'state_dict_layout', 'import_state_dict', 'export_state_dict',
            'load_checkpoint', 'matching_configs', 'layout_mismatch']
@@ -187,6 +198,105 @@ def _walk(model: UNet | Classifier, image_size: int, flat: Mapping[tuple, Any]
     return entries
 
 
+def _ncsnpp_block(t: str, f: tuple[str, ...], flat: Mapping[tuple, Any]) -> list[tuple]:
+    """ResnetBlockBigGANpp / ResnetBlockDDPMpp (and DDGAN's AdaGN versions)."""
+    def norm(name, ours):
+        if f + (ours, 'style', 'kernel') in flat:  # DDGAN's AdaptiveGroupNorm.
+            return _layer(f'{t}.{name}.style', f + (ours, 'style'), 'linear')
+        return _norm(f'{t}.{name}', f + (ours,))
+    entries = (norm('GroupNorm_0', 'norm_0') + _layer(f'{t}.Conv_0', f + ('conv_0',), 'conv')
+               + _layer(f'{t}.Dense_0', f + ('dense_0',), 'linear')
+               + norm('GroupNorm_1', 'norm_1') + _layer(f'{t}.Conv_1', f + ('conv_1',), 'conv'))
+    if f + ('skip', 'kernel') in flat:
+        kernel = flat[f + ('skip', 'kernel')]
+        if len(kernel) == 4:  # BigGAN's Conv_2 (1x1 conv); DDPM++'s NIN_0 is a matrix.
+            entries += _layer(f'{t}.Conv_2', f + ('skip',), 'conv')
+        else:
+            entries += [(f'{t}.NIN_0.W', f + ('skip', 'kernel'), 'copy'),
+                        (f'{t}.NIN_0.b', f + ('skip', 'bias'), 'copy')]
+    return entries
+
+
+def _ncsnpp_attention(t: str, f: tuple[str, ...]) -> list[tuple]:
+    entries = _norm(f'{t}.GroupNorm_0', f + ('norm',))
+    for k, ours in enumerate(('q', 'k', 'v', 'proj_out')):
+        entries += [(f'{t}.NIN_{k}.W', f + (ours, 'kernel'), 'copy'),
+                    (f'{t}.NIN_{k}.b', f + (ours, 'bias'), 'copy')]
+    return entries
+
+
+def _ncsnpp_resample(t: str, f: tuple[str, ...], flat: Mapping[tuple, Any]) -> list[tuple]:
+    """layerspp.Upsample / Downsample with a conv: FIR's fused Conv2d_0, else Conv_0."""
+    if f + ('kernel',) in flat:
+        return _layer(f'{t}.Conv2d_0', f, 'conv')
+    return _layer(f'{t}.Conv_0', f + ('conv',), 'conv')
+
+
+def _walk_ncsnpp(model: NCSNpp, image_size: int, flat: Mapping[tuple, Any]) -> list[tuple]:
+    """(torch name, flax path, kind) of score_sde's NCSN++ (`all_modules.<k>`, in order)
+    and of DDGAN's generator (also `z_transform.<k>`)."""
+    modules = []  # (flax name, entries builder) per module of all_modules, in order.
+    if model.embedding_type == 'fourier':
+        modules.append(lambda t: [(f'{t}.W', ('time_fourier',), 'copy')])
+    modules += [lambda t: _layer(t, ('time_dense_0',), 'linear'),
+                lambda t: _layer(t, ('time_dense_1',), 'linear'),
+                lambda t: _layer(t, ('conv_in',), 'conv')]
+    block = lambda name: lambda t: _ncsnpp_block(t, (name,), flat)  # noqa: E731
+    attention = lambda name: lambda t: _ncsnpp_attention(t, (name,))  # noqa: E731
+    levels, attn = len(model.channel_mult), set(model.attention_resolutions)
+    resolution = image_size
+    for level in range(levels):
+        for i in range(model.num_res_blocks):
+            modules.append(block(f'down_{level}_res_{i}'))
+            if resolution in attn:
+                modules.append(attention(f'down_{level}_attn_{i}'))
+        if level != levels - 1:
+            name = f'down_{level}_downsample'
+            if model.resblock_type == 'ddpm':
+                if model.conv_resample:
+                    modules.append(lambda t, n=name: _ncsnpp_resample(t, (n,), flat))
+                else:
+                    modules.append(lambda t: [])
+            else:
+                modules.append(block(name))
+            pyramid = (f'down_{level}_pyramid',)
+            if model.progressive_input == 'input_skip':
+                modules.append(lambda t, p=pyramid: _layer(f'{t}.Conv_0', p, 'conv'))
+            elif model.progressive_input == 'residual':
+                modules.append(lambda t, p=pyramid: _ncsnpp_resample(t, p, flat))
+            resolution //= 2
+    modules += [block('mid_res_0'), attention('mid_attn'), block('mid_res_1')]
+    for level in reversed(range(levels)):
+        for i in range(model.num_res_blocks + 1):
+            modules.append(block(f'up_{level}_res_{i}'))
+        if resolution in attn:
+            modules.append(attention(f'up_{level}_attn'))
+        if model.progressive != 'none':
+            if level == levels - 1 or model.progressive == 'output_skip':
+                modules += [lambda t, n=f'up_{level}_pyramid_norm': _norm(t, (n,)),
+                            lambda t, n=f'up_{level}_pyramid_conv': _layer(t, (n,), 'conv')]
+            else:
+                modules.append(lambda t, n=f'up_{level}_pyramid': _ncsnpp_resample(t, (n,), flat))
+        if level != 0:
+            name = f'up_{level}_upsample'
+            if model.resblock_type == 'ddpm':
+                if model.conv_resample:
+                    modules.append(lambda t, n=name: _ncsnpp_resample(t, (n,), flat))
+                else:
+                    modules.append(lambda t: [])
+            else:
+                modules.append(block(name))
+            resolution *= 2
+    if model.progressive != 'output_skip':
+        modules += [lambda t: _norm(t, ('out_norm',)), lambda t: _layer(t, ('conv_out',), 'conv')]
+    entries = []
+    for k, build in enumerate(modules):
+        entries += build(f'all_modules.{k}')
+    for k in range(model.latent_dim and model.mapping_layers):  # z_transform: PixelNorm first.
+        entries += _layer(f'z_transform.{2 * k + 1}', (f'mapping_{k}',), 'linear')
+    return entries
+
+
 def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple, Any]:
     flat = {}
     for key, value in tree.items():
@@ -207,12 +317,14 @@ def _unflatten(flat: Mapping[tuple, Any]) -> dict[str, Any]:
     return tree
 
 
-def _model_for(config: ml_collections.ConfigDict) -> UNet | Classifier:
+def _model_for(config: ml_collections.ConfigDict) -> UNet | Classifier | NCSNpp:
     """The config's model, checked to be one the reference repositories define."""
     model = create_model(config)
+    if isinstance(model, NCSNpp):  # score_sde's NCSN++ / DDPM++, DDGAN's generator.
+        return model
     if not isinstance(model, (UNet, Classifier)):
         raise ValueError(f'model.name={config.model.name!r}: released checkpoints exist only '
-                         "for 'unet' and 'classifier'.")
+                         "for 'unet', 'classifier' and 'ncsnpp'.")
     if model.variant != 'adm':
         raise ValueError(f"model.variant={model.variant!r}: guided-diffusion and "
                          "improved-diffusion checkpoints are the 'adm' variant.")
@@ -242,7 +354,8 @@ def state_dict_layout(config: ml_collections.ConfigDict) -> list[TensorSpec]:
     shapes = param_shapes(model, config.data.image_size, config.data.channels)
     flat = {path: tuple(leaf.shape) for path, leaf in _flatten(shapes).items()}
     specs, seen = [], set()
-    for torch_name, flax_path, kind in _walk(model, config.data.image_size, flat):
+    walk = _walk_ncsnpp if isinstance(model, NCSNpp) else _walk
+    for torch_name, flax_path, kind in walk(model, config.data.image_size, flat):
         if flax_path not in flat:  # The walk and the model disagree: a bug, not a user error.
             raise AssertionError(f'{torch_name} maps to the missing parameter {flax_path}.')
         seen.add(flax_path)
@@ -379,15 +492,67 @@ def export_state_dict(params: Mapping[str, Any], config: ml_collections.ConfigDi
     return out
 
 
+def _without_wrapper(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A score_sde / DDGAN state dict without DataParallel's 'module.' prefix and without
+    score_sde's `sigmas` buffer (the SDE's noise levels, not a parameter)."""
+    names = list(state_dict)
+    if names and all(n.startswith('module.') for n in names):
+        state_dict = {n[len('module.'):]: a for n, a in state_dict.items()}
+    return {n: a for n, a in state_dict.items() if n != 'sigmas'}
+
+
+def _load_ncsnpp(path: str, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+    """The weights of a score_sde or DDGAN file for an NCSN++ config.
+
+    Takes a plain state dict (DDGAN's netG_<epoch>.pth, which holds the EMA weights) or
+    a score_sde training checkpoint ({'model', 'ema', 'optimizer', 'step'}), whose EMA
+    weights (`ema.shadow_params`, a list in the order of the model's trainable
+    parameters: all but the fixed Fourier frequencies) replace the model's, as
+    score_sde's evaluation does (`ema.copy_to`).
+    """
+    try:
+        return _without_wrapper(torch_checkpoint.load_state_dict(path))
+    except torch_checkpoint.TorchCheckpointError as plain_error:
+        try:
+            state_dict = _without_wrapper(torch_checkpoint.load_state_dict(path, key='model'))
+        except torch_checkpoint.TorchCheckpointError:
+            raise plain_error from None
+    try:
+        shadow = torch_checkpoint.load_state_dict(path, key='ema.shadow_params')
+    except torch_checkpoint.TorchCheckpointError:
+        return state_dict  # No EMA in the file: the model's own weights.
+    trainable = [name for name in state_dict if name != 'all_modules.0.W'
+                 or config.model.ncsnpp.embedding_type != 'fourier']
+    if len(shadow) != len(trainable):
+        raise ValueError(f'{path}: ema.shadow_params has {len(shadow)} tensors, the model '
+                         f'{len(trainable)} trainable parameters.')
+    for i, name in enumerate(trainable):
+        if np.shape(shadow[str(i)]) != np.shape(state_dict[name]):
+            raise ValueError(f'{path}: ema.shadow_params[{i}] has shape '
+                             f'{np.shape(shadow[str(i)])}, parameter {name} '
+                             f'{np.shape(state_dict[name])}.')
+        state_dict[name] = shadow[str(i)]
+    logger.info('%s: the EMA weights (ema.shadow_params, decay as trained).', path)
+    return state_dict
+
+
 def load_checkpoint(path: str, config: ml_collections.ConfigDict, *,
                     candidates: Mapping[str, ml_collections.ConfigDict] | None = None
                     ) -> dict[str, Any]:
-    """Reads a released `.pt` file (without torch) as the params of `config`'s model.
+    """Reads a released `.pt` / `.pth` file (without torch) as the params of `config`'s model.
+
+    guided-diffusion / improved-diffusion files are plain state dicts; for an NCSN++
+    config (`model.name='ncsnpp'`) the file may also be DDGAN's generator (its
+    'module.' prefix dropped) or a score_sde training checkpoint (its EMA weights:
+    `_load_ncsnpp`).
 
     Raises:
         FileNotFoundError: No such file.
         ValueError: Not a PyTorch state dict, or one that does not fit the config
             (see `import_state_dict`).
     """
-    state_dict = torch_checkpoint.load_state_dict(path)
+    if config.model.name == 'ncsnpp':
+        state_dict = _load_ncsnpp(path, config)
+    else:
+        state_dict = torch_checkpoint.load_state_dict(path)
     return import_state_dict(state_dict, config, candidates=candidates, source=str(path))

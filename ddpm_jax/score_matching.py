@@ -6,11 +6,12 @@ an SDE of `ddpm_jax.sde` (Song et al. 2021b, "Score-Based Generative Modeling th
 SDEs", Eq. 7; Song et al. 2021a, "Maximum Likelihood Training of Score-Based Diffusion
 Models", Sec. 4-5):
 
-* `noise_label`: what the UNet is conditioned on, 999 t. For VP / sub-VP this is
-  score_sde's label for its continuous DDPM++ models. For VE, t = log(sigma / sigma_min) /
-  log(sigma_max / sigma_min) is affine in log sigma, so 999 t is an embedding of the
-  noise level log sigma scaled to the range our sinusoidal timestep embedding is built
-  for (score_sde's NCSN++ feeds log sigma to random Fourier features instead).
+* `noise_label`: what the network is conditioned on, 999 t or sigma(t). For VP /
+  sub-VP 999 t is score_sde's label for its continuous DDPM++ models. For VE, score_sde
+  feeds sigma(t) itself, which NCSN++ embeds as log sigma in random Fourier features
+  ('sigma'); our UNet's sinusoidal embedding takes 999 t instead, as t = log(sigma /
+  sigma_min) / log(sigma_max / sigma_min) is affine in log sigma: an embedding of the
+  noise level scaled to the range the sinusoids are built for.
 * `score_from_output`: the network output read as a score, score_sde's convention
   (`models/utils.get_score_fn`): VP / sub-VP s = -output / std(t) (the network predicts
   the noise eps); VE s = output / sigma(t) (NCSN++'s scale_by_sigma; the network
@@ -46,9 +47,24 @@ def _bcast(v: Array, x: Array) -> Array:
     return jnp.asarray(v, x.dtype).reshape(v.shape + (1,) * (x.ndim - v.ndim))
 
 
-def noise_label(t: Array) -> Array:
-    """The network's conditioning input for times t ([B]): 999 t, float32."""
-    return LABEL_SCALE * jnp.asarray(t, jnp.float32)
+LABELS = ('time', 'sigma')
+
+
+def noise_label(t: Array, sde=None, label: str = 'time') -> Array:
+    """The network's conditioning input for times t ([B]), float32.
+
+    Args:
+        t: [B] times.
+        sde: the SDE (needed for 'sigma').
+        label: 'time': 999 t; 'sigma': the marginal std(t), which for VE is sigma(t)
+            (score_sde's label for continuous VE models, whose NCSN++ embeds log sigma).
+    """
+    t = jnp.asarray(t, jnp.float32)
+    if label == 'sigma':
+        return sde_lib.marginal_coefs(sde, t)[1].astype(jnp.float32)
+    if label != 'time':
+        raise ValueError(f'label={label!r} is not one of {LABELS}.')
+    return LABEL_SCALE * t
 
 
 def score_from_output(sde, output: Array, t: Array) -> Array:

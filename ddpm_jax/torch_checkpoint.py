@@ -408,16 +408,24 @@ def _is_tensor_dict(value: Any) -> bool:
 
 
 def _select(obj: Any, key: str | None, path: str) -> dict[str, _LazyTensor]:
-    """The flat {name: tensor} dict at the top level of `obj`, or under `obj[key]`."""
+    """The flat {name: tensor} dict at the top level of `obj`, or under `obj[key]`.
+
+    A dotted key ('ema.shadow_params') descends through nested dicts; a list or tuple
+    of tensors found there is returned as {'0': t_0, '1': t_1, ...}.
+    """
     where = ''
     if key is not None:
-        if not isinstance(obj, dict):
-            raise TorchCheckpointError(f'{path} is not a PyTorch state dict: cannot take '
-                                       f'key {key!r} of an object of type {_describe(obj)}')
-        if key not in obj:
-            raise TorchCheckpointError(f'{path} has no top-level key {key!r}; it has '
-                                       f'{list(obj)[:20]!r}')
-        obj, where = obj[key], f' under key {key!r}'
+        for part in key.split('.'):
+            if not isinstance(obj, dict):
+                raise TorchCheckpointError(f'{path} is not a PyTorch state dict: cannot take '
+                                           f'key {part!r} of an object of type '
+                                           f'{_describe(obj)}')
+            if part not in obj:
+                raise TorchCheckpointError(f'{path} has no key {part!r}{where}; there are '
+                                           f'{list(obj)[:20]!r}')
+            obj, where = obj[part], f' under key {key!r}'
+    if isinstance(obj, (list, tuple)) and obj and all(isinstance(v, _LazyTensor) for v in obj):
+        obj = {str(i): v for i, v in enumerate(obj)}
     if not isinstance(obj, dict):
         raise TorchCheckpointError(f'{path} is not a PyTorch state dict: the object{where} '
                                    f'is of type {_describe(obj)}')
@@ -550,7 +558,8 @@ def load_state_dict(path: str | os.PathLike, *, key: str | None = None
       path: a file written by `torch.save(state_dict, path)` (zip or legacy format).
       key: None to read the top-level object as the state dict; otherwise the top-level
         dict's entry holding it (e.g. 'state_dict', 'model' or 'ema' in training
-        checkpoints that bundle several).
+        checkpoints that bundle several), or a dotted path to a nested one; a list of
+        tensors there ('ema.shadow_params' of score_sde) reads as {'0': ..., '1': ...}.
 
     Returns:
       {name: array} in the file's order. Arrays are C-contiguous native-endian copies in

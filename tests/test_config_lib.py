@@ -25,7 +25,7 @@ README = open(__file__.replace('tests/test_config_lib.py', 'README.md')).read()
                                   r'train.grad_accum_steps=3'),
     ('diffusion.var_type', 'learned_range', r'model.learn_sigma=True'),
     ('model.class_dropout_prob', 0.1, r'model.class_dropout_prob > 0 needs model.num_classes'),
-    ('model.name', 'classifier', r"task='diffusion' needs model.name='unet'"),
+    ('model.name', 'classifier', r"task='diffusion' needs model.name in \('unet', 'ncsnpp'\)"),
     ('model.remat_policy', 'dots', r"model.remat_policy='dots'.*'full', 'save_convs'"),
     ('sample.sampler', 'euler', r"sample.sampler='euler'.*'ddpm', 'ddim', 'dpm_solver'"),
     ('sample.respacing', '25', r"sample.respacing='25'"),

@@ -192,8 +192,10 @@ DDGAN_RUNS = {  # (num_epoch, N, processes P, per-process batch)
 # (generator, discriminator) parameters. The generator is our UNet (no published
 # count to match); the discriminators are checked against DDGAN's own below.
 DDGAN_PARAMS = {
-    'cifar10_ddgan': (39_672_195, 12_741_633),  # D: DDGAN's Discriminator_small.
-    'celebahq256_ddgan': (30_019_203, 27_737_217),
+    # G: DDGAN's NCSN++ generator (48.43M on CIFAR-10, as the paper's); D: their
+    # Discriminator_small / _large.
+    'cifar10_ddgan': (48_432_515, 12_741_633),
+    'celebahq256_ddgan': (39_726_979, 27_737_217),
     'digits_ddgan': (810_049, 634_753),
 }
 

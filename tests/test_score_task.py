@@ -288,8 +288,10 @@ def test_score_configs(name):
         default.get_config()))
     assert config.task == 'score'
     if name == 'cifar10_ve':
+        # score_sde's 0.01 .. 50 on [0, 1] data, in our [-1, 1] units.
         assert (config.sde.kind, config.sde.sigma_min, config.sde.sigma_max,
-                config.sde.training_eps, config.sde.sampling_eps) == ('ve', 0.01, 50.0, 1e-5, 1e-5)
+                config.sde.training_eps, config.sde.sampling_eps) == ('ve', 0.02, 100.0, 1e-5, 1e-5)
+        assert not config.model.ncsnpp.centered
         assert (config.optim.learning_rate, config.optim.ema_decays,
                 config.train.global_batch_size) == (2e-4, (0.999,), 128)
     elif name == 'cifar10_vp':

@@ -1,4 +1,4 @@
-"""Model construction: the diffusion UNet and the noise-aware classifier.
+"""Model construction: the diffusion UNet, NCSN++ and the noise-aware classifier.
 
 `create_model(config)` builds the module that `MODELS` names for config.model.name
 and validates it against config.data; `count_params` counts parameters through
@@ -20,9 +20,10 @@ import numpy as np
 
 from ddpm_jax.models import layers
 from ddpm_jax.models.classifier import Classifier
+from ddpm_jax.models.ncsnpp import NCSNpp
 from ddpm_jax.models.unet import UNet
 
-__all__ = ['MODELS', 'UNet', 'Classifier', 'create_model', 'example_inputs', 'make_model_fn',
+__all__ = ['MODELS', 'UNet', 'NCSNpp', 'Classifier', 'create_model', 'example_inputs', 'make_model_fn',
            'param_shapes', 'count_params']
 
 _COMMON_FIELDS = ('variant', 'base_channels', 'channel_mult', 'num_res_blocks',
@@ -48,9 +49,32 @@ def _create_classifier(config: ml_collections.ConfigDict, **kwargs) -> nn.Module
     return Classifier(pool=m.pool, **kwargs)
 
 
+def _create_ncsnpp(config: ml_collections.ConfigDict, **kwargs) -> nn.Module:
+    m = config.model
+    unsupported = [(m.num_classes > 0, 'model.num_classes > 0 (class conditioning)'),
+                   (m.learn_sigma, 'model.learn_sigma=True'),
+                   (m.low_res_size > 0, 'model.low_res_size > 0 (super-resolution)'),
+                   (m.context_encoder != 'none', f'model.context_encoder={m.context_encoder!r}'),
+                   (m.timestep_scale != 1.0, f'model.timestep_scale={m.timestep_scale}'),
+                   (m.bias_init != 'zeros', "model.bias_init='torch' (NCSN++'s biases start "
+                                            'at zero)'),
+                   (m.mapping_activation != 'silu', "model.mapping_activation other than "
+                                                    "'silu' (DDGAN's generator maps z with SiLU)")]
+    for bad, what in unsupported:
+        if bad:
+            raise ValueError(f"model.name='ncsnpp' (score_sde's NCSN++) does not take {what}.")
+    ncsnpp = {k: m.ncsnpp[k] for k in m.ncsnpp.keys()}
+    ncsnpp['fir_kernel'] = tuple(ncsnpp['fir_kernel'])
+    keep = ('base_channels', 'channel_mult', 'num_res_blocks', 'attention_resolutions',
+            'dropout', 'conv_resample', 'dtype', 'remat', 'remat_policy')
+    return NCSNpp(latent_dim=m.latent_dim, mapping_layers=m.mapping_layers,
+                  output_tanh=m.output_tanh, **{k: kwargs[k] for k in keep}, **ncsnpp)
+
+
 # The networks selectable by `model.name`: name -> builder(config, **common fields).
 MODELS: Mapping[str, Callable[..., nn.Module]] = {
     'unet': _create_unet,
+    'ncsnpp': _create_ncsnpp,
     'classifier': _create_classifier,
 }
 
@@ -62,7 +86,7 @@ def create_model(config: ml_collections.ConfigDict) -> nn.Module:
         config: the whole config (reads config.model and config.data.image_size).
 
     Returns:
-        The module `MODELS[config.model.name]` builds (`UNet`, `Classifier`).
+        The module `MODELS[config.model.name]` builds (`UNet`, `NCSNpp`, `Classifier`).
 
     Raises:
         ValueError: for an unknown model name or an invalid architecture (the
@@ -75,7 +99,10 @@ def create_model(config: ml_collections.ConfigDict) -> nn.Module:
     kwargs['channel_mult'] = tuple(m.channel_mult)
     kwargs['attention_resolutions'] = tuple(m.attention_resolutions)
     model = MODELS[m.name](config, **kwargs)
-    layers.check_architecture(model, image_size=config.data.image_size)
+    if isinstance(model, NCSNpp):
+        model.check(config.data.image_size)
+    else:
+        layers.check_architecture(model, image_size=config.data.image_size)
     return model
 
 
@@ -112,7 +139,7 @@ def example_inputs(model: nn.Module, image_size: int, channels: int, batch_size:
     """Zero inputs with which `model.init` traces the model.
 
     Args:
-        model: a UNet or Classifier.
+        model: a UNet, NCSNpp or Classifier.
         image_size: image side in pixels.
         channels: image channels.
         batch_size: B.
@@ -125,6 +152,11 @@ def example_inputs(model: nn.Module, image_size: int, channels: int, batch_size:
     x = jnp.zeros((batch_size, image_size, image_size, channels), jnp.float32)
     t = jnp.zeros((batch_size,), jnp.int32)
     kwargs = {}
+    if isinstance(model, NCSNpp):  # Its Fourier embedding takes sigma > 0 (log sigma).
+        t = jnp.ones((batch_size,), jnp.float32)
+        if model.latent_dim > 0:
+            kwargs['z'] = jnp.zeros((batch_size, model.latent_dim), jnp.float32)
+        return x, t, kwargs
     if isinstance(model, UNet) and model.num_classes > 0:
         kwargs['y'] = jnp.zeros((batch_size,), jnp.int32)
     if isinstance(model, UNet) and model.latent_dim > 0:

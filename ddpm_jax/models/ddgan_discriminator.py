@@ -50,30 +50,24 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ddpm_jax.models import layers
+from ddpm_jax.models import resampling
 
 _SLOPE = 0.2
 # Their init_scale=0 (dense_layer.variance_scaling_init_ turns 0 into 1e-10).
 _NEAR_ZERO = 1e-10
 DISC_INITS = ('ddgan', 'adm')  # `DDGANDiscriminator.weight_init`: theirs, or PyTorch's defaults.
 DISC_BLOCKS = ('ddgan', 'simple')  # `DDGANDiscriminator.blocks` (the module docstring).
-# Their FIR kernel (1, 3, 3, 1), outer product, normalised to sum 1.
-_FIR = np.outer([1.0, 3.0, 3.0, 1.0], [1.0, 3.0, 3.0, 1.0]) / 64.0
 
 
 def fir_downsample_2x(x: jax.Array) -> jax.Array:
     """[B, H, W, C] -> [B, H/2, W/2, C]: StyleGAN2's / DDGAN's
-    `upfirdn2d.downsample_2d(x, (1, 3, 3, 1), factor=2)`: zero-pad by 1 on each side,
-    filter each channel with outer(k, k) / 64 (a 4x4 window), keep every second pixel
-    (output (i, j) reads input rows 2i-1..2i+2 and columns 2j-1..2j+2)."""
-    channels = x.shape[-1]
-    kernel = jnp.asarray(np.broadcast_to(_FIR[:, :, None, None], (4, 4, 1, channels)),
-                         x.dtype)
-    return jax.lax.conv_general_dilated(
-        x, kernel, window_strides=(2, 2), padding=((1, 1), (1, 1)),
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=channels)
+    `upfirdn2d.downsample_2d(x, (1, 3, 3, 1), factor=2)` (`resampling.downsample_2x`):
+    zero-pad by 1 on each side, filter each channel with outer(k, k) / 64 (a 4x4
+    window), keep every second pixel (output (i, j) reads input rows 2i-1..2i+2 and
+    columns 2j-1..2j+2)."""
+    return resampling.downsample_2x(x, (1, 3, 3, 1))
 
 
 def reference_init(scale: float = 1.0) -> nn.initializers.Initializer:

@@ -48,25 +48,28 @@ def _save_convs(prim, *_, **params) -> bool:
     return False
 
 
-def block_classes(remat: bool, policy: str = 'full'
-                  ) -> tuple[type[nn.Module], type[nn.Module]]:
-    """ResBlock and AttentionBlock, each wrapped in `nn.remat` when `remat` is set.
+def rematerialised(cls: type[nn.Module], remat: bool, policy: str = 'full') -> type[nn.Module]:
+    """`cls`, wrapped in `nn.remat` with `policy` when `remat` is set.
 
-    Rematerialisation recomputes each block's activations in the backward pass
-    instead of storing them (Chen et al. 2016). `policy` says what a rematerialised
-    block still stores: 'full' nothing but its inputs; 'save_convs' also its
-    convolution and dense outputs (`_save_convs`), recomputing only the cheap
-    elementwise work and attention's softmax, so most of the saving of memory-bound
-    activations at a fraction of the recompute. Both give gradients equal to the
-    plain model's.
+    Rematerialisation recomputes a block's activations in the backward pass instead of
+    storing them (Chen et al. 2016). `policy` says what a rematerialised block still
+    stores: 'full' nothing but its inputs; 'save_convs' also its convolution and dense
+    outputs (`_save_convs`), recomputing only the cheap elementwise work and
+    attention's softmax, so most of the saving of memory-bound activations at a
+    fraction of the recompute. Both give gradients equal to the plain model's.
     """
     if policy not in REMAT_POLICIES:
         raise ValueError(f'model.remat_policy must be one of {REMAT_POLICIES}, got {policy!r}.')
-    if remat:
-        kwargs = {} if policy == 'full' else {'policy': _save_convs}
-        return (nn.remat(layers.ResBlock, **kwargs),
-                nn.remat(layers.AttentionBlock, **kwargs))
-    return layers.ResBlock, layers.AttentionBlock
+    if not remat:
+        return cls
+    return nn.remat(cls, **({} if policy == 'full' else {'policy': _save_convs}))
+
+
+def block_classes(remat: bool, policy: str = 'full'
+                  ) -> tuple[type[nn.Module], type[nn.Module]]:
+    """ResBlock and AttentionBlock, each `rematerialised` when `remat` is set."""
+    return (rematerialised(layers.ResBlock, remat, policy),
+            rematerialised(layers.AttentionBlock, remat, policy))
 
 
 def block_factories(arch: Any, train: bool

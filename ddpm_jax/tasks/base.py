@@ -44,6 +44,23 @@ def config_schedule(config: ml_collections.ConfigDict,
                                    beta_start=d.beta_start, beta_end=d.beta_end)
 
 
+# The networks a denoiser, score model or DDGAN generator can be (`models.MODELS`).
+DENOISER_MODELS = ('unet', 'ncsnpp')
+
+
+def check_denoiser_model(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError unless config.model is a network of `DENOISER_MODELS` that the
+    task can condition: NCSN++'s Fourier embedding (of log sigma) needs task='score'."""
+    m = config.model
+    if m.name not in DENOISER_MODELS:
+        raise ValueError(f"task={config.task!r} needs model.name in {DENOISER_MODELS}, got "
+                         f'{m.name!r}.')
+    if m.name == 'ncsnpp' and m.ncsnpp.embedding_type == 'fourier' and config.task != 'score':
+        raise ValueError("model.ncsnpp.embedding_type='fourier' embeds log sigma, which only "
+                         f"task='score' feeds the network; task={config.task!r} feeds "
+                         "timesteps: use 'positional'.")
+
+
 class Task:
     """Base class of a model family trained by `ddpm_jax.train`.
 

@@ -69,7 +69,8 @@ class DDGANTask(diffusion_task.DiffusionTask):
     def validate_config(config: ml_collections.ConfigDict) -> None:
         m, d, s, g = config.model, config.diffusion, config.sample, config.gan
         checks = [
-            (m.name == 'unet', f"task='ddgan' needs model.name='unet', got {m.name!r}."),
+            (m.name in base.DENOISER_MODELS, f"task='ddgan' needs model.name in "
+                                             f'{base.DENOISER_MODELS}, got {m.name!r}.'),
             (m.latent_dim > 0, f'task=ddgan needs model.latent_dim > 0 (the generator '
                                f'latent z), got {m.latent_dim}.'),
             (not m.learn_sigma, 'task=ddgan needs model.learn_sigma=False.'),
@@ -103,6 +104,7 @@ class DDGANTask(diffusion_task.DiffusionTask):
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        base.check_denoiser_model(config)
 
     def init_params(self, rng: jax.Array) -> dict[str, Any]:
         g_rng, d_rng = jax.random.split(rng)

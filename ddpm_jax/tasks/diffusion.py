@@ -231,7 +231,7 @@ def label_classes(config: ml_collections.ConfigDict, classifier: nn.Module | Non
 
 
 class DiffusionTask(base.SingleModelTask):
-    """A denoising diffusion model (`model.name='unet'`) as one part, 'model'."""
+    """A denoising diffusion model (`model.name` 'unet' or 'ncsnpp') as one part, 'model'."""
     name = 'diffusion'
     sample_part = 'model'
 
@@ -243,8 +243,7 @@ class DiffusionTask(base.SingleModelTask):
     @staticmethod
     def validate_config(config: ml_collections.ConfigDict) -> None:
         m, d = config.model, config.diffusion
-        if m.name != 'unet':
-            raise ValueError(f"task='diffusion' needs model.name='unet', got {m.name!r}.")
+        base.check_denoiser_model(config)
         learned = d.var_type in diffusion.LEARNED_VAR_TYPES
         if learned != bool(m.learn_sigma):
             raise ValueError(f'diffusion.var_type={d.var_type!r} needs model.learn_sigma='

@@ -4,8 +4,9 @@ SDE (Song et al. 2021b), and its samplers.
 Training (task='score', the `sde` config group): t ~ U(sde.training_eps, 1) (or, with the
 likelihood weighting and `sde.importance_sampling`, t ~ g^2 / std^2, Song et al. 2021a,
 Sec. 5; or NCSN's discrete noise levels with `sde.continuous=False`, VE only), x_t =
-alpha(t) x_0 + std(t) z on a VP, sub-VP or VE SDE (`ddpm_jax.sde`), the UNet conditioned
-on 999 t (for VE an embedding of log sigma, see `score_matching.noise_label`) and its
+alpha(t) x_0 + std(t) z on a VP, sub-VP or VE SDE (`ddpm_jax.sde`), the network
+conditioned on 999 t (for VE an embedding of log sigma, see `score_matching.noise_label`;
+NCSN++ on a continuous VE SDE gets sigma(t) itself, as score_sde: `label_kind`) and its
 output read as the score with score_sde's convention (VP / sub-VP: s = -output / std, the
 network predicts eps; VE: s = output / sigma, it predicts -eps), and the loss of
 `score_matching.dsm_loss` with `sde.weighting` 'standard' (lambda = std^2) or
@@ -54,6 +55,15 @@ def create_sde(config: ml_collections.ConfigDict):
     return kind(float(s.beta_min), float(s.beta_max), int(s.num_scales))
 
 
+def label_kind(config: ml_collections.ConfigDict) -> str:
+    """What the network is fed (`score_matching.noise_label`): 'sigma' for NCSN++ on a
+    continuous VE SDE (score_sde's labels there), else 'time' (999 t)."""
+    m, c = config.model, config.sde
+    if m.name == 'ncsnpp' and c.kind == 've' and c.continuous:
+        return 'sigma'
+    return 'time'
+
+
 def make_score_fn(config: ml_collections.ConfigDict, sde, model_fn: Callable,
                   model_kwargs: Mapping[str, Any] | None = None) -> Callable:
     """The score s(x, t) of a network `model_fn(x, label, **model_kwargs)`.
@@ -67,12 +77,13 @@ def make_score_fn(config: ml_collections.ConfigDict, sde, model_fn: Callable,
     continuous = bool(config.sde.continuous)
     n = int(config.sde.num_scales)
     kwargs = dict(model_kwargs or {})
+    label = label_kind(config)
 
     def score_fn(x, t):
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
         if not continuous:
             t = jnp.round(t * (n - 1)) / (n - 1)
-        out = model_fn(x, score_matching.noise_label(t), **kwargs)
+        out = model_fn(x, score_matching.noise_label(t, sde, label), **kwargs)
         return score_matching.score_from_output(sde, out.astype(jnp.float32), t)
 
     return score_fn
@@ -207,7 +218,7 @@ def make_sample_fn(config: ml_collections.ConfigDict, model: nn.Module, *,
 
 
 class ScoreTask(base.SingleModelTask):
-    """A continuous-time score model (`model.name='unet'`) as one part, 'model'."""
+    """A continuous-time score model (`model.name` 'unet' or 'ncsnpp') as one part, 'model'."""
     name = 'score'
     sample_part = 'model'
 
@@ -221,8 +232,7 @@ class ScoreTask(base.SingleModelTask):
     @staticmethod
     def validate_config(config: ml_collections.ConfigDict) -> None:
         m, c, s = config.model, config.sde, config.sample
-        if m.name != 'unet':
-            raise ValueError(f"task='score' needs model.name='unet', got {m.name!r}.")
+        base.check_denoiser_model(config)
         if m.learn_sigma or m.latent_dim != 0:
             raise ValueError("task='score' needs model.learn_sigma=False and "
                              f'model.latent_dim=0 (got {m.learn_sigma}, {m.latent_dim}).')
@@ -308,7 +318,7 @@ class ScoreTask(base.SingleModelTask):
         t, noise = examples['t'], examples['noise']
         mean, std = sde_lib.marginal_prob(self.sde, examples['image'], t)
         x_t = mean + std.reshape((-1,) + (1,) * (noise.ndim - 1)) * noise
-        out = model_fn(x_t, score_matching.noise_label(t),
+        out = model_fn(x_t, score_matching.noise_label(t, self.sde, label_kind(self.config)),
                        **({'y': examples['label']} if self.conditional else {}))
         score = score_matching.score_from_output(self.sde, out.astype(jnp.float32), t)
         _, g = sde_lib.drift_diffusion(self.sde, x_t, t)
