@@ -243,6 +243,14 @@ def _walk_ncsnpp(model: NCSNpp, image_size: int, flat: Mapping[tuple, Any]) -> l
                 lambda t: _layer(t, ('conv_in',), 'conv')]
     block = lambda name: lambda t: _ncsnpp_block(t, (name,), flat)  # noqa: E731
     attention = lambda name: lambda t: _ncsnpp_attention(t, (name,))  # noqa: E731
+
+    def resample(name):  # A level's resampling: BigGAN block, or layerspp's Up/Downsample.
+        if model.resblock_type != 'ddpm':
+            return block(name)
+        if model.conv_resample:
+            return lambda t: _ncsnpp_resample(t, (name,), flat)
+        return lambda t: []  # No parameters, but an entry of all_modules.
+
     levels, attn = len(model.channel_mult), set(model.attention_resolutions)
     resolution = image_size
     for level in range(levels):
@@ -251,14 +259,7 @@ def _walk_ncsnpp(model: NCSNpp, image_size: int, flat: Mapping[tuple, Any]) -> l
             if resolution in attn:
                 modules.append(attention(f'down_{level}_attn_{i}'))
         if level != levels - 1:
-            name = f'down_{level}_downsample'
-            if model.resblock_type == 'ddpm':
-                if model.conv_resample:
-                    modules.append(lambda t, n=name: _ncsnpp_resample(t, (n,), flat))
-                else:
-                    modules.append(lambda t: [])
-            else:
-                modules.append(block(name))
+            modules.append(resample(f'down_{level}_downsample'))
             pyramid = (f'down_{level}_pyramid',)
             if model.progressive_input == 'input_skip':
                 modules.append(lambda t, p=pyramid: _layer(f'{t}.Conv_0', p, 'conv'))
@@ -278,14 +279,7 @@ def _walk_ncsnpp(model: NCSNpp, image_size: int, flat: Mapping[tuple, Any]) -> l
             else:
                 modules.append(lambda t, n=f'up_{level}_pyramid': _ncsnpp_resample(t, (n,), flat))
         if level != 0:
-            name = f'up_{level}_upsample'
-            if model.resblock_type == 'ddpm':
-                if model.conv_resample:
-                    modules.append(lambda t, n=name: _ncsnpp_resample(t, (n,), flat))
-                else:
-                    modules.append(lambda t: [])
-            else:
-                modules.append(block(name))
+            modules.append(resample(f'up_{level}_upsample'))
             resolution *= 2
     if model.progressive != 'output_skip':
         modules += [lambda t: _norm(t, ('out_norm',)), lambda t: _layer(t, ('conv_out',), 'conv')]

@@ -421,11 +421,13 @@ def _select(obj: Any, key: str | None, path: str) -> dict[str, _LazyTensor]:
                                            f'key {part!r} of an object of type '
                                            f'{_describe(obj)}')
             if part not in obj:
-                raise TorchCheckpointError(f'{path} has no key {part!r}{where}; there are '
+                top = 'top-level ' if not where else ''
+                raise TorchCheckpointError(f'{path} has no {top}key {part!r}{where}; it has '
                                            f'{list(obj)[:20]!r}')
             obj, where = obj[part], f' under key {key!r}'
-    if isinstance(obj, (list, tuple)) and obj and all(isinstance(v, _LazyTensor) for v in obj):
-        obj = {str(i): v for i, v in enumerate(obj)}
+        if (isinstance(obj, (list, tuple)) and obj
+                and all(isinstance(v, _LazyTensor) for v in obj)):
+            obj = {str(i): v for i, v in enumerate(obj)}
     if not isinstance(obj, dict):
         raise TorchCheckpointError(f'{path} is not a PyTorch state dict: the object{where} '
                                    f'is of type {_describe(obj)}')

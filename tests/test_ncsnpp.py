@@ -400,6 +400,7 @@ def test_uncentered_network_embeds_half_the_sigma():
                            model.apply({'params': params}, y, sigma))
 
 
+@pytest.mark.slow
 def test_a_ddgan_generator_file_imports_into_a_workdir_and_samples(tiny_config, tmp_path):
     """DDGAN's netG_<epoch>.pth: the workdir's generator and its EMA are the file's, the
     discriminator starts fresh, and the 'ddgan' sampler runs on it."""

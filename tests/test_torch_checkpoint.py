@@ -302,6 +302,13 @@ def test_nested_state_dict_needs_key(tmp_path, legacy):
     np.testing.assert_array_equal(tc.load_state_dict(path, key='model')['w'], [1.0, 1.0])
     with pytest.raises(ValueError, match="no top-level key 'optimizer'"):
         tc.load_state_dict(path, key='optimizer')
+    with pytest.raises(ValueError, match="no key 'v' under key 'ema.v'"):
+        tc.load_state_dict(path, key='ema.v')
+    # A dotted key reaches a nested dict, and a list of tensors there (score_sde's EMA).
+    tc.save_torch_object(path, {'ema': {'decay': 0.9, 'shadow_params': [np.ones(2), np.zeros(3)]}},
+                         legacy=legacy)
+    shadow = tc.load_state_dict(path, key='ema.shadow_params')
+    assert list(shadow) == ['0', '1'] and shadow['1'].shape == (3,)
     tc.save_torch_object(path, {'w': np.ones(1), 'epoch': 7}, legacy=legacy)
     with pytest.raises(ValueError, match="'epoch' is of type int, not a tensor$"):
         tc.load_state_dict(path)

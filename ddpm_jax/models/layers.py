@@ -614,6 +614,36 @@ def level_channels(base_channels: int, channel_mult: Sequence[float]) -> list[in
     return [int(m * base_channels) for m in channel_mult]
 
 
+def check_levels(arch: Any) -> None:
+    """The level fields every network shares (dtype, channel_mult, num_res_blocks,
+    dropout), naming the config field."""
+    get_dtype(arch.dtype)
+    if not arch.channel_mult:
+        raise ValueError('model.channel_mult must not be empty.')
+    if arch.num_res_blocks < 1:
+        raise ValueError(f'model.num_res_blocks must be >= 1, got {arch.num_res_blocks}.')
+    if not 0.0 <= arch.dropout < 1.0:
+        raise ValueError(f'model.dropout must be in [0, 1), got {arch.dropout}.')
+
+
+def level_resolutions(arch: Any, image_size: int) -> list[int]:
+    """The side of each level at `image_size`, after checking that the levels can halve
+    it and that every attention resolution occurs (ValueError naming the field)."""
+    levels = len(arch.channel_mult)
+    factor = 2 ** (levels - 1)
+    if image_size <= 0 or image_size % factor:
+        raise ValueError(
+            f'data.image_size={image_size} is not divisible by the total downsampling '
+            f'{factor} of {levels} levels (model.channel_mult).')
+    resolutions = [image_size // 2 ** level for level in range(levels)]
+    unknown = sorted(set(arch.attention_resolutions) - set(resolutions))
+    if unknown:
+        raise ValueError(
+            f'model.attention_resolutions {unknown} never occur: the resolutions at '
+            f'data.image_size={image_size} are {resolutions}.')
+    return resolutions
+
+
 def check_architecture(arch: Any, image_size: int | None = None) -> None:
     """Validates UNet/classifier hyperparameters, naming the offending config field.
 
@@ -630,15 +660,9 @@ def check_architecture(arch: Any, image_size: int | None = None) -> None:
     """
     if arch.variant not in VARIANTS:
         raise ValueError(f'model.variant must be one of {VARIANTS}, got {arch.variant!r}.')
-    get_dtype(arch.dtype)
     if arch.base_channels <= 0:
         raise ValueError(f'model.base_channels must be positive, got {arch.base_channels}.')
-    if not arch.channel_mult:
-        raise ValueError('model.channel_mult must not be empty.')
-    if arch.num_res_blocks < 1:
-        raise ValueError(f'model.num_res_blocks must be >= 1, got {arch.num_res_blocks}.')
-    if not 0.0 <= arch.dropout < 1.0:
-        raise ValueError(f'model.dropout must be in [0, 1), got {arch.dropout}.')
+    check_levels(arch)
     if arch.num_groups <= 0:
         raise ValueError(f'model.num_groups must be positive, got {arch.num_groups}.')
     chans = level_channels(arch.base_channels, arch.channel_mult)
@@ -663,17 +687,7 @@ def check_architecture(arch: Any, image_size: int | None = None) -> None:
     # The middle block always has attention, at the last level's channels.
     attn_channels = {chans[-1]}
     if image_size is not None:
-        factor = 2 ** (len(chans) - 1)
-        if image_size <= 0 or image_size % factor:
-            raise ValueError(
-                f'data.image_size={image_size} is not divisible by the total downsampling '
-                f'{factor} of {len(chans)} levels (model.channel_mult).')
-        resolutions = [image_size // 2 ** level for level in range(len(chans))]
-        unknown = sorted(set(arch.attention_resolutions) - set(resolutions))
-        if unknown:
-            raise ValueError(
-                f'model.attention_resolutions {unknown} never occur: the resolutions at '
-                f'data.image_size={image_size} are {resolutions}.')
+        resolutions = level_resolutions(arch, image_size)
         attn_channels |= {ch for res, ch in zip(resolutions, chans)
                           if res in arch.attention_resolutions}
     for ch in sorted(attn_channels):

@@ -473,16 +473,10 @@ def check_architecture(arch: Any, image_size: int | None = None) -> None:
             it, an image size the levels cannot halve, or attention resolutions that
             never occur.
     """
-    layers.get_dtype(arch.dtype)
     if arch.base_channels < 4:
         raise ValueError(f'model.base_channels must be >= 4 (GroupNorm of min(C/4, 32) '
                          f'groups), got {arch.base_channels}.')
-    if not arch.channel_mult:
-        raise ValueError('model.channel_mult must not be empty.')
-    if arch.num_res_blocks < 1:
-        raise ValueError(f'model.num_res_blocks must be >= 1, got {arch.num_res_blocks}.')
-    if not 0.0 <= arch.dropout < 1.0:
-        raise ValueError(f'model.dropout must be in [0, 1), got {arch.dropout}.')
+    layers.check_levels(arch)
     for ch in norm_channels(arch):
         if ch < 4 or ch % num_groups(ch):
             raise ValueError(
@@ -494,13 +488,4 @@ def check_architecture(arch: Any, image_size: int | None = None) -> None:
                          f'model.ncsnpp.z_emb_dim >= 1, got {arch.mapping_layers}, '
                          f'{arch.z_emb_dim}.')
     if image_size is not None:
-        levels = len(arch.channel_mult)
-        if image_size <= 0 or image_size % 2 ** (levels - 1):
-            raise ValueError(f'data.image_size={image_size} is not divisible by the total '
-                             f'downsampling {2 ** (levels - 1)} of {levels} levels '
-                             '(model.channel_mult).')
-        resolutions = [image_size // 2 ** level for level in range(levels)]
-        unknown = sorted(set(arch.attention_resolutions) - set(resolutions))
-        if unknown:
-            raise ValueError(f'model.attention_resolutions {unknown} never occur: the '
-                             f'resolutions at data.image_size={image_size} are {resolutions}.')
+        layers.level_resolutions(arch, image_size)
