@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- model --------------------------------------------------------------------
     config.model = model = ml_collections.ConfigDict()
-    model.name = 'unet'  # Network (ddpm_jax.models.MODELS): 'unet' or 'classifier'.
+    model.name = 'unet'  # Network (ddpm_jax.models.MODELS): 'unet', 'ncsnpp' or 'classifier'.
     model.variant = 'adm'  # 'ddpm' (Ho et al. 2020) or 'adm' (Dhariwal & Nichol 2021).
     model.bias_init = 'zeros'  # Biases start at 'zeros' or 'torch' (PyTorch's U(+-1/sqrt(
     #                            fan_in)) beside non-zero kernels, as ADM / Improved DDPM).

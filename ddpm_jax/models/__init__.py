@@ -1,7 +1,7 @@
 """Model construction: the diffusion UNet, NCSN++ and the noise-aware classifier.
 
 `create_model(config)` builds the module that `MODELS` names for config.model.name
-and validates it against config.data; `count_params` counts parameters through
+('unet', 'ncsnpp', 'classifier') and validates it against config.data; `count_params` counts parameters through
 `jax.eval_shape`, so even a 500M-parameter model is never allocated;
 `make_model_fn` turns a module and its parameters into the samplers' and losses'
 `model_fn(x, t, **kwargs)`.
@@ -115,7 +115,7 @@ def make_model_fn(model: nn.Module, params: Any, *, train: bool = False,
     likelihood), which call `model_fn(x, t, **model_kwargs)`.
 
     Args:
-        model: A UNet or Classifier.
+        model: A UNet, NCSNpp or Classifier.
         params: Its 'params' collection.
         train: Training mode (dropout on; needs a 'dropout' rng).
         rngs: Flax rngs for `apply` (e.g. {'dropout': key}).
