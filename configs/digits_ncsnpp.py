@@ -31,15 +31,9 @@ def get_config():
     model.num_classes = 0
     model.class_dropout_prob = 0.0
     model.dropout = 0.0
-    model.conv_resample = True
-    ncsnpp = model.ncsnpp
-    ncsnpp.fir = True
-    ncsnpp.skip_rescale = True
-    ncsnpp.resblock_type = 'biggan'
-    ncsnpp.progressive = 'none'
-    ncsnpp.progressive_input = 'residual'
-    ncsnpp.embedding_type = 'fourier'
-    ncsnpp.fourier_scale = 16.0
+    # The group's defaults are NCSN++'s (FIR, BigGAN blocks, the residual input pyramid,
+    # skip rescaling); only the embedding differs.
+    model.ncsnpp.embedding_type = 'fourier'
 
     sde = config.sde
     sde.kind = 've'

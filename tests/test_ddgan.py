@@ -474,7 +474,7 @@ def test_records_of_earlier_ddgans_keep_their_networks_or_fail_loudly():
 def test_fir_downsample_is_upfirdn2d_with_1331():
     """downsample_2d(x, (1, 3, 3, 1), factor=2): zero-pad 1, filter with outer(k, k) / 64,
     keep every second pixel, in float64 NumPy; a constant's interior stays constant."""
-    from ddpm_jax.models import ddgan_discriminator as dd
+    from ddpm_jax.models import resampling
     x = np.random.default_rng(0).normal(size=(2, 8, 6, 3))
     k = np.outer([1, 3, 3, 1], [1, 3, 3, 1]) / 64.0
     padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
@@ -483,9 +483,9 @@ def test_fir_downsample_is_upfirdn2d_with_1331():
         for j in range(3):
             window = padded[:, 2 * i:2 * i + 4, 2 * j:2 * j + 4]
             want[:, i, j] = np.einsum('bhwc,hw->bc', window, k)
-    got = np.asarray(dd.fir_downsample_2x(jnp.asarray(x, jnp.float32)))
+    got = np.asarray(resampling.downsample_2x(jnp.asarray(x, jnp.float32)))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    flat = np.asarray(dd.fir_downsample_2x(jnp.ones((1, 8, 8, 1))))[0, ..., 0]
+    flat = np.asarray(resampling.downsample_2x(jnp.ones((1, 8, 8, 1))))[0, ..., 0]
     # Output i reads input rows 2i-1..2i+2: the first and last rows/columns of the output
     # see one padded row (weight 1/8 of the kernel), the corners two.
     np.testing.assert_allclose(flat[1:-1, 1:-1], 1.0, rtol=1e-6)

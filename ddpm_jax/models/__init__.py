@@ -63,7 +63,7 @@ def _create_ncsnpp(config: ml_collections.ConfigDict, **kwargs) -> nn.Module:
     for bad, what in unsupported:
         if bad:
             raise ValueError(f"model.name='ncsnpp' (score_sde's NCSN++) does not take {what}.")
-    ncsnpp = {k: m.ncsnpp[k] for k in m.ncsnpp.keys()}
+    ncsnpp = m.ncsnpp.to_dict()
     ncsnpp['fir_kernel'] = tuple(ncsnpp['fir_kernel'])
     keep = ('base_channels', 'channel_mult', 'num_res_blocks', 'attention_resolutions',
             'dropout', 'conv_resample', 'dtype', 'remat', 'remat_policy')

@@ -13,7 +13,7 @@ ADM classifier:
   input, without bias, summed and scaled by 1/sqrt(2); every block but the first
   halves the resolution (`Discriminator_small`), or every block (`downsample_first`,
   `Discriminator_large`). With `blocks='ddgan'` (their DownConvBlock) the 2x down is
-  their `upfirdn2d.downsample_2d` with the (1, 3, 3, 1) FIR kernel (`fir_downsample_2x`)
+  their `upfirdn2d.downsample_2d` with the (1, 3, 3, 1) FIR kernel (`resampling.downsample_2x`)
   and every block has the skip convolution; `blocks='simple'` (this module's first
   design, kept by `configs/digits_ddgan.py`) averages 2x2 pixels instead and skips
   by identity where a block keeps its width and resolution (on one digits run the
@@ -59,15 +59,6 @@ _SLOPE = 0.2
 _NEAR_ZERO = 1e-10
 DISC_INITS = ('ddgan', 'adm')  # `DDGANDiscriminator.weight_init`: theirs, or PyTorch's defaults.
 DISC_BLOCKS = ('ddgan', 'simple')  # `DDGANDiscriminator.blocks` (the module docstring).
-
-
-def fir_downsample_2x(x: jax.Array) -> jax.Array:
-    """[B, H, W, C] -> [B, H/2, W/2, C]: StyleGAN2's / DDGAN's
-    `upfirdn2d.downsample_2d(x, (1, 3, 3, 1), factor=2)` (`resampling.downsample_2x`):
-    zero-pad by 1 on each side, filter each channel with outer(k, k) / 64 (a 4x4
-    window), keep every second pixel (output (i, j) reads input rows 2i-1..2i+2 and
-    columns 2j-1..2j+2)."""
-    return resampling.downsample_2x(x, (1, 3, 3, 1))
 
 
 def reference_init(scale: float = 1.0) -> nn.initializers.Initializer:
@@ -138,7 +129,7 @@ class DownBlock(nn.Module):
         h = _act(h)
         skip = x
         if self.downsample:
-            down = fir_downsample_2x if self.blocks == 'ddgan' else layers.avg_pool_2x
+            down = resampling.downsample_2x if self.blocks == 'ddgan' else layers.avg_pool_2x
             h, skip = down(h), down(skip)
         h = _conv(self.features, 3, 'conv_1', self.weight_init, scale=_NEAR_ZERO)(h)
         if (self.blocks == 'ddgan' or skip.shape[-1] != self.features

@@ -316,16 +316,6 @@ class NCSNpp(nn.Module):
         return layers.ChannelDense(4 * nf, _init(1.0), jnp.float32,
                                    name='time_dense_1')(nn.silu(temb))
 
-    def _map_latent(self, z: jax.Array) -> jax.Array:
-        """DDGAN's z_transform: PixelNorm, then mapping_layers x (dense, SiLU)."""
-        h = z.astype(jnp.float32)
-        h = h / jnp.sqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + 1e-8)
-        init = nn.initializers.variance_scaling(1.0, 'fan_out', 'uniform')
-        for k in range(self.mapping_layers):
-            h = nn.silu(nn.Dense(self.z_emb_dim, kernel_init=init, param_dtype=jnp.float32,
-                                 name=f'mapping_{k}')(h))
-        return h
-
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, train: bool = False,
                  z: jax.Array | None = None) -> jax.Array:
@@ -336,7 +326,8 @@ class NCSNpp(nn.Module):
         dtype = layers.get_dtype(self.dtype)
         channels, batch_size = x.shape[-1], x.shape[0]
         temb = self._embed(t, batch_size)
-        zemb = self._map_latent(z) if z is not None else None
+        zemb = (unet.mapping_network(z, self.mapping_layers, self.z_emb_dim, nn.silu)
+                if z is not None else None)
         res_cls = unet.rematerialised(ResnetBlock, self.remat, self.remat_policy)
         attn_cls = unet.rematerialised(AttnBlock, self.remat, self.remat_policy)
         res_kw = dict(kind=self.resblock_type, fir=self.fir, fir_kernel=tuple(self.fir_kernel),

@@ -32,6 +32,19 @@ REMAT_POLICIES = ('full', 'save_convs')
 MAPPING_ACTIVATIONS = {'silu': nn.silu, 'leaky_relu': lambda x: nn.leaky_relu(x, 0.2)}
 
 
+def mapping_network(z: jax.Array, num_layers: int, width: int, activation) -> jax.Array:
+    """DDGAN's z_transform (float32): pixel norm, then `num_layers` x (dense to `width`,
+    activation), the dense layers named 'mapping_<k>' in the calling module and
+    initialised as their dense_layer.dense, U(+-sqrt(3 / fan_out))
+    (`ddgan_discriminator.reference_init`). Call from a compact method."""
+    init = nn.initializers.variance_scaling(1.0, 'fan_out', 'uniform')
+    h = z.astype(jnp.float32)
+    h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + 1e-8)
+    for k in range(num_layers):
+        h = activation(layers.ChannelDense(width, init, jnp.float32, name=f'mapping_{k}')(h))
+    return h
+
+
 def _save_convs(prim, *_, **params) -> bool:
     """Remat policy: keep convolution and weight-matmul outputs, recompute the rest.
 
@@ -379,11 +392,6 @@ class UNet(nn.Module):
         if self.mapping_activation not in MAPPING_ACTIVATIONS:
             raise ValueError(f'model.mapping_activation must be one of '
                              f'{tuple(MAPPING_ACTIVATIONS)}, got {self.mapping_activation!r}.')
-        act = MAPPING_ACTIVATIONS[self.mapping_activation]
-        # Their dense_layer.dense: U(+-sqrt(3 / fan_out)) (ddgan_discriminator.reference_init).
-        init = nn.initializers.variance_scaling(1.0, 'fan_out', 'uniform')
-        h = z.astype(jnp.float32)
-        h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + 1e-8)
-        for k in range(self.mapping_layers):
-            h = act(layers.ChannelDense(emb_dim, init, jnp.float32, name=f'mapping_{k}')(h))
+        h = mapping_network(z, self.mapping_layers, emb_dim,
+                            MAPPING_ACTIVATIONS[self.mapping_activation])
         return layers.dense(emb_dim, self.variant, jnp.float32, name='latent_emb')(h)

@@ -3,7 +3,8 @@
 A few large steps (T = 2..8 of the 'vp' schedule) replace the thousand small ones;
 the reverse step is no longer Gaussian, so each is modelled by a conditional GAN:
 
-* The generator G(x_t, z, t) (a UNet with `model.latent_dim > 0`, part 'generator')
+* The generator G(x_t, z, t) (NCSN++ or a UNet with `model.latent_dim > 0`, part
+  'generator')
   predicts x_0, squashed by tanh (`model.output_tanh`, as their NCSN++ generator)
   so training and sampling both see an x_0 in (-1, 1); the fake x_{t-1} is drawn
   from the Gaussian posterior q(x_{t-1} | x_t, x_0 = G(...)) of
