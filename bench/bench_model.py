@@ -7,8 +7,10 @@
 Runs on whatever backend JAX finds (on one CPU device with the step memory reused
 between calls, as main.py runs: `parallel.reuse_cpu_step_memory()`). The training step
 is the gradient of a plain MSE against a random target plus an Adam update (a stand-in
-for the diffusion loss with the same model cost). FLOPs come from XLA's cost analysis of the compiled program;
-on an accelerator (or with --peak_tflops) also as a fraction of the device's peak.
+for the diffusion loss with the same model cost). FLOPs come from XLA's cost analysis
+of the lowered program (before optimisation: the compiled one counts what a GPU hands
+to cuDNN as zero); on an accelerator (or with --peak_tflops) also as a fraction of the
+device's peak.
 
 With --sample_steps=N it also times the compiled ancestral sampler (`samplers.ddpm_sample`,
 one `lax.scan` over N respaced steps) on the same batch and reports its time per step
@@ -36,15 +38,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ddpm_jax import models, parallel, samplers, tasks  # noqa: E402
 import common  # noqa: E402
-from common import compiled_flops, load_config, peak_flops  # noqa: E402
+from common import load_config, peak_flops, program_flops  # noqa: E402
 
 def compile_fn(fn, *args, donate_argnums=()):
     """Lowers and compiles `fn`; returns (compiled, seconds, flops per call)."""
     start = time.perf_counter()
-    compiled = jax.jit(fn, donate_argnums=donate_argnums,
-                       compiler_options=parallel.compiler_options()).lower(*args).compile()
+    lowered = jax.jit(fn, donate_argnums=donate_argnums,
+                      compiler_options=parallel.compiler_options()).lower(*args)
+    compiled = lowered.compile()
     seconds = time.perf_counter() - start
-    flops = compiled_flops(compiled)
+    flops = program_flops(lowered)
     return compiled, seconds, float('nan') if flops is None else flops
 
 
@@ -76,6 +79,8 @@ def main(argv=None) -> None:
                         help='Override for the classifier config (repeatable).')
     parser.add_argument('--classifier_scale', type=float, default=1.0,
                         help='Classifier-guidance scale (with --classifier_config).')
+    parser.add_argument('--no_train', action='store_true',
+                        help='Skip the training step (saves its compile when timing the sampler).')
     common.add_fusion_flag(parser)
     args = parser.parse_args(argv)
     if args.xla_default_fusions:
@@ -116,18 +121,20 @@ def main(argv=None) -> None:
         return optax.apply_updates(p, updates), opt_state, loss
 
     fwd, fwd_compile_s, fwd_flops = compile_fn(forward, params, x, t, kwargs)
-    train, train_compile_s, train_flops = compile_fn(
-        train_step, params, opt_state, x, t, kwargs, dropout_rng, donate_argnums=(0, 1))
-
     fwd_s = time_fn(lambda: fwd(params, x, t, kwargs), args.steps)
     state = {'params': params, 'opt_state': opt_state}
+    rows = [('forward', fwd_compile_s, fwd_s, fwd_flops)]
+    if not args.no_train:
+        train, train_compile_s, train_flops = compile_fn(
+            train_step, params, opt_state, x, t, kwargs, dropout_rng, donate_argnums=(0, 1))
 
-    def one_train_step():
-        state['params'], state['opt_state'], loss = train(
-            state['params'], state['opt_state'], x, t, kwargs, dropout_rng)
-        return loss
+        def one_train_step():
+            state['params'], state['opt_state'], loss = train(
+                state['params'], state['opt_state'], x, t, kwargs, dropout_rng)
+            return loss
 
-    train_s = time_fn(one_train_step, args.steps)
+        rows.append(('train', train_compile_s, time_fn(one_train_step, args.steps),
+                     train_flops))
 
     peak = peak_flops(device, config.model.dtype, args.peak_tflops)
     print(f'config      {args.config}  overrides={args.override or "none"}')
@@ -136,8 +143,7 @@ def main(argv=None) -> None:
     print(f'model       {config.model.name}/{config.model.variant} dtype={config.model.dtype} '
           f'remat={config.model.remat} params={num_params:,} image={size}x{size}x{channels} '
           f'batch={batch}')
-    for label, compile_s, step_s, flops in (('forward', fwd_compile_s, fwd_s, fwd_flops),
-                                            ('train', train_compile_s, train_s, train_flops)):
+    for label, compile_s, step_s, flops in rows:
         line = (f'{label:<11} compile {compile_s:7.2f} s | {step_s * 1e3:9.2f} ms/step | '
                 f'{batch / step_s:10.1f} img/s | {flops / batch / 1e9:8.2f} GFLOP/img | '
                 f'{flops / step_s / 1e12:8.3f} TFLOP/s')

@@ -6,9 +6,10 @@
 
 Uses the synthetic 'fake' data source (no dataset needed) and the real jitted train
 step over a ('data',) mesh of all devices. Reports the compile time of the step,
-the mean step time after warm-up, images/s, and the step's FLOPs from XLA's cost
-analysis; on a GPU/TPU also the achieved FLOP/s as a fraction of the device's peak
-(dense bf16 for bfloat16 models, TF32 for float32 ones, or --peak_tflops), the
+the mean step time after warm-up, images/s, and one device's share of the step's
+FLOPs from XLA's cost analysis of the lowered program (`common.program_flops`); on a
+GPU/TPU also the achieved FLOP/s as a fraction of the device's peak (dense bf16 for
+bfloat16 models, TF32 for float32 ones, or --peak_tflops), the
 process CPU seconds and minor page faults per step (on a CPU: robust to other load,
 unlike wall time) and the peak memory (the device allocator's high-water mark, or
 XLA's compiled estimate on a CPU). Like main.py it first calls
@@ -36,7 +37,7 @@ import numpy as np  # noqa: E402
 from ddpm_jax import data as data_lib  # noqa: E402
 from ddpm_jax import config_lib, parallel, state as state_lib, tasks, train  # noqa: E402
 import common  # noqa: E402
-from common import (compiled_flops, load_config, peak_flops, print_profile,  # noqa: E402
+from common import (load_config, program_flops, peak_flops, print_profile,  # noqa: E402
                     profile_summary)
 
 def _peak_memory_gb(compiled, device) -> float | None:
@@ -94,9 +95,12 @@ def main():
     batch = parallel.to_global(next(iterator), mesh)
 
     start = time.perf_counter()
-    compiled = step_fn.lower(state, batch, rng).compile()
+    lowered = step_fn.lower(state, batch, rng)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - start
-    flops = compiled_flops(compiled)
+    flops = program_flops(lowered)
+    if flops is not None:
+        flops /= num_devices  # The lowered program is the global computation.
 
     for _ in range(args.warmup):
         state, metrics = compiled(state, parallel.to_global(next(iterator), mesh), rng)
@@ -146,7 +150,6 @@ def main():
         'images_per_s': round(config.train.global_batch_size / step_s, 1),
     }
     if flops is not None:
-        # cost_analysis counts the whole SPMD program once per device.
         result['step_tflop_per_device'] = round(flops / 1e12, 4)
         achieved = flops / step_s
         result['tflops_per_device'] = round(achieved / 1e12, 2)

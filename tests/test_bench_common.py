@@ -39,6 +39,23 @@ def test_hlo_index_kinds_paths_and_filter_gradients():
     assert index['tanh.2'][0] == 'tanh'
 
 
+GPU_LINES = """ENTRY %main.3 (x: bf16[8,32,32,128]) -> bf16[8,32,32,128] {
+  %custom-call.5 = (bf16[8,32,32,128]{3,2,1,0}, u8[1024]{0}) custom-call(%x, %w), window={size=3x3 pad=1_1x1_1}, custom_call_target="__cudnn$convForward", metadata={op_name="jit(f)/jvp(UNet)/down_0_res_1/in_conv/conv_general_dilated"}
+  %get-tuple-element.2 = bf16[8,32,32,128]{3,2,1,0} get-tuple-element(%custom-call.5), index=0
+  ROOT %loop_add_fusion = bf16[8,32,32,128]{3,2,1,0} fusion(%get-tuple-element.2), kind=kLoop, calls=%fused_add
+}
+"""
+
+
+def test_hlo_index_reads_tuple_shaped_custom_calls():
+    assert common._instruction(GPU_LINES.splitlines()[1]) == ('custom-call.5', 'custom-call')
+    index = common._hlo_index(GPU_LINES)
+    assert index['custom-call.5'] == (
+        '__cudnn$convForward', 'jit(f)/jvp(UNet)/down_0_res_1/in_conv/conv_general_dilated')
+    assert index['get-tuple-element.2'] == ('get-tuple-element', '')
+    assert index['loop_add_fusion'] == ('kLoop', '(? without metadata)')
+
+
 def test_op_group_folds_block_numbers_and_direction():
     assert (common._op_group('jit(f)/jvp(UNet)/down_0_res_1/in_conv/add')
             == 'fwd down_*_res_*/in_conv/add')

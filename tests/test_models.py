@@ -593,3 +593,36 @@ def test_bias_init_torch_through_the_task(tiny_config):
     tiny_config.model.bias_init = 'uniform'
     with pytest.raises(ValueError, match=r"model.bias_init='uniform'.*'zeros', 'torch'"):
         config_lib.validate(tiny_config, mode='train', num_devices=1)
+
+
+@pytest.mark.parametrize('heads,dim,kv_len', [(1, 16, 12), (3, 8, 5)])
+def test_attention_matches_float64_softmax_reference(heads, dim, kv_len):
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.normal(size=(2, n, heads, dim)) for n in (12, kv_len, kv_len))
+    logits = np.einsum('bqnd,bknd->bnqk', q, k) / np.sqrt(dim)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    expected = np.einsum('bnqk,bknd->bqnd', weights, v)
+    as32 = lambda a: jnp.asarray(a, jnp.float32)
+    out = layers.attention(as32(q), as32(k), as32(v))
+    np.testing.assert_allclose(np.asarray(out), expected, atol=2e-6, rtol=2e-6)
+    as16 = lambda a: jnp.asarray(a, jnp.bfloat16)
+    out16 = layers.attention(as16(q), as16(k), as16(v)).astype(jnp.float32)
+    assert np.max(np.abs(np.asarray(out16) - expected)) < 0.05
+
+
+def test_attention_implementation_cudnn_only_for_half_precision_on_gpu(monkeypatch):
+    monkeypatch.delenv('DDPM_JAX_ATTENTION', raising=False)
+    pick = layers.attention_implementation
+    assert pick(jnp.bfloat16, 64) == 'xla'  # This process: a CPU.
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+    assert pick(jnp.bfloat16, 64) == 'cudnn'
+    assert pick(jnp.float16, 256) == 'cudnn'
+    assert pick(jnp.float32, 64) == 'xla'
+    assert pick(jnp.bfloat16, 264) == 'xla'
+    assert pick(jnp.bfloat16, 12) == 'xla'
+    monkeypatch.setenv('DDPM_JAX_ATTENTION', 'xla')
+    assert pick(jnp.bfloat16, 64) == 'xla'
+    monkeypatch.setenv('DDPM_JAX_ATTENTION', 'flash')
+    with pytest.raises(ValueError, match='DDPM_JAX_ATTENTION'):
+        pick(jnp.bfloat16, 64)

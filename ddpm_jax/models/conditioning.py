@@ -55,7 +55,7 @@ class CrossAttentionBlock(nn.Module):
         k = layers.dense(c, 'adm', self.dtype, name='k')(context)
         v = layers.dense(c, 'adm', self.dtype, name='v')(context)
         split = lambda a: a.reshape(b, a.shape[1], heads, c // heads)  # [B, T, N, D]
-        h = jax.nn.dot_product_attention(split(q), split(k), split(v))
+        h = layers.attention(split(q), split(k), split(v))
         h = layers.dense(c, 'adm', self.dtype, zero_init=True,
                          name='proj_out')(h.reshape(b, height * width, c))
         return x + h.reshape(b, height, width, c).astype(x.dtype)

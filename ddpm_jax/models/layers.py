@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import zlib
 from typing import Any, Sequence
 
@@ -567,8 +568,7 @@ class AttentionBlock(nn.Module):
                 q, k, v = jnp.split(split(qkv), 3, axis=-1)
             else:
                 q, k, v = (split(a) for a in jnp.split(qkv, 3, axis=-1))
-        h = jax.nn.dot_product_attention(q, k, v)
-        h = h.reshape(b, height * width, c)
+        h = attention(q, k, v).reshape(b, height * width, c)
         h = dense(c, self.variant, self.dtype, zero_init=True, name='proj_out')(h)
         return x + h.reshape(b, height, width, c)
 
@@ -607,6 +607,47 @@ class AttentionPool2d(nn.Module):
         split = lambda a: a.reshape(b, a.shape[1], heads, c // heads)
         h = jax.nn.dot_product_attention(split(q), split(k), split(v)).reshape(b, c)
         return dense(self.out_features, 'adm', self.dtype, name='c_proj')(h)
+
+
+ATTENTION_IMPLEMENTATIONS = ('auto', 'xla', 'cudnn')
+
+
+def attention_implementation(dtype: Any, head_dim: int) -> str:
+    """The `jax.nn.dot_product_attention` implementation for inputs of `dtype`.
+
+    'cudnn' (cuDNN's fused flash attention) on a GPU for bfloat16 / float16 inputs with
+    a head dim that is a multiple of 8 and at most 256, else 'xla' (float32 models, the
+    CPU, TPUs). The environment variable DDPM_JAX_ATTENTION='xla' or 'cudnn' overrides
+    the choice for the whole process (to compare the two, or to step round a cuDNN
+    that rejects a shape at compile time).
+
+    Raises:
+        ValueError: DDPM_JAX_ATTENTION is set to something else.
+    """
+    choice = os.environ.get('DDPM_JAX_ATTENTION', 'auto') or 'auto'
+    if choice not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f'DDPM_JAX_ATTENTION must be one of {ATTENTION_IMPLEMENTATIONS}, '
+                         f'got {choice!r}.')
+    if choice != 'auto':
+        return choice
+    fused = (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+             and head_dim % 8 == 0 and head_dim <= 256)
+    return 'cudnn' if fused and jax.default_backend() == 'gpu' else 'xla'
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Softmax(q k^T / sqrt(D)) v over [B, T, N, D] queries and [B, S, N, D] keys and
+    values (`jax.nn.dot_product_attention`; `attention_implementation` picks the
+    kernel). Where cuDNN turns the shapes down while tracing (an older cuDNN, an
+    unsupported GPU), XLA's implementation is used.
+    """
+    implementation = attention_implementation(q.dtype, q.shape[-1])
+    if implementation == 'cudnn' and os.environ.get('DDPM_JAX_ATTENTION') != 'cudnn':
+        try:
+            return jax.nn.dot_product_attention(q, k, v, implementation='cudnn')
+        except (NotImplementedError, RuntimeError, ValueError):
+            implementation = 'xla'
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
 
 
 def level_channels(base_channels: int, channel_mult: Sequence[float]) -> list[int]:

@@ -193,7 +193,7 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """AttnBlockpp: GroupNorm, single-head attention over all pixels with NIN q, k, v
     (init scale 0.1) and output (init_scale), a residual, rescaled by 1/sqrt(2) with
-    skip_rescale. The attention itself is `jax.nn.dot_product_attention` (1/sqrt(C))."""
+    skip_rescale. The attention itself is `layers.attention` (1/sqrt(C))."""
     skip_rescale: bool = True
     init_scale: float = 0.0
     dtype: Dtype = jnp.float32
@@ -204,7 +204,7 @@ class AttnBlock(nn.Module):
         b, height, width, c = x.shape
         h = _norm(c, self.dtype, 'norm')(x).reshape(b, height * width, 1, c)
         q, k, v = (_nin(c, self.dtype, name=n)(h) for n in ('q', 'k', 'v'))
-        h = jax.nn.dot_product_attention(q, k, v).reshape(b, height, width, c)
+        h = layers.attention(q, k, v).reshape(b, height, width, c)
         h = _nin(c, self.dtype, scale=self.init_scale, name='proj_out')(h)
         return _combine_skip(x, h, self.skip_rescale)
 
