@@ -120,37 +120,12 @@ def main(argv=None) -> None:
         updates, opt_state = tx.update(grads, opt_state, p)
         return optax.apply_updates(p, updates), opt_state, loss
 
+    # Everything compiles first, then everything is timed (bench/common.device_turn).
     fwd, fwd_compile_s, fwd_flops = compile_fn(forward, params, x, t, kwargs)
-    fwd_s = time_fn(lambda: fwd(params, x, t, kwargs), args.steps)
-    state = {'params': params, 'opt_state': opt_state}
-    rows = [('forward', fwd_compile_s, fwd_s, fwd_flops)]
     if not args.no_train:
         train, train_compile_s, train_flops = compile_fn(
             train_step, params, opt_state, x, t, kwargs, dropout_rng, donate_argnums=(0, 1))
-
-        def one_train_step():
-            state['params'], state['opt_state'], loss = train(
-                state['params'], state['opt_state'], x, t, kwargs, dropout_rng)
-            return loss
-
-        rows.append(('train', train_compile_s, time_fn(one_train_step, args.steps),
-                     train_flops))
-
-    peak = peak_flops(device, config.model.dtype, args.peak_tflops)
-    print(f'config      {args.config}  overrides={args.override or "none"}')
-    print(f'device      {device.platform} / {device.device_kind} x{jax.device_count()} '
-          f'(measured on device 0)')
-    print(f'model       {config.model.name}/{config.model.variant} dtype={config.model.dtype} '
-          f'remat={config.model.remat} params={num_params:,} image={size}x{size}x{channels} '
-          f'batch={batch}')
-    for label, compile_s, step_s, flops in rows:
-        line = (f'{label:<11} compile {compile_s:7.2f} s | {step_s * 1e3:9.2f} ms/step | '
-                f'{batch / step_s:10.1f} img/s | {flops / batch / 1e9:8.2f} GFLOP/img | '
-                f'{flops / step_s / 1e12:8.3f} TFLOP/s')
-        if peak is not None and np.isfinite(flops):
-            line += f' | {100 * flops / step_s / peak:5.1f}% of {peak / 1e12:.4g} TFLOP/s peak'
-        print(line)
-
+    sampler = None
     if args.sample_steps and is_unet:
         sched = tasks.config_schedule(config, str(args.sample_steps))
 
@@ -175,16 +150,45 @@ def main(argv=None) -> None:
                 mean_type=config.diffusion.mean_type, var_type=config.diffusion.var_type,
                 model_kwargs=kwargs, cond_fn=cond_fn, classifier_scale=args.classifier_scale)
 
-        params = state['params']  # The train step donated the first copy.
-        sample_args = (params, classifier_params, labels, rng, kwargs)
-        sampler, sample_compile_s, _ = compile_fn(sample, *sample_args)
-        sample_s = time_fn(lambda: sampler(*sample_args), 1)
+        sampler, sample_compile_s, _ = compile_fn(
+            sample, params, classifier_params, labels, rng, kwargs)
+
+    with common.device_turn():  # Alone on the device while timing.
+        fwd_s = time_fn(lambda: fwd(params, x, t, kwargs), args.steps)
+        state = {'params': params, 'opt_state': opt_state}
+        rows = [('forward', fwd_compile_s, fwd_s, fwd_flops)]
+        if not args.no_train:
+            def one_train_step():
+                state['params'], state['opt_state'], loss = train(
+                    state['params'], state['opt_state'], x, t, kwargs, dropout_rng)
+                return loss
+
+            rows.append(('train', train_compile_s, time_fn(one_train_step, args.steps),
+                         train_flops))
+        if sampler is not None:  # The train step donated the first copy of the params.
+            sample_args = (state['params'], classifier_params, labels, rng, kwargs)
+            sample_s = time_fn(lambda: sampler(*sample_args), 1)
+
+    peak = peak_flops(device, config.model.dtype, args.peak_tflops)
+    print(f'config      {args.config}  overrides={args.override or "none"}')
+    print(f'device      {device.platform} / {device.device_kind} x{jax.device_count()} '
+          f'(measured on device 0)')
+    print(f'model       {config.model.name}/{config.model.variant} dtype={config.model.dtype} '
+          f'remat={config.model.remat} params={num_params:,} image={size}x{size}x{channels} '
+          f'batch={batch}')
+    for label, compile_s, step_s, flops in rows:
+        line = (f'{label:<11} compile {compile_s:7.2f} s | {step_s * 1e3:9.2f} ms/step | '
+                f'{batch / step_s:10.1f} img/s | {flops / batch / 1e9:8.2f} GFLOP/img | '
+                f'{flops / step_s / 1e12:8.3f} TFLOP/s')
+        if peak is not None and np.isfinite(flops):
+            line += f' | {100 * flops / step_s / peak:5.1f}% of {peak / 1e12:.4g} TFLOP/s peak'
+        print(line)
+    if sampler is not None:
         per_step = sample_s / args.sample_steps
         guided = f', guided by {args.classifier_config}' if classifier is not None else ''
         print(f'sampler     compile {sample_compile_s:7.2f} s | {per_step * 1e3:9.2f} ms/step | '
               f'{batch / sample_s:10.3f} img/s over {args.sample_steps} steps{guided} | '
               f'step / forward = {per_step / fwd_s:.3f}')
-
 
 if __name__ == '__main__':
     main()

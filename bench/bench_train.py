@@ -102,37 +102,41 @@ def main():
     if flops is not None:
         flops /= num_devices  # The lowered program is the global computation.
 
-    for _ in range(args.warmup):
-        state, metrics = compiled(state, parallel.to_global(next(iterator), mesh), rng)
-    jax.block_until_ready(state)
-    batches = [parallel.to_global(next(iterator), mesh) for _ in range(args.steps)]
-    faults_start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    start, cpu_start = time.perf_counter(), time.process_time()
-    step_times = []
-    for batch in batches:
-        state, metrics = compiled(state, batch, rng)
-        if args.per_step:
-            jax.block_until_ready((state, metrics))
-            step_times.append(time.perf_counter() - start - sum(step_times))
-    jax.block_until_ready((state, metrics))
-    step_s = (time.perf_counter() - start) / args.steps
-    cpu_s = (time.process_time() - cpu_start) / args.steps
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_start) / args.steps
-    losses = {k: v for k, v in metrics.items() if k.startswith('loss')}  # Per phase: loss_<part>.
-    assert losses and all(np.isfinite(float(parallel.to_host(v))) for v in losses.values()), losses
+    with common.device_turn():  # Alone on the device while timing.
+        for _ in range(args.warmup):
+            state, metrics = compiled(state, parallel.to_global(next(iterator), mesh), rng)
+        jax.block_until_ready(state)
+        batches = [parallel.to_global(next(iterator), mesh) for _ in range(args.steps)]
+        faults_start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        start, cpu_start = time.perf_counter(), time.process_time()
+        step_times = []
+        for batch in batches:
+            state, metrics = compiled(state, batch, rng)
+            if args.per_step:
+                jax.block_until_ready((state, metrics))
+                step_times.append(time.perf_counter() - start - sum(step_times))
+        jax.block_until_ready((state, metrics))
+        step_s = (time.perf_counter() - start) / args.steps
+        cpu_s = (time.process_time() - cpu_start) / args.steps
+        faults = ((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_start)
+                  / args.steps)
+        # One loss per phase: loss_<part>.
+        losses = {k: v for k, v in metrics.items() if k.startswith('loss')}
+        assert losses and all(np.isfinite(float(parallel.to_host(v)))
+                              for v in losses.values()), losses
 
-    if args.profile:
-        profile_batches = [parallel.to_global(next(iterator), mesh)
-                           for _ in range(args.profile)]
+        if args.profile:
+            profile_batches = [parallel.to_global(next(iterator), mesh)
+                               for _ in range(args.profile)]
 
-        def run():
-            nonlocal state
-            for batch in profile_batches:
-                state, out = compiled(state, batch, rng)
-            jax.block_until_ready((state, out))
+            def run():
+                nonlocal state
+                for batch in profile_batches:
+                    state, out = compiled(state, batch, rng)
+                jax.block_until_ready((state, out))
 
-        print_profile(profile_summary(run, compiled, steps=args.profile,
-                                      top=args.profile_top))
+            print_profile(profile_summary(run, compiled, steps=args.profile,
+                                          top=args.profile_top))
 
     device = jax.devices()[0]
     result = {

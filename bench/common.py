@@ -1,11 +1,14 @@
 """Shared pieces of the benchmarks: config loading with overrides, FLOPs, device peaks,
-and a profile summary (top ops by time) from a JAX trace."""
+a profile summary (top ops by time) from a JAX trace, and `device_turn` (several
+benchmarks compiling at once and timing one at a time)."""
 
 from __future__ import annotations
 
 import argparse
 import ast
 import collections
+import contextlib
+import fcntl
 import glob
 import importlib.util
 import os
@@ -54,6 +57,54 @@ def use_xla_default_fusions() -> None:
     default = parallel.CPU_FUSION_TYPES + ',LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
                                + f' --{parallel.CPU_FUSION_OPTION}={default}').strip()
+
+
+_HELD_LOCKS = []  # device_turn's lock files, open (and so locked) until the process exits.
+
+
+@contextlib.contextmanager
+def device_turn(wait_s: float = 900.0):
+    """The device to oneself for timing, when benchmarks run side by side.
+
+    Without BENCH_SYNC_DIR in the environment this does nothing. bench/gpu_figures.sh
+    sets it when it starts BENCH_SYNC_COUNT benchmarks at once, so that their compiles
+    (minutes each on a GPU) overlap, each with its place BENCH_SYNC_RANK (0 first), and
+    writes BENCH_SYNC_DIR/<rank>.ended when a benchmark's process exits, however it
+    exits. This marks the caller compiled and waits:
+
+    1. until every benchmark has compiled or ended, so that no compile's autotuning
+       shares the device with a timing, or until the time BENCH_SYNC_COMPILE_DEADLINE
+       (seconds since the epoch, if set; a line says which are still compiling);
+    2. until every benchmark ranked before it that has compiled has ended;
+    3. for an exclusive lock on BENCH_SYNC_DIR/device.lock, held until the process
+       exits (and so has freed its device memory).
+
+    One benchmark times at a time, in rank order. `wait_s` bounds waits 1 and 2.
+    """
+    sync_dir = os.environ.get('BENCH_SYNC_DIR')
+    if not sync_dir:
+        yield
+        return
+    count = int(os.environ['BENCH_SYNC_COUNT'])
+    rank = int(os.environ['BENCH_SYNC_RANK'])
+    has = lambda r, what: os.path.exists(os.path.join(sync_dir, f'{r}.{what}'))  # noqa: E731
+    open(os.path.join(sync_dir, f'{rank}.compiled'), 'w').close()
+    deadline = min(time.time() + wait_s,
+                   float(os.environ.get('BENCH_SYNC_COMPILE_DEADLINE', 'inf')))
+    compiling = lambda: [r for r in range(count)  # noqa: E731
+                         if not has(r, 'compiled') and not has(r, 'ended')]
+    while compiling() and time.time() < deadline:
+        time.sleep(0.5)
+    if compiling():
+        print(f'device_turn: timing while benchmarks {compiling()} still compile', flush=True)
+    deadline = time.time() + wait_s
+    while time.time() < deadline and any(has(r, 'compiled') and not has(r, 'ended')
+                                         for r in range(rank)):
+        time.sleep(0.5)
+    lock = open(os.path.join(sync_dir, 'device.lock'), 'a')
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    _HELD_LOCKS.append(lock)
+    yield
 
 
 def load_config(path: str, overrides: list[str]) -> ml_collections.ConfigDict:

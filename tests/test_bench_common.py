@@ -108,3 +108,63 @@ def test_load_config_override_rejects_unknown_field():
     assert config.model.base_channels == 16 and config.model.dtype == 'bfloat16'
     with pytest.raises(ValueError, match='not_a_field'):
         common.load_config(path, ['model.not_a_field=1'])
+
+
+TURN = """
+import os, sys, time
+sys.path[:0] = [{bench!r}, os.path.dirname({bench!r})]
+import common
+time.sleep(float(sys.argv[1]))  # 'Compiling'.
+with common.device_turn(wait_s=30):
+    with open(os.path.join(os.environ['BENCH_SYNC_DIR'], 'log'), 'a') as f:
+        f.write(f"start {{os.environ['BENCH_SYNC_RANK']}} {{time.monotonic()}}\\n")
+    time.sleep(0.3)
+    with open(os.path.join(os.environ['BENCH_SYNC_DIR'], 'log'), 'a') as f:
+        f.write(f"end {{os.environ['BENCH_SYNC_RANK']}} {{time.monotonic()}}\\n")
+"""
+
+
+def test_device_turn_times_one_at_a_time_in_rank_order_after_every_compile(tmp_path):
+    import subprocess
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench')
+    script = tmp_path / 'turn.py'
+    script.write_text(TURN.format(bench=bench))
+    (tmp_path / '3.ended').write_text('')  # Rank 3 died before compiling.
+    procs = []
+    for rank, compile_s in ((2, 0.0), (0, 1.0), (1, 0.2)):  # Rank 0 compiles last.
+        env = dict(os.environ, BENCH_SYNC_DIR=str(tmp_path), BENCH_SYNC_COUNT='4',
+                   BENCH_SYNC_RANK=str(rank))
+        procs.append(subprocess.Popen(  # As gpu_figures.sh: <rank>.ended once it exits.
+            f'"{sys.executable}" "{script}" {compile_s}; touch "{tmp_path}/{rank}.ended"',
+            shell=True, env=env))
+    assert all(p.wait(timeout=60) == 0 for p in procs)
+    events = [line.split() for line in (tmp_path / 'log').read_text().splitlines()]
+    assert [(e[0], e[1]) for e in events] == [
+        ('start', '0'), ('end', '0'), ('start', '1'), ('end', '1'), ('start', '2'), ('end', '2')]
+    times = [float(e[2]) for e in events]
+    assert times == sorted(times)
+
+
+def test_device_turn_stops_waiting_for_a_compile_at_the_deadline(tmp_path):
+    import subprocess
+    import time
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench')
+    script = tmp_path / 'turn.py'
+    script.write_text(TURN.format(bench=bench))
+    env = dict(os.environ, BENCH_SYNC_DIR=str(tmp_path), BENCH_SYNC_COUNT='2',
+               BENCH_SYNC_RANK='1', BENCH_SYNC_COMPILE_DEADLINE=str(time.time() + 2))
+    # Rank 0 never finishes compiling: rank 1 times anyway once the deadline passes.
+    out = subprocess.run([sys.executable, str(script), '0'], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert 'benchmarks [0] still compile' in out.stdout
+    assert [line.split()[:2] for line in (tmp_path / 'log').read_text().splitlines()] == [
+        ['start', '1'], ['end', '1']]
+
+
+def test_device_turn_does_nothing_without_the_sync_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv('BENCH_SYNC_DIR', raising=False)
+    monkeypatch.chdir(tmp_path)
+    with common.device_turn(wait_s=0):
+        pass
+    assert not os.listdir(tmp_path)
