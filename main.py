@@ -11,6 +11,7 @@ under SLURM (SLURM_NTASKS > 1), or with explicit --coordinator_address,
 """
 
 import logging as pylogging
+import os
 import sys
 
 from absl import app, flags, logging
@@ -22,6 +23,9 @@ _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'fid'], '
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index.')
+_COMPILATION_CACHE = flags.DEFINE_string(
+    'compilation_cache', None, "Directory of compiled programs that later runs reuse (a "
+    "resume skips its compiles); default WORKDIR/compilation_cache, '' = none.")
 
 
 def main(argv):
@@ -36,6 +40,11 @@ def main(argv):
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                     _PROCESS_ID.value)
     reused = parallel.reuse_cpu_step_memory()  # Before the backends start.
+    cache = _COMPILATION_CACHE.value
+    if cache is None:
+        cache = os.path.join(_WORKDIR.value, 'compilation_cache')
+    if cache:
+        parallel.enable_compilation_cache(cache)
     pylogging.getLogger('ddpm_jax').info(
         'Process %d of %d; %d local / %d global devices: %s%s', jax.process_index(),
         jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices(),

@@ -9,7 +9,7 @@ import pytest
 from absl import flags
 
 import main
-from ddpm_jax import sample_mode, train
+from ddpm_jax import parallel, sample_mode, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, 'configs', 'default.py')
@@ -24,9 +24,12 @@ def no_compile(monkeypatch):
     monkeypatch.setattr(train.Trainer, 'init_state', fail)
 
 
-def _run_main(argv):
-    """Parses flags and runs main.main in this process."""
+def _run_main(argv, compilation_cache=''):
+    """Parses flags and runs main.main in this process (by default with no compilation
+    cache, which would stay set for the rest of the process)."""
     argv = ['main.py', f'--config={CONFIG}'] + argv
+    if compilation_cache is not None:
+        argv.append(f'--compilation_cache={compilation_cache}')
     try:
         # config_flags reads the overrides from sys.argv at parse time.
         with mock.patch.object(sys, 'argv', argv):
@@ -96,6 +99,16 @@ def test_dispatch(monkeypatch, tmp_path):
     assert [c[0] for c in calls] == ['train', 'sample']
     assert calls[0][1].optim.learning_rate == 1e-4 and calls[0][2] == str(tmp_path)
     assert calls[1][1].sample.num_images == 4
+
+
+def test_compilation_cache_defaults_to_the_workdir(monkeypatch, tmp_path):
+    dirs = []
+    monkeypatch.setattr(parallel, 'enable_compilation_cache', dirs.append)
+    monkeypatch.setattr(train, 'run_training', lambda config, workdir: None)
+    _run_main([f'--workdir={tmp_path}'], compilation_cache=None)
+    _run_main([f'--workdir={tmp_path}'], compilation_cache=f'{tmp_path}/elsewhere')
+    _run_main([f'--workdir={tmp_path}'], compilation_cache='')  # None.
+    assert dirs == [str(tmp_path / 'compilation_cache'), f'{tmp_path}/elsewhere']
 
 
 def test_value_of_the_wrong_type_is_one_error_line(no_compile, tmp_path):

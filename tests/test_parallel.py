@@ -156,3 +156,36 @@ def test_compiler_options_only_for_one_cpu_device(xla_flags, want):
                          capture_output=True, text=True).stdout.strip()
     # 1x1 convolutions follow: convolutions exactly where XLA's own ones run.
     assert out == f'{want} {want != "None"}'
+
+
+CACHE_SCRIPT = """
+import sys
+import jax
+import jax.numpy as jnp
+from ddpm_jax import parallel
+parallel.enable_compilation_cache(sys.argv[1])
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)  # Keep even a tiny one.
+hits = []
+jax.monitoring.register_event_listener(
+    lambda name, **kw: hits.append(name) if name.endswith('cache_hits') else None)
+out = jax.jit(lambda x: jnp.tanh(x @ x.T) * 3.0)(jnp.arange(64.0).reshape(8, 8) / 64)
+total = float(out.sum())
+print(len(hits), total)
+"""
+
+
+def test_compilation_cache_is_written_then_read_by_the_next_process(tmp_path):
+    cache = tmp_path / 'cache'
+
+    def run():
+        out = subprocess.run([sys.executable, '-c', CACHE_SCRIPT, str(cache)],
+                             capture_output=True, text=True, timeout=120,
+                             env=dict(os.environ, XLA_FLAGS=''))
+        assert out.returncode == 0, out.stderr
+        hits, total = out.stdout.split()
+        return int(hits), total
+
+    first, second = run(), run()
+    assert first[0] == 0 and any(cache.iterdir())  # Compiled, and kept.
+    # Every program (the eager ops' too) loaded, with the same result.
+    assert second == (len(list(cache.glob('*-cache'))), first[1]) and second[0] >= 1
