@@ -9,8 +9,10 @@
 # one at a time, in the order below, once every one has compiled, so that no
 # compile's autotuning shares the GPU with a timing (or once TIMING seconds, default
 # 150, are all that is left of the budget). Each benchmark's process is stopped
-# BUDGET seconds (default 520) after the script starts; every log lands in $OUT, and
-# the end of each is printed in the same order.
+# BUDGET seconds (default 520) after the script starts. Every log lands in $LOGS
+# (default /tmp/gpu_figures_logs), the end of each is printed (the first last), and
+# all of them are packed into $OUT/gpu_figures_logs.tar.gz (the device tool brings
+# back at most 8 files).
 #   0 train_imagenet64_bf16   64 per device, with a profile (top ops)
 #   1 train_cifar10_bf16      batch 128, with a profile
 #   2 sample_adm64_guided     ADM-64 + classifier guidance, 250 steps, batch 64
@@ -28,10 +30,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_figures}
+LOGS=${LOGS:-/tmp/gpu_figures_logs}
 BUDGET=${BUDGET:-520}
 TIMING=${TIMING:-150}
 START=$(date +%s)
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$LOGS"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1 && [ -z "${SMOKE:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -50,9 +53,11 @@ cls+=(--classifier_override model.dtype=bfloat16)
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
   timeout 120 python3 bench/gpu_preflight.py $PRE; echo "preflight exit $?"
-} 2>&1 | tee "$OUT/preflight.log"
-grep -q '^preflight exit 0' "$OUT/preflight.log" || { echo "preflight failed: stopping"; exit 1; }
-grep -q '^cudnn attention: FAILED' "$OUT/preflight.log" && export DDPM_JAX_ATTENTION=xla
+} 2>&1 | tee "$LOGS/preflight.log"
+if ! grep -q '^preflight exit 0' "$LOGS/preflight.log"; then
+  cp "$LOGS/preflight.log" "$OUT/"; echo "preflight failed: stopping"; exit 1
+fi
+grep -q '^cudnn attention: FAILED' "$LOGS/preflight.log" && export DDPM_JAX_ATTENTION=xla
 
 SYNC=$(mktemp -d)
 NAMES=()
@@ -60,8 +65,8 @@ launch() {  # launch NAME COMMAND...: starts it in the background with the next 
   local name=$1 rank=${#NAMES[@]}; shift
   NAMES+=("$name")
   local left=$(( BUDGET - ($(date +%s) - START) ))
-  ( BENCH_SYNC_DIR=$SYNC BENCH_SYNC_RANK=$rank timeout "$left" "$@" > "$OUT/$name.log" 2>&1
-    echo "exit $? after $(( $(date +%s) - START )) s" >> "$OUT/$name.log"
+  ( BENCH_SYNC_DIR=$SYNC BENCH_SYNC_RANK=$rank timeout "$left" "$@" > "$LOGS/$name.log" 2>&1
+    echo "exit $? after $(( $(date +%s) - START )) s" >> "$LOGS/$name.log"
     touch "$SYNC/$rank.ended" ) &
 }
 export BENCH_SYNC_COUNT=8 BENCH_SYNC_COMPILE_DEADLINE=$(( START + BUDGET - TIMING ))
@@ -88,11 +93,13 @@ launch train_imagenet256_remat python3 bench/bench_train.py --config=configs/ima
 ( timeout $(( BUDGET - ($(date +%s) - START) )) env BENCH_SYNC_DIR= \
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" python3 bench/bench_memory.py \
     --config=configs/imagenet256.py --batches=1,2 --device_gb=80 "${bf16[@]}" "${adm[@]}" \
-    > "$OUT/memory_imagenet256.log" 2>&1
-  echo "exit $? after $(( $(date +%s) - START )) s" >> "$OUT/memory_imagenet256.log" ) &
+    > "$LOGS/memory_imagenet256.log" 2>&1
+  echo "exit $? after $(( $(date +%s) - START )) s" >> "$LOGS/memory_imagenet256.log" ) &
 wait
-for name in "${NAMES[@]}" memory_imagenet256; do
+# Last priority first: the reply keeps the end of the output.
+for name in memory_imagenet256 $(printf '%s\n' "${NAMES[@]}" | tac); do
   echo "== $name"
-  grep -v -i -E 'warn|cuda_timer|^W[0-9]{4} ' "$OUT/$name.log" | tail -n 12
+  grep -v -i -E 'warn|cuda_timer|^W[0-9]{4} ' "$LOGS/$name.log" | tail -n 12
 done
-echo "== done after $(( $(date +%s) - START )) s; logs in $OUT"
+tar -czf "$OUT/gpu_figures_logs.tar.gz" -C "$LOGS" .
+echo "== done after $(( $(date +%s) - START )) s; logs in $LOGS and $OUT/gpu_figures_logs.tar.gz"
