@@ -90,7 +90,7 @@ launch train_imagenet64_save_convs python3 bench/bench_train.py \
 launch train_imagenet256_remat python3 bench/bench_train.py --config=configs/imagenet256.py \
   --batch=$MEM --steps=3 --override model.remat=True "${bf16[@]}" "${adm[@]}"
 [ "${#NAMES[@]}" = "$BENCH_SYNC_COUNT" ] || echo "BENCH_SYNC_COUNT is not ${#NAMES[@]}"
-( timeout $(( BUDGET - ($(date +%s) - START) )) env BENCH_SYNC_DIR= \
+( timeout $(( BUDGET - ($(date +%s) - START) )) env \
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" python3 bench/bench_memory.py \
     --config=configs/imagenet256.py --batches=1,2 --device_gb=80 "${bf16[@]}" "${adm[@]}" \
     > "$LOGS/memory_imagenet256.log" 2>&1
