@@ -47,6 +47,7 @@ def compile_fn(fn, *args, donate_argnums=()):
                       compiler_options=parallel.compiler_options()).lower(*args)
     compiled = lowered.compile()
     seconds = time.perf_counter() - start
+    print(f'compiled {getattr(fn, "__name__", "fn")} in {seconds:.1f} s', flush=True)
     flops = program_flops(lowered)
     return compiled, seconds, float('nan') if flops is None else flops
 

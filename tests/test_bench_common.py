@@ -168,3 +168,13 @@ def test_device_turn_does_nothing_without_the_sync_dir(monkeypatch, tmp_path):
     with common.device_turn(wait_s=0):
         pass
     assert not os.listdir(tmp_path)
+
+
+def test_program_flops_counts_a_product_and_falls_back_to_the_cpu_analysis(monkeypatch):
+    """2 M N K for a matrix product, also where the backend cannot analyse a lowered
+    program (as a GPU's PJRT plugin cannot) and the CPU's analysis is used."""
+    m, k, n = 32, 48, 16
+    lowered = jax.jit(jnp.matmul).lower(jnp.ones((m, k)), jnp.ones((k, n)))
+    assert common.program_flops(lowered) == 2 * m * n * k
+    monkeypatch.setattr(type(lowered), 'cost_analysis', lambda self: None)
+    assert common.program_flops(lowered) == 2 * m * n * k

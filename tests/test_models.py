@@ -626,3 +626,18 @@ def test_attention_implementation_cudnn_only_for_half_precision_on_gpu(monkeypat
     monkeypatch.setenv('DDPM_JAX_ATTENTION', 'flash')
     with pytest.raises(ValueError, match='DDPM_JAX_ATTENTION'):
         pick(jnp.bfloat16, 64)
+
+
+def test_upsample_nearest_and_its_derivatives_are_block_copies_and_sums():
+    """upsample_nearest is np.repeat on both axes; its gradient sums each 2x2 block, its
+    forward derivative is the upsampled tangent (float64 NumPy)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 3, 5, 4)).astype(np.float32)
+    cot = rng.normal(size=(2, 6, 10, 4)).astype(np.float32)
+    out, vjp = jax.vjp(layers.upsample_nearest, jnp.asarray(x))
+    np.testing.assert_array_equal(out, np.repeat(np.repeat(x, 2, axis=1), 2, axis=2))
+    block_sums = cot.astype(np.float64).reshape(2, 3, 2, 5, 2, 4).sum(axis=(2, 4))
+    np.testing.assert_allclose(vjp(jnp.asarray(cot))[0], block_sums, rtol=1e-6, atol=1e-6)
+    tangent = rng.normal(size=x.shape).astype(np.float32)
+    _, jvp = jax.jvp(layers.upsample_nearest, (jnp.asarray(x),), (jnp.asarray(tangent),))
+    np.testing.assert_array_equal(jvp, np.repeat(np.repeat(tangent, 2, axis=1), 2, axis=2))
