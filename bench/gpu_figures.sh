@@ -13,19 +13,20 @@
 # all of them are packed into $OUT/gpu_figures_logs.tar.gz (the device tool brings
 # back at most 8 files). All processes share one JAX compilation cache on the machine,
 # with XLA's per-fusion autotuning results, packed into $OUT/autotune_cache.tar.gz.
-#   0 train_imagenet64_bf16   64 per device, with a profile (top ops)
-#   1 train_cifar10_bf16      batch 128, with a profile
+#   0 train_imagenet64_bf16   64 per device
+#   1 train_imagenet64_xla_attention   (to compare with cuDNN's)
 #   2 sample_adm64_guided     ADM-64 + classifier guidance, 250 steps, batch 64
-#   3 train_imagenet64_xla_attention   (to compare with cuDNN's)
-#   4 train_cifar10_f32
-#   5 train_imagenet64_save_convs      (remat policy)
+#   3 train_imagenet64_save_convs      (remat policy)
+#   4 train_cifar10_f32       batch 128
+#   5 train_cifar10_bf16_b256
 #   6 train_imagenet256_remat batch 32 per device (the allocator's peak)
-#   7 train_cifar10_bf16_b256          (extra: RERUN only)
-#   8 train_cifar10_bf16_no_triton_gemm (extra: RERUN only)
+#   7 profile_cifar10_bf16    batch 128, command buffers off, top ops
+#   8 profile_imagenet64_bf16 likewise
 #   - memory_imagenet256      compiled memory with and without remat (autotuning off:
 #                             compile only, no timing)
 # RERUN=1 (a second call on the still-warm machine, BUDGET set to what the lease has
-# left) runs what has not yet succeeded, and the extras, from the cached compiles.
+# left) runs what has not yet succeeded, and any `job --extra`, from the cached compiles.
+# (2026-11-30 measured the CIFAR-10 bf16 step at batch 128 alone: bench/gpu_launch.sh.)
 # AUTOTUNE_CACHE=DIR (default .gpu_cache/autotune, if there: carry it) seeds XLA's
 # autotuning with an earlier lease's results (unpack its autotune_cache.tar.gz there):
 # with them ADM-64's train step compiled in 50 s instead of 230 s. Compiles that overlap
@@ -98,27 +99,29 @@ job() {  # job [--extra] NAME COMMAND...: starts it in the background with the n
 }
 export BENCH_SYNC_COUNT=9 BENCH_SYNC_COMPILE_DEADLINE=$(( START + BUDGET - TIMING ))
 job train_imagenet64_bf16 python3 bench/bench_train.py --config=configs/imagenet64.py \
-  --batch=$B64 --steps=10 "${bf16[@]}" "${adm[@]}" --profile=2
-job train_cifar10_bf16 python3 bench/bench_train.py --config=configs/cifar10.py \
-  --batch=$B128 --steps=20 "${bf16[@]}" "${small[@]}" --profile=2
-job sample_adm64_guided python3 bench/bench_model.py --config=configs/imagenet64.py \
-  --batch=$B64 --steps=3 --no_train --sample_steps=$S250 "${bf16[@]}" "${adm[@]}" \
-  --classifier_config=configs/imagenet64_classifier.py "${cls[@]}"
+  --batch=$B64 --steps=10 "${bf16[@]}" "${adm[@]}"
 job train_imagenet64_xla_attention env DDPM_JAX_ATTENTION=xla python3 \
   bench/bench_train.py --config=configs/imagenet64.py --batch=$B64 --steps=10 \
   "${bf16[@]}" "${adm[@]}"
-job train_cifar10_f32 python3 bench/bench_train.py --config=configs/cifar10.py \
-  --batch=$B128 --steps=20 "${small[@]}"
+job sample_adm64_guided python3 bench/bench_model.py --config=configs/imagenet64.py \
+  --batch=$B64 --steps=3 --no_train --sample_steps=$S250 "${bf16[@]}" "${adm[@]}" \
+  --classifier_config=configs/imagenet64_classifier.py "${cls[@]}"
 job train_imagenet64_save_convs python3 bench/bench_train.py \
   --config=configs/imagenet64.py --batch=$B64 --steps=10 --override model.remat=True \
   --override model.remat_policy=save_convs "${bf16[@]}" "${adm[@]}"
+job train_cifar10_f32 python3 bench/bench_train.py --config=configs/cifar10.py \
+  --batch=$B128 --steps=20 "${small[@]}"
+job train_cifar10_bf16_b256 python3 bench/bench_train.py --config=configs/cifar10.py \
+  --batch=$B256 --steps=20 "${bf16[@]}" "${small[@]}"
 job train_imagenet256_remat python3 bench/bench_train.py --config=configs/imagenet256.py \
   --batch=$MEM --steps=3 --override model.remat=True "${bf16[@]}" "${adm[@]}"
-job --extra train_cifar10_bf16_b256 python3 bench/bench_train.py --config=configs/cifar10.py \
-  --batch=$B256 --steps=20 "${bf16[@]}" "${small[@]}"
-job --extra train_cifar10_bf16_no_triton_gemm env \
-  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" python3 bench/bench_train.py \
-  --config=configs/cifar10.py --batch=$B128 --steps=20 "${bf16[@]}" "${small[@]}"
+# Profiles without command buffers (every kernel named; slower steps, so apart).
+job profile_cifar10_bf16 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
+  python3 bench/bench_train.py --config=configs/cifar10.py --batch=$B128 --steps=5 \
+  "${bf16[@]}" "${small[@]}" --profile=2 --profile_top=60
+job profile_imagenet64_bf16 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
+  python3 bench/bench_train.py --config=configs/imagenet64.py --batch=$B64 --steps=3 \
+  "${bf16[@]}" "${adm[@]}" --profile=2 --profile_top=60
 [ "${#NAMES[@]}" = "$BENCH_SYNC_COUNT" ] || echo "BENCH_SYNC_COUNT is not ${#NAMES[@]}"
 if ! { [ -n "${RERUN:-}" ] && grep -q '^exit 0 after' "$LOGS/memory_imagenet256.log" 2>/dev/null; }; then
   [ -f "$LOGS/memory_imagenet256.log" ] && mv "$LOGS/memory_imagenet256.log" "$LOGS/memory_imagenet256.first.log"
