@@ -331,3 +331,6 @@ def print_profile(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         print(f'{r["ms_per_step"]:9.2f} {100 * r["share"]:5.1f}% {r["calls_per_step"]:6.1f}  '
               f'{r["kind"][:16]:<16} {r["op"]}')
+    if any(r['op'].startswith('(command_buffer') for r in rows):
+        print('(command_buffer_N rows are XLA command buffers, CUDA graphs of many kernels: '
+              'XLA_FLAGS=--xla_gpu_enable_command_buffer= names every kernel, at some cost)')

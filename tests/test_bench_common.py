@@ -178,3 +178,11 @@ def test_program_flops_counts_a_product_and_falls_back_to_the_cpu_analysis(monke
     assert common.program_flops(lowered) == 2 * m * n * k
     monkeypatch.setattr(type(lowered), 'cost_analysis', lambda self: None)
     assert common.program_flops(lowered) == 2 * m * n * k
+
+
+def test_print_profile_explains_command_buffer_rows(capsys):
+    row = {'ms_per_step': 1.0, 'share': 0.5, 'calls_per_step': 3.0, 'kind': '(not indexed)'}
+    common.print_profile([dict(row, op='fwd in_norm/norm/reduce_sum')])
+    assert 'command buffers' not in capsys.readouterr().out
+    common.print_profile([dict(row, op='(command_buffer_12)')])
+    assert '--xla_gpu_enable_command_buffer=' in capsys.readouterr().out
