@@ -116,8 +116,9 @@ def main():
             if args.per_step:
                 jax.block_until_ready((state, metrics))
                 step_times.append(time.perf_counter() - start - sum(step_times))
-        # Host time to issue the steps: near the total when the host, not the device,
-        # sets the pace (launches, not compute).
+        # Host time to issue the steps, before waiting for them. Well under the step
+        # time, the device sets the pace; near it, either the host does or the runtime
+        # held the host back (an H200 showed both for a GPU-bound step).
         dispatch_s = (time.perf_counter() - start) / args.steps
         jax.block_until_ready((state, metrics))
         step_s = (time.perf_counter() - start) / args.steps
@@ -151,7 +152,8 @@ def main():
         'device': f'{num_devices} x {device.device_kind}', 'platform': device.platform,
         'compile_s': round(compile_s, 2), 'step_s': round(step_s, 4),
         **({'step_s_median': round(float(np.median(step_times)), 4)} if step_times else {}),
-        'dispatch_s_per_step': round(dispatch_s, 4), 'cpu_s_per_step': round(cpu_s, 4), 'cpu_step_memory_reused': reuse_memory,
+        'dispatch_s_per_step': round(dispatch_s, 4), 'cpu_s_per_step': round(cpu_s, 4),
+        'cpu_step_memory_reused': reuse_memory,
         'compiler_options': parallel.compiler_options(),
         'page_faults_per_step': round(faults),
         'peak_memory_gb': _peak_memory_gb(compiled, device),
