@@ -118,7 +118,7 @@ def main():
                 step_times.append(time.perf_counter() - start - sum(step_times))
         # Host time to issue the steps, before waiting for them. Well under the step
         # time, the device sets the pace; near it, either the host does or the runtime
-        # held the host back (an H200 showed both for a GPU-bound step).
+        # held the host back (as it did for a GPU-bound step on an H200).
         dispatch_s = (time.perf_counter() - start) / args.steps
         jax.block_until_ready((state, metrics))
         step_s = (time.perf_counter() - start) / args.steps
