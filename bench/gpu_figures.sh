@@ -71,7 +71,7 @@ AUTOTUNE_DIR=$JAX_COMPILATION_CACHE_DIR/xla_gpu_per_fusion_autotune_cache_dir
 mkdir -p "$AUTOTUNE_DIR"
 AUTOTUNE_CACHE=${AUTOTUNE_CACHE:-.gpu_cache/autotune}
 if [ -d "$AUTOTUNE_CACHE" ]; then
-  cp -r "$AUTOTUNE_CACHE"/. "$AUTOTUNE_DIR"/ && echo "autotune cache: $(ls "$AUTOTUNE_DIR" | wc -l) entries"
+  cp -r "$AUTOTUNE_CACHE"/. "$AUTOTUNE_DIR"/ && echo "autotune cache: $(find "$AUTOTUNE_DIR" -type f | wc -l) entries"
 fi
 
 if [ -z "${RERUN:-}" ]; then  # Beside the compiles: it times nothing we report.
@@ -140,5 +140,5 @@ for name in preflight memory_imagenet256 $(printf '%s\n' "${NAMES[@]}" | tac); d
 done
 tar -czf "$OUT/gpu_figures_logs.tar.gz" -C "$LOGS" .
 tar -czf "$OUT/autotune_cache.tar.gz" -C "$AUTOTUNE_DIR" . 2>/dev/null
-echo "autotune cache: $(ls "$AUTOTUNE_DIR" | wc -l) entries, $(du -sh "$JAX_COMPILATION_CACHE_DIR" | cut -f1) in all"
+echo "autotune cache: $(find "$AUTOTUNE_DIR" -type f | wc -l) entries, $(du -sh "$JAX_COMPILATION_CACHE_DIR" | cut -f1) in all"
 echo "== done after $(( $(date +%s) - START )) s; logs in $LOGS and $OUT/gpu_figures_logs.tar.gz"
