@@ -140,8 +140,8 @@ def main():
                     state, out = compiled(state, batch, rng)
                 jax.block_until_ready((state, out))
 
-            print_profile(profile_summary(run, compiled, steps=args.profile,
-                                          top=args.profile_top))
+            print_profile(profile_summary(run, compiled, steps=args.profile, top=None),
+                          top=args.profile_top)
 
     device = jax.devices()[0]
     result = {

@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import glob
 import importlib.util
+import math
 import os
 import re
 import tempfile
@@ -222,8 +223,12 @@ def _hlo_index(hlo_text: str) -> dict[str, tuple[str, str]]:
 
     The kind is a fusion's kind, a custom call's target (`__cudnn$convForward`), or
     the op; the path is the instruction's `op_name` metadata, or, for a fusion without
-    one (XLA drops it on the convolutions it builds for filter gradients), the first
-    `op_name` inside its fused computation, else that computation's root op.
+    one (XLA drops it on the convolutions it builds for filter gradients), the
+    `op_name` of what its fused computation spends most on: a convolution or dot
+    inside it, else the op with the largest result (the first such); else the root's
+    op. (Named after their first ops, a YNNPACK fusion of a 1x1 convolution's gradient
+    with a reduction read as the reduction, and a whole normalisation as the divide
+    of its [B, G] statistics.)
     """
     instr, calls, bodies, current = {}, {}, {}, None
     for line in hlo_text.split('\n'):
@@ -251,14 +256,22 @@ def _hlo_index(hlo_text: str) -> dict[str, tuple[str, str]]:
         if path or name not in calls:
             continue
         body = bodies.get(calls[name], [])
-        inner = next((re.search(r'op_name="([^"]+)"', l) for l in body
-                      if 'op_name=' in l), None)
+        named = [(_instruction(l), _elements(l), re.search(r'op_name="([^"]+)"', l).group(1))
+                 for l in body if 'op_name=' in l]
+        heavy = [path for parsed, _, path in named
+                 if parsed and parsed[1] in ('convolution', 'dot')]
+        largest = [path for _, _, path in sorted(named, key=lambda n: -n[1])]
         root = next((_instruction(l) for l in body if l.lstrip().startswith('ROOT')), None)
         root_op = root[1] if root else '?'
         note = ' (filter gradients)' if root_op == 'convolution' else ''
-        instr[name] = (kind, inner.group(1) if inner else
-                       f'({root_op} without metadata{note})')
+        instr[name] = (kind, (heavy + largest + [f'({root_op} without metadata{note})'])[0])
     return instr
+
+
+def _elements(line: str) -> int:
+    """Elements of an HLO instruction's (first) result, from its text; 0 if unknown."""
+    shape = re.search(r'= \(?[a-z]\w*\[([\d,]*)\]', line)
+    return math.prod(int(d) for d in shape.group(1).split(',') if d) if shape else 0
 
 
 def _op_group(path: str) -> str:
@@ -270,9 +283,10 @@ def _op_group(path: str) -> str:
     return f'{direction} {"/".join(parts[-3:])}' if parts else path
 
 
-def profile_summary(run: Callable[[], Any], compiled, *, steps: int, top: int = 20
+def profile_summary(run: Callable[[], Any], compiled, *, steps: int, top: int | None = 20
                     ) -> list[dict[str, Any]]:
-    """Top ops by time of `steps` calls of `run()` (which blocks), from a JAX trace.
+    """Top ops by time of `steps` calls of `run()` (which blocks), from a JAX trace
+    (every op with `top=None`).
 
     Times are summed over the trace events that carry an `hlo_op` of `compiled`'s
     module (device kernels on an accelerator, XLA's thunks on the CPU, summed over
@@ -320,17 +334,24 @@ def profile_summary(run: Callable[[], Any], compiled, *, steps: int, top: int = 
         key = ('(untraced)', 'process CPU time without op events (Eigen convolutions)')
         totals[key], counts[key] = cpu_ns - sum(totals.values()), steps
     total = sum(totals.values()) or 1
-    return [{'ms_per_step': round(ns / steps / 1e6, 2), 'share': round(ns / total, 3),
+    return [{'ms_per_step': round(ns / steps / 1e6, 4), 'share': round(ns / total, 4),
              'calls_per_step': round(counts[key] / steps, 1), 'kind': key[0], 'op': key[1]}
             for key, ns in totals.most_common(top)]
 
 
-def print_profile(rows: list[dict[str, Any]]) -> None:
-    """Prints `profile_summary` rows as a table."""
+def print_profile(rows: list[dict[str, Any]], top: int | None = None) -> None:
+    """Prints `profile_summary` rows as a table (the first `top`), then the time of all
+    of them by kind (cuDNN's convolutions, XLA's loop or reduction fusions, ...)."""
     print(f'{"ms/step":>9} {"share":>6} {"calls":>6}  {"kind":<16} op')
-    for r in rows:
+    for r in rows[:top]:
         print(f'{r["ms_per_step"]:9.2f} {100 * r["share"]:5.1f}% {r["calls_per_step"]:6.1f}  '
               f'{r["kind"][:16]:<16} {r["op"]}')
+    by_kind = collections.Counter()
+    for r in rows:
+        by_kind[r['kind']] += r['ms_per_step']
+    total = sum(by_kind.values())
+    print(f'{total:9.2f} ms/step in all; by kind: ' + ', '.join(
+        f'{kind} {ms:.2f} ({100 * ms / total:.0f}%)' for kind, ms in by_kind.most_common()))
     if any(r['op'].startswith('(command_buffer') for r in rows):
         print('(command_buffer_N rows are XLA command buffers, CUDA graphs of many kernels: '
               'XLA_FLAGS=--xla_gpu_enable_command_buffer= names every kernel, at some cost)')

@@ -186,3 +186,48 @@ def test_print_profile_explains_command_buffer_rows(capsys):
     assert 'command buffers' not in capsys.readouterr().out
     common.print_profile([dict(row, op='(command_buffer_12)')])
     assert '--xla_gpu_enable_command_buffer=' in capsys.readouterr().out
+
+
+def test_print_profile_totals_every_row_by_kind(capsys):
+    rows = [{'ms_per_step': ms, 'share': ms / 10, 'calls_per_step': 1.0, 'kind': kind,
+             'op': f'op{i}'} for i, (kind, ms) in enumerate(
+                 [('__cudnn$convForward', 4.0), ('kLoop', 3.0), ('__cudnn$convForward', 2.0),
+                  ('kInput', 1.0)])]
+    common.print_profile(rows, top=1)
+    out = capsys.readouterr().out
+    assert 'op0' in out and 'op1' not in out  # Only the top row is listed ...
+    # ... but the totals count all of them.
+    assert '10.00 ms/step in all; by kind: __cudnn$convForward 6.00 (60%), kLoop 3.00 (30%), ' \
+           'kInput 1.00 (10%)' in out
+
+
+FUSED = """%fused_norm (p0: f32[8,32], p1: f32[8,4,4,64]) -> f32[8,4,4,64] {
+  %p0 = f32[8,32]{1,0} parameter(0)
+  %div.1 = f32[8,32]{1,0} multiply(%p0, %p0), metadata={op_name="jit(f)/jvp(M)/in_norm/norm/div"}
+  %p1 = f32[8,4,4,64]{3,2,1,0} parameter(1)
+  ROOT %mul.2 = f32[8,4,4,64]{3,2,1,0} multiply(%p1, %p1), metadata={op_name="jit(f)/jvp(M)/in_norm/norm/mul"}
+}
+
+%fused_skip (p0: f32[8,4,4,64], p1: f32[1,1,64,64]) -> f32[8,4,4,64] {
+  %p0 = f32[8,4,4,64]{3,2,1,0} parameter(0)
+  %p1 = f32[1,1,64,64]{3,2,1,0} parameter(1)
+  %reduce.3 = f32[8,4,4,64]{3,2,1,0} add(%p0, %p0), metadata={op_name="jit(f)/transpose(jvp(M))/up_1/reduce_sum"}
+  %convolution.4 = f32[8,4,4,64]{3,2,1,0} convolution(%reduce.3, %p1), window={size=1x1}, metadata={op_name="jit(f)/transpose(jvp(M))/up_1/skip/conv_general_dilated"}
+  ROOT %mul.5 = f32[8,4,4,64]{3,2,1,0} multiply(%convolution.4, %p0), metadata={op_name="jit(f)/transpose(jvp(M))/up_1/attn/div"}
+}
+
+ENTRY %main.6 (a: f32[8,32], x: f32[8,4,4,64], w: f32[1,1,64,64]) -> f32[8,4,4,64] {
+  %a = f32[8,32]{1,0} parameter(0)
+  %x = f32[8,4,4,64]{3,2,1,0} parameter(1)
+  %w = f32[1,1,64,64]{3,2,1,0} parameter(2)
+  %loop_fusion.1 = f32[8,4,4,64]{3,2,1,0} fusion(%a, %x), kind=kLoop, calls=%fused_norm
+  ROOT %ynn_fusion.2 = f32[8,4,4,64]{3,2,1,0} fusion(%loop_fusion.1, %w), kind=kCustom, calls=%fused_skip, backend_config={"fusion_config":{"kind":"__ynn_fusion"}}
+}
+"""
+
+
+def test_hlo_index_names_a_fusion_after_its_convolution_else_its_largest_op():
+    index = common._hlo_index(FUSED)
+    assert index['loop_fusion.1'] == ('kLoop', 'jit(f)/jvp(M)/in_norm/norm/mul')
+    assert index['ynn_fusion.2'] == (
+        '__ynn_fusion', 'jit(f)/transpose(jvp(M))/up_1/skip/conv_general_dilated')
