@@ -222,13 +222,12 @@ def _hlo_index(hlo_text: str) -> dict[str, tuple[str, str]]:
     """Instruction name -> (kind, source op path) from a compiled module's text.
 
     The kind is a fusion's kind, a custom call's target (`__cudnn$convForward`), or
-    the op; the path is the instruction's `op_name` metadata, or, for a fusion without
-    one (XLA drops it on the convolutions it builds for filter gradients), the
-    `op_name` of what its fused computation spends most on: a convolution or dot
-    inside it, else the op with the largest result (the first such); else the root's
-    op. (Named after their first ops, a YNNPACK fusion of a 1x1 convolution's gradient
-    with a reduction read as the reduction, and a whole normalisation as the divide
-    of its [B, G] statistics.)
+    the op; the path is the `op_name` metadata of the convolution or dot inside a
+    fusion, else the instruction's own, else (a fusion without one: XLA drops it on
+    the convolutions it builds for filter gradients) that of the fused op with the
+    largest result, else the root's op. (XLA named a YNNPACK fusion of a 1x1
+    convolution's gradient with a reduction after the reduction; named after its
+    first op, a whole normalisation read as the divide of its [B, G] statistics.)
     """
     instr, calls, bodies, current = {}, {}, {}, None
     for line in hlo_text.split('\n'):
@@ -253,7 +252,7 @@ def _hlo_index(hlo_text: str) -> dict[str, tuple[str, str]]:
         if called:
             calls[name] = called.group(1)
     for name, (kind, path) in instr.items():
-        if path or name not in calls:
+        if name not in calls:
             continue
         body = bodies.get(calls[name], [])
         named = [(_instruction(l), _elements(l), re.search(r'op_name="([^"]+)"', l).group(1))
@@ -264,7 +263,8 @@ def _hlo_index(hlo_text: str) -> dict[str, tuple[str, str]]:
         root = next((_instruction(l) for l in body if l.lstrip().startswith('ROOT')), None)
         root_op = root[1] if root else '?'
         note = ' (filter gradients)' if root_op == 'convolution' else ''
-        instr[name] = (kind, (heavy + largest + [f'({root_op} without metadata{note})'])[0])
+        instr[name] = (kind, (heavy + [path] if path else heavy + largest
+                              + [f'({root_op} without metadata{note})'])[0])
     return instr
 
 

@@ -231,3 +231,13 @@ def test_hlo_index_names_a_fusion_after_its_convolution_else_its_largest_op():
     assert index['loop_fusion.1'] == ('kLoop', 'jit(f)/jvp(M)/in_norm/norm/mul')
     assert index['ynn_fusion.2'] == (
         '__ynn_fusion', 'jit(f)/transpose(jvp(M))/up_1/skip/conv_general_dilated')
+
+
+def test_hlo_index_names_a_fusion_with_metadata_after_its_convolution():
+    text = FUSED.replace(
+        'calls=%fused_skip,',
+        'calls=%fused_skip, metadata={op_name="jit(f)/transpose(jvp(M))/up_1/reduce_sum"},')
+    assert common._hlo_index(text)['ynn_fusion.2'] == (
+        '__ynn_fusion', 'jit(f)/transpose(jvp(M))/up_1/skip/conv_general_dilated')
+    text = FUSED.replace('calls=%fused_norm', 'calls=%fused_norm, metadata={op_name="a/b"}')
+    assert common._hlo_index(text)['loop_fusion.1'] == ('kLoop', 'a/b')  # No conv: its own.
