@@ -25,11 +25,11 @@
 #   - memory_imagenet256      compiled memory with and without remat (autotuning off:
 #                             compile only, no timing)
 # RERUN=1 (a second call on the still-warm machine, BUDGET set to what the lease has
-# left) runs what has not yet succeeded, and any `job --extra`, from the cached compiles.
+# left) runs what has not yet succeeded, from the cached compiles.
 # (2026-11-30 measured the CIFAR-10 bf16 step at batch 128 alone: bench/gpu_launch.sh.)
-# AUTOTUNE_CACHE=DIR (default .gpu_cache/autotune, if there: carry it) seeds XLA's
-# autotuning with an earlier lease's results (unpack its autotune_cache.tar.gz there):
-# with them ADM-64's train step compiled in 50 s instead of 230 s. Compiles that overlap
+# AUTOTUNE_CACHE=DIR (default .gpu_cache/autotune, if there: carry it; bench/gpu_env.sh)
+# seeds XLA's autotuning with an earlier lease's results (unpack its
+# autotune_cache.tar.gz there): with them ADM-64's train step compiled in 50 s instead of 230 s. Compiles that overlap
 # autotune beside each other, and a benchmark timed before the others have compiled
 # (past the deadline) shares the GPU with their autotuning: 2026-11-30 the CIFAR-10
 # step read 28.7 ms so, 21.2 ms alone. On a GPU the profile sees each command buffer
@@ -48,11 +48,7 @@ BUDGET=${BUDGET:-530}
 TIMING=${TIMING:-150}
 START=$(date +%s)
 mkdir -p "$OUT" "$LOGS"
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1 && [ -z "${SMOKE:-}" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
+. bench/gpu_env.sh  # Wheels, the shared compilation and autotuning cache.
 bf16=(--override model.dtype=bfloat16)
 if [ -n "${SMOKE:-}" ]; then  # Tiny models: minutes on a CPU.
   small=(--override model.base_channels=32)
@@ -63,16 +59,6 @@ else
   small=(); adm=(); cls=(); B128=128; B64=64; B256=256; S250=250; MEM=32; PRE=
 fi
 cls+=(--classifier_override model.dtype=bfloat16)
-# One compilation cache for every process, kept on the machine between calls (a RERUN
-# call loads what the first one compiled); XLA's per-fusion autotuning results go in
-# it too, and are packed into $OUT (a later lease can put them in $AUTOTUNE_CACHE).
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/ddpm_jax_cache}
-AUTOTUNE_DIR=$JAX_COMPILATION_CACHE_DIR/xla_gpu_per_fusion_autotune_cache_dir
-mkdir -p "$AUTOTUNE_DIR"
-AUTOTUNE_CACHE=${AUTOTUNE_CACHE:-.gpu_cache/autotune}
-if [ -d "$AUTOTUNE_CACHE" ]; then
-  cp -r "$AUTOTUNE_CACHE"/. "$AUTOTUNE_DIR"/ && echo "autotune cache: $(find "$AUTOTUNE_DIR" -type f | wc -l) entries"
-fi
 
 if [ -z "${RERUN:-}" ]; then  # Beside the compiles: it times nothing we report.
   ( { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
@@ -82,16 +68,15 @@ fi
 
 SYNC=$(mktemp -d)
 NAMES=()
-job() {  # job [--extra] NAME COMMAND...: starts it in the background with the next rank.
-  local extra=; [ "$1" = --extra ] && { extra=1; shift; }
+skip() {  # skip NAME: true on a RERUN call if NAME succeeded before; else keeps its old log.
+  [ -n "${RERUN:-}" ] && grep -q '^exit 0 after' "$LOGS/$1.log" 2>/dev/null && return 0
+  [ -f "$LOGS/$1.log" ] && mv "$LOGS/$1.log" "$LOGS/$1.first.log"
+  return 1
+}
+job() {  # job NAME COMMAND...: starts it in the background with the next rank.
   local name=$1 rank=${#NAMES[@]}; shift
   NAMES+=("$name")
-  # The first call runs all but the extras; a RERUN call runs what has not succeeded.
-  if { [ -z "${RERUN:-}" ] && [ -n "$extra" ]; } ||
-     { [ -n "${RERUN:-}" ] && grep -q '^exit 0 after' "$LOGS/$name.log" 2>/dev/null; }; then
-    touch "$SYNC/$rank.ended"; return
-  fi
-  [ -f "$LOGS/$name.log" ] && mv "$LOGS/$name.log" "$LOGS/$name.first.log"
+  if skip "$name"; then touch "$SYNC/$rank.ended"; return; fi
   local left=$(( BUDGET - ($(date +%s) - START) ))
   ( BENCH_SYNC_DIR=$SYNC BENCH_SYNC_RANK=$rank timeout "$left" "$@" > "$LOGS/$name.log" 2>&1
     echo "exit $? after $(( $(date +%s) - START )) s" >> "$LOGS/$name.log"
@@ -123,8 +108,7 @@ job profile_imagenet64_bf16 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_comma
   python3 bench/bench_train.py --config=configs/imagenet64.py --batch=$B64 --steps=3 \
   "${bf16[@]}" "${adm[@]}" --profile=2 --profile_top=60
 [ "${#NAMES[@]}" = "$BENCH_SYNC_COUNT" ] || echo "BENCH_SYNC_COUNT is not ${#NAMES[@]}"
-if ! { [ -n "${RERUN:-}" ] && grep -q '^exit 0 after' "$LOGS/memory_imagenet256.log" 2>/dev/null; }; then
-  [ -f "$LOGS/memory_imagenet256.log" ] && mv "$LOGS/memory_imagenet256.log" "$LOGS/memory_imagenet256.first.log"
+if ! skip memory_imagenet256; then
   ( timeout $(( BUDGET - ($(date +%s) - START) )) env JAX_COMPILATION_CACHE_DIR= \
       XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" python3 bench/bench_memory.py \
       --config=configs/imagenet256.py --batches=1,2 --device_gb=80 "${bf16[@]}" "${adm[@]}" \

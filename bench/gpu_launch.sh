@@ -11,15 +11,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_launch}; LOGS=${LOGS:-/tmp/gpu_launch_logs}
 BUDGET=${BUDGET:-170}; START=$(date +%s)
 mkdir -p "$OUT" "$LOGS"
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1 && [ -z "${SMOKE:-}" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/ddpm_jax_cache}
-AUTOTUNE_DIR=$JAX_COMPILATION_CACHE_DIR/xla_gpu_per_fusion_autotune_cache_dir
-mkdir -p "$AUTOTUNE_DIR"
-[ -d .gpu_cache/autotune ] && cp -r .gpu_cache/autotune/. "$AUTOTUNE_DIR"/
+. bench/gpu_env.sh  # Wheels, the shared compilation and autotuning cache.
 if [ -n "${SMOKE:-}" ]; then args=(--batch=4 --override model.base_channels=32); else args=(--batch=128); fi
 SYNC=$(mktemp -d); export BENCH_SYNC_DIR=$SYNC BENCH_SYNC_COUNT=3
 export BENCH_SYNC_COMPILE_DEADLINE=$(( START + BUDGET - 60 ))

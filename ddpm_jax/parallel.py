@@ -95,8 +95,8 @@ def enable_compilation_cache(directory: str) -> None:
     again, with a warning. On a GPU, XLA's per-fusion autotuning results are kept in
     `directory` too (JAX's `jax_persistent_cache_enable_xla_caches` default), keyed by
     fusion: from them alone the ADM-64 step compiled in 50 s instead of 230 s on an
-    H200. Only process 0 writes in a multi-process run. Call before the
-    first compile; main.py calls it with WORKDIR/compilation_cache.
+    H200. Only process 0 writes in a multi-process run. Call before the first compile;
+    main.py calls it with WORKDIR/compilation_cache.
     """
     jax.config.update('jax_compilation_cache_dir', directory)
 
