@@ -13,15 +13,18 @@
 # all of them are packed into $OUT/gpu_figures_logs.tar.gz (the device tool brings
 # back at most 8 files). All processes share one JAX compilation cache on the machine,
 # with XLA's per-fusion autotuning results, packed into $OUT/autotune_cache.tar.gz.
-#   0 train_imagenet64_bf16   64 per device
-#   1 train_imagenet64_xla_attention   (to compare with cuDNN's)
-#   2 sample_adm64_guided     ADM-64 + classifier guidance, 250 steps, batch 64
-#   3 train_imagenet64_save_convs      (remat policy)
-#   4 train_cifar10_f32       batch 128
-#   5 train_cifar10_bf16_b256
-#   6 train_imagenet256_remat batch 32 per device (the allocator's peak)
-#   7 profile_cifar10_bf16    batch 128, command buffers off, top ops
-#   8 profile_imagenet64_bf16 likewise
+#   0 train_cifar10_bf16      batch 128 (the baseline of 1)
+#   1 train_cifar10_gn_one_pass        DDPM_JAX_GROUP_NORM=one_pass (layers.group_norm_statistics)
+#   2 train_imagenet64_bf16   64 per device
+#   3 train_imagenet64_gn_one_pass     likewise
+#   4 train_imagenet64_xla_attention   (to compare with cuDNN's)
+#   5 sample_adm64_guided     ADM-64 + classifier guidance, 250 steps, batch 64
+#   6 train_imagenet64_save_convs      (remat policy)
+#   7 train_cifar10_f32       batch 128
+#   8 train_cifar10_bf16_b256
+#   9 train_imagenet256_remat batch 32 per device (the allocator's peak)
+#  10 profile_cifar10_bf16    batch 128, command buffers off, top ops
+#  11 profile_imagenet64_bf16 likewise
 #   - memory_imagenet256      compiled memory with and without remat (autotuning off:
 #                             compile only, no timing)
 # RERUN=1 (a second call on the still-warm machine, BUDGET set to what the lease has
@@ -82,9 +85,17 @@ job() {  # job NAME COMMAND...: starts it in the background with the next rank.
     echo "exit $? after $(( $(date +%s) - START )) s" >> "$LOGS/$name.log"
     touch "$SYNC/$rank.ended" ) &
 }
-export BENCH_SYNC_COUNT=9 BENCH_SYNC_COMPILE_DEADLINE=$(( START + BUDGET - TIMING ))
+export BENCH_SYNC_COUNT=12 BENCH_SYNC_COMPILE_DEADLINE=$(( START + BUDGET - TIMING ))
+job train_cifar10_bf16 python3 bench/bench_train.py --config=configs/cifar10.py \
+  --batch=$B128 --steps=20 "${bf16[@]}" "${small[@]}"
+job train_cifar10_gn_one_pass env DDPM_JAX_GROUP_NORM=one_pass python3 \
+  bench/bench_train.py --config=configs/cifar10.py --batch=$B128 --steps=20 \
+  "${bf16[@]}" "${small[@]}"
 job train_imagenet64_bf16 python3 bench/bench_train.py --config=configs/imagenet64.py \
   --batch=$B64 --steps=10 "${bf16[@]}" "${adm[@]}"
+job train_imagenet64_gn_one_pass env DDPM_JAX_GROUP_NORM=one_pass python3 \
+  bench/bench_train.py --config=configs/imagenet64.py --batch=$B64 --steps=10 \
+  "${bf16[@]}" "${adm[@]}"
 job train_imagenet64_xla_attention env DDPM_JAX_ATTENTION=xla python3 \
   bench/bench_train.py --config=configs/imagenet64.py --batch=$B64 --steps=10 \
   "${bf16[@]}" "${adm[@]}"

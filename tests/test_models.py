@@ -360,12 +360,14 @@ def _group_norm_f64(x, groups, eps):
     return ((g - mean) / np.sqrt(var + eps)).reshape(x.shape)
 
 
+@pytest.mark.parametrize('statistics', layers.GROUP_NORM_STATISTICS)
 @pytest.mark.parametrize('shape', [(3, 5, 6, 16), (2, 7, 8)])
-def test_normalize_groups_closed_form_and_derivatives(shape):
+def test_normalize_groups_closed_form_and_derivatives(shape, statistics, monkeypatch):
+    monkeypatch.setenv('DDPM_JAX_GROUP_NORM', statistics)
     groups, eps = 4, 1e-6
     key_x, key_t, key_g = jax.random.split(jax.random.key(0), 3)
-    # A mean far larger than the spread, in float32: the two-pass variance keeps it,
-    # a one-pass E[x^2] - E[x]^2 (the control) loses it.
+    # A mean far larger than the spread, in float32: the two-pass and the shifted
+    # one-pass variance keep it, the plain E[x^2] - E[x]^2 (the control) loses it.
     x = 100.0 + 0.03 * jax.random.normal(key_x, shape)
     want = _group_norm_f64(x, groups, eps)
     np.testing.assert_allclose(layers.normalize_groups(x, groups, eps), want, atol=2e-2)
@@ -609,6 +611,25 @@ def test_attention_matches_float64_softmax_reference(heads, dim, kv_len):
     as16 = lambda a: jnp.asarray(a, jnp.bfloat16)
     out16 = layers.attention(as16(q), as16(k), as16(v)).astype(jnp.float32)
     assert np.max(np.abs(np.asarray(out16) - expected)) < 0.05
+
+
+def test_group_norm_statistics_choice(monkeypatch):
+    monkeypatch.delenv('DDPM_JAX_GROUP_NORM', raising=False)
+    assert layers.group_norm_statistics() == 'two_pass'
+    monkeypatch.setenv('DDPM_JAX_GROUP_NORM', 'one_pass')
+    assert layers.group_norm_statistics() == 'one_pass'
+    # A group whose first position (the one-pass shift) lies 5.6 std from its mean:
+    # float32 against float64, the one-pass form less precise but still close.
+    x = np.random.default_rng(0).normal(size=(2, 6, 6, 8)).astype(np.float32) * 3 + 7
+    x[:, 0, 0, :] = 60.0
+    want = _group_norm_f64(x, 2, 1e-6)
+    for choice, atol in zip(layers.GROUP_NORM_STATISTICS, (2e-6, 1e-4)):
+        monkeypatch.setenv('DDPM_JAX_GROUP_NORM', choice)
+        np.testing.assert_allclose(layers.normalize_groups(jnp.asarray(x), 2, 1e-6), want,
+                                   atol=atol)
+    monkeypatch.setenv('DDPM_JAX_GROUP_NORM', 'welford')
+    with pytest.raises(ValueError, match='DDPM_JAX_GROUP_NORM'):
+        layers.group_norm_statistics()
 
 
 def test_attention_implementation_cudnn_only_for_half_precision_on_gpu(monkeypatch):

@@ -196,14 +196,55 @@ def _to_channels(v: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return v.reshape((batch,) + (1,) * (len(shape) - 2) + (channels,))
 
 
+GROUP_NORM_STATISTICS = ('two_pass', 'one_pass')
+
+
+def group_norm_statistics() -> str:
+    """How `normalize_groups` computes each group's mean and variance: 'two_pass' (the
+    default), or 'one_pass' where the environment variable DDPM_JAX_GROUP_NORM says so.
+
+    'two_pass' reduces x for the mean, then (x - m)^2 for the variance: two passes
+    over the activations, the second waiting on the first. 'one_pass' takes both sums
+    of d = x - k in one pass, k each group's mean at the first spatial position (a
+    value of the group, so near its mean): v = E[d^2] - E[d]^2, which does not cancel
+    the way the unshifted E[x^2] - E[x]^2 does when |m| >> std; its rounding grows
+    with (m - k)^2 / v (k 5.6 std from m: 3e-5 off float64 against 6e-7 two-pass, on
+    outputs of order 1). On the CPU both take the same time (a [8, 32, 32, 128] norm,
+    SiLU and their gradients: 4.0-4.3 ms each; the CIFAR-10 train step 1.47-1.51 s
+    each); 'one_pass' is there for the accelerators, where the norms' reductions are
+    memory-bound (17% of the CIFAR-10 step on an H200), to be chosen by benchmark
+    (`bench/gpu_figures.sh`). Read at trace time.
+
+    Raises:
+        ValueError: DDPM_JAX_GROUP_NORM is set to something else.
+    """
+    choice = os.environ.get('DDPM_JAX_GROUP_NORM', 'two_pass') or 'two_pass'
+    if choice not in GROUP_NORM_STATISTICS:
+        raise ValueError(f'DDPM_JAX_GROUP_NORM must be one of {GROUP_NORM_STATISTICS}, '
+                         f'got {choice!r}.')
+    return choice
+
+
+def _statistics(x: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
+    """Each group's mean and (biased) variance, [B, G] each (`group_norm_statistics`)."""
+    if group_norm_statistics() == 'two_pass':
+        mean = _group_mean(x, num_groups)
+        centred = x - _to_channels(mean, x.shape)
+        return mean, _group_mean(centred * centred, num_groups)
+    batch, channels = x.shape[0], x.shape[-1]
+    first = x[(slice(None),) + (0,) * (x.ndim - 2)]  # [B, C]
+    shift = jnp.mean(first.reshape(batch, num_groups, channels // num_groups), axis=-1)
+    d = x - _to_channels(shift, x.shape)
+    m1, m2 = _group_mean(d, num_groups), _group_mean(d * d, num_groups)
+    return shift + m1, jnp.maximum(m2 - m1 * m1, 0.0)
+
+
 def _normalize(x: jax.Array, num_groups: int, epsilon: float
                ) -> tuple[jax.Array, jax.Array]:
     """(y, 1/sqrt(v + epsilon) repeated over the channels): `normalize_groups`' maths."""
-    mean = _group_mean(x, num_groups)
-    centred = x - _to_channels(mean, x.shape)
-    inv_std = _to_channels(
-        jax.lax.rsqrt(_group_mean(centred * centred, num_groups) + epsilon), x.shape)
-    return centred * inv_std, inv_std
+    mean, variance = _statistics(x, num_groups)
+    inv_std = _to_channels(jax.lax.rsqrt(variance + epsilon), x.shape)
+    return (x - _to_channels(mean, x.shape)) * inv_std, inv_std
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
@@ -211,8 +252,9 @@ def normalize_groups(x: jax.Array, num_groups: int, epsilon: float) -> jax.Array
     """Group normalisation of [B, *S, C] without the affine transform.
 
     y = (x - m) / sqrt(v + epsilon), with m and v the mean and the (biased) variance
-    over the spatial axes and each group's C/G channels; the variance is two-pass,
-    the mean of (x - m)^2 (E[x^2] - E[x]^2 loses precision when |m| >> std). Its
+    over the spatial axes and each group's C/G channels; the variance is the mean of
+    (x - m)^2 (two passes), or of a shifted one-pass form (`group_norm_statistics`):
+    never E[x^2] - E[x]^2, which loses precision when |m| >> std. Its
     derivative is the closed form dy = r (dx - mean(dx) - y mean(y dx)), r = 1/sqrt(v +
     epsilon) (a custom JVP, so forward mode, reverse mode by transposition, and
     higher orders all hold); XLA:CPU runs it and its gradient about 2x faster than
