@@ -37,6 +37,11 @@ def main(argv):
         pylogging.getLogger('ddpm_jax').setLevel(pylogging.INFO)
     import jax  # After flag parsing, so a bad flag fails before JAX starts.
     from ddpm_jax import evaluate, parallel, sample_mode, sample_quality, train, upsampling
+    from ddpm_jax.models import layers
+    try:
+        layers.check_environment()  # DDPM_JAX_* variables, before anything starts.
+    except ValueError as e:
+        sys.exit(f'ERROR: {e}')
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                     _PROCESS_ID.value)
     reused = parallel.reuse_cpu_step_memory()  # Before the backends start.

@@ -137,3 +137,13 @@ def test_missing_config_file_is_one_error_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         "ERROR: --config=configs/no_such.py: [Errno 2] No such file or directory: "
         "'configs/no_such.py'")
+
+
+@pytest.mark.parametrize('name', ['DDPM_JAX_ATTENTION', 'DDPM_JAX_GROUP_NORM'])
+def test_bad_environment_variable_is_one_error_line(name, no_compile, monkeypatch, tmp_path):
+    monkeypatch.setenv(name, 'flash')
+    with pytest.raises(SystemExit) as info:
+        _run_main([f'--workdir={tmp_path}'])
+    message = str(info.value.code)
+    assert message.startswith(f'ERROR: {name} must be one of (') and "got 'flash'" in message
+    assert not os.listdir(tmp_path)  # Nothing was written.

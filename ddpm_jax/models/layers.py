@@ -197,6 +197,30 @@ def _to_channels(v: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 GROUP_NORM_STATISTICS = ('two_pass', 'one_pass')
+ATTENTION_IMPLEMENTATIONS = ('auto', 'xla', 'cudnn')
+
+
+def _environment_choice(name: str, allowed: Sequence[str]) -> str:
+    """The environment variable `name` if set and not empty, else `allowed[0]`.
+
+    Raises:
+        ValueError: It is set to a value outside `allowed`.
+    """
+    choice = os.environ.get(name) or allowed[0]
+    if choice not in allowed:
+        raise ValueError(f'{name} must be one of {tuple(allowed)}, got {choice!r}.')
+    return choice
+
+
+def check_environment() -> None:
+    """Checks DDPM_JAX_ATTENTION and DDPM_JAX_GROUP_NORM (read when the models are
+    traced) up front, without starting JAX's backends (main.py, before anything runs).
+
+    Raises:
+        ValueError: One is set to a value it does not take.
+    """
+    _environment_choice('DDPM_JAX_ATTENTION', ATTENTION_IMPLEMENTATIONS)
+    _environment_choice('DDPM_JAX_GROUP_NORM', GROUP_NORM_STATISTICS)
 
 
 def group_norm_statistics() -> str:
@@ -218,11 +242,7 @@ def group_norm_statistics() -> str:
     Raises:
         ValueError: DDPM_JAX_GROUP_NORM is set to something else.
     """
-    choice = os.environ.get('DDPM_JAX_GROUP_NORM', 'two_pass') or 'two_pass'
-    if choice not in GROUP_NORM_STATISTICS:
-        raise ValueError(f'DDPM_JAX_GROUP_NORM must be one of {GROUP_NORM_STATISTICS}, '
-                         f'got {choice!r}.')
-    return choice
+    return _environment_choice('DDPM_JAX_GROUP_NORM', GROUP_NORM_STATISTICS)
 
 
 def _statistics(x: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
@@ -651,9 +671,6 @@ class AttentionPool2d(nn.Module):
         return dense(self.out_features, 'adm', self.dtype, name='c_proj')(h)
 
 
-ATTENTION_IMPLEMENTATIONS = ('auto', 'xla', 'cudnn')
-
-
 def attention_implementation(dtype: Any, head_dim: int) -> str:
     """The `jax.nn.dot_product_attention` implementation for inputs of `dtype`.
 
@@ -666,10 +683,7 @@ def attention_implementation(dtype: Any, head_dim: int) -> str:
     Raises:
         ValueError: DDPM_JAX_ATTENTION is set to something else.
     """
-    choice = os.environ.get('DDPM_JAX_ATTENTION', 'auto') or 'auto'
-    if choice not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(f'DDPM_JAX_ATTENTION must be one of {ATTENTION_IMPLEMENTATIONS}, '
-                         f'got {choice!r}.')
+    choice = _environment_choice('DDPM_JAX_ATTENTION', ATTENTION_IMPLEMENTATIONS)
     if choice != 'auto':
         return choice
     fused = (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
