@@ -1,10 +1,11 @@
 """Building blocks shared by the diffusion UNet and the noise-aware classifier.
 
-Owns the timestep embedding, group normalisation with float32 statistics, the
-residual block (additive or adaptive-group-norm conditioning, optional BigGAN-style
-up/down-sampling), plain up/down-sampling layers, multi-head self-attention over
-pixels and ADM's attention pooling head, plus the architecture validation that
-names the offending config field.
+Owns the timestep embedding, group normalisation with float32 statistics, dropout
+(`nn.Dropout`'s masks from a hash XLA can fuse on a CPU), the residual block
+(additive or adaptive-group-norm conditioning, optional BigGAN-style up/down-sampling),
+plain up/down-sampling layers, multi-head self-attention over pixels and ADM's
+attention pooling head, plus the architecture validation that names the offending
+config field.
 
 Two variants share these blocks and differ only where the papers differ:
 
