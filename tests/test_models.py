@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import default
-from ddpm_jax import checkpointing, config_lib, models, tasks
+from ddpm_jax import checkpointing, config_lib, models, parallel, tasks
 from ddpm_jax.models import layers
 
 IMAGE_SIZE = 8
@@ -730,3 +731,17 @@ def test_dropout_is_flax_dropout(dtype):
     np.testing.assert_array_equal(layers.Dropout(1.0, deterministic=False).apply({}, h, rngs=rngs),
                                   jnp.zeros_like(h))
     np.testing.assert_array_equal(layers.Dropout(0.5).apply({}, h), h)
+
+
+def test_dropout_sharded_over_the_batch_is_the_unsharded_mask():
+    """Each element's counter is its global index, so a batch-sharded mask (4 devices)
+    is the one-device mask, and stays sharded (no gather)."""
+    mesh = parallel.create_mesh()
+    sharding = NamedSharding(mesh, P('data'))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 4, 4, 6)), jnp.float32)
+    rngs = {'dropout': jax.random.key(7)}
+    drop = layers.Dropout(0.4, deterministic=False)
+    sharded = jax.jit(lambda h: drop.apply({}, h, rngs=rngs), in_shardings=sharding,
+                      out_shardings=sharding)(jax.device_put(x, sharding))
+    assert parallel.num_mesh_devices(mesh) == 4 and sharded.sharding.is_equivalent_to(sharding, 4)
+    np.testing.assert_array_equal(sharded, nn.Dropout(0.4, deterministic=False).apply({}, x, rngs=rngs))
