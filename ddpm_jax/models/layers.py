@@ -395,10 +395,9 @@ def gradient_boundary(x: jax.Array) -> jax.Array:
     computing them once, so each consumer recomputed the chain back to the level's
     end: loop fusions of up to 100 operands (451 ops) in DDPM++'s train step, 47 with
     this; its first-level transposes took 7-20 ms each for what a plain transpose does
-    in 0.3 ms. Dividing the
-    gradient by an exact 1 computed at run time ends each chain at a division, which
-    XLA does not duplicate into consumers: it writes the gradient once and every
-    consumer reads it. The values are the same, NaN, infinities and signed zeros
+    in 0.3 ms. Dividing the gradient by an exact 1 computed at run time ends each chain
+    at a division, which XLA does not duplicate into consumers: it writes the gradient
+    once and every consumer reads it. The values are the same, NaN, infinities and signed zeros
     included (subnormals flush to zero, as in all of XLA:CPU's arithmetic); forward
     mode (`jax.jvp`) divides the tangent alike. Used at the end of every residual block
     and attention block. Elsewhere than on a CPU, x is returned as it is. Read at

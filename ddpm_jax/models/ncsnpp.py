@@ -100,7 +100,7 @@ def _norm(channels: int, dtype: Dtype, name: str) -> layers.GroupNorm:
 
 
 def _combine_skip(x: jax.Array, h: jax.Array, skip_rescale: bool) -> jax.Array:
-    """The residual sum (over sqrt(2) with skip_rescale), behind a `layers.gradient_boundary`."""
+    """The residual sum (over sqrt(2) with skip_rescale): a `layers.gradient_boundary`."""
     return layers.gradient_boundary((x + h) / math.sqrt(2.0) if skip_rescale else x + h)
 
 
