@@ -79,13 +79,13 @@ f = jax.jit(lambda x, w: (x * 2.0) @ w)  # x * 2.0 is a 64 MiB temporary.
 x, w = jnp.ones((4096, 4096)), jnp.ones((4096, 8))
 temp = f.lower(x, w).compile().memory_analysis().temp_size_in_bytes
 faults = []
-for _ in range(24):
+for _ in range(32):
     start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     jax.block_until_ready(f(x, w))
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
 pages = temp // resource.getpagesize()
 refaulted = [n > pages // 2 for n in faults]
-print(reused, again, jax.device_count(), pages, sum(refaulted[12:]))
+print(reused, again, jax.device_count(), pages, sum(refaulted[16:]))
 '''
 
 
@@ -98,17 +98,17 @@ def _run_faults(mode, devices):
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc heap')
 def test_reuse_cpu_step_memory_stops_refaulting_the_temporaries():
-    # 24 calls, the last 12 counted. Plain: each call faults its 64 MiB temporary
+    # 32 calls, the last 16 counted. Plain: each call faults its 64 MiB temporary
     # (16,384 pages) in anew.
     reused, again, devices, pages, refaulted = _run_faults('plain', 1)
     assert (reused, again, devices, pages) == (False, False, 1, 16384)
-    assert refaulted >= 11, refaulted
+    assert refaulted >= 15, refaulted
     # Reused: once the heap has grown to hold the block (the first few calls; more
-    # when another process loads the machine: up to 7 of the first 16 seen), calls
-    # fault in next to nothing.
+    # when another process loads the machine: up to 7 of the first 16 seen, and 2 of
+    # calls 13-24 once on a loaded CI machine), calls fault in next to nothing.
     reused, again, devices, pages, refaulted = _run_faults('reuse', 1)
     assert (reused, again, devices) == (True, False, 1)
-    assert refaulted <= 1, refaulted
+    assert refaulted <= 4, refaulted
     # Several devices: the heap is left alone.
     assert _run_faults('reuse', 2)[:3] == (False, False, 2)
 
