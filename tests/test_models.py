@@ -406,6 +406,94 @@ def test_normalize_groups_closed_form_and_derivatives(shape, statistics, monkeyp
                                    rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize('statistics', layers.GROUP_NORM_STATISTICS)
+@pytest.mark.parametrize('shape', [(3, 5, 6, 16), (2, 7, 8), (2, 3, 2, 5, 8)])
+def test_group_norm_affine_closed_form_and_derivatives(shape, statistics, monkeypatch):
+    # group_norm's own tangent rule (written so the gradient sums g and g * d once
+    # each) against the float64 closed form, central differences in x, scale and bias,
+    # reverse mode, and second derivatives through the plain formula.
+    monkeypatch.setenv('DDPM_JAX_GROUP_NORM', statistics)
+    groups, eps = 4, 1e-6
+    keys = jax.random.split(jax.random.key(3), 8)
+    with jax.enable_x64(True):
+        normal = lambda key, s: jax.random.normal(key, s, jnp.float64)
+        x = normal(keys[0], shape) * 2 + 1
+        scale, bias = 1 + 0.3 * normal(keys[1], shape[-1:]), normal(keys[2], shape[-1:])
+        primals = (x, scale, bias)
+        tangents = (normal(keys[3], shape), normal(keys[4], shape[-1:]),
+                    normal(keys[5], shape[-1:]))
+        g = normal(keys[6], shape)
+        f = functools.partial(layers.group_norm, num_groups=groups, epsilon=eps)
+
+        def closed(x, scale, bias):
+            return _group_norm_f64(x, groups, eps) * np.asarray(scale) + np.asarray(bias)
+        y, jvp = jax.jvp(f, primals, tangents)
+        np.testing.assert_allclose(y, closed(*primals), atol=1e-12)
+        h = 1e-6
+        numeric = (closed(*(p + h * t for p, t in zip(primals, tangents)))
+                   - closed(*(p - h * t for p, t in zip(primals, tangents)))) / (2 * h)
+        np.testing.assert_allclose(jvp, numeric, atol=1e-7)
+        vjp = jax.vjp(f, *primals)[1](g)  # <vjp(g), t> = <g, jvp(t)>, all three.
+        np.testing.assert_allclose(sum(jnp.vdot(v, t) for v, t in zip(vjp, tangents)),
+                                   jnp.vdot(g, jvp), rtol=1e-10)
+
+        def plain(x, scale, bias):
+            xg = x.reshape(shape[0], -1, groups, shape[-1] // groups)
+            mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
+            var = jnp.mean((xg - mean) ** 2, axis=(1, 3), keepdims=True)
+            return ((xg - mean) / jnp.sqrt(var + eps)).reshape(shape) * scale + bias
+
+        def grad_norm(norm, *args):
+            grads = jax.grad(lambda *a: jnp.sum(norm(*a) ** 3), argnums=(0, 1))(*args)
+            return sum(jnp.sum(v ** 2) for v in grads)
+        for ours, want in zip(jax.grad(functools.partial(grad_norm, f), (0, 1, 2))(*primals),
+                              jax.grad(functools.partial(grad_norm, plain), (0, 1, 2))(*primals)):
+            np.testing.assert_allclose(ours, want, rtol=1e-9, atol=1e-9)
+
+
+def _full_size_passes(hlo: str, shape: tuple[int, ...]) -> int:
+    """The compiled program's top-level ops that read or write an f32 array of shape."""
+    entry = hlo[hlo.index('\nENTRY'):]
+    entry = entry[:entry.index('\n}')]
+    full = 'f32[' + ','.join(map(str, shape)) + ']'
+    shapes, passes = {}, 0
+    for line in entry.splitlines()[1:]:
+        match = re.match(r'\s*(?:ROOT )?%([\w.\-]+) = (\S+) ([\w-]+)\((.*?)\)', line)
+        if not match:
+            continue
+        name, out, op, args = match.groups()
+        shapes[name] = out
+        if op in ('parameter', 'constant', 'bitcast', 'tuple', 'get-tuple-element'):
+            continue
+        passes += out.startswith(full) or any(
+            shapes.get(operand, '').startswith(full)
+            for operand in re.findall(r'%([\w.\-]+)', args))
+    return passes
+
+
+def test_group_norm_gradient_sums_the_full_size_arrays_twice():
+    # GroupNorm + SiLU, forward and gradient, compiled for this CPU: the statistics'
+    # two reductions, the centred x, SiLU's gradient, its two spatial sums, x's gradient,
+    # and the loss's product with x: 8 ops touch [4, 8, 8, 32] arrays. Through
+    # normalize_groups and a separate affine transform (the control), reverse mode
+    # takes four sums of written-out products: 12.
+    shape = (4, 8, 8, 32)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
+    scale, bias = jnp.linspace(0.5, 1.5, 32), jnp.linspace(-1.0, 1.0, 32)
+    separate = lambda x, s, b, groups, eps: layers.normalize_groups(x, groups, eps) * s + b
+    passes, grads = {}, {}
+    for name, norm in (('group_norm', layers.group_norm), ('separate', separate)):
+        loss = lambda x, s, b: jnp.sum(jax.nn.silu(norm(x, s, b, 8, 1e-6)) * x)
+        fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)),
+                     compiler_options=parallel.compiler_options())
+        passes[name] = _full_size_passes(fn.lower(x, scale, bias).compile().as_text(), shape)
+        grads[name] = fn(x, scale, bias)
+    assert passes['group_norm'] <= 8 and passes['separate'] >= passes['group_norm'] + 4, passes
+    for ours, want in zip(grads['group_norm'], grads['separate']):
+        np.testing.assert_allclose(ours, want, rtol=1e-5,
+                                   atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+
 @pytest.mark.parametrize('variant', layers.VARIANTS)
 def test_group_norm_is_flax_group_norm(variant):
     # Same parameters as nn.GroupNorm (names, shapes, initial values), so checkpoints
