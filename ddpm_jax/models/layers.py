@@ -2,7 +2,7 @@
 
 Owns the timestep embedding, group normalisation with float32 statistics, dropout
 (`nn.Dropout`'s masks from a hash XLA can fuse on a CPU), `gradient_boundary` (the
-residual sum after which XLA:CPU computes the gradient once), the residual block
+residual sum whose value and gradient XLA:CPU computes once), the residual block
 (additive or adaptive-group-norm conditioning, optional BigGAN-style up/down-sampling),
 plain up/down-sampling layers, multi-head self-attention over pixels and ADM's
 attention pooling head, plus the architecture validation that names the offending
@@ -439,19 +439,9 @@ def _exactly_one(x: jax.Array) -> jax.Array:
     return 1 + jnp.isnan(x).astype(x.dtype) * 0
 
 
-@jax.custom_jvp
-def _gradient_boundary(x: jax.Array) -> jax.Array:
-    return x
-
-
-@_gradient_boundary.defjvp
-def _gradient_boundary_jvp(primals, tangents):
-    (x,), (t,) = primals, tangents
-    return x, t / _exactly_one(x)  # Transposed: the cotangent / 1.
-
-
 def gradient_boundary(x: jax.Array) -> jax.Array:
-    """x, unchanged; on a CPU, its gradient becomes one array that XLA computes once.
+    """x, unchanged; on a CPU, x and its gradient each become one array that XLA
+    computes once.
 
     A residual network's gradient flows back through every block's skip connection:
     the gradient at a block's input is an elementwise function of the gradient at its
@@ -460,19 +450,22 @@ def gradient_boundary(x: jax.Array) -> jax.Array:
     ones. XLA:CPU fuses such cheap producers into every consumer that can take them
     (the filter gradients' layout transposes, the norms' reductions) instead of
     computing them once, so each consumer recomputed the chain back to the level's
-    end: loop fusions of up to 100 operands (451 ops) in DDPM++'s train step, 47 with
-    this; its first-level transposes took 7-20 ms each for what a plain transpose does
-    in 0.3 ms. Dividing the gradient by an exact 1 computed at run time ends each chain
-    at a division, which XLA does not duplicate into consumers: it writes the gradient
-    once and every consumer reads it. The values are the same, NaN, infinities and signed zeros
-    included (subnormals flush to zero, as in all of XLA:CPU's arithmetic); forward
-    mode (`jax.jvp`) divides the tangent alike. Used at the end of every residual block
-    and attention block. Elsewhere than on a CPU, x is returned as it is. Read at
-    trace time.
+    end: loop fusions of up to 100 operands (451 ops) in DDPM++'s train step; its
+    first-level transposes took 7-20 ms each for what a plain transpose does in 0.3 ms.
+    The forward's residual sums form the same kind of chain (DDPM++'s attention
+    projections' filter gradients each recomputed their level's sums, 33 operands).
+    Here x is divided by an exact 1 computed at run time, so its tangent, and
+    transposed its gradient, are divided too: each chain ends at a division, which XLA
+    does not duplicate into consumers, so it writes the value and the gradient once and
+    every consumer reads them (largest such fusions: 20 operands in DDPM++'s step). The
+    values are the same, NaN, infinities and signed zeros included (subnormals flush
+    to zero, as in all of XLA:CPU's arithmetic). Used at the end of every residual
+    block and attention block. Elsewhere than on a CPU, x is returned as it is. Read
+    at trace time.
     """
     if jax.default_backend() != 'cpu':
         return x
-    return _gradient_boundary(x)
+    return x / _exactly_one(x)
 
 
 class ChannelDense(nn.Module):
