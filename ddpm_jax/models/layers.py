@@ -304,10 +304,10 @@ def _normalize_groups_jvp(num_groups: int, epsilon: float, primals, tangents):
     (x,), (dx,) = primals, tangents
     d, mu, inv_std = _centred(x, num_groups, epsilon)
     y = _normalized(d, mu, inv_std)
-    inv_std = _to_channels(inv_std, x.shape)
     # mean(y) = 0, so the centred tangent's mean(y (dx - mean(dx))) is mean(y dx).
-    dy = inv_std * (dx - _to_channels(_group_mean(dx, num_groups), x.shape)
-                    - y * _to_channels(_group_mean(y * dx, num_groups), x.shape))
+    dy = _to_channels(inv_std, x.shape) * (
+        dx - _to_channels(_group_mean(dx, num_groups), x.shape)
+        - y * _to_channels(_group_mean(y * dx, num_groups), x.shape))
     return y, dy
 
 
