@@ -157,7 +157,9 @@ def compiler_options() -> dict[str, str] | None:
     already sets the option (yours wins), or with a jaxlib that lacks it. Pass the
     result as `jax.jit(..., compiler_options=parallel.compiler_options())` in your own
     code, above all where you jit the models: where it is not None they trace their
-    1x1 channel products as convolutions (`models.layers.pointwise_as_convolution`).
+    1x1 channel products as convolutions (`models.layers.pointwise_as_convolution`),
+    and on an AMD CPU their wide 3x3 ones by Winograd's algorithm
+    (`models.layers.convolution_algorithm`).
     Call after the backends may start (it asks which one is the default).
     """
     if (jax.default_backend() != 'cpu' or jax.device_count() != 1

@@ -139,7 +139,8 @@ def test_missing_config_file_is_one_error_line(tmp_path):
         "'configs/no_such.py'")
 
 
-@pytest.mark.parametrize('name', ['DDPM_JAX_ATTENTION', 'DDPM_JAX_GROUP_NORM'])
+@pytest.mark.parametrize('name', ['DDPM_JAX_ATTENTION', 'DDPM_JAX_GROUP_NORM',
+                                  'DDPM_JAX_CONVOLUTION'])
 def test_bad_environment_variable_is_one_error_line(name, no_compile, monkeypatch, tmp_path):
     monkeypatch.setenv(name, 'flash')
     with pytest.raises(SystemExit) as info:

@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import default
 from ddpm_jax import checkpointing, config_lib, models, parallel, tasks
-from ddpm_jax.models import layers
+from ddpm_jax.models import layers, unet
 
 IMAGE_SIZE = 8
 CHANNELS = 1
@@ -720,6 +720,148 @@ def test_group_norm_statistics_choice(monkeypatch):
     monkeypatch.setenv('DDPM_JAX_GROUP_NORM', 'welford')
     with pytest.raises(ValueError, match='DDPM_JAX_GROUP_NORM'):
         layers.group_norm_statistics()
+
+
+def _conv3x3_f64(x, kernel):
+    """Closed form in float64: the 3x3 correlation of x padded by 1 (NHWC, HWIO)."""
+    x, kernel = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
+    _, height, width, _ = x.shape
+    p = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return sum(p[:, i:i + height, j:j + width] @ kernel[i, j]
+               for i in range(3) for j in range(3))
+
+
+@pytest.mark.parametrize('shape, features', [
+    ((2, 4, 6, 5), 7), ((1, 2, 2, 3), 4), ((3, 8, 8, 16), 16), ((2, 10, 4, 1), 2)])
+def test_conv3x3_winograd_equals_the_convolution(shape, features):
+    # F(2x2, 3x3) against the float64 closed form; its gradients, forward-mode
+    # derivatives and second derivatives (the DDGAN's R1 penalty) against XLA's
+    # convolution's.
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, shape[-1], features)), jnp.float32)
+    direct = lambda x, k: jax.lax.conv_general_dilated(
+        x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    want = _conv3x3_f64(x, kernel)
+    got = jax.jit(layers.conv3x3_winograd)(x, kernel)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
+
+    def derivatives(conv):
+        loss = lambda x, k: jnp.sum(jnp.sin(conv(x, k)))
+        penalty = lambda k: jnp.sum(jax.grad(loss)(x, k) ** 2)  # R1: d/dk |d loss/dx|^2.
+        tangents = (jnp.cos(x), jnp.sin(kernel))
+        return (jax.grad(loss, (0, 1))(x, kernel), jax.jvp(conv, (x, kernel), tangents),
+                jax.grad(penalty)(kernel))
+
+    got, want = (jax.jit(derivatives, static_argnums=0)(conv)
+                 for conv in (layers.conv3x3_winograd, direct))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * np.abs(w).max())
+
+
+def test_winograd_input_transform_gradient_is_slices():
+    # The transform's parts are written into one buffer by 16 in-place updates; their
+    # gradient must be 16 slices of the incoming one, not the updates transposed (a
+    # zeroed copy of the whole gradient per part).
+    x = jnp.ones((2, 4, 4, 3))
+    jaxpr = str(jax.make_jaxpr(jax.grad(
+        lambda x: jnp.sum(layers.winograd_input_transform(x) ** 2)))(x))
+    assert jaxpr.count('dynamic_update_slice') == 16  # The forward's, nothing more.
+    assert 'dynamic_slice' not in jaxpr and 'scatter' not in jaxpr
+
+
+@pytest.mark.parametrize('shape, features, pays', [
+    ((8, 32, 32, 128), 128, True), ((8, 16, 16, 256), 256, True),
+    ((8, 8, 8, 256), 256, True), ((8, 16, 16, 128), 256, True),
+    ((8, 4, 4, 256), 256, False), ((8, 16, 16, 128), 128, False),
+    ((16, 16, 16, 128), 128, True), ((8, 32, 32, 64), 64, False),
+    ((8, 32, 32, 3), 128, False), ((8, 32, 32, 128), 3, False)])
+def test_winograd_pays_for_wide_convolutions(shape, features, pays):
+    assert layers.winograd_pays(shape, features) == pays
+
+
+def _convolution_primitives(module, x):
+    params = jax.eval_shape(module.init, jax.random.key(0), x)
+    return str(jax.make_jaxpr(module.apply)(params, x)).count('conv_general_dilated')
+
+
+def test_convolution_algorithm_choice_and_dispatch(monkeypatch):
+    monkeypatch.delenv('DDPM_JAX_CONVOLUTION', raising=False)
+    # This test process has four CPU devices: XLA's defaults, so direct convolutions.
+    assert parallel.compiler_options() is None
+    assert layers.convolution_algorithm() == 'direct'
+    conv = layers.conv(4, 'ddpm', jnp.float32)
+    x = jnp.ones((2, 6, 6, 3))
+    assert _convolution_primitives(conv, x) == 1
+    monkeypatch.setenv('DDPM_JAX_CONVOLUTION', 'winograd')
+    assert layers.convolution_algorithm() == 'winograd'
+    assert _convolution_primitives(conv, x) == 0
+    # Not 3x3 stride-1 padded by 1 with even sides in float32: XLA's convolution.
+    assert _convolution_primitives(conv, jnp.ones((2, 5, 6, 3))) == 1
+    assert _convolution_primitives(layers.conv(4, 'ddpm', jnp.float32, stride=2), x) == 1
+    assert _convolution_primitives(layers.conv(4, 'ddpm', jnp.bfloat16), x) == 1
+    assert _convolution_primitives(
+        nn.Conv(4, (3, 3), padding='SAME', conv_general_dilated=layers.conv_general_dilated),
+        x) == 1
+    # Auto on one CPU device with XLA's own convolutions: on an AMD CPU only, and only
+    # where it pays.
+    monkeypatch.setenv('DDPM_JAX_CONVOLUTION', 'auto')
+    monkeypatch.setattr(parallel, 'compiler_options', lambda: {'one': 'device'})
+    monkeypatch.setattr(layers, 'cpu_vendor', lambda: 'GenuineIntel')
+    assert layers.convolution_algorithm() == 'direct'
+    monkeypatch.setattr(layers, 'cpu_vendor', lambda: 'AuthenticAMD')
+    assert layers.convolution_algorithm() == 'winograd'
+    assert _convolution_primitives(conv, x) == 1  # Too small to pay.
+    wide = jax.ShapeDtypeStruct((8, 8, 8, 256), jnp.float32)
+    assert _convolution_primitives(layers.conv(256, 'ddpm', jnp.float32), wide) == 0
+    monkeypatch.setenv('DDPM_JAX_CONVOLUTION', 'direct')
+    assert _convolution_primitives(layers.conv(256, 'ddpm', jnp.float32), wide) == 1
+    monkeypatch.setenv('DDPM_JAX_CONVOLUTION', 'fft')
+    with pytest.raises(ValueError, match='DDPM_JAX_CONVOLUTION'):
+        layers.convolution_algorithm()
+
+
+def test_save_convs_policy_keeps_winograd_outputs(capsys):
+    # remat_policy='save_convs' stores Winograd's output as it stores a convolution's.
+    x, kernel = jnp.ones((2, 4, 4, 3)), jnp.ones((3, 3, 3, 5))
+    f = lambda x, k: jnp.sin(layers.conv3x3_winograd(x, k)).sum()
+    for policy, saved in ((unet._save_convs, True),
+                          (jax.checkpoint_policies.nothing_saveable, False)):
+        jax.ad_checkpoint.print_saved_residuals(jax.checkpoint(f, policy=policy), x,
+                                                kernel)
+        out = capsys.readouterr().out
+        assert (f"f32[2,4,4,5] named '{layers.WINOGRAD_OUTPUT}'" in out) == saved, out
+
+
+def test_cpu_vendor_reads_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / 'cpuinfo'
+    cpuinfo.write_text('processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n'
+                       'processor\t: 1\nvendor_id\t: AuthenticAMD\n')
+    assert layers.cpu_vendor(str(cpuinfo)) == 'AuthenticAMD'
+    cpuinfo.write_text('processor\t: 0\nCPU implementer\t: 0x41\n')  # An Arm machine.
+    assert layers.cpu_vendor.__wrapped__(str(cpuinfo)) == ''
+    assert layers.cpu_vendor(str(tmp_path / 'missing')) == ''
+
+
+@pytest.mark.parametrize('name', ['ddpm', 'ncsnpp'])
+def test_winograd_networks_equal_direct_ones(tiny_config, name, monkeypatch):
+    # Same parameters, outputs to float32 rounding (the gradients: above).
+    overrides = dict(variant='ddpm', channel_mult=(1, 2), attention_resolutions=(4,))
+    if name == 'ncsnpp':
+        overrides.update(name='ncsnpp', num_res_blocks=1, base_channels=16, num_groups=4)
+    model = models.create_model(_config(tiny_config, **overrides))
+    params = random_params(model)
+    x, t = inputs()
+
+    def run(algorithm):
+        monkeypatch.setenv('DDPM_JAX_CONVOLUTION', algorithm)
+        forward = lambda p: model.apply({'params': p}, x, t)
+        jaxpr = str(jax.make_jaxpr(forward)(params))
+        return jaxpr.count('conv_general_dilated'), np.asarray(jax.jit(forward)(params))
+
+    (direct_convs, want), (winograd_convs, got) = run('direct'), run('winograd')
+    assert winograd_convs < direct_convs  # Stride-2 and odd-sized ones stay.
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
 def test_attention_implementation_cudnn_only_for_half_precision_on_gpu(monkeypatch):

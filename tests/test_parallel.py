@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from ddpm_jax import parallel
+from ddpm_jax.models import layers
 
 
 def test_mesh_and_shardings():
@@ -143,7 +144,8 @@ def test_compiler_options_use_xla_convolutions_with_the_same_numbers():
 
 
 _PRINT_OPTIONS = ('from ddpm_jax import parallel; from ddpm_jax.models import layers; '
-                  'print(parallel.compiler_options(), layers.pointwise_as_convolution())')
+                  'print(parallel.compiler_options(), layers.pointwise_as_convolution(), '
+                  'layers.convolution_algorithm())')
 
 
 @pytest.mark.parametrize('xla_flags, want', [
@@ -157,8 +159,10 @@ def test_compiler_options_only_for_one_cpu_device(xla_flags, want):
     env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS='cpu')
     out = subprocess.run([sys.executable, '-c', _PRINT_OPTIONS], env=env, check=True,
                          capture_output=True, text=True).stdout.strip()
-    # 1x1 convolutions follow: convolutions exactly where XLA's own ones run.
-    assert out == f'{want} {want != "None"}'
+    # 1x1 convolutions and (on an AMD CPU) Winograd's 3x3 ones follow: exactly where
+    # XLA's own convolutions run.
+    winograd = want != 'None' and layers.cpu_vendor() == 'AuthenticAMD'
+    assert out == f'{want} {want != "None"} {"winograd" if winograd else "direct"}'
 
 
 CACHE_SCRIPT = """

@@ -87,7 +87,8 @@ def _conv(features: int, kernel: int, name: str, init: str, *, bias: bool = True
     pad = kernel // 2
     return nn.Conv(features, (kernel, kernel), padding=((pad, pad), (pad, pad)),
                    use_bias=bias, kernel_init=_kernel_init(init, scale),
-                   param_dtype=jnp.float32, name=name)
+                   param_dtype=jnp.float32, name=name,
+                   conv_general_dilated=layers.conv_general_dilated)
 
 
 def _dense(features: int, name: str, init: str) -> nn.Dense:

@@ -86,7 +86,8 @@ def _conv(features: int, dtype: Dtype, *, kernel: int = 3, scale: float = 1.0,
         return layers.PointwiseConv(features, _init(scale), dtype, name=name)
     pad = kernel // 2
     return nn.Conv(features, (kernel, kernel), padding=((pad, pad), (pad, pad)),
-                   kernel_init=_init(scale), dtype=dtype, param_dtype=jnp.float32, name=name)
+                   kernel_init=_init(scale), dtype=dtype, param_dtype=jnp.float32, name=name,
+                   conv_general_dilated=layers.conv_general_dilated)
 
 
 def _nin(features: int, dtype: Dtype, *, scale: float = 0.1, name: str | None = None

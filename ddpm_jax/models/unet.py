@@ -50,11 +50,13 @@ def _save_convs(prim, *_, **params) -> bool:
 
     Inside a rematerialised block the norms, nonlinearities, dropout masks and
     attention's batched products are recomputed in the backward pass, while the
-    outputs of the expensive, weight-bearing ops (convolutions and dense layers:
-    dot_general without batch dimensions) are stored.
+    outputs of the expensive, weight-bearing ops (convolutions, Winograd's included,
+    and dense layers: dot_general without batch dimensions) are stored.
     """
     if prim.name == 'conv_general_dilated':
         return True
+    if prim.name == 'name':  # checkpoint_name: layers.conv3x3_winograd's output.
+        return params['name'] == layers.WINOGRAD_OUTPUT
     if prim.name == 'dot_general':
         (_, _), (lhs_batch, _) = params['dimension_numbers']
         return not lhs_batch
