@@ -158,7 +158,7 @@ def compiler_options() -> dict[str, str] | None:
     result as `jax.jit(..., compiler_options=parallel.compiler_options())` in your own
     code, above all where you jit the models: where it is not None they trace their
     1x1 channel products as convolutions (`models.layers.pointwise_as_convolution`),
-    and on an AMD CPU their wide 3x3 ones by Winograd's algorithm
+    and on AMD and Intel CPUs their wide 3x3 ones by Winograd's algorithm
     (`models.layers.convolution_algorithm`).
     Call after the backends may start (it asks which one is the default).
     """

@@ -770,14 +770,17 @@ def test_winograd_input_transform_gradient_is_slices():
     assert 'dynamic_slice' not in jaxpr and 'scatter' not in jaxpr
 
 
-@pytest.mark.parametrize('shape, features, pays', [
-    ((8, 32, 32, 128), 128, True), ((8, 16, 16, 256), 256, True),
-    ((8, 8, 8, 256), 256, True), ((8, 16, 16, 128), 256, True),
-    ((8, 4, 4, 256), 256, False), ((8, 16, 16, 128), 128, False),
-    ((16, 16, 16, 128), 128, True), ((8, 32, 32, 64), 64, False),
-    ((8, 32, 32, 3), 128, False), ((8, 32, 32, 128), 3, False)])
-def test_winograd_pays_for_wide_convolutions(shape, features, pays):
-    assert layers.winograd_pays(shape, features) == pays
+@pytest.mark.parametrize('shape, features, amd, intel', [
+    ((8, 32, 32, 128), 128, True, False), ((8, 16, 16, 256), 256, True, True),
+    ((8, 8, 8, 256), 256, True, True), ((8, 16, 16, 128), 256, True, True),
+    ((8, 4, 4, 256), 256, False, False), ((8, 16, 16, 128), 128, False, False),
+    ((16, 16, 16, 128), 128, True, False), ((32, 16, 16, 256), 256, True, False),
+    ((8, 32, 32, 64), 64, False, False), ((8, 32, 32, 3), 128, False, False),
+    ((8, 32, 32, 128), 3, False, False)])
+def test_winograd_pays_for_wide_convolutions(shape, features, amd, intel):
+    assert layers.winograd_pays(shape, features, 'AuthenticAMD') == amd
+    assert layers.winograd_pays(shape, features, 'GenuineIntel') == intel
+    assert not layers.winograd_pays(shape, features, '')  # Not measured elsewhere.
 
 
 def _convolution_primitives(module, x):
@@ -803,17 +806,23 @@ def test_convolution_algorithm_choice_and_dispatch(monkeypatch):
     assert _convolution_primitives(
         nn.Conv(4, (3, 3), padding='SAME', conv_general_dilated=layers.conv_general_dilated),
         x) == 1
-    # Auto on one CPU device with XLA's own convolutions: on an AMD CPU only, and only
-    # where it pays.
+    # Auto on one CPU device with XLA's own convolutions: on AMD and Intel CPUs, and
+    # only where it pays there.
     monkeypatch.setenv('DDPM_JAX_CONVOLUTION', 'auto')
     monkeypatch.setattr(parallel, 'compiler_options', lambda: {'one': 'device'})
-    monkeypatch.setattr(layers, 'cpu_vendor', lambda: 'GenuineIntel')
+    monkeypatch.setattr(layers, 'cpu_vendor', lambda: '')
     assert layers.convolution_algorithm() == 'direct'
     monkeypatch.setattr(layers, 'cpu_vendor', lambda: 'AuthenticAMD')
     assert layers.convolution_algorithm() == 'winograd'
     assert _convolution_primitives(conv, x) == 1  # Too small to pay.
     wide = jax.ShapeDtypeStruct((8, 8, 8, 256), jnp.float32)
     assert _convolution_primitives(layers.conv(256, 'ddpm', jnp.float32), wide) == 0
+    many_tiles = jax.ShapeDtypeStruct((8, 32, 32, 128), jnp.float32)
+    assert _convolution_primitives(layers.conv(128, 'ddpm', jnp.float32), many_tiles) == 0
+    monkeypatch.setattr(layers, 'cpu_vendor', lambda: 'GenuineIntel')
+    assert layers.convolution_algorithm() == 'winograd'
+    assert _convolution_primitives(layers.conv(256, 'ddpm', jnp.float32), wide) == 0
+    assert _convolution_primitives(layers.conv(128, 'ddpm', jnp.float32), many_tiles) == 1
     monkeypatch.setenv('DDPM_JAX_CONVOLUTION', 'direct')
     assert _convolution_primitives(layers.conv(256, 'ddpm', jnp.float32), wide) == 1
     monkeypatch.setenv('DDPM_JAX_CONVOLUTION', 'fft')

@@ -159,9 +159,9 @@ def test_compiler_options_only_for_one_cpu_device(xla_flags, want):
     env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS='cpu')
     out = subprocess.run([sys.executable, '-c', _PRINT_OPTIONS], env=env, check=True,
                          capture_output=True, text=True).stdout.strip()
-    # 1x1 convolutions and (on an AMD CPU) Winograd's 3x3 ones follow: exactly where
-    # XLA's own convolutions run.
-    winograd = want != 'None' and layers.cpu_vendor() == 'AuthenticAMD'
+    # 1x1 convolutions and (on AMD and Intel CPUs) Winograd's 3x3 ones follow: exactly
+    # where XLA's own convolutions run.
+    winograd = want != 'None' and layers.cpu_vendor() in layers.WINOGRAD_VENDORS
     assert out == f'{want} {want != "None"} {"winograd" if winograd else "direct"}'
 
 

@@ -516,18 +516,12 @@ def cpu_vendor(cpuinfo: str = '/proc/cpuinfo') -> str:
 
 def convolution_algorithm() -> str:
     """How the models' 3x3 stride-1 convolutions run: 'winograd' (`conv3x3_winograd`,
-    where `winograd_pays` for the shape) in a process whose jits get
-    `parallel.compiler_options()` (one CPU device) on an AMD CPU, else 'direct' (XLA's
-    convolution). The environment variable DDPM_JAX_CONVOLUTION='direct' or 'winograd'
-    overrides the choice for the whole process; 'winograd' takes every float32
-    convolution of even height and width, whatever its size (to test it, or to
+    where `winograd_pays` for the shape on this CPU) in a process whose jits get
+    `parallel.compiler_options()` (one CPU device) on an AMD or Intel CPU, else 'direct'
+    (XLA's convolution). The environment variable DDPM_JAX_CONVOLUTION='direct' or
+    'winograd' overrides the choice for the whole process; 'winograd' takes every
+    float32 convolution of even height and width, whatever its size (to test it, or to
     compare). Read at trace time.
-
-    Why by vendor: on a 2-core AMD EPYC (AVX-512 on 256-bit units) XLA's convolutions
-    reach about half the FLOP rate they reach on an Intel Xeon (two 512-bit FMA units
-    per core), and Winograd's algorithm, with 16 products for 36, made the CIFAR-10 train
-    steps 1.17x (DDPM) and 1.2x (DDPM++) faster; on the Intel Xeon it made them 3%
-    slower, its transforms and the larger residuals outweighing the saving.
 
     Raises:
         ValueError: DDPM_JAX_CONVOLUTION is set to something else.
@@ -535,31 +529,40 @@ def convolution_algorithm() -> str:
     choice = _environment_choice('DDPM_JAX_CONVOLUTION', CONVOLUTION_ALGORITHMS)
     if choice != 'auto':
         return choice
-    if parallel.compiler_options() is not None and cpu_vendor() == 'AuthenticAMD':
+    if parallel.compiler_options() is not None and cpu_vendor() in WINOGRAD_VENDORS:
         return 'winograd'
     return 'direct'
 
 
-def winograd_pays(shape: Sequence[int], features: int) -> bool:
-    """Whether `conv3x3_winograd` of an input [B, H, W, C] to `features` channels beats
-    XLA:CPU's own convolution, forward and backward: both channel counts >= 128, and
-    T C F >= 2^24 (T = B H W / 4 tiles), or both >= 256 and T >= 128.
+WINOGRAD_VENDORS = ('AuthenticAMD', 'GenuineIntel')  # Where it was measured to pay.
 
-    Measured on a 2-core AMD EPYC (jax 0.10.2, float32, forward and both gradients
-    against XLA's convolution): 1.2-1.3x at [8, 32, 32, 128] -> 128, 1.45x at [8, 16,
-    16, 256] -> 256, 1.26x at [8, 8, 8, 256] -> 256, 1.4x at [8, 32, 32, 256] -> 128;
-    level at [8, 4, 4, 256] (T = 32); 0.85-0.97x at 128 channels with T <= 512
-    ([8, 16, 16, 128], [8, 8, 8, 128], [32, 8, 8, 128]), 0.7-0.9x at 64 channels, 0.45x
-    from or to 3 channels: with fewer channels the transforms outweigh the saving. On a
-    2-core Intel Xeon, whose own convolutions are about twice as fast: 1.1-1.25x at [8,
-    32, 32, 128] -> 128, 0.9-0.95x at [8, 16, 16, 256] -> 256, 1.1x at [8, 8, 8, 256],
-    1.45x at [8, 32, 32, 256] -> 128, and in the train steps a loss (hence `auto` uses
-    it on AMD CPUs only: `convolution_algorithm`).
+
+def winograd_pays(shape: Sequence[int], features: int, vendor: str) -> bool:
+    """Whether `conv3x3_winograd` of an input [B, H, W, C] to `features` channels beats
+    XLA:CPU's own convolution in the train step on a CPU of this vendor
+    (`cpu_vendor()`): both channel counts >= 128, and T C F >= 2^24 (T = B H W / 4
+    tiles) or both >= 256 and T >= 128; on an Intel CPU also T <= 512. Never for other
+    vendors (not measured).
+
+    Measured on 2-core machines, jax 0.10.2, float32 (README, "Winograd's convolutions
+    on a CPU"). An AMD EPYC (AVX-512 on 256-bit units): 1.2-1.5x from 128 channels at
+    [8, 32, 32, 128] to [8, 8, 8, 512] (shapes of the CIFAR-10 networks at batch 8),
+    level at [8, 4, 4, 256] (T = 32), 0.85-0.97x at 128 channels with T <= 512,
+    0.7-0.9x at 64 channels, 0.45x from or to 3 channels: with fewer channels the
+    transforms outweigh the saving. An Intel Xeon (AVX-512 on two 512-bit FMA units a
+    core), whose own convolutions run near its peak, both gradients: 1.4x at [8, 16,
+    16, 128] -> 256 and [2, 32, 32, 128] -> 128 (T = 512), 1.13-1.24x at [8, 8, 8, 256]
+    and [8, 8, 8, 512] -> 256 (T = 128), but 0.5-0.8x from T = 2048 ([8, 32, 32, 128],
+    [32, 16, 16, 256]; presumably its transformed input, 16 T C floats, outgrowing the
+    caches); with Winograd at every shape above, the train steps lost 3%.
     """
     batch, height, width, channels = shape
     tiles, least = batch * height * width // 4, min(channels, features)
-    return least >= 128 and (tiles * channels * features >= 2**24
+    if vendor not in WINOGRAD_VENDORS:
+        return False
+    wide = least >= 128 and (tiles * channels * features >= 2**24
                              or (least >= 256 and tiles >= 128))
+    return wide and (vendor == 'AuthenticAMD' or tiles <= 512)
 
 
 def _tile_phases(p: jax.Array, n: int) -> tuple[jax.Array, ...]:
@@ -676,7 +679,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
             and _is_3x3_same(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                              dimension_numbers, feature_group_count, batch_group_count)
             and (os.environ.get('DDPM_JAX_CONVOLUTION') == 'winograd'
-                 or winograd_pays(lhs.shape, rhs.shape[-1]))):
+                 or winograd_pays(lhs.shape, rhs.shape[-1], cpu_vendor()))):
         return conv3x3_winograd(lhs, rhs)
     return jax.lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
