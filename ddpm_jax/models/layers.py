@@ -203,6 +203,7 @@ GROUP_NORM_STATISTICS = ('two_pass', 'one_pass')
 ATTENTION_IMPLEMENTATIONS = ('auto', 'xla', 'cudnn')
 CONVOLUTION_ALGORITHMS = ('auto', 'direct', 'winograd')
 WINOGRAD_OUTPUT = 'conv3x3_winograd'  # checkpoint_name of conv3x3_winograd's output.
+WINOGRAD_VENDORS = ('AuthenticAMD', 'GenuineIntel')  # Where it was measured to pay.
 
 
 def _environment_choice(name: str, allowed: Sequence[str]) -> str:
@@ -527,14 +528,14 @@ def convolution_algorithm() -> str:
         ValueError: DDPM_JAX_CONVOLUTION is set to something else.
     """
     choice = _environment_choice('DDPM_JAX_CONVOLUTION', CONVOLUTION_ALGORITHMS)
-    if choice != 'auto':
-        return choice
+    return _automatic_algorithm() if choice == 'auto' else choice
+
+
+def _automatic_algorithm() -> str:
+    """convolution_algorithm() under DDPM_JAX_CONVOLUTION=auto."""
     if parallel.compiler_options() is not None and cpu_vendor() in WINOGRAD_VENDORS:
         return 'winograd'
     return 'direct'
-
-
-WINOGRAD_VENDORS = ('AuthenticAMD', 'GenuineIntel')  # Where it was measured to pay.
 
 
 def winograd_pays(shape: Sequence[int], features: int, vendor: str) -> bool:
@@ -674,13 +675,14 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     """`jax.lax.conv_general_dilated`, or `conv3x3_winograd` for a 3x3 stride-1
     convolution padded by 1 where `convolution_algorithm()` is 'winograd' (and, in
     'auto', `winograd_pays`). What the models' 3x3 convolutions (`conv`) use."""
-    algorithm = convolution_algorithm()
-    if (algorithm == 'winograd' and preferred_element_type is None
-            and _is_3x3_same(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                             dimension_numbers, feature_group_count, batch_group_count)
-            and (os.environ.get('DDPM_JAX_CONVOLUTION') == 'winograd'
-                 or winograd_pays(lhs.shape, rhs.shape[-1], cpu_vendor()))):
-        return conv3x3_winograd(lhs, rhs)
+    if preferred_element_type is None and _is_3x3_same(
+            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+            dimension_numbers, feature_group_count, batch_group_count):
+        choice = _environment_choice('DDPM_JAX_CONVOLUTION', CONVOLUTION_ALGORITHMS)
+        if choice == 'winograd' or (
+                choice == 'auto' and _automatic_algorithm() == 'winograd'
+                and winograd_pays(lhs.shape, rhs.shape[-1], cpu_vendor())):
+            return conv3x3_winograd(lhs, rhs)
     return jax.lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
         feature_group_count, batch_group_count, precision, preferred_element_type)
