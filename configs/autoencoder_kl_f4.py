@@ -33,7 +33,8 @@ def get_config():
     data.dataset = 'imagenet2012'
     data.image_size = 256
     data.channels = 3
-    data.center_crop = True
+    data.center_crop = True  # LDM's ImageNetTrain crops at random (taming's RandomCrop).
+    data.random_flip = False  # ... and does not flip.
 
     config.model.attention_resolutions = ()  # Validated for every task; unused here.
 

@@ -13,7 +13,10 @@ all. Steps: their CelebA-HQ LMDB train split has 27,000 images
 (drop_last), for epochs 0..800 (range(0, num_epoch + 1)): 801 x 843 = 675,243 steps.
 We train on TFDS's celeb_a_hq/256 (all 30,000 images; its only split), so an
 epoch here is 937 steps and the run is ~720 of our epochs. The generator is their
-NCSN++ with adaptive group norms (39,726,979 parameters, as theirs).
+NCSN++ with adaptive group norms (39,726,979 parameters, as theirs). Not as theirs:
+the generator computes in bfloat16 (float32 parameters, optimiser state and
+normalisation statistics; `model.dtype`), theirs in float32; the discriminator and
+its R1 penalty stay float32. Set --config.model.dtype=float32 for theirs.
 """
 
 from configs import ddgan, default

@@ -81,6 +81,10 @@ def get_config() -> ml_collections.ConfigDict:
     model.context_dim = 0  # Width of the context tokens (> 0 with a context encoder).
     model.context_layers = 1  # 'tokens': transformer layers of the context encoder.
     model.context_vocab_size = 0  # 'tokens': token ids 0..this-1 (this = the null token).
+    model.context_block = 'cross_attention'  # How: 'cross_attention' (a cross-attention
+    #   block after each self-attention block) or 'spatial_transformer' (LDM's: in place
+    #   of it, self- and cross-attention and a GEGLU feed-forward layer per block).
+    model.context_depth = 1  # 'spatial_transformer': its blocks (LDM's transformer_depth).
     # model.name='ncsnpp' (NCSN++ / DDPM++ of score_sde, DDGAN's generator): the fields
     # of score_sde's configs that the UNet has no counterpart for. base_channels,
     # channel_mult, num_res_blocks, attention_resolutions, dropout and conv_resample are
@@ -207,7 +211,7 @@ def get_config() -> ml_collections.ConfigDict:
     train.sample_every_steps = 0  # Write an EMA sample grid every N steps (0 = only at end).
     train.num_grid_samples = 64  # Images in each sample grid.
     train.fid_every_steps = 0  # Score EMA samples (eval.metrics_network) every N steps (0 = off).
-    train.fid_num_samples = 1000  # Samples per periodic score (FID is biased upwards for few).
+    train.fid_num_samples = 10_000  # Samples per periodic score (> 2,048 for Inception's FID).
 
     # --- sampling (--mode=sample and the training grids) ------------------------------
     config.sample = sample = ml_collections.ConfigDict()
@@ -230,7 +234,10 @@ def get_config() -> ml_collections.ConfigDict:
     sample.ode_atol = 1e-5  # 'ode': absolute tolerance (score_sde: 1e-5).
     sample.ode_denoise = True  # 'ode': then one reverse-diffusion mean step at eps, NFE + 1
     #                            (score_sde's sampling.noise_removal, on in its configs).
-    sample.predictor = 'reverse_diffusion'  # 'pc' / 'sde' predictor, or 'euler_maruyama'.
+    sample.predictor = 'reverse_diffusion'  # 'pc' / 'sde' predictor, 'euler_maruyama' or
+    #                                         'ancestral_sampling' (VP / VE SDEs).
+    sample.corrector = 'langevin'  # 'pc' corrector: 'langevin' (score_sde's PC) or 'ald'
+    #                                (NCSN's annealed Langevin dynamics, step by std(t)).
     sample.pc_snr = 0.16  # 'pc': Langevin corrector's signal-to-noise ratio r (score_sde:
     #                       0.16 for VE, 0.01 for VP DDPM models).
     # 'langevin' (Song & Ermon 2019, Alg. 1): x += alpha_i s + sqrt(2 alpha_i) z,

@@ -4,18 +4,17 @@ Class-conditional LDM-4 on ImageNet 256 (Rombach et al. 2022, Tab. 3: FID 3.60 w
 classifier-free guidance 1.5 and 250 DDIM steps; the released
 configs/latent-diffusion/cin256-v2.yaml): an ADM UNet on the 64x64x3 latents of the
 VQ-f4 autoencoder (configs/autoencoder_vq_f4.py), channels 192 with multipliers
-1, 2, 3, 5, two residual blocks per level, one attention head, attention at latent
-sides 32, 16, 8 (image pixels 128, 64, 32 here), each followed by cross-attention to
-the label's learned 512-wide embedding (one token; 1,001 rows, the last the null
-label of classifier-free guidance, dropped 10% of the time); eps prediction,
-T = 1000, LDM's betas ('quadratic' from 0.0015 to 0.0195); AdamW at 1e-4. Differs
-from the paper: our cross-attention block is one attention layer (LDM's
-SpatialTransformer adds self-attention and a feed-forward layer). Batch and steps are ours (the repository's config
-gives neither). As cin256-v2.yaml (use_ema: False), samples, grids and FID use the
-raw parameters: optim.ema_decays = (0.0,) keeps the one "EMA" copy equal to them
-(e <- 0 e + 1 p, exactly). UNet parameters (jax.eval_shape): 290,377,411 (the
-paper's 400M includes the SpatialTransformers' self-attention and feed-forward
-layers).
+1, 2, 3, 5, two residual blocks per level, one attention head, at latent sides 32,
+16, 8 (image pixels 128, 64, 32 here) and in the middle LDM's SpatialTransformer of
+depth 1 (model.context_block; self-attention, cross-attention to the label's learned
+512-wide embedding and a GEGLU feed-forward layer; the embedding one token, 1,001
+rows, the last the null label of classifier-free guidance, dropped 10% of the time);
+eps prediction, T = 1000, LDM's betas ('quadratic' from 0.0015 to 0.0195); AdamW at
+1e-4. Batch and steps are ours (the repository's config gives neither). As
+cin256-v2.yaml (use_ema: False), samples, grids and FID use the raw parameters:
+optim.ema_decays = (0.0,) keeps the one "EMA" copy equal to them (e <- 0 e + 1 p,
+exactly). Parameters (jax.eval_shape): 401,433,091, LDM's UNetModel of this config
+counted in PyTorch (400,920,579) and its ClassEmbedder (1,001 x 512).
 """
 
 from configs import default
@@ -30,12 +29,13 @@ def get_config():
     data.dataset = 'imagenet2012'
     data.image_size = 256
     data.channels = 3
-    data.center_crop = True
+    data.center_crop = True  # LDM's ImageNetTrain crops at random (taming's RandomCrop).
+    data.random_flip = False  # ... and does not flip.
 
     config.latent.autoencoder_workdir = '/path/to/vq_f4'
     config.latent.scale_factor = 1.0
-    # Encoded in the step: a cache of the 1.28M images and their mirror images would
-    # take 126 GB of float32 latents (latent.cache='autoencoder_workdir' if you have it).
+    # Encoded in the step: a cache of the 1.28M images would take 63 GB of float32
+    # latents (latent.cache='autoencoder_workdir' if you have it).
     config.latent.cache = 'none'
 
     m = config.model
@@ -52,6 +52,8 @@ def get_config():
     m.class_dropout_prob = 0.1
     m.context_encoder = 'class'
     m.context_dim = 512
+    m.context_block = 'spatial_transformer'  # use_spatial_transformer: true
+    m.context_depth = 1  # transformer_depth: 1
 
     d = config.diffusion
     d.num_timesteps = 1000

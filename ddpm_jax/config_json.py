@@ -97,6 +97,8 @@ def upgrade_json_dict(saved: Mapping[str, Any]) -> dict:
     for name, value in (('context_encoder', 'none'), ('context_dim', 0),
                         ('context_layers', 1), ('context_vocab_size', 0)):
         model.setdefault(name, value)  # Added with cross-attention (latent diffusion).
+    model.setdefault('context_block', 'cross_attention')  # Before LDM's SpatialTransformer.
+    model.setdefault('context_depth', 1)
     data = saved.get('data', {})
     # Added with the renumbering of imagenet_resized's labels (sorted WordNet IDs); the
     # runs on it before kept TFDS's order.

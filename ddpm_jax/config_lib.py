@@ -33,12 +33,16 @@ from ddpm_jax import state
 from ddpm_jax import tasks
 from ddpm_jax import timestep_sampling
 from ddpm_jax import models
+from ddpm_jax.models import digits_net
 from ddpm_jax.models import inception
 from ddpm_jax.models import layers
 from ddpm_jax.models import unet
 
 MODES = ('train', 'sample', 'eval', 'fid')
 METRICS_NETWORKS = ('inception', 'digits')
+# Each network's feature dimension D: FID's D x D covariances need more than D samples
+# (`metrics.check_enough_samples`); Inception's sFID features are 17 * 17 * 7 = 2023-d.
+METRICS_FEATURE_DIMS = {'inception': inception.POOL3_DIM, 'digits': digits_net.FEATURE_DIM}
 MODEL_DTYPES = ('float32', 'bfloat16')
 OPTIMIZERS = ('adam', 'adamw')
 LR_SCHEDULES = ('constant', 'cosine', 'linear')
@@ -235,6 +239,7 @@ def _validate_sampler_options(config: ml_collections.ConfigDict) -> None:
     check(s.ode_rtol > 0, f'sample.ode_rtol={s.ode_rtol} must be > 0.')
     check(s.ode_atol > 0, f'sample.ode_atol={s.ode_atol} must be > 0.')
     check_choice('sample.predictor', s.predictor, sampler_registry.PREDICTORS)
+    check_choice('sample.corrector', s.corrector, sampler_registry.CORRECTORS)
     check(s.pc_snr > 0, f'sample.pc_snr={s.pc_snr} must be > 0.')
     check(s.heun_sigma_max >= 0, f'sample.heun_sigma_max={s.heun_sigma_max} must be >= 0 '
                                  '(0 = no cap).')
@@ -308,7 +313,15 @@ def _validate_fid(config: ml_collections.ConfigDict, num_devices: int, *,
     check_choice('eval.inception_input', e.inception_input, inception.INPUT_PIPELINES)
     if e.metrics_network == 'inception':
         inception.resolve_inception_path(e.inception_path)  # A missing file stops here.
-    else:
+    dim = METRICS_FEATURE_DIMS[e.metrics_network]
+    singular = (f'{e.metrics_network} features are {dim}-d, and the FID of fewer samples '
+                'has a singular covariance (published numbers use 50,000)')
+    check(num_samples > dim, f'{field}={num_samples} must be > {dim}: {singular}.')
+    if not e.fid_reference:
+        check(e.fid_reference_num_images > dim,
+              f'eval.fid_reference_num_images={e.fid_reference_num_images} must be > {dim}: '
+              f'{singular}.')
+    if e.metrics_network != 'inception':
         check(d.image_size % 8 == 0 and d.channels == 1,
               "eval.metrics_network='digits' scores 8x8 grey images (larger ones are "
               'averaged down by an integer factor: data.image_size a multiple of 8, '

@@ -85,6 +85,10 @@ class FeatureExtractor:
     def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
         self.name = config.eval.metrics_network
         self.mesh = mesh
+        # The features an ADM evaluator reference batch's stored statistics are of.
+        self.input_pipeline = config.eval.inception_input
+        self.computes_adm_features = (self.name == 'inception'
+                                      and self.input_pipeline == 'tf')
         self.predicts_labels = (self.name != 'inception'
                                 or config.data.dataset.startswith('imagenet'))
         if self.name == 'inception':
@@ -266,8 +270,11 @@ def load_reference_npz(path: str, extractor: FeatureExtractor,
     """Reference statistics from an `.npz`: ours (mu, sigma, ...) or an ADM batch.
 
     An ADM evaluator reference batch holds `arr_0` (uint8 NHWC images) and possibly
-    precomputed `mu`, `sigma`, `mu_s`, `sigma_s`; its statistics are used as they
-    are, and its images give the features for precision/recall.
+    precomputed `mu`, `sigma`, `mu_s`, `sigma_s`, of the TensorFlow graph's features:
+    they are used as published when the extractor computes those features (Inception
+    with `eval.inception_input='tf'`); otherwise they would be compared with other
+    features, so the statistics recomputed from its images are used (and a line says
+    so). Its images give the features for precision/recall.
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f'eval.fid_reference={path!r} does not exist.')
@@ -286,6 +293,15 @@ def load_reference_npz(path: str, extractor: FeatureExtractor,
     accumulator = FeatureAccumulator()
     _features_of_images(extractor, images, batch_size, accumulator)
     computed = accumulator.result()
+    if not extractor.computes_adm_features:
+        if stored.keys() & {'mu', 'sigma', 'mu_s', 'sigma_s'}:
+            logger.warning(
+                'eval.fid_reference=%s: its stored %s are the TensorFlow graph\'s '
+                "features (eval.inception_input='tf'); with eval.metrics_network=%r and "
+                'eval.inception_input=%r the statistics are recomputed from its images.',
+                path, '/'.join(sorted(stored.keys() & {'mu', 'sigma', 'mu_s', 'sigma_s'})),
+                extractor.name, extractor.input_pipeline)
+        return computed
     return {**computed, **stored}  # Published statistics win over recomputed ones.
 
 

@@ -30,8 +30,10 @@ from ddpm_jax.schedules import Schedule
 
 Array = jax.Array
 
-# The predictors of the 'pc' and 'sde' samplers (`sample.predictor`).
-PREDICTORS = ('reverse_diffusion', 'euler_maruyama')
+# The predictors of the 'pc' and 'sde' samplers (`sample.predictor`), and the
+# correctors of 'pc' (`sample.corrector`).
+PREDICTORS = ('reverse_diffusion', 'euler_maruyama', 'ancestral_sampling')
+CORRECTORS = ('langevin', 'ald')
 
 
 def vp_sde_sample(model_fn, sched: Schedule, shape: Sequence[int], rng: Array, *,
@@ -45,7 +47,9 @@ def vp_sde_sample(model_fn, sched: Schedule, shape: Sequence[int], rng: Array, *
 
     'reverse_diffusion' steps the schedule's own chain (Song et al. 2021b, Eq. 46-47; on
     the VP view of a DDPM model this is ancestral sampling with the posterior variance
-    beta_i); 'euler_maruyama' discretises dx = [f - g^2 s] dt + g dw-bar uniformly in t.
+    beta_i); 'ancestral_sampling' is score_sde's ancestral predictor on that chain
+    (`sde.ancestral_step`); 'euler_maruyama' discretises dx = [f - g^2 s] dt + g dw-bar
+    uniformly in t.
     N model calls on a schedule of N steps (respacing sets N).
 
     Returns:
@@ -64,7 +68,7 @@ def vp_sde_sample(model_fn, sched: Schedule, shape: Sequence[int], rng: Array, *
 SAMPLERS: Mapping[str, samplers.SamplerSpec] = {
     **samplers.SAMPLERS,
     **sde_samplers.SDE_SAMPLERS,
-    'pc': sde_samplers.SDE_SAMPLERS['pc']._replace(options=('snr', 'predictor')),
+    'pc': sde_samplers.SDE_SAMPLERS['pc']._replace(options=('snr', 'predictor', 'corrector')),
     'sde': samplers.SamplerSpec(
         vp_sde_sample, ('predictor',),
         'reverse-time SDE, reverse diffusion or Euler-Maruyama (Song et al. 2021b)'),
@@ -82,6 +86,7 @@ OPTION_FIELDS: Mapping[str, tuple[str, type]] = {
     'denoise': ('sample.ode_denoise', bool),
     'snr': ('sample.pc_snr', float),
     'predictor': ('sample.predictor', str),
+    'corrector': ('sample.corrector', str),
     'sigma_max': ('sample.heun_sigma_max', float),
     'round_sigma': ('sample.heun_round_sigma', bool),
     'step_size': ('sample.langevin_step_size', float),

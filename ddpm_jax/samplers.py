@@ -559,7 +559,8 @@ def make_cfg_model_fn(model_fn: ModelFn,
     [x; x] with labels [y; null], and combines the mean channels
     eps = eps_u + s (eps_c - eps_u), computed as (1 - s) eps_u + s eps_c so
     that s = 1 returns the conditional output and s = 0 the unconditional one
-    exactly. If the model outputs 2C channels (learned variance), the last C
+    exactly. The paper's Eq. 6, (1 + w) eps_c - w eps_u, is this with s = 1 + w
+    (GLIDE's and latent diffusion's scale is s). If the model outputs 2C channels (learned variance), the last C
     come from the conditional half. Other model kwargs whose leading axis is
     the batch are duplicated; anything else is passed through unchanged.
 

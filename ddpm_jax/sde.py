@@ -351,6 +351,44 @@ def discretize(sde: SDE, x: Array, t: Array) -> tuple[Array, Array]:
     return (_bcast(jnp.sqrt(1.0 - b), x) - 1.0) * x, jnp.sqrt(b)
 
 
+def ancestral_step(sde: SDE, score_fn: ScoreFn, x: Array, t: Array) -> tuple[Array, Array]:
+    """One step of the discrete chain's ancestral sampler from step i = int(t (N - 1))
+    to i - 1 (score_sde's `AncestralSamplingPredictor`; Song et al. 2021b, App. F):
+
+    * VP (the DDPM chain, `vp_discrete_betas` or a `DiscreteVPSDE`'s own betas):
+      x_mean = (x + beta_i s) / sqrt(1 - beta_i), std = sqrt(beta_i);
+    * VE (the SMLD chain on `ve_discrete_sigmas`, sigma_{-1} = 0):
+      x_mean = x + (sigma_i^2 - sigma_{i-1}^2) s,
+      std = sqrt(sigma_{i-1}^2 (sigma_i^2 - sigma_{i-1}^2) / sigma_i^2),
+
+    with s = score_fn(x, t). Sub-VP has no such chain (score_sde refuses it too).
+
+    Returns:
+        (x_mean [B, ...], std [B]): the step is x_mean + std z.
+
+    Raises:
+        ValueError: For a sub-VP SDE.
+    """
+    if isinstance(sde, SubVPSDE):
+        raise ValueError("The 'ancestral_sampling' predictor takes a VP or VE SDE (the "
+                         'DDPM or SMLD chain); a sub-VP SDE has no such chain.')
+    t = _batch_t(t, x)
+    i = _step_index(sde, t)
+    score = score_fn(x, t)
+    if isinstance(sde, VESDE):
+        sigmas = jnp.asarray(ve_discrete_sigmas(sde), jnp.float32)
+        sigma2 = jnp.square(sigmas[i])
+        adjacent2 = jnp.where(i == 0, 0.0, jnp.square(sigmas[jnp.maximum(i - 1, 0)]))
+        x_mean = x + _bcast(sigma2 - adjacent2, x) * score
+        return x_mean, jnp.sqrt(adjacent2 * (sigma2 - adjacent2) / sigma2)
+    if isinstance(sde, DiscreteVPSDE):
+        b = sde.betas[i]
+    else:
+        b = jnp.asarray(vp_discrete_betas(sde), jnp.float32)[i]
+    x_mean = (x + _bcast(b, x) * score) / _bcast(jnp.sqrt(1.0 - b), x)
+    return x_mean, jnp.sqrt(b)
+
+
 def discrete_alphas(sde: SDE, t: Array) -> Array:
     """alpha_i = 1 - beta_i of the VP chain at step int(t (N - 1)) ([B]; sub-VP uses the
     VP betas); 1 for VE. The Langevin corrector scales its step by it (score_sde)."""

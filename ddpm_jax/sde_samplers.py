@@ -50,8 +50,8 @@ Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
 DenoiserFn = Callable[[Array, Array], Array]
 
-PREDICTORS = ('euler_maruyama', 'reverse_diffusion', 'none')
-CORRECTORS = ('langevin', 'none')
+PREDICTORS = ('euler_maruyama', 'reverse_diffusion', 'ancestral_sampling', 'none')
+CORRECTORS = ('langevin', 'ald', 'none')
 ODE_SOLVERS = ('tsit5', 'dopri5')
 # Model evaluations per diffrax step: both are 7-stage FSAL Runge-Kutta methods, so a
 # step (accepted or rejected) costs 6 new evaluations, plus 1 for the first stage at t0
@@ -307,15 +307,20 @@ def pc_sample(sde, score_fn: ScoreFn, shape: Sequence[int], rng: Array, *,
     * 'reverse_diffusion': x_mean = x - rev_f, x = x_mean + G z with the reversed
       discretisation (`sde.reverse_discretize`, Eq. 46-47; it assumes N equals the
       SDE's num_scales, as in score_sde);
+    * 'ancestral_sampling': the DDPM (VP) or SMLD (VE) chain's ancestral step
+      (`sde.ancestral_step`, score_sde's AncestralSamplingPredictor; not sub-VP);
     * 'none': corrector only (for VE: annealed Langevin on the SDE's ladder).
 
-    Langevin corrector, `corrector_steps` times: step = 2 alpha_i (r ||z|| / ||s||)^2,
+    'langevin' corrector, `corrector_steps` times: step = 2 alpha_i (r ||z|| / ||s||)^2,
     x_mean = x + step s, x = x_mean + sqrt(2 step) z (Alg. 4/5; alpha_i = 1 - beta_i for
     VP, 1 for VE), with ||z|| and ||s|| averaged over the whole batch as score_sde does
     (under a sharded `jit` the mean is global, like its `pmean`). Per-example norms make
     the step depend on the state (large where the score is small) and bias the
     stationary law: on a 32-dim Gaussian they inflated the variance by 40 %. The cost is
-    that a sample depends on its batch companions (not on the sharding).
+    that a sample depends on its batch companions (not on the sharding). 'ald' (NCSN's
+    annealed Langevin dynamics as a corrector, score_sde's AnnealedLangevinDynamics):
+    the same update with step = 2 alpha_i (r std(t))^2, std(t) the perturbation
+    kernel's (`sde.marginal_coefs`), so no sample depends on another.
 
     Args:
         sde: A `sde_lib` SDE (closed over, static).
@@ -333,10 +338,11 @@ def pc_sample(sde, score_fn: ScoreFn, shape: Sequence[int], rng: Array, *,
         x_init: Start; default a draw of the prior.
 
     Returns:
-        `SampleOutput`, nfe = N ([predictor != 'none'] + corrector_steps [langevin]).
+        `SampleOutput`, nfe = N ([predictor != 'none'] + corrector_steps [corrector != 'none']).
 
     Raises:
-        ValueError: Unknown predictor / corrector, both 'none', or bad numbers.
+        ValueError: Unknown predictor / corrector, both 'none', bad numbers, or
+            'ancestral_sampling' on a sub-VP SDE (while tracing).
     """
     sde_lib.validate_sde(sde)
     if predictor not in PREDICTORS:
@@ -361,8 +367,10 @@ def pc_sample(sde, score_fn: ScoreFn, shape: Sequence[int], rng: Array, *,
         for j in range(corrector_steps):
             grad = score_fn(x, t)
             z = jax.random.normal(jax.random.fold_in(key, j), x.shape, x.dtype)
-            # Batch means of the norms, as score_sde (its pmean is the global mean here).
-            ratio = snr * jnp.mean(_norms(z)) / jnp.mean(_norms(grad))
+            if corrector == 'ald':
+                ratio = snr * _bcast(sde_lib.marginal_coefs(sde, t)[1], x)
+            else:  # Batch means of the norms, as score_sde (its pmean: the global mean).
+                ratio = snr * jnp.mean(_norms(z)) / jnp.mean(_norms(grad))
             step = 2.0 * alpha * jnp.square(ratio)
             x_mean = x + step * grad
             x = x_mean + jnp.sqrt(2.0 * step) * z
@@ -374,6 +382,9 @@ def pc_sample(sde, score_fn: ScoreFn, shape: Sequence[int], rng: Array, *,
             drift, g = sde_lib.reverse_drift_diffusion(sde, score_fn, x, t)
             x_mean = x - drift * dt
             return x_mean + _bcast(g * math.sqrt(dt), x) * z, x_mean
+        if predictor == 'ancestral_sampling':
+            x_mean, std = sde_lib.ancestral_step(sde, score_fn, x, t)
+            return x_mean + _bcast(std, x) * z, x_mean
         rev_f, rev_g = sde_lib.reverse_discretize(sde, score_fn, x, t)
         x_mean = x - rev_f
         return x_mean + _bcast(rev_g, x) * z, x_mean
@@ -383,7 +394,7 @@ def pc_sample(sde, score_fn: ScoreFn, shape: Sequence[int], rng: Array, *,
         t = _batch(timesteps[k], x)
         key = jax.random.fold_in(noise_rng, k)
         x_mean = x
-        if corrector == 'langevin':
+        if corrector != 'none':
             x, x_mean = correct(x, t, jax.random.fold_in(key, 1))
         if predictor != 'none':
             x, x_mean = predict(x, t, jax.random.fold_in(key, 0))
@@ -392,7 +403,7 @@ def pc_sample(sde, score_fn: ScoreFn, shape: Sequence[int], rng: Array, *,
         return (x, x_mean), None
 
     (x, x_mean), _ = jax.lax.scan(body, (x, x), jnp.arange(num_steps, dtype=jnp.int32))
-    per_step = (predictor != 'none') + (corrector_steps if corrector == 'langevin' else 0)
+    per_step = (predictor != 'none') + (corrector_steps if corrector != 'none' else 0)
     return SampleOutput(x_mean if denoise else x,
                         jnp.asarray(num_steps * per_step, jnp.int32))
 

@@ -154,3 +154,33 @@ def test_inception_input_is_checked_before_the_weights_file(tiny_config):
     tiny_config.eval.inception_input = 'torch'
     with pytest.raises(ValueError, match=r"eval.inception_input='torch'.*'pytorch_fid', 'tf'"):
         config_lib.validate(tiny_config, mode='fid', num_devices=1)
+
+
+@pytest.mark.parametrize('network, dim', [('inception', 2048), ('digits', 64)])
+def test_fid_needs_more_samples_than_feature_dimensions(tiny_config, tmp_path, network, dim):
+    """FID's D x D covariances are singular from N <= D samples: refused up front,
+    not after the sampling (the periodic score's default was once 1,000 < 2,048)."""
+    weights = tmp_path / 'pt_inception-2015-12-05-6726825d.pth'
+    weights.write_bytes(b'')  # Only its existence is checked before the run.
+    e = tiny_config.eval
+    e.metrics_network, e.inception_path = network, str(weights)
+    e.fid_num_samples, e.fid_reference_num_images = dim + 1, dim + 1
+    config_lib.validate(tiny_config, mode='fid', num_devices=1)
+    e.fid_num_samples = dim
+    with pytest.raises(ValueError, match=rf'eval.fid_num_samples={dim} must be > {dim}: '
+                                         rf'{network} features are {dim}-d'):
+        config_lib.validate(tiny_config, mode='fid', num_devices=1)
+    e.fid_num_samples, e.fid_reference_num_images = dim + 1, dim
+    with pytest.raises(ValueError, match=rf'eval.fid_reference_num_images={dim} must be'):
+        config_lib.validate(tiny_config, mode='fid', num_devices=1)
+    e.fid_reference = str(tmp_path / 'ref.npz')  # Statistics from a file: not counted.
+    config_lib.validate(tiny_config, mode='fid', num_devices=1)
+    # Scoring during training, with the schema's default count.
+    train = default.get_config().train
+    tiny_config.train.fid_every_steps = 2
+    tiny_config.train.fid_num_samples = train.fid_num_samples
+    assert train.fid_num_samples > 2048
+    config_lib.validate(tiny_config, mode='train', num_devices=1)
+    tiny_config.train.fid_num_samples = dim
+    with pytest.raises(ValueError, match=rf'train.fid_num_samples={dim} must be > {dim}'):
+        config_lib.validate(tiny_config, mode='train', num_devices=1)

@@ -5,7 +5,9 @@ and the context's effect, null context and lengths; the latent cache
 (ddpm_jax.latent_cache): its contents, reuse, refusal, crash safety, and cached
 training equal to uncached training."""
 
+import importlib
 import json
+import math
 import os
 
 import jax
@@ -17,7 +19,7 @@ import pytest
 from ddpm_jax import checkpointing, config_lib, latent_cache, parallel, samplers, tasks, train
 from ddpm_jax import data as data_lib
 from ddpm_jax import state as state_lib
-from ddpm_jax.models import UNet, conditioning, make_model_fn
+from ddpm_jax.models import UNet, conditioning, create_model, make_model_fn
 from ddpm_jax.tasks import diffusion as diffusion_task
 from ddpm_jax.tasks import latent_diffusion
 
@@ -211,6 +213,94 @@ def test_context_lengths_one_and_several():
         assert out.shape == xs.shape
 
 
+def _numpy_spatial_transformer(p, x, context, heads, depth):
+    """LDM's SpatialTransformer (ldm/modules/attention.py) in float64 NumPy."""
+    x, context = np.asarray(x, np.float64), np.asarray(context, np.float64)
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+    b, hh, ww, c = x.shape
+    g = x.reshape(b, hh * ww, 32 if c % 32 == 0 else c, -1)
+    mean, var = g.mean(axis=(1, 3), keepdims=True), g.var(axis=(1, 3), keepdims=True)
+    h = ((g - mean) / np.sqrt(var + 1e-6)).reshape(b, hh * ww, c)  # GroupNorm, eps 1e-6.
+    h = h * p['norm']['norm']['scale'] + p['norm']['norm']['bias']
+    lin = lambda q, a: a @ q['kernel'] + q.get('bias', 0.0)
+
+    def layer_norm(q, a):
+        mu, v = a.mean(-1, keepdims=True), a.var(-1, keepdims=True)
+        return (a - mu) / np.sqrt(v + 1e-5) * q['scale'] + q['bias']
+
+    def attention(q, name, a, ctx):
+        split = lambda m: m.reshape(m.shape[0], m.shape[1], heads, -1).transpose(0, 2, 1, 3)
+        qq, kk, vv = (split(lin(q[f'{name}_{n}'], src)) for n, src in
+                      (('q', a), ('k', ctx), ('v', ctx)))
+        logits = qq @ kk.transpose(0, 1, 3, 2) / np.sqrt(qq.shape[-1])
+        w = np.exp(logits - logits.max(-1, keepdims=True))
+        w /= w.sum(-1, keepdims=True)
+        out = (w @ vv).transpose(0, 2, 1, 3).reshape(a.shape)
+        return lin(q[f'{name}_out'], out)
+
+    gelu = lambda a: 0.5 * a * (1 + np.vectorize(math.erf)(a / np.sqrt(2)))
+    h = lin(p['proj_in'], h)
+    for i in range(depth):
+        q = p[f'block_{i}']
+        a = layer_norm(q['norm_1'], h)
+        h = h + attention(q, 'self_attn', a, a)
+        h = h + attention(q, 'cross_attn', layer_norm(q['norm_2'], h), context)
+        a, gate = np.split(lin(q['ff_in'], layer_norm(q['norm_3'], h)), 2, axis=-1)
+        h = h + lin(q['ff_out'], a * gelu(gate))
+    return x + lin(p['proj_out'], h).reshape(x.shape)
+
+
+@pytest.mark.parametrize('heads, depth', [(1, 1), (2, 2)])
+def test_spatial_transformer_is_ldms(heads, depth):
+    """conditioning.SpatialTransformer against LDM's block written out in float64 (the
+    same block with LDM's PyTorch weights copied in agreed to 4.5e-6, 2026-12-02): q, k,
+    v without biases, GEGLU with the exact gelu, GroupNorm eps 1e-6, LayerNorm 1e-5."""
+    block = conditioning.SpatialTransformer(num_heads=heads, num_groups=32, depth=depth)
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 64))
+    context = jax.random.normal(jax.random.key(1), (2, 3, 12))
+    fresh = jax.jit(block.init)(jax.random.key(2), x, context)['params']
+    np.testing.assert_array_equal(block.apply({'params': fresh}, x, context), x)  # proj_out 0.
+    assert 'bias' not in fresh['block_0']['self_attn_q']
+    params = perturbed_init(block, x, context)
+    out = np.asarray(jax.jit(block.apply)({'params': params}, x, context), np.float64)
+    expected = _numpy_spatial_transformer(params, x, context, heads, depth)
+    assert np.abs(expected - np.asarray(x)).max() > 1.0  # The block does something.
+    np.testing.assert_allclose(out, expected, rtol=2e-4, atol=2e-4)
+
+
+def test_spatial_transformer_unet_replaces_the_attention_blocks():
+    model = unet(context_block='spatial_transformer', context_depth=2)
+    x = jax.random.normal(jax.random.key(2), (3, 4, 4, 2))
+    t = jnp.array([1, 5, 9])
+    params = perturbed_init(model, x, t, jnp.zeros((3,), jnp.int32))
+    assert 'block_1' in params['down_0_attn_0'] and 'block_1' in params['mid_attn']
+    assert not [k for k in params if k.endswith('_cross')]
+    apply = jax.jit(lambda y: model.apply({'params': params}, x, t, y))
+    assert np.abs(np.asarray(apply(jnp.zeros(3, jnp.int32)))
+                  - np.asarray(apply(jnp.ones(3, jnp.int32)))).max() > 1e-3
+    for field, value in (('context_block', 'transformer'), ('context_depth', 0)):
+        with pytest.raises(ValueError, match=f'model.{field}'):
+            jax.eval_shape(lambda f=field, v=value: unet(**{f: v}).init(
+                jax.random.key(0), x, t, jnp.zeros((3,), jnp.int32)))
+
+
+def test_ldm_imagenet256_has_ldms_parameter_count():
+    """cin256-v2.yaml's UNetModel (use_spatial_transformer, context_dim 512) counted in
+    PyTorch: 400,920,579 parameters, plus its ClassEmbedder's 1,001 x 512."""
+    config = importlib.import_module('configs.ldm_imagenet256').get_config()
+    latent = config.copy_and_resolve_references()
+    latent.data.image_size, latent.data.channels = 64, 3  # VQ-f4 latents.
+    latent.model.attention_resolutions = (32, 16, 8)
+    m = config.model
+    model = create_model(latent).clone(
+        context_encoder=m.context_encoder, context_dim=m.context_dim,
+        context_block=m.context_block, context_depth=m.context_depth)
+    shapes = jax.eval_shape(lambda: model.init(
+        jax.random.key(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros(1, jnp.int32),
+        jnp.zeros(1, jnp.int32)))['params']
+    assert sum(a.size for a in jax.tree.leaves(shapes)) == 400_920_579 + 1001 * 512
+
+
 def test_config_rules(autoencoder):
     config = ldm_config('/somewhere')
     tasks.TASKS['latent_diffusion'].validate_config(config)
@@ -220,7 +310,9 @@ def test_config_rules(autoencoder):
             ('latent', 'scale_factor', -1.0, 'latent.scale_factor'),
             ('latent', 'cache', 'workdir', 'latent.cache'),
             ('model', 'context_dim', 0, 'model.context_dim'),
-            ('model', 'context_encoder', 'clip', 'model.context_encoder')):
+            ('model', 'context_encoder', 'clip', 'model.context_encoder'),
+            ('model', 'context_block', 'transformer', 'model.context_block'),
+            ('model', 'context_depth', 0, 'model.context_depth')):
         bad = ml_collections.ConfigDict(config.to_dict())
         bad[group][field] = value
         with pytest.raises(ValueError, match=match):

@@ -106,11 +106,22 @@ def test_samples_npz_scored_against_reference(fid_config, tmp_path):
     assert (workdir / 'metrics_npz_1.json').exists()  # The first result is kept.
 
 
-def test_adm_reference_batch_is_read_as_published(fid_config, tmp_path):
+def test_adm_reference_batch_is_read_as_published(fid_config, tmp_path, caplog):
     images, _ = _digits_uint8('test')
     mu, sigma = np.full(64, 0.5), np.eye(64)
     np.savez(tmp_path / 'ref.npz', arr_0=images, mu=mu, sigma=sigma)
     extractor = sample_quality.FeatureExtractor(fid_config, parallel.create_mesh())
+    # Other features than the published statistics' (the TF graph's): recomputed.
+    assert not extractor.computes_adm_features
+    with caplog.at_level('WARNING', logger='ddpm_jax'):
+        ref = sample_quality.load_reference_npz(str(tmp_path / 'ref.npz'), extractor, 100)
+    assert 'recomputed from its images' in caplog.text and 'mu/sigma' in caplog.text
+    accumulator = sample_quality.FeatureAccumulator()
+    sample_quality._features_of_images(extractor, images, 100, accumulator)
+    np.testing.assert_allclose(ref['mu'], accumulator.result()['mu'], rtol=1e-6)
+    assert np.abs(ref['mu'] - mu).max() > 0.1
+    # The ADM evaluator's features (Inception, eval.inception_input='tf'): as published.
+    extractor.computes_adm_features = True
     ref = sample_quality.load_reference_npz(str(tmp_path / 'ref.npz'), extractor, 100)
     np.testing.assert_array_equal(ref['mu'], mu)  # The stored statistics win.
     np.testing.assert_array_equal(ref['sigma'], sigma)

@@ -134,6 +134,106 @@ def test_reverse_sde_and_pc_samples_have_the_data_moments(sde, predictor, correc
     assert_data_moments(out.samples, 0.17)
 
 
+def _ancestral_exact_law(sde, num_steps, eps, corrector, snr):
+    """Mean and variance per dimension of pc_sample's 'ancestral_sampling' output
+    (denoised) with corrector 'ald' or 'none', float64: on Gaussian data every step is
+    affine in x, so the law stays Gaussian (score_sde's AncestralSamplingPredictor and
+    AnnealedLangevinDynamics written out)."""
+    m, v = np.zeros(DIM), np.full(DIM, sde_lib.prior_std(sde) ** 2)
+    n = sde.num_scales
+    ve = isinstance(sde, sde_lib.VESDE)
+    ladder = (sde_lib.ve_discrete_sigmas(sde) if ve else sde_lib.vp_discrete_betas(sde))
+    for t in np.linspace(1.0, eps, num_steps, dtype=np.float32):
+        a, std = [float(u) for u in sde_lib.marginal_coefs(sde, jnp.float32(t))]
+        var_t = a ** 2 * S ** 2 + std ** 2  # score = -(x - a MU) / var_t.
+        i = int(np.floor(np.float32(t) * (n - 1) * (1 + 1e-5)))
+        if corrector == 'ald':  # x += step s + sqrt(2 step) z, step = 2 alpha (r std)^2.
+            alpha = 1.0 if ve else 1.0 - ladder[i]
+            step = 2.0 * alpha * (snr * std) ** 2
+            c1, c0 = 1 - step / var_t, step * a * MU / var_t
+            m, v = c1 * m + c0, c1 ** 2 * v + 2 * step
+        if ve:  # x_mean = x + (s_i^2 - s_{i-1}^2) s; var s_{i-1}^2 (s_i^2 - s_{i-1}^2) / s_i^2.
+            d = ladder[i] ** 2 - (ladder[i - 1] ** 2 if i > 0 else 0.0)
+            c1, c0, noise = 1 - d / var_t, d * a * MU / var_t, (ladder[i] ** 2 - d) * d / ladder[i] ** 2
+        else:  # x_mean = (x + beta s) / sqrt(1 - beta); var beta.
+            b = ladder[i]
+            c1, c0, noise = (1 - b / var_t) / np.sqrt(1 - b), b * a * MU / var_t / np.sqrt(1 - b), b
+        m, v_mean = c1 * m + c0, c1 ** 2 * v
+        v = v_mean + noise
+    return m, v_mean
+
+
+@pytest.mark.parametrize('sde, corrector, eps', [
+    (sde_lib.VPSDE(num_scales=100), 'none', 1e-3),
+    (sde_lib.VPSDE(num_scales=100), 'ald', 1e-3),
+    (sde_lib.VESDE(0.01, 5.0, 100), 'ald', 1e-5),
+])
+def test_ancestral_predictor_and_ald_corrector_match_their_exact_law(sde, corrector, eps):
+    n = 4000
+    out = jax.jit(lambda r: sde_samplers.pc_sample(
+        sde, gauss_score(sde), (n, DIM), r, num_steps=100, eps=eps,
+        predictor='ancestral_sampling', corrector=corrector, snr=0.16))(jax.random.key(5))
+    assert int(out.nfe) == 100 * (2 if corrector == 'ald' else 1)
+    m, v = _ancestral_exact_law(sde, 100, eps, corrector, 0.16)
+    x = np.asarray(out.samples, np.float64)
+    np.testing.assert_array_less(np.abs(x.mean(0) - m), 5 * np.sqrt(v / n) + 1e-4)
+    np.testing.assert_allclose(x.var(0) / v, 1.0, atol=5 * np.sqrt(2 / n))
+    # The algorithm's own law reaches the data (the chain is the DDPM / SMLD one).
+    np.testing.assert_allclose(m, MU, atol=0.03)
+    np.testing.assert_allclose(v / S ** 2, 1.0, atol=0.12)
+
+
+@pytest.mark.parametrize('sde', [sde_lib.VPSDE(num_scales=50), sde_lib.VESDE(0.01, 5.0, 50)])
+def test_ancestral_step_by_hand(sde):
+    """sde.ancestral_step against score_sde's AncestralSamplingPredictor in float64, at
+    the chain's first and last steps and between knots (i = int(t (N - 1)))."""
+    t = np.array([1.0, 0.5, 0.013, 0.0], np.float32)
+    x = np.random.RandomState(1).normal(size=(4, DIM)).astype(np.float32)
+    score = lambda x, t: -x * 0.7 + 0.1  # noqa: E731
+    x_mean, std = sde_lib.ancestral_step(sde, score, jnp.asarray(x), jnp.asarray(t))
+    i = np.floor(t.astype(np.float64) * 49 * (1 + 1e-5)).astype(int)
+    s = -x.astype(np.float64) * 0.7 + 0.1
+    if isinstance(sde, sde_lib.VESDE):
+        sig = sde_lib.ve_discrete_sigmas(sde)
+        prev = np.where(i > 0, sig[np.maximum(i - 1, 0)], 0.0)
+        want_mean = x + (sig[i] ** 2 - prev ** 2)[:, None] * s
+        want_std = np.sqrt(prev ** 2 * (sig[i] ** 2 - prev ** 2) / sig[i] ** 2)
+        assert want_std[-1] == 0.0  # The last step adds no noise.
+    else:
+        b = sde_lib.vp_discrete_betas(sde)[i]
+        want_mean = (x + b[:, None] * s) / np.sqrt(1 - b)[:, None]
+        want_std = np.sqrt(b)
+    np.testing.assert_allclose(x_mean, want_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(std, want_std, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('sde', [sde_lib.VPSDE(num_scales=50), sde_lib.VESDE(0.01, 5.0, 50)])
+def test_ald_corrector_step_is_r_std_squared(sde):
+    """One 'ald' step from a fixed x: x + step s + sqrt(2 step) z with step = 2 alpha
+    (r std(t))^2 (score_sde's AnnealedLangevinDynamics), whatever the batch holds; the
+    batch's mean and variance estimate both terms ('langevin' takes another step)."""
+    n, r, x0 = 4000, 0.3, 3.0
+    run = lambda corrector: np.asarray(sde_samplers.pc_sample(  # noqa: E731
+        sde, gauss_score(sde), (n, DIM), jax.random.key(6), num_steps=1, eps=1e-3,
+        predictor='none', corrector=corrector, snr=r, x_init=jnp.full((n, DIM), x0)).samples,
+        np.float64)
+    a, std = [float(u) for u in sde_lib.marginal_coefs(sde, jnp.float32(1.0))]
+    alpha = 1.0 if isinstance(sde, sde_lib.VESDE) else 1.0 - sde_lib.vp_discrete_betas(sde)[-1]
+    step = 2 * alpha * (r * std) ** 2
+    drift = step * -(x0 - a * MU) / (a ** 2 * S ** 2 + std ** 2)
+    out = run('ald')
+    np.testing.assert_array_less(np.abs(out.mean(0) - x0 - drift), 5 * np.sqrt(2 * step / n))
+    np.testing.assert_allclose(out.var(0) / (2 * step), 1.0, atol=5 * np.sqrt(2 / n))
+    assert np.abs(run('langevin').var(0) / (2 * step) - 1.0).min() > 0.3
+
+
+def test_ancestral_predictor_refuses_sub_vp():
+    sde = sde_lib.SubVPSDE()
+    with pytest.raises(ValueError, match="'ancestral_sampling'.*sub-VP"):
+        sde_samplers.pc_sample(sde, gauss_score(sde), (2, DIM), jax.random.key(0),
+                               num_steps=5, predictor='ancestral_sampling')
+
+
 def test_pc_corrector_only_returns_the_noisy_sample():
     """score_sde's NonePredictor returns (x, x): with no predictor, noise removal keeps
     the last corrector step's noise (the same x with or without `denoise`)."""

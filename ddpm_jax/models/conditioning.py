@@ -10,10 +10,22 @@ A context encoder turns the labels `y` into a context sequence [B, L, D_ctx]:
   self-attention and MLP layers, a final LayerNorm). The id `vocab_size` is the null
   token: the null context is the encoder's output for an all-null sequence.
 
-`CrossAttentionBlock` lets the pixels of a feature map attend to the context:
-x + proj_out(attention(q = W_q norm(x), k = W_k c, v = W_v c)), the output
-projection zero-initialised (as LDM's SpatialTransformer's proj_out), so a freshly
-initialised block is the identity.
+The UNet's attention blocks take the context by one of two blocks
+(`model.context_block`):
+
+* 'cross_attention' (`CrossAttentionBlock`): after each self-attention block, the
+  pixels of the feature map attend to the context,
+  x + proj_out(attention(q = W_q norm(x), k = W_k c, v = W_v c));
+* 'spatial_transformer' (`SpatialTransformer`, LDM's block of the same name, which
+  replaces the self-attention block, as LDM's UNet does with
+  `use_spatial_transformer`): GroupNorm (epsilon 1e-6), a 1x1 projection, then per
+  layer (`TransformerBlock`, LDM's BasicTransformerBlock) pre-LayerNorm
+  self-attention, cross-attention to the context and a GEGLU feed-forward layer
+  (4x wide), each residual, and a 1x1 projection out, added to x. Its q, k, v
+  projections have no biases, as LDM's `CrossAttention`.
+
+Both zero-initialise their output projection (as LDM's `proj_out`), so a freshly
+initialised block adds nothing.
 """
 
 from typing import Any
@@ -25,6 +37,7 @@ import jax.numpy as jnp
 from ddpm_jax.models import layers
 
 CONTEXT_ENCODERS = ('none', 'class', 'tokens')
+CONTEXT_BLOCKS = ('cross_attention', 'spatial_transformer')
 
 
 class CrossAttentionBlock(nn.Module):
@@ -58,6 +71,89 @@ class CrossAttentionBlock(nn.Module):
         h = layers.attention(split(q), split(k), split(v))
         h = layers.dense(c, 'adm', self.dtype, zero_init=True,
                          name='proj_out')(h.reshape(b, height * width, c))
+        return x + h.reshape(b, height, width, c).astype(x.dtype)
+
+
+def _multi_head_attention(x: jax.Array, context: jax.Array, num_heads: int, dtype: Any,
+                          name: str) -> jax.Array:
+    """LDM's `CrossAttention`: softmax(q k^T / sqrt(d)) v with q = x W_q, k = c W_k,
+    v = c W_v (no biases), heads of d = C / num_heads channels, then W_out (with a
+    bias). x [B, T, C], context [B, S, D] -> [B, T, C]."""
+    b, t, c = x.shape
+    q = layers.dense(c, 'adm', dtype, use_bias=False, name=f'{name}_q')(x)
+    k = layers.dense(c, 'adm', dtype, use_bias=False, name=f'{name}_k')(context)
+    v = layers.dense(c, 'adm', dtype, use_bias=False, name=f'{name}_v')(context)
+    split = lambda a: a.reshape(b, a.shape[1], num_heads, c // num_heads)  # [B, T, N, D]
+    h = layers.attention(split(q), split(k), split(v)).reshape(b, t, c)
+    return layers.dense(c, 'adm', dtype, name=f'{name}_out')(h)
+
+
+def _layer_norm(x: jax.Array, dtype: Any, name: str) -> jax.Array:
+    """torch.nn.LayerNorm (epsilon 1e-5), statistics in float32."""
+    h = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name=name)(x.astype(jnp.float32))
+    return h.astype(dtype)
+
+
+class TransformerBlock(nn.Module):
+    """LDM's BasicTransformerBlock on tokens [B, T, C]: pre-LayerNorm self-attention,
+    cross-attention to the context and a GEGLU feed-forward layer, each residual:
+
+        h = h + attn_1(norm_1(h));  h = h + attn_2(norm_2(h), context);
+        h = h + W_2 (a * gelu(g)),  [a, g] = W_1 norm_3(h)  (a, g: 4C wide each;
+                                                             gelu exact, as F.gelu).
+
+    Attributes:
+        num_heads: attention heads (C / num_heads channels each).
+        dtype: compute dtype (LayerNorm statistics and the softmax in float32).
+    """
+    num_heads: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h: jax.Array, context: jax.Array) -> jax.Array:
+        c = h.shape[-1]
+        a = _layer_norm(h, self.dtype, 'norm_1')
+        h = h + _multi_head_attention(a, a, self.num_heads, self.dtype, 'self_attn')
+        a = _layer_norm(h, self.dtype, 'norm_2')
+        h = h + _multi_head_attention(a, context, self.num_heads, self.dtype, 'cross_attn')
+        a = _layer_norm(h, self.dtype, 'norm_3')
+        a, gate = jnp.split(layers.dense(8 * c, 'adm', self.dtype, name='ff_in')(a), 2,
+                            axis=-1)
+        a = a * nn.gelu(gate, approximate=False)
+        return h + layers.dense(c, 'adm', self.dtype, name='ff_out')(a)
+
+
+class SpatialTransformer(nn.Module):
+    """LDM's SpatialTransformer: x + proj_out(blocks(proj_in(norm(x)))) over the pixels
+    of x as tokens, the blocks `TransformerBlock`s attending to the context.
+
+    Attributes:
+        num_heads: heads when num_head_channels == -1.
+        num_head_channels: channels per head (-1: use num_heads).
+        num_groups: GroupNorm groups (LDM's `Normalize`: 32, epsilon 1e-6).
+        depth: transformer blocks (LDM's transformer_depth).
+        dtype: compute dtype.
+    """
+    num_heads: int = 1
+    num_head_channels: int = -1
+    num_groups: int = 32
+    depth: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        """x [B, H, W, C], context [B, L, D] -> [B, H, W, C]."""
+        b, height, width, c = x.shape
+        if context.ndim != 3 or context.shape[0] != b:
+            raise ValueError(f'The context must be [B={b}, L, D], got {context.shape}.')
+        heads = layers.num_attention_heads(c, self.num_heads, self.num_head_channels)
+        h = layers.GroupNorm(self.num_groups, 'adm', self.dtype, epsilon=1e-6,
+                             name='norm')(x)
+        h = layers.dense(c, 'adm', self.dtype, name='proj_in')(h.reshape(b, height * width, c))
+        context = context.astype(self.dtype)
+        for i in range(self.depth):
+            h = TransformerBlock(heads, self.dtype, name=f'block_{i}')(h, context)
+        h = layers.dense(c, 'adm', self.dtype, zero_init=True, name='proj_out')(h)
         return x + h.reshape(b, height, width, c).astype(x.dtype)
 
 
@@ -123,6 +219,11 @@ def check_context(arch: Any) -> None:
                          f'choose one of {CONTEXT_ENCODERS}.')
     if arch.context_encoder == 'none':
         return
+    if arch.context_block not in CONTEXT_BLOCKS:
+        raise ValueError(f'model.context_block={arch.context_block!r} is not valid; '
+                         f'choose one of {CONTEXT_BLOCKS}.')
+    if arch.context_depth < 1:
+        raise ValueError(f'model.context_depth={arch.context_depth} must be >= 1.')
     if arch.context_dim < 1:
         raise ValueError(f'model.context_encoder={arch.context_encoder!r} needs '
                          f'model.context_dim >= 1, got {arch.context_dim}.')

@@ -79,7 +79,7 @@ from ddpm_jax import torch_checkpoint
 
 __all__ = [
     'INCEPTION_ENV_VAR', 'INCEPTION_FILENAME', 'INCEPTION_URL', 'INCEPTION_HASH_PREFIX',
-    'INPUT_SIZE', 'NUM_CLASSES', 'IMAGENET_CLASS_OUTPUTS', 'imagenet_class_logits', 'SPATIAL_CHANNELS', 'InceptionV3', 'BasicConv2d',
+    'INPUT_SIZE', 'NUM_CLASSES', 'POOL3_DIM', 'IMAGENET_CLASS_OUTPUTS', 'imagenet_class_logits', 'SPATIAL_CHANNELS', 'InceptionV3', 'BasicConv2d',
     'FIDInceptionA', 'InceptionB', 'FIDInceptionC', 'InceptionD', 'FIDInceptionE_1',
     'FIDInceptionE_2', 'bilinear_source_indices', 'resize_bilinear', 'preprocess_images',
     'INPUT_PIPELINES', 'tf1_bilinear_source_indices',
@@ -97,6 +97,7 @@ INCEPTION_HASH_PREFIX = '6726825d'
 
 INPUT_SIZE = 299
 NUM_CLASSES = 1008  # The TF graph's 1000 ImageNet classes plus 8 unused ones.
+POOL3_DIM = 2048  # FID's features.
 SPATIAL_CHANNELS = 7  # ADM evaluator: spatial = mixed_6/conv:0[..., :7].
 BN_EPSILON = 1e-3  # TF graph's BatchNormWithGlobalNormalization; torchvision's eps=0.001.
 

@@ -400,15 +400,17 @@ class GroupNorm(nn.Module):
         num_groups: number of channel groups.
         variant: 'ddpm' or 'adm' (sets epsilon).
         dtype: dtype of the returned activations.
+        epsilon: overrides the variant's epsilon when given.
     """
     num_groups: int
     variant: str = 'adm'
     dtype: Dtype = jnp.float32
+    epsilon: float | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = _GroupNormAffine(self.num_groups, _epsilon(self.variant),
-                             name='norm')(x.astype(jnp.float32))
+        epsilon = _epsilon(self.variant) if self.epsilon is None else self.epsilon
+        h = _GroupNormAffine(self.num_groups, epsilon, name='norm')(x.astype(jnp.float32))
         return h.astype(self.dtype)
 
 
@@ -476,10 +478,12 @@ def gradient_boundary(x: jax.Array) -> jax.Array:
 
 class ChannelDense(nn.Module):
     """nn.Dense over the last axis (`_channel_product`): the same parameters (`kernel`
-    [C, F], `bias` [F], the same initialisers) and numbers to float32 rounding."""
+    [C, F], `bias` [F] unless `use_bias` is False, the same initialisers) and numbers to
+    float32 rounding."""
     features: int
     kernel_init: Any
     dtype: Dtype
+    use_bias: bool = True
     kernel_prefix = ()  # Leading kernel axes of size 1 (PointwiseConv: nn.Conv's).
 
     @nn.compact
@@ -487,6 +491,9 @@ class ChannelDense(nn.Module):
         shape = (x.shape[-1], self.features)
         kernel = self.param('kernel', self.kernel_init, self.kernel_prefix + shape,
                             jnp.float32)
+        if not self.use_bias:
+            x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+            return _channel_product(x, kernel.reshape(shape))
         bias = self.param('bias', nn.initializers.zeros_init(), (self.features,),
                           jnp.float32)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
@@ -720,10 +727,10 @@ def conv(features: int, variant: str, dtype: Dtype, *, kernel: int = 3, stride: 
 
 
 def dense(features: int, variant: str, dtype: Dtype, *, zero_init: bool = False,
-          name: str | None = None) -> ChannelDense:
+          use_bias: bool = True, name: str | None = None) -> ChannelDense:
     """A dense layer with the variant's initialisation (see `conv`)."""
     init = nn.initializers.zeros_init() if zero_init else default_init(variant)
-    return ChannelDense(features, init, dtype, name=name)
+    return ChannelDense(features, init, dtype, use_bias=use_bias, name=name)
 
 
 def upsample_nearest(x: jax.Array) -> jax.Array:

@@ -108,13 +108,21 @@ def block_factories(arch: Any, train: bool
     return res_block, attn_block, res_kwargs, attn_kwargs
 
 
-def attend(attn_block: type[nn.Module], attn_kwargs: dict, name: str, h: jax.Array,
-           context: jax.Array | None) -> jax.Array:
-    """Self-attention, then (with a context) cross-attention to the context.
+def attend(arch: Any, attn_block: type[nn.Module], attn_kwargs: dict, name: str,
+           h: jax.Array, context: jax.Array | None) -> jax.Array:
+    """Self-attention, then (with a context) cross-attention to the context; or, with
+    `arch.context_block='spatial_transformer'`, LDM's SpatialTransformer in place of
+    both (`ddpm_jax.models.conditioning`).
 
     The cross-attention block is named '<name>_cross', so a model without a context
     has exactly the parameters of one without cross-attention.
     """
+    if context is not None and arch.context_block == 'spatial_transformer':
+        block = rematerialised(conditioning.SpatialTransformer, arch.remat, arch.remat_policy)
+        return block(num_heads=attn_kwargs['num_heads'],
+                     num_head_channels=attn_kwargs['num_head_channels'],
+                     num_groups=attn_kwargs['num_groups'], depth=arch.context_depth,
+                     dtype=attn_kwargs['dtype'], name=name)(h, context)
     h = attn_block(name=name, **attn_kwargs)(h)
     if context is not None:
         h = conditioning.CrossAttentionBlock(
@@ -153,7 +161,8 @@ def encode(arch: Any, x: jax.Array, emb: jax.Array, train: bool,
         for i in range(arch.num_res_blocks):
             h = res_block(ch, name=f'down_{level}_res_{i}', **res_kwargs)(h, emb)
             if resolution in arch.attention_resolutions:
-                h = attend(attn_block, attn_kwargs, f'down_{level}_attn_{i}', h, context)
+                h = attend(arch, attn_block, attn_kwargs, f'down_{level}_attn_{i}', h,
+                           context)
             skips.append(h)
         if level != len(chans) - 1:
             if arch.resblock_updown:
@@ -166,7 +175,7 @@ def encode(arch: Any, x: jax.Array, emb: jax.Array, train: bool,
             resolution //= 2
 
     h = res_block(chans[-1], name='mid_res_0', **res_kwargs)(h, emb)
-    h = attend(attn_block, attn_kwargs, 'mid_attn', h, context)
+    h = attend(arch, attn_block, attn_kwargs, 'mid_attn', h, context)
     h = res_block(chans[-1], name='mid_res_1', **res_kwargs)(h, emb)
     return h, skips
 
@@ -233,7 +242,9 @@ class UNet(nn.Module):
     With `context_encoder` 'class' or 'tokens' the labels y are turned into a context
     sequence [B, L, context_dim] (`ddpm_jax.models.conditioning`) that every
     attention block attends to after its self-attention (LDM's cross-attention,
-    Rombach et al. 2022, Sec. 3.3); they are then not added to the time embedding.
+    Rombach et al. 2022, Sec. 3.3), or, with `context_block='spatial_transformer'`,
+    LDM's SpatialTransformer (`context_depth` transformer blocks) in place of each
+    self-attention block; the labels are then not added to the time embedding.
     The null label (num_classes, or the null token) gives the null context of
     classifier-free guidance.
     """
@@ -263,6 +274,8 @@ class UNet(nn.Module):
     context_dim: int = 0
     context_layers: int = 1
     context_vocab_size: int = 0
+    context_block: str = 'cross_attention'
+    context_depth: int = 1
     dtype: str = 'float32'
     remat: bool = False
     remat_policy: str = 'full'
@@ -351,7 +364,8 @@ class UNet(nn.Module):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
                 h = res_block(chans[level], name=f'up_{level}_res_{i}', **res_kwargs)(h, emb)
                 if resolution in self.attention_resolutions:
-                    h = attend(attn_block, attn_kwargs, f'up_{level}_attn_{i}', h, context)
+                    h = attend(self, attn_block, attn_kwargs, f'up_{level}_attn_{i}', h,
+                               context)
             if level != 0:
                 if self.resblock_updown:
                     h = res_block(chans[level], up=True, name=f'up_{level}_upsample',

@@ -161,7 +161,8 @@ class LatentDiffusionTask(diffusion_task.DiffusionTask):
         self.latent_shape = (lc.data.image_size, lc.data.image_size, lc.data.channels)
         self.model = create_model(lc).clone(
             context_encoder=m.context_encoder, context_dim=m.context_dim,
-            context_layers=m.context_layers, context_vocab_size=m.context_vocab_size)
+            context_layers=m.context_layers, context_vocab_size=m.context_vocab_size,
+            context_block=m.context_block, context_depth=m.context_depth)
         self.sched = base.config_schedule(config)
         self.loss_aware = config.diffusion.timestep_sampling == 'loss_aware'
         self.conditional = m.num_classes > 0

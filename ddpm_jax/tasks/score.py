@@ -14,7 +14,8 @@ network predicts eps; VE: s = output / sigma, it predicts -eps), and the loss of
 
 Sampling (`make_sample_fn`, used by --mode=sample / fid and the training grids): the
 trained SDE's samplers of `sde_samplers` selected by `sample.sampler`: 'pc' (predictor
-`sample.predictor` + Langevin corrector of snr `sample.pc_snr`, `sde.num_scales` steps),
+`sample.predictor` + corrector `sample.corrector` of snr `sample.pc_snr`, `sde.num_scales`
+steps),
 'sde' (the predictor alone), 'ode' (adaptive probability-flow ODE), 'heun' (Karras
 et al. 2022 on the denoiser of the score, any SDE, first sigma capped at
 `sample.heun_sigma_max`), all ending at `sde.sampling_eps`, and 'langevin' (NCSN's
@@ -131,7 +132,7 @@ def _run_sampler(config, sde, score_fn, shape, rng, constants=None):
     elif s.sampler in ('pc', 'sde'):
         out = sde_samplers.pc_sample(
             sde, score_fn, shape, rng, num_steps=int(c.num_scales), eps=eps,
-            predictor=s.predictor, corrector='langevin' if s.sampler == 'pc' else 'none',
+            predictor=s.predictor, corrector=s.corrector if s.sampler == 'pc' else 'none',
             snr=float(s.pc_snr))
     elif s.sampler == 'langevin':  # In y = x / alpha, from sigma_1 N(0, I) or U(-1, 1).
         hi, lo, num_levels = constants
@@ -267,6 +268,10 @@ class ScoreTask(base.SingleModelTask):
         if s.sampler not in SCORE_SAMPLERS:
             raise ValueError(f"task='score' samples with sample.sampler in {SCORE_SAMPLERS}, "
                              f'got {s.sampler!r}.')
+        if (s.sampler in ('pc', 'sde') and s.predictor == 'ancestral_sampling'
+                and c.kind == 'subvp'):
+            raise ValueError("sample.predictor='ancestral_sampling' steps the DDPM or SMLD "
+                             "chain: it takes sde.kind='vp' or 've', got 'subvp'.")
         if s.sampler == 'langevin':
             sde = create_sde(config)
             model_hi, model_lo = sigma_range(config, sde)
