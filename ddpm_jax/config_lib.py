@@ -33,7 +33,6 @@ from ddpm_jax import state
 from ddpm_jax import tasks
 from ddpm_jax import timestep_sampling
 from ddpm_jax import models
-from ddpm_jax.models import digits_net
 from ddpm_jax.models import inception
 from ddpm_jax.models import layers
 from ddpm_jax.models import unet
@@ -42,7 +41,8 @@ MODES = ('train', 'sample', 'eval', 'fid')
 METRICS_NETWORKS = ('inception', 'digits')
 # Each network's feature dimension D: FID's D x D covariances need more than D samples
 # (`metrics.check_enough_samples`); Inception's sFID features are 17 * 17 * 7 = 2023-d.
-METRICS_FEATURE_DIMS = {'inception': inception.POOL3_DIM, 'digits': digits_net.FEATURE_DIM}
+# digits_net.FEATURE_DIM is written out: digits_net imports data, which imports this module.
+METRICS_FEATURE_DIMS = {'inception': inception.POOL3_DIM, 'digits': 64}
 MODEL_DTYPES = ('float32', 'bfloat16')
 OPTIMIZERS = ('adam', 'adamw')
 LR_SCHEDULES = ('constant', 'cosine', 'linear')

@@ -10,6 +10,7 @@ from configs import default
 from ddpm_jax import config_json
 from ddpm_jax import config_lib
 from ddpm_jax import models
+from ddpm_jax.models import digits_net, inception
 from ddpm_jax import sampler_registry
 
 README = open(__file__.replace('tests/test_config_lib.py', 'README.md')).read()
@@ -160,6 +161,8 @@ def test_inception_input_is_checked_before_the_weights_file(tiny_config):
 def test_fid_needs_more_samples_than_feature_dimensions(tiny_config, tmp_path, network, dim):
     """FID's D x D covariances are singular from N <= D samples: refused up front,
     not after the sampling (the periodic score's default was once 1,000 < 2,048)."""
+    assert config_lib.METRICS_FEATURE_DIMS == {'inception': inception.POOL3_DIM,
+                                               'digits': digits_net.FEATURE_DIM}
     weights = tmp_path / 'pt_inception-2015-12-05-6726825d.pth'
     weights.write_bytes(b'')  # Only its existence is checked before the run.
     e = tiny_config.eval

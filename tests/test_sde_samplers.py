@@ -932,7 +932,7 @@ def test_bad_arguments_name_the_field():
                                predictor='rk4')
     with pytest.raises(ValueError, match='corrector'):
         sde_samplers.pc_sample(vp, score, (2, DIM), jax.random.key(0), num_steps=5,
-                               corrector='ald')
+                               corrector='hmc')
     with pytest.raises(ValueError, match='snr'):
         sde_samplers.pc_sample(vp, score, (2, DIM), jax.random.key(0), num_steps=5,
                                snr=0.0)

@@ -40,6 +40,11 @@ CONTEXT_ENCODERS = ('none', 'class', 'tokens')
 CONTEXT_BLOCKS = ('cross_attention', 'spatial_transformer')
 
 
+def _check_context_shape(context: jax.Array, batch_size: int) -> None:
+    if context.ndim != 3 or context.shape[0] != batch_size:
+        raise ValueError(f'The context must be [B={batch_size}, L, D], got {context.shape}.')
+
+
 class CrossAttentionBlock(nn.Module):
     """Residual multi-head attention from the pixels of x to a context sequence.
 
@@ -58,8 +63,7 @@ class CrossAttentionBlock(nn.Module):
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         """x [B, H, W, C], context [B, L, D] -> [B, H, W, C]."""
         b, height, width, c = x.shape
-        if context.ndim != 3 or context.shape[0] != b:
-            raise ValueError(f'The context must be [B={b}, L, D], got {context.shape}.')
+        _check_context_shape(context, b)
         heads = layers.num_attention_heads(c, self.num_heads, self.num_head_channels)
         h = layers.GroupNorm(self.num_groups, 'adm', self.dtype, name='norm')(x)
         h = h.reshape(b, height * width, c)
@@ -144,8 +148,7 @@ class SpatialTransformer(nn.Module):
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         """x [B, H, W, C], context [B, L, D] -> [B, H, W, C]."""
         b, height, width, c = x.shape
-        if context.ndim != 3 or context.shape[0] != b:
-            raise ValueError(f'The context must be [B={b}, L, D], got {context.shape}.')
+        _check_context_shape(context, b)
         heads = layers.num_attention_heads(c, self.num_heads, self.num_head_channels)
         h = layers.GroupNorm(self.num_groups, 'adm', self.dtype, epsilon=1e-6,
                              name='norm')(x)
