@@ -19,6 +19,11 @@ faulted in anew each step); `--plain_cpu_memory` skips that, for comparison.
 code they come from (forward / backward). `--per_step` waits for each step and adds
 the median step time. One JSON line is printed at the end.
 
+The step clips the whole batch's gradient: `optim.grad_clip_groups` (DDPM's
+per-replica clipping, which `cifar10.py` and `celebahq256.py` reproduce) is set to 1
+unless given with --override, so the figures compare with other implementations' steps
+and any --batch fits.
+
     python bench/bench_train.py --config=configs/cifar10.py --batch=8 --profile=2
 """
 
@@ -83,6 +88,8 @@ def main():
     config.data.prefetch_batches = 2
     if args.batch is not None:
         config.train.global_batch_size = args.batch
+    if not any(o.startswith('optim.grad_clip_groups=') for o in args.override):
+        config.optim.grad_clip_groups = 1  # The plain step (module docstring).
     mesh = parallel.create_mesh()
     num_devices = parallel.num_mesh_devices(mesh)
     config_lib.validate(config, num_devices=num_devices)
@@ -148,6 +155,7 @@ def main():
         'config': args.config, 'overrides': args.override,
         'image_size': config.data.image_size, 'global_batch_size':
         config.train.global_batch_size, 'grad_accum_steps': config.train.grad_accum_steps,
+        'grad_clip_groups': config.optim.grad_clip_groups,
         'dtype': config.model.dtype, 'params_M': round(num_params / 1e6, 2),
         'device': f'{num_devices} x {device.device_kind}', 'platform': device.platform,
         'compile_s': round(compile_s, 2), 'step_s': round(step_s, 4),

@@ -7,7 +7,7 @@ The same network serves DDPM's LSUN 256x256 runs (change data.dataset to e.g.
 Channels 128 with multipliers 1,1,2,2,4,4, two residual blocks per level, attention
 at 16x16, no dropout; unconditional eps prediction with sigma_t^2 = beta_t, MSE
 loss, linear betas over T = 1000; Adam at 2e-5 with 5000 warmup steps, batch 64,
-0.5M steps, gradient clipping at norm 1, EMA 0.9999.
+0.5M steps, gradient clipping at norm 1 per 8 images (each TPU replica), EMA 0.9999.
 """
 
 from configs import default
@@ -33,6 +33,7 @@ def get_config():
     optim = config.optim
     optim.learning_rate = 2e-5
     optim.warmup_steps = 5000
+    optim.grad_clip_groups = 8  # DDPM's per-replica clipping on a TPU v3-8 (8 images each).
 
     train = config.train
     train.global_batch_size = 64

@@ -197,6 +197,8 @@ def get_config() -> ml_collections.ConfigDict:
     optim.eps = 1e-8  # Adam epsilon.
     optim.weight_decay = 0.0  # Decoupled weight decay (adamw only).
     optim.grad_clip_norm = 1.0  # Clip gradients to this global norm (0 = off).
+    optim.grad_clip_groups = 1  # > 1: clip the gradient of each of this many equal groups
+    #                             of the batch, then average (DDPM's per-replica clipping).
     optim.ema_decays = (0.9999,)  # One EMA copy of the parameters per decay rate.
 
     # --- training -----------------------------------------------------------------

@@ -169,6 +169,11 @@ def _validate_optim(config: ml_collections.ConfigDict) -> None:
           "optim.min_learning_rate is where 'cosine' or 'linear' decay ends; with "
           "lr_schedule='constant' it must be 0.")
     check(o.grad_clip_norm >= 0, f'optim.grad_clip_norm={o.grad_clip_norm} must be >= 0.')
+    check(isinstance(o.grad_clip_groups, int) and o.grad_clip_groups >= 1,
+          f'optim.grad_clip_groups={o.grad_clip_groups!r} must be an int >= 1.')
+    check(o.grad_clip_groups == 1 or o.grad_clip_norm > 0,
+          f'optim.grad_clip_groups={o.grad_clip_groups} clips each group\'s gradient: it '
+          'needs optim.grad_clip_norm > 0.')
     check(len(o.ema_decays) >= 1, 'optim.ema_decays must list at least one decay rate.')
     for decay in o.ema_decays:
         check(0.0 <= decay < 1.0,
@@ -189,6 +194,11 @@ def _validate_train(config: ml_collections.ConfigDict, num_devices: int,
     check_global_batch('train.global_batch_size', train_opts.global_batch_size,
                        num_devices=num_devices, num_processes=num_processes,
                        accum_steps=train_opts.grad_accum_steps)
+    groups, accum = config.optim.grad_clip_groups, train_opts.grad_accum_steps
+    check(groups == 1 or (groups % accum == 0 and train_opts.global_batch_size % groups == 0),
+          f'optim.grad_clip_groups={groups} must be a multiple of train.grad_accum_steps='
+          f'{accum} and divide train.global_batch_size={train_opts.global_batch_size} '
+          '(each micro-batch holds whole groups).')
 
 
 def _validate_sample(config: ml_collections.ConfigDict, *, for_grid: bool,

@@ -77,8 +77,10 @@ def make_train_step_fn(task: tasks.Task, mesh: jax.sharding.Mesh | None = None
     phases, average the gradients of its loss with respect to the phase's parts
     over `train.grad_accum_steps` micro-batches in a `lax.scan` (unrolled on the CPU,
     see `control_flow`; the same draws, so equal to one big batch up to float
-    rounding) and apply each part's optimiser; then update the EMAs and the task
-    state. If any loss or gradient norm is not finite the old state is returned
+    rounding; with `optim.grad_clip_groups` G > 1, the gradient of each of G groups of
+    the batch is clipped to `optim.grad_clip_norm` and the clipped ones averaged, as
+    DDPM's TPU replicas did) and apply each part's optimiser; then update the EMAs and
+    the task state. If any loss or gradient norm is not finite the old state is returned
     unchanged and `metrics['finite']` is 0.
 
     Args:
@@ -95,11 +97,24 @@ def make_train_step_fn(task: tasks.Task, mesh: jax.sharding.Mesh | None = None
     optimizers = task.create_optimizers()
     decays = tuple(float(x) for x in config.optim.ema_decays)
     accum = config.train.grad_accum_steps
+    # Gradients clipped per group of the batch (each micro-batch holds whole groups).
+    groups = config.optim.grad_clip_groups
+    groups_per_micro = groups // accum if groups > 1 else 1
+    clip_norm = float(config.optim.grad_clip_norm)
 
     def constrain(x, spec):
         if mesh is None:
             return x
         return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+
+    def split(x, count):
+        # [B] -> [count, B / count], part m = examples m, m + count, m + 2 count, ...:
+        # every part is spread evenly over the devices holding contiguous batch shards.
+        x = x.reshape((x.shape[0] // count, count) + x.shape[1:]).swapaxes(0, 1)
+        return constrain(x, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
+
+    def join(x):  # [count, B / count] -> [B] in the original example order.
+        return x.swapaxes(0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
     def phase_gradients(k, params, examples, rng):
         """(loss, per-example terms, grads of the phase's parts), averaged over micro-batches."""
@@ -108,20 +123,24 @@ def make_train_step_fn(task: tasks.Task, mesh: jax.sharding.Mesh | None = None
         def objective(trainable, micro, micro_rng):
             return task.loss(k, {**params, **trainable}, micro, micro_rng)
 
-        grad_fn = jax.value_and_grad(objective, has_aux=True)
+        value_and_grad = jax.value_and_grad(objective, has_aux=True)
+
+        def grad_fn(trainable, micro, micro_rng):
+            if groups == 1:
+                return value_and_grad(trainable, micro, micro_rng)
+            # optim.grad_clip_groups: each group's gradient clipped to the norm, then
+            # averaged (DDPM's per-replica clipping on its TPU's 8 replicas).
+            keys = jax.random.split(micro_rng, groups_per_micro)
+            (losses, terms), g = jax.vmap(value_and_grad, in_axes=(None, 0, 0))(
+                trainable, jax.tree.map(lambda x: split(x, groups_per_micro), micro), keys)
+            scale = jnp.minimum(1.0, clip_norm / jax.vmap(optax.global_norm)(g))
+            g = jax.tree.map(lambda x: jnp.tensordot(scale, x, axes=1) / groups_per_micro, g)
+            return (jnp.mean(losses), jax.tree.map(join, terms)), g
+
         trainable = {part: params[part] for part in phase}
         if accum == 1:
             (loss, terms), grads = grad_fn(trainable, examples, rng)
             return loss, terms, grads
-        batch_size = jax.tree.leaves(examples)[0].shape[0]
-        micro_size = batch_size // accum
-
-        def split(x):
-            # Micro-batch m = examples m, m + A, m + 2A, ...: every micro-batch is
-            # spread evenly over the devices holding contiguous batch shards.
-            x = x.reshape((micro_size, accum) + x.shape[1:]).swapaxes(0, 1)
-            return constrain(x, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
-
         def body(grad_sum, inputs):
             m, micro = inputs
             (micro_loss, micro_terms), g = grad_fn(trainable, micro, jax.random.fold_in(rng, m))
@@ -130,12 +149,9 @@ def make_train_step_fn(task: tasks.Task, mesh: jax.sharding.Mesh | None = None
         zeros = jax.tree.map(jnp.zeros_like, trainable)
         # On the CPU unrolled: gradients inside a loop body run far slower there.
         grads, (micro_losses, terms) = control_flow.scan(
-            body, zeros, (jnp.arange(accum), jax.tree.map(split, examples)))
+            body, zeros, (jnp.arange(accum), jax.tree.map(lambda x: split(x, accum), examples)))
         grads = jax.tree.map(lambda g: g / accum, grads)
-        # [A, B/A] -> [B] in the original example order.
-        terms = jax.tree.map(lambda x: x.swapaxes(0, 1).reshape((batch_size,) + x.shape[2:]),
-                             terms)
-        return jnp.mean(micro_losses), terms, grads
+        return jnp.mean(micro_losses), jax.tree.map(join, terms), grads
 
     def train_step(state: state_lib.TrainState, batch: Mapping[str, jax.Array],
                    rng: jax.Array):

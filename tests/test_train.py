@@ -12,6 +12,7 @@ import signal
 import chex
 import jax
 import numpy as np
+import optax
 import pytest
 
 from ddpm_jax import checkpointing, config_lib, parallel, state as state_lib, tasks, train
@@ -229,6 +230,53 @@ def test_grad_accumulation_matches_big_batch(tiny_config):
     assert big.task_state.shape == ()  # Uniform timesteps: a scalar placeholder.
 
 
+def test_grad_clip_groups_clip_each_group_then_average(tiny_config):
+    """optim.grad_clip_groups: DDPM's per-replica clipping (each TPU replica's gradient
+    clipped to the norm, then the clipped ones averaged), checked through Adam's first
+    moment after one step, mu = (1 - b1) g, against the groups' gradients by hand; with
+    one group per micro-batch the same."""
+    config = tiny_config
+    config.model.dropout = 0.0  # The loss's rng then plays no part.
+    config.optim.eps = 1.0  # Keeps the update linear in the gradient for a fair compare.
+    config.optim.grad_clip_norm = 1e-3  # Below every group's norm: all are clipped.
+    config.optim.grad_clip_groups = 4
+    initial = _initial_state(config)
+    batch = next(data_lib.create_train_iterator(config))
+    grouped, metrics = _run_steps(config, _mesh(2), initial, batch)
+
+    task = tasks.create_task(config)
+    prepare_rng, loss_rng = jax.random.split(jax.random.fold_in(jax.random.key(1), 0))
+    examples = task.prepare_batch(batch, prepare_rng, initial.task_state)
+    group_grad = jax.jit(lambda part: jax.grad(
+        lambda p: task.loss(0, p, part, loss_rng)[0])(dict(initial.params))['model'])
+    clipped = []
+    for g in range(4):  # Group g: examples g, g + 4 (as the step splits the batch).
+        grad = group_grad(jax.tree.map(lambda x, g=g: x[g::4], examples))
+        norm = float(optax.global_norm(grad))
+        assert norm > 10 * config.optim.grad_clip_norm
+        clipped.append(jax.tree.map(lambda x, norm=norm: x * (1e-3 / norm), grad))
+    expected = jax.tree.map(lambda *xs: sum(np.asarray(x, np.float64) for x in xs) / 4,
+                            *clipped)
+    mu = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(grouped.opt_state)
+          if 'mu' in jax.tree_util.keystr(path)]
+    want = [(1 - config.optim.b1) * x for x in jax.tree.leaves(expected)]
+    assert len(mu) == len(want)
+    for got, w in zip(mu, want):
+        np.testing.assert_allclose(got, w, rtol=2e-4, atol=1e-12)
+    np.testing.assert_allclose(metrics['grad_norm'], float(optax.global_norm(expected)),
+                               rtol=1e-4)
+    # Four micro-batches of one group each, on 1 device: the same step.
+    config.train.grad_accum_steps = 4
+    accum, _ = _run_steps(config, _mesh(1), initial, batch)
+    chex.assert_trees_all_close(accum, grouped, rtol=1e-5, atol=1e-9)
+    # Groups that do not fit the batch or the micro-batches are refused by name.
+    for groups, accum_steps, norm in ((3, 1, 1.0), (2, 4, 1.0), (4, 1, 0.0)):
+        config.optim.grad_clip_groups, config.optim.grad_clip_norm = groups, norm
+        config.train.grad_accum_steps = accum_steps
+        with pytest.raises(ValueError, match=f'optim.grad_clip_groups={groups}'):
+            config_lib.validate(config, mode='train', num_devices=1)
+
+
 def test_classifier_training(tiny_config, tmp_path):
     """The classifier task: zero-initialised logits give loss log(10) and predict
     class 0 at the first step, so its accuracy is the batch's share of 0s."""
@@ -337,6 +385,7 @@ def test_failing_runs_do_not_rewrite_the_config_record(tiny_config, tmp_path, mo
 _KILL_SCRIPT = '''
 import json, sys
 import numpy as np
+import optax
 sys.path.insert(0, {repo!r})
 import jax
 from ddpm_jax import config_lib, data as data_lib, parallel, train
