@@ -294,13 +294,13 @@ def load_reference_npz(path: str, extractor: FeatureExtractor,
     _features_of_images(extractor, images, batch_size, accumulator)
     computed = accumulator.result()
     if not extractor.computes_adm_features:
-        if stored.keys() & {'mu', 'sigma', 'mu_s', 'sigma_s'}:
+        published = sorted(stored.keys() & {'mu', 'sigma', 'mu_s', 'sigma_s'})
+        if published:
             logger.warning(
                 'eval.fid_reference=%s: its stored %s are the TensorFlow graph\'s '
                 "features (eval.inception_input='tf'); with eval.metrics_network=%r and "
                 'eval.inception_input=%r the statistics are recomputed from its images.',
-                path, '/'.join(sorted(stored.keys() & {'mu', 'sigma', 'mu_s', 'sigma_s'})),
-                extractor.name, extractor.input_pipeline)
+                path, '/'.join(published), extractor.name, extractor.input_pipeline)
         return computed
     return {**computed, **stored}  # Published statistics win over recomputed ones.
 
