@@ -23,8 +23,10 @@
 #   7 train_cifar10_f32       batch 128
 #   8 train_cifar10_bf16_b256
 #   9 train_imagenet256_remat batch 32 per device (the allocator's peak)
-#  10 profile_cifar10_bf16    batch 128, command buffers off, top ops
-#  11 profile_imagenet64_bf16 likewise
+#  10 train_cifar10_clip_groups  cifar10.py as published: DDPM's per-replica clipping
+#                             (optim.grad_clip_groups=8; the others time the plain step)
+#  11 profile_cifar10_bf16    batch 128, command buffers off, top ops
+#  12 profile_imagenet64_bf16 likewise
 #   - memory_imagenet256      compiled memory with and without remat (autotuning off:
 #                             compile only, no timing)
 # RERUN=1 (a second call on the still-warm machine, BUDGET set to what the lease has
@@ -57,9 +59,9 @@ if [ -n "${SMOKE:-}" ]; then  # Tiny models: minutes on a CPU.
   small=(--override model.base_channels=32)
   adm=(--override model.base_channels=64)
   cls=(--classifier_override model.base_channels=64)
-  B128=4; B64=2; B256=2; S250=2; MEM=2; PRE=--small
+  B128=4; B64=2; B256=2; S250=2; MEM=2; PRE=--small; CLIP_GROUPS=2
 else
-  small=(); adm=(); cls=(); B128=128; B64=64; B256=256; S250=250; MEM=32; PRE=
+  small=(); adm=(); cls=(); B128=128; B64=64; B256=256; S250=250; MEM=32; PRE=; CLIP_GROUPS=8
 fi
 cls+=(--classifier_override model.dtype=bfloat16)
 
@@ -85,7 +87,7 @@ job() {  # job NAME COMMAND...: starts it in the background with the next rank.
     echo "exit $? after $(( $(date +%s) - START )) s" >> "$LOGS/$name.log"
     touch "$SYNC/$rank.ended" ) &
 }
-export BENCH_SYNC_COUNT=12 BENCH_SYNC_COMPILE_DEADLINE=$(( START + BUDGET - TIMING ))
+export BENCH_SYNC_COUNT=13 BENCH_SYNC_COMPILE_DEADLINE=$(( START + BUDGET - TIMING ))
 job train_cifar10_bf16 python3 bench/bench_train.py --config=configs/cifar10.py \
   --batch=$B128 --steps=20 "${bf16[@]}" "${small[@]}"
 job train_cifar10_gn_one_pass env DDPM_JAX_GROUP_NORM=one_pass python3 \
@@ -111,6 +113,9 @@ job train_cifar10_bf16_b256 python3 bench/bench_train.py --config=configs/cifar1
   --batch=$B256 --steps=20 "${bf16[@]}" "${small[@]}"
 job train_imagenet256_remat python3 bench/bench_train.py --config=configs/imagenet256.py \
   --batch=$MEM --steps=3 --override model.remat=True "${bf16[@]}" "${adm[@]}"
+job train_cifar10_clip_groups python3 bench/bench_train.py --config=configs/cifar10.py \
+  --batch=$B128 --steps=20 --override optim.grad_clip_groups=$CLIP_GROUPS "${bf16[@]}" \
+  "${small[@]}"
 # Profiles without command buffers (every kernel named; slower steps, so apart).
 job profile_cifar10_bf16 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
   python3 bench/bench_train.py --config=configs/cifar10.py --batch=$B128 --steps=5 \
