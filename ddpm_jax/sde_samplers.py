@@ -363,12 +363,13 @@ def pc_sample(sde, score_fn: ScoreFn, shape: Sequence[int], rng: Array, *,
 
     def correct(x, t, key):
         alpha = _bcast(sde_lib.discrete_alphas(sde, t), x)
+        std = _bcast(sde_lib.marginal_coefs(sde, t)[1], x)  # 'ald' steps by it.
         x_mean = x
         for j in range(corrector_steps):
             grad = score_fn(x, t)
             z = jax.random.normal(jax.random.fold_in(key, j), x.shape, x.dtype)
             if corrector == 'ald':
-                ratio = snr * _bcast(sde_lib.marginal_coefs(sde, t)[1], x)
+                ratio = snr * std
             else:  # Batch means of the norms, as score_sde (its pmean: the global mean).
                 ratio = snr * jnp.mean(_norms(z)) / jnp.mean(_norms(grad))
             step = 2.0 * alpha * jnp.square(ratio)

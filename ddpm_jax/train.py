@@ -99,7 +99,7 @@ def make_train_step_fn(task: tasks.Task, mesh: jax.sharding.Mesh | None = None
     accum = config.train.grad_accum_steps
     # Gradients clipped per group of the batch (each micro-batch holds whole groups).
     groups = config.optim.grad_clip_groups
-    groups_per_micro = groups // accum if groups > 1 else 1
+    groups_per_micro = groups // accum  # Read only when groups > 1.
     clip_norm = float(config.optim.grad_clip_norm)
 
     def constrain(x, spec):
