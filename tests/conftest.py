@@ -10,10 +10,48 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('DDPM_JAX_CACHE', os.path.join(os.environ.get('TMPDIR', '/tmp'),
                                                      'ddpm_jax_test_cache'))
 
+import contextlib  # noqa: E402
+
+import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import pytest  # noqa: E402
 
 from configs import default  # noqa: E402
+
+
+def _lower_threefry_on_the_cpu(unrolled):
+    """JAX lowers its threefry hash on a CPU as a rolled loop, inlined at every call,
+    and LLVM takes ~0.1 s over each: initialising a tiny model (one call per parameter
+    leaf) compiled in 10-14 s. The same rounds written out, as one out-of-line function
+    (JAX's lowering for GPUs), compile in half that time and compute the same bits. The
+    tests lower it so (unrolled), except under `threefry_lowered_as_jax_ships_it`;
+    nothing changes if JAX's internals have moved."""
+    try:
+        from jax._src.interpreters import mlir
+        from jax._src.random import threefry2x32 as threefry
+    except ImportError:
+        return
+    # pylint: disable=protected-access
+    rule = getattr(threefry, '_threefry2x32_lowering_rule' if unrolled
+                   else '_threefry2x32_cpu_lowering_rule', None)
+    if rule is not None and hasattr(threefry, 'threefry2x32_p'):
+        mlir.register_lowering(threefry.threefry2x32_p, rule, platform='cpu',
+                               inline=not unrolled)
+
+
+@contextlib.contextmanager
+def threefry_lowered_as_jax_ships_it():
+    """For a test about the program JAX itself compiles for a CPU (a rolled loop)."""
+    _lower_threefry_on_the_cpu(unrolled=False)
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        _lower_threefry_on_the_cpu(unrolled=True)
+        jax.clear_caches()
+
+
+_lower_threefry_on_the_cpu(unrolled=True)
 
 
 @pytest.fixture

@@ -127,9 +127,9 @@ def _one_step(config, donate):
     return state, step
 
 
-def test_train_step_with_a_non_finite_batch_changes_nothing(tiny_config):
+def test_train_step_with_a_non_finite_batch_changes_nothing(small_config):
     """Params, both EMAs, Adam moments and counts, step and loss-aware task state all stay."""
-    config = tiny_config
+    config = small_config
     config.optim.ema_decays = (0.9, 0.5)
     config.diffusion.timestep_sampling = 'loss_aware'
     batch = next(data_lib.create_train_iterator(config))
@@ -147,10 +147,10 @@ def test_train_step_with_a_non_finite_batch_changes_nothing(tiny_config):
         chex.assert_trees_all_close(ema, expected, rtol=1e-6, atol=1e-7)
 
 
-def test_train_step_updates_the_donated_state_in_place(tiny_config):
+def test_train_step_updates_the_donated_state_in_place(small_config):
     """XLA copies no donated buffer before rewriting it (the generic optax update then
     `where` guard needed a copy of every parameter and moment; see `apply_optimizer`)."""
-    config = tiny_config
+    config = small_config
     config.optim.ema_decays = (0.9, 0.5)
     batch = next(data_lib.create_train_iterator(config))
     state, step = _one_step(config, donate=True)

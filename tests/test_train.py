@@ -1,7 +1,8 @@
 """Tests for ddpm_jax.train: end to end, exact resume, sharding, accumulation, failures.
 
-Tests that share the tiny reference config share one `Trainer` (`_trainer`), so they
-pay for compilation once per process.
+Tests that share the reference config share one `Trainer` (`_trainer`), so they pay
+for compilation once per process. Most use `small_config` (a one-level UNet without
+attention, half the compile time): what they test is the wiring, not the network.
 """
 
 import json
@@ -97,8 +98,8 @@ def _data_position(workdir, step):
     return [p.read_text() for p in sorted(path.glob('process_*.json'))]
 
 
-def test_train_end_to_end(tiny_config, tmp_path, capsys):
-    config = _quiet(tiny_config)
+def test_train_end_to_end(small_config, tmp_path, capsys):
+    config = _quiet(small_config)
     config.train.num_grid_samples = 4  # Not part of the step: the compile is shared.
     config.sample.respacing = '5'
     state = train.run_training(config, str(tmp_path), mesh=_mesh(1))
@@ -118,8 +119,8 @@ def test_train_end_to_end(tiny_config, tmp_path, capsys):
     assert list((tmp_path / 'samples').glob('*.png'))
 
 
-def test_resume_is_bit_for_bit(tiny_config, tmp_path, tmp_path_factory):
-    config = _quiet(tiny_config)
+def test_resume_is_bit_for_bit(small_config, tmp_path, tmp_path_factory):
+    config = _quiet(small_config)
     reference, reference_dir = _reference_run(config.copy_and_resolve_references(),
                                               tmp_path_factory)
     _trainer(config).train(str(tmp_path), stop_at_step=2)
@@ -131,8 +132,8 @@ def test_resume_is_bit_for_bit(tiny_config, tmp_path, tmp_path_factory):
     assert _data_position(tmp_path, 4) == _data_position(reference_dir, 4)
 
 
-def test_preemption_saves_and_resumes(tiny_config, tmp_path, tmp_path_factory, monkeypatch):
-    config = _quiet(tiny_config)
+def test_preemption_saves_and_resumes(small_config, tmp_path, tmp_path_factory, monkeypatch):
+    config = _quiet(small_config)
     reference, _ = _reference_run(config.copy_and_resolve_references(), tmp_path_factory)
 
     def sigterm_at_third_batch(k, batch):
@@ -150,9 +151,9 @@ def test_preemption_saves_and_resumes(tiny_config, tmp_path, tmp_path_factory, m
     _assert_trees_equal(resumed, reference)
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path,
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(small_config, tmp_path,
                                                               monkeypatch):
-    config = _quiet(tiny_config)
+    config = _quiet(small_config)
 
     def nan_at_third_batch(k, batch):
         if k == 3:
@@ -191,10 +192,10 @@ def _run_steps(config, mesh, initial, batch, num_steps=1):
     return _host(state), _host(metrics)
 
 
-def test_sharded_step_matches_single_device(tiny_config):
+def test_sharded_step_matches_single_device(small_config):
     """Two steps (compiled once) on 4 devices equal those on 1, for the loss-aware
     sampler, classifier-free-guidance label dropout and two EMA decays."""
-    config = tiny_config
+    config = small_config
     config.diffusion.timestep_sampling = 'loss_aware'  # Its update must see all devices.
     config.model.num_classes = 10
     config.model.class_dropout_prob = 0.5
@@ -209,9 +210,9 @@ def test_sharded_step_matches_single_device(tiny_config):
     assert int(state4.task_state.counts.sum()) == 2 * config.train.global_batch_size
 
 
-def test_grad_accumulation_matches_big_batch(tiny_config):
+def test_grad_accumulation_matches_big_batch(small_config):
     """Two micro-batches on 2 devices equal one big batch on 1 device."""
-    config = tiny_config
+    config = small_config
     config.optim.eps = 1.0  # Keeps the update linear in the gradient for a fair compare.
     initial = _initial_state(config)
     batch = next(data_lib.create_train_iterator(config))
@@ -230,12 +231,12 @@ def test_grad_accumulation_matches_big_batch(tiny_config):
     assert big.task_state.shape == ()  # Uniform timesteps: a scalar placeholder.
 
 
-def test_grad_clip_groups_clip_each_group_then_average(tiny_config):
+def test_grad_clip_groups_clip_each_group_then_average(small_config):
     """optim.grad_clip_groups: DDPM's per-replica clipping (each TPU replica's gradient
     clipped to the norm, then the clipped ones averaged), checked through Adam's first
     moment after one step, mu = (1 - b1) g, against the groups' gradients by hand; with
-    one group per micro-batch the same."""
-    config = tiny_config
+    one group per micro-batch the same. (The one-level UNet: three steps compile.)"""
+    config = small_config
     config.model.dropout = 0.0  # The loss's rng then plays no part.
     config.optim.eps = 1.0  # Keeps the update linear in the gradient for a fair compare.
     config.optim.grad_clip_norm = 1e-3  # Below every group's norm: all are clipped.
@@ -277,10 +278,10 @@ def test_grad_clip_groups_clip_each_group_then_average(tiny_config):
             config_lib.validate(config, mode='train', num_devices=1)
 
 
-def test_classifier_training(tiny_config, tmp_path):
+def test_classifier_training(small_config, tmp_path):
     """The classifier task: zero-initialised logits give loss log(10) and predict
     class 0 at the first step, so its accuracy is the batch's share of 0s."""
-    config = tiny_config
+    config = small_config
     config.task = 'classifier'
     config.model.name = 'classifier'
     config.model.pool = 'adaptive'  # Its output layer starts at zero.
@@ -319,15 +320,15 @@ def test_summarize_metrics_groups():
     assert train.summarize_metrics(steps) == {'loss': 2.0, 'loss_q0': 1.0, 'r1_lazy': 0.5}
 
 
-def test_train_on_tfds_mock_data(tiny_config, tmp_path):
+def test_train_on_tfds_mock_data(small_config, tmp_path):
     """The trainer reads a TFDS dataset through tfds.data_source (mocked cifar10)."""
     import tensorflow_datasets as tfds
-    tiny_config.data.dataset = 'cifar10'
-    tiny_config.data.channels = 3
-    tiny_config.train.num_train_steps = 2
-    tiny_config.train.num_grid_samples = 0
+    small_config.data.dataset = 'cifar10'
+    small_config.data.channels = 3
+    small_config.train.num_train_steps = 2
+    small_config.train.num_grid_samples = 0
     with tfds.testing.mock_data(num_examples=32, policy=tfds.testing.MockPolicy.USE_CODE):
-        state = train.run_training(tiny_config, str(tmp_path), mesh=_mesh(1))
+        state = train.run_training(small_config, str(tmp_path), mesh=_mesh(1))
     params = _host(state.params['model'])
     assert int(state.step) == 2
     assert params['conv_in']['kernel'].shape[-2] == 3  # RGB input from the TFDS source.
@@ -345,15 +346,15 @@ def test_too_few_classes_for_the_dataset_is_refused_before_anything_runs(tiny_co
     assert not (tmp_path / workdir_lib.LOCK_NAME).exists()  # Released.
 
 
-def test_a_second_trainer_on_the_workdir_is_refused(tiny_config, tmp_path):
+def test_a_second_trainer_on_the_workdir_is_refused(small_config, tmp_path):
     with workdir_lib.TrainLock(str(tmp_path)):
         with pytest.raises(workdir_lib.WorkdirLockedError, match=f'pid {os.getpid()}'):
-            train.run_training(_quiet(tiny_config), str(tmp_path), mesh=_mesh(1))
+            train.run_training(_quiet(small_config), str(tmp_path), mesh=_mesh(1))
     assert not (tmp_path / 'checkpoints').exists()
 
 
-def test_failing_runs_do_not_rewrite_the_config_record(tiny_config, tmp_path, monkeypatch):
-    config = _quiet(tiny_config)
+def test_failing_runs_do_not_rewrite_the_config_record(small_config, tmp_path, monkeypatch):
+    config = _quiet(small_config)
     _trainer(config).train(str(tmp_path), stop_at_step=2)
     record = (tmp_path / 'config.json').read_text()
     assert json.loads(record)['optim']['learning_rate'] == config.optim.learning_rate
