@@ -4,8 +4,8 @@ DDPM on CIFAR-10 32x32 (Ho et al. 2020, Sec. 4 and Appendix B): 35.7M parameters
 
 Unconditional eps-prediction with fixed variances sigma_t^2 = beta_t ('fixed_large'),
 the simple MSE loss (Eq. 14), linear betas 1e-4..0.02 over T = 1000; Adam at 2e-4
-with 5000 warmup steps, batch 128, 800k steps, gradient clipping at norm 1 per 16 images (each TPU replica), EMA
-0.9999, dropout 0.1, random horizontal flips.
+with 5000 warmup steps, batch 128, 800k steps, gradient clipping at norm 1 per 16
+images (each TPU replica), EMA 0.9999, dropout 0.1, random horizontal flips.
 """
 
 from configs import default
