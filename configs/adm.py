@@ -8,9 +8,10 @@ released guided-diffusion flags: BigGAN up/down-sampling residual blocks, AdaGN,
 attention at 32, 16 and 8 pixels with 64 channels per head, 256 base channels, two
 residual blocks per level, 1000 classes, learned variances (learned_range) trained
 with the hybrid loss (Nichol & Dhariwal 2021, Eq. 16), T = 1000, linear betas, Adam
-at 1e-4 with EMA 0.9999 and no gradient clipping, batch 256, bfloat16 compute, and
-sampling with 250 respaced steps; ImageNet 2012, preprocessed as guided-diffusion's
-`center_crop_arr` (`data.resize='adm'`).
+at 1e-4 with EMA 0.9999 and no gradient clipping, batch 256, and sampling with 250
+respaced steps; ImageNet 2012, preprocessed as guided-diffusion's `center_crop_arr`
+(`data.resize='adm'`). Ours compute in bfloat16 with float32 parameters (theirs:
+--use_fp16, float16 with loss scaling and float32 master weights).
 """
 
 import ml_collections

@@ -5,7 +5,9 @@ DDPM on CIFAR-10 32x32 (Ho et al. 2020, Sec. 4 and Appendix B): 35.7M parameters
 Unconditional eps-prediction with fixed variances sigma_t^2 = beta_t ('fixed_large'),
 the simple MSE loss (Eq. 14), linear betas 1e-4..0.02 over T = 1000; Adam at 2e-4
 with 5000 warmup steps, batch 128, 800k steps, gradient clipping at norm 1 per 16
-images (each TPU replica), EMA 0.9999, dropout 0.1, random horizontal flips.
+images (each TPU replica), EMA 0.9999, dropout 0.1, random horizontal flips. The
+warmup and Adam are their TensorFlow code's: rate 2e-4 * step / 5000 (0 for the first
+update) and epsilon added before the bias correction.
 """
 
 from configs import default
@@ -29,6 +31,7 @@ def get_config():
     model.dropout = 0.1
 
     config.optim.warmup_steps = 5000
+    config.optim.eps_before_bias_correction = True  # tf.train.AdamOptimizer's epsilon.
     # DDPM clipped each of its TPU v3-8's 8 replicas' gradients (16 images each) to norm
     # 1, then averaged them (CrossShardOptimizer; tpu_utils.py: grad_clip / replicas).
     config.optim.grad_clip_groups = 8

@@ -173,6 +173,9 @@ def get_config() -> ml_collections.ConfigDict:
     #                               with vgg16_weights_path: the perceptual term; '' = none.
     ae.vgg16_weights_path = ''  # torchvision's VGG16 (vgg16-397923af.pth): LPIPS backbone.
     ae.perceptual_weight = 1.0  # Weight of the LPIPS term (LDM: 1.0) when both are given.
+    ae.lpips_dropout = 0.5  # Dropout on LPIPS's squared differences in training, as taming's
+    #                        and LDM's LPIPS (its lin layers' Dropout(), on in Lightning's
+    #                        train mode); 0 = none.
     ae.init = 'ddpm'  # 'ddpm' (fan_avg kernels, zero biases and attention outputs) or
     #                   'torch' (LDM's: PyTorch's U(+-1/sqrt(fan_in)) on every layer).
 
@@ -195,6 +198,8 @@ def get_config() -> ml_collections.ConfigDict:
     optim.b1 = 0.9  # Adam beta1.
     optim.b2 = 0.999  # Adam beta2.
     optim.eps = 1e-8  # Adam epsilon.
+    optim.eps_before_bias_correction = False  # True: TensorFlow's AdamOptimizer (DDPM's):
+    #   m_hat / (sqrt(v_hat) + eps / sqrt(1 - b2^t)); False: optax's and PyTorch's.
     optim.weight_decay = 0.0  # Decoupled weight decay (adamw only).
     optim.grad_clip_norm = 1.0  # Clip gradients to this global norm (0 = off).
     optim.grad_clip_groups = 1  # > 1: clip the gradient of each of this many equal groups
@@ -300,5 +305,10 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.fid_samples = ''  # Score this samples .npz instead of sampling the model.
     evaluation.is_split_size = 0  # Inception Score over 10 equal splits (0), or chunks of
     #                               this many (the ADM evaluator: 5000; equal at 50k).
+    evaluation.precision_recall_distances = 'auto'  # 'float16' (as Kynkaanniemi et al.'s
+    #   code and the ADM evaluator: float32 where float16 overflows), 'float32'; 'auto':
+    #   float16 for 'inception', float32 for the 'digits' network.
+    evaluation.precision_recall_reference_images = 10_000  # Reference features P/R uses:
+    #   the first N (an ADM evaluator reference batch holds 10,000 images); 0 = all.
 
     return config

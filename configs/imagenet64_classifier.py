@@ -6,10 +6,15 @@ The downsampling half of the ADM UNet (Dhariwal & Nichol 2021, Sec. 4 and App. I
 released 64x64_classifier.pt): width 128, depth 4, multipliers 1,2,3,4, attention
 at 32, 16 and 8 pixels with 64 channels per head, BigGAN down-sampling, AdaGN and
 attention pooling to 1000 logits. Trained on x_t from the ImageNet 64 model's
-cosine schedule with AdamW (lr 3e-4 annealed linearly to 0, weight decay 0.05),
-batch 256, 300k steps (the released guided-diffusion classifier flags), on
+cosine schedule (the schedule of the model it guides: guided-diffusion samples the
+64x64 classifier with --noise_schedule cosine) with AdamW (lr 3e-4 annealed linearly
+to 0, weight decay 0.05), batch 256, 300k steps (the classifier training flags of
+guided-diffusion's README, given there for the 128x128 classifier), in float32 as
+theirs (no --classifier_use_fp16; add --config.model.dtype=bfloat16 for speed), on
 guided-diffusion's random crops (`data.random_crop`: the short side resized to
-64-80 pixels, a random 64x64 square). Point sample.classifier_workdir of
+64-80 pixels, a random 64x64 square). The data are TFDS's imagenet_resized/64x64, as
+configs/imagenet64.py's; guided-diffusion crops full-size ImageNet (imagenet2012
+here, with data.dataset='imagenet2012'). Point sample.classifier_workdir of
 configs/imagenet64.py at this run's workdir.
 """
 
@@ -42,7 +47,7 @@ def get_config():
     model.use_scale_shift_norm = True
     model.num_classes = 1000
     model.bias_init = 'torch'  # PyTorch's uniform biases, as guided-diffusion's start.
-    model.dtype = 'bfloat16'
+    model.dtype = 'float32'  # guided-diffusion trains its classifiers in float32.
 
     config.diffusion.schedule = 'cosine'  # The noise of the model it guides.
 

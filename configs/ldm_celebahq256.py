@@ -48,6 +48,7 @@ def get_config():
     m.num_res_blocks = 2
     m.attention_resolutions = (128, 64, 32)  # Image pixels: latent sides 32, 16, 8.
     m.num_head_channels = 32
+    m.legacy_qkv_order = True  # LDM's AttentionBlock: QKVAttentionLegacy (no new order).
     m.num_groups = 32
 
     d = config.diffusion

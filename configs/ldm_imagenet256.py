@@ -8,7 +8,9 @@ VQ-f4 autoencoder (configs/autoencoder_vq_f4.py), channels 192 with multipliers
 16, 8 (image pixels 128, 64, 32 here) and in the middle LDM's SpatialTransformer of
 depth 1 (model.context_block; self-attention, cross-attention to the label's learned
 512-wide embedding and a GEGLU feed-forward layer; the embedding one token, 1,001
-rows, the last the null label of classifier-free guidance, dropped 10% of the time);
+rows, the last the null label of classifier-free guidance, which the label becomes 10%
+of the time: LDM's repository has no label-dropout code, so that rate is ours, as in
+Ho & Salimans' experiments);
 eps prediction, T = 1000, LDM's betas ('quadratic' from 0.0015 to 0.0195); AdamW at
 1e-4. Batch and steps are ours (the repository's config gives neither). As
 cin256-v2.yaml (use_ema: False), samples, grids and FID use the raw parameters:

@@ -83,6 +83,7 @@ def upgrade_json_dict(saved: Mapping[str, Any]) -> dict:
         saved['gan'].setdefault('disc_blocks', 'simple')  # Before the FIR / skip-conv match.
     if 'optim' in saved:
         saved['optim'].setdefault('min_learning_rate', 0.0)
+        saved['optim'].setdefault('eps_before_bias_correction', False)  # optax's, before.
     for name in ('disc_num_res_blocks', 'disc_attention_resolutions', 'disc_num_groups'):
         saved.get('gan', {}).pop(name, None)  # The ADM-encoder discriminator before 0.2.
     model.setdefault('legacy_qkv_order', False)  # Added with the released checkpoints.
@@ -109,6 +110,7 @@ def upgrade_json_dict(saved: Mapping[str, Any]) -> dict:
     if 'autoencoder' in saved:  # Added with the LPIPS term (lpips_weights_path was unused).
         saved['autoencoder'].setdefault('vgg16_weights_path', '')
         saved['autoencoder'].setdefault('init', 'ddpm')  # Added with LDM's initialisation.
+        saved['autoencoder'].setdefault('lpips_dropout', 0.0)  # Added with LPIPS's dropout.
     return saved
 
 

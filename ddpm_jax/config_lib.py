@@ -39,6 +39,7 @@ from ddpm_jax.models import unet
 
 MODES = ('train', 'sample', 'eval', 'fid')
 METRICS_NETWORKS = ('inception', 'digits')
+PRECISION_RECALL_DISTANCES = ('auto', 'float16', 'float32')
 # Each network's feature dimension D: FID's D x D covariances need more than D samples
 # (`metrics.check_enough_samples`); Inception's sFID features are 17 * 17 * 7 = 2023-d.
 # digits_net.FEATURE_DIM is written out: digits_net imports data, which imports this module.
@@ -320,6 +321,11 @@ def _validate_fid(config: ml_collections.ConfigDict, num_devices: int, *,
           f'eval.fid_reference_num_images={e.fid_reference_num_images} must be >= 2.')
     check(e.is_split_size >= 0, f'eval.is_split_size={e.is_split_size} must be >= 0 '
                                 '(0 = 10 equal splits).')
+    check_choice('eval.precision_recall_distances', e.precision_recall_distances,
+                 PRECISION_RECALL_DISTANCES)
+    check(e.precision_recall_reference_images == 0 or e.precision_recall_reference_images > 3,
+          f'eval.precision_recall_reference_images={e.precision_recall_reference_images} '
+          'must be 0 (all) or > 3 (k = 3 neighbours).')
     check_choice('eval.inception_input', e.inception_input, inception.INPUT_PIPELINES)
     if e.metrics_network == 'inception':
         inception.resolve_inception_path(e.inception_path)  # A missing file stops here.

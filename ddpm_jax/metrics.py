@@ -413,9 +413,59 @@ def _squared_distances(a: np.ndarray, a_sq: np.ndarray, b: np.ndarray,
     return np.maximum(dist, 0, out=dist)
 
 
+class _Features(NamedTuple):
+    """Feature vectors ready for `_distance_block`: `x` in the arithmetic dtype and
+    their squared norms; for float16 distances also `x32`, `sq32` (float32)."""
+    x: np.ndarray
+    sq: np.ndarray
+    x32: np.ndarray | None = None
+    sq32: np.ndarray | None = None
+
+    def __getitem__(self, rows):
+        return _Features(*(None if v is None else v[rows] for v in self))
+
+
+def _prepare(features: np.ndarray, name: str, dtype) -> _Features:
+    """`features` as `_distance_block` reads them (see `knn_radii`'s `dtype`)."""
+    if np.dtype(dtype) not in (np.float16, np.float32, np.float64):
+        raise ValueError(f'dtype must be float16, float32 or float64, got {dtype!r}')
+    if np.dtype(dtype) != np.float16:
+        x = _as_features(features, name, dtype)
+        return _Features(x, np.einsum('ij,ij->i', x, x))
+    x32 = _as_features(features, name, np.float32)
+    x16 = x32.astype(np.float16)
+    with np.errstate(over='ignore'):  # Overflow is inf: that block falls back.
+        # tf.reduce_sum(tf.square(U), 1) in float16: each square rounded to float16,
+        # summed with a float32 accumulator (TF's GPU reductions of half), rounded once.
+        sq16 = np.sum(np.square(x16).astype(np.float32), axis=1).astype(np.float16)
+    return _Features(x16, sq16, x32, np.einsum('ij,ij->i', x32, x32))
+
+
+def _distance_block(a: _Features, b: _Features) -> np.ndarray:
+    """Squared distances between two blocks of `_prepare`d features.
+
+    For float16 features, the distance graph of Kynkaanniemi et al.'s code and the ADM
+    evaluator (`DistanceBlock`): features cast to float16, norms and product in
+    float16 (the product accumulated in float32, as cuBLAS does, then rounded), every
+    later operation rounded to float16; a block with a non-finite entry is computed
+    again in float32. Returned as float32.
+    """
+    if a.x32 is None:
+        return _squared_distances(a.x, a.sq, b.x, b.sq)
+    product = (a.x.astype(np.float32) @ b.x.astype(np.float32).T)
+    with np.errstate(over='ignore', invalid='ignore'):
+        product = product.astype(np.float16)
+        # NumPy's float16 arithmetic rounds each operation to float16, as TF's does.
+        dist = (a.sq[:, None] - np.float16(2) * product) + b.sq[None, :]
+    dist = np.maximum(dist, np.float16(0))
+    if np.all(np.isfinite(dist)):
+        return dist.astype(np.float32)
+    return _squared_distances(a.x32, a.sq32, b.x32, b.sq32)
+
+
 def knn_radii(features: np.ndarray, k: int = DEFAULT_NUM_NEIGHBOURS, *,
               batch_size: int = DEFAULT_DISTANCE_BATCH_SIZE,
-              dtype=np.float32) -> np.ndarray:
+              dtype=np.float16) -> np.ndarray:
     """Squared distance from each feature vector to its k-th nearest neighbour.
 
     The radius of the hypersphere around each sample in the manifold estimate of
@@ -434,28 +484,37 @@ def knn_radii(features: np.ndarray, k: int = DEFAULT_NUM_NEIGHBOURS, *,
         features: [N, D] feature vectors, N > k.
         k: Neighbourhood size (3 in the paper and the ADM evaluator).
         batch_size: Rows and columns per distance block.
-        dtype: Arithmetic dtype of the distances. float32 matches the ADM
-            evaluator's fallback path (it tries float16 first, which we do not).
+        dtype: float16 (the default) computes each block of distances as
+            Kynkaanniemi et al.'s code and the ADM evaluator do (`DistanceBlock`):
+            in float16, every operation rounded to float16 (the matrix product and
+            the norms' sums accumulated in float32, as on their GPUs), and again in
+            float32 for a block with a non-finite entry (features too large for
+            float16). On Inception features (squared norms in the hundreds) float16's
+            spacing there, 0.25-0.5, decides some points near a ball's edge, so the
+            reference's numbers need it. float32 or float64: every step in that dtype.
 
     Returns:
-        [N] squared radii in `dtype`.
+        [N] squared radii: float32 for float16 distances, else `dtype`.
 
     Raises:
         ValueError: If N <= k or the arguments are malformed.
     """
     _check_batching(k, batch_size)
-    x = _as_features(features, 'features', dtype)
-    n = x.shape[0]
+    return _knn_radii(_prepare(features, 'features', dtype), k, batch_size)
+
+
+def _knn_radii(x: _Features, k: int, batch_size: int) -> np.ndarray:
+    """`knn_radii` of `_prepare`d features."""
+    n = x.x.shape[0]
     if n <= k:
         raise ValueError(f'need more than k={k} feature vectors for k-NN radii, got {n}')
-    x_sq = np.einsum('ij,ij->i', x, x)
-    radii = np.empty((n,), dtype=x.dtype)
+    radii = np.empty((n,), dtype=np.float32 if x.x32 is not None else x.x.dtype)
     for r0 in range(0, n, batch_size):
         r1 = min(r0 + batch_size, n)
         nearest = None  # [rows, <= k+1]: the smallest distances of each row so far.
         for c0 in range(0, n, batch_size):
             c1 = min(c0 + batch_size, n)
-            block = _squared_distances(x[r0:r1], x_sq[r0:r1], x[c0:c1], x_sq[c0:c1])
+            block = _distance_block(x[r0:r1], x[c0:c1])
             if c0 == r0:  # Row and column blocks share their start: the self-distances.
                 np.fill_diagonal(block, 0)
             merged = block if nearest is None else np.concatenate([nearest, block], axis=1)
@@ -469,7 +528,7 @@ def knn_radii(features: np.ndarray, k: int = DEFAULT_NUM_NEIGHBOURS, *,
 def precision_recall(real_features: np.ndarray, fake_features: np.ndarray,
                      k: int = DEFAULT_NUM_NEIGHBOURS, *,
                      batch_size: int = DEFAULT_DISTANCE_BATCH_SIZE,
-                     dtype=np.float32) -> tuple[float, float]:
+                     dtype=np.float16) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019, Sec. 2).
 
     Each set's manifold is the union of balls around its samples with radius the
@@ -487,9 +546,11 @@ def precision_recall(real_features: np.ndarray, fake_features: np.ndarray,
         real_features: [N_real, D] reference features, N_real > k.
         fake_features: [N_fake, D] generated-sample features, N_fake > k.
         k: Neighbourhood size (3 in the paper and the ADM evaluator).
-        batch_size: Rows and columns per distance block.
-        dtype: Arithmetic dtype of the distances (float32 as the ADM evaluator's
-            fallback path; float64 for exactness in tests).
+        batch_size: Rows and columns per distance block (10,000 in the ADM
+            evaluator; with float16 distances, the blocks that fall back to float32
+            are these).
+        dtype: Arithmetic of the distances: float16 as the reference code (see
+            `knn_radii`), float32, or float64 (exact enough for tests).
 
     Returns:
         (precision, recall), Python floats in [0, 1].
@@ -499,23 +560,21 @@ def precision_recall(real_features: np.ndarray, fake_features: np.ndarray,
             the arguments are malformed.
     """
     _check_batching(k, batch_size)
-    real = _as_features(real_features, 'real_features', dtype)
-    fake = _as_features(fake_features, 'fake_features', dtype)
-    if real.shape[1] != fake.shape[1]:
-        raise ValueError(f'feature dimensions differ: real {real.shape[1]}, '
-                         f'fake {fake.shape[1]}')
-    real_radii = knn_radii(real, k, batch_size=batch_size, dtype=dtype)
-    fake_radii = knn_radii(fake, k, batch_size=batch_size, dtype=dtype)
-    real_sq = np.einsum('ij,ij->i', real, real)
-    fake_sq = np.einsum('ij,ij->i', fake, fake)
-    fake_in_real = np.zeros((fake.shape[0],), dtype=bool)  # -> precision
-    real_in_fake = np.zeros((real.shape[0],), dtype=bool)  # -> recall
-    for r0 in range(0, real.shape[0], batch_size):
-        r1 = min(r0 + batch_size, real.shape[0])
-        for f0 in range(0, fake.shape[0], batch_size):
-            f1 = min(f0 + batch_size, fake.shape[0])
-            dist = _squared_distances(real[r0:r1], real_sq[r0:r1],
-                                      fake[f0:f1], fake_sq[f0:f1])  # [R, F]
+    real = _prepare(real_features, 'real_features', dtype)
+    fake = _prepare(fake_features, 'fake_features', dtype)
+    if real.x.shape[1] != fake.x.shape[1]:
+        raise ValueError(f'feature dimensions differ: real {real.x.shape[1]}, '
+                         f'fake {fake.x.shape[1]}')
+    real_radii = _knn_radii(real, k, batch_size)
+    fake_radii = _knn_radii(fake, k, batch_size)
+    num_real, num_fake = len(real.x), len(fake.x)
+    fake_in_real = np.zeros((num_fake,), dtype=bool)  # -> precision
+    real_in_fake = np.zeros((num_real,), dtype=bool)  # -> recall
+    for r0 in range(0, num_real, batch_size):
+        r1 = min(r0 + batch_size, num_real)
+        for f0 in range(0, num_fake, batch_size):
+            f1 = min(f0 + batch_size, num_fake)
+            dist = _distance_block(real[r0:r1], fake[f0:f1])  # [R, F]
             fake_in_real[f0:f1] |= np.any(dist <= real_radii[r0:r1, None], axis=0)
             real_in_fake[r0:r1] |= np.any(dist <= fake_radii[None, f0:f1], axis=1)
     return float(np.mean(fake_in_real)), float(np.mean(real_in_fake))

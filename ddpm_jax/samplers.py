@@ -468,7 +468,9 @@ def dpm_solver_sample(model_fn: ModelFn,
     solver steps from the top kept step (950 of 1000 for 'ddim20') and the final
     x0_hat. The authors' default grid is continuous instead (N steps uniform in time
     from t = 1 to 1/N, no final denoising; or uniform in lambda, which
-    `schedules`' respacing does not offer). `clip_denoised` clips x0_hat before the
+    `schedules`' respacing does not offer; and their discrete schedule first drops the
+    last steps whose lambda is below -5.1, 4 of a 1000-step cosine schedule, so that
+    their t = 1 is step 995 there). `clip_denoised` clips x0_hat before the
     guidance shift, as `ddim_sample` does; the authors' solver leaves x0_hat as it is
     unless asked to threshold it, so pass clip_denoised=False to match it.
 

@@ -53,10 +53,15 @@ class SubVPSDE(NamedTuple):
 class VESDE(NamedTuple):
     """Variance-exploding SDE: dx = sqrt(d sigma^2(t) / dt) dw with geometric
     sigma(t) = sigma_min (sigma_max / sigma_min)^t (Song et al. 2021b, Eq. 9 and 30;
-    NCSN's noise levels, Song & Ermon 2019). Defaults: the paper's CIFAR-10 values."""
+    NCSN's noise levels, Song & Ermon 2019). Defaults: the paper's CIFAR-10 values.
+
+    `prior_mean` is the mean of the prior N(prior_mean, sigma_max^2 I) (every entry):
+    0, or -1 for score_sde's VE models run in our units: their prior N(0, sigma_max^2)
+    on [0, 1] data is N(-1, (2 sigma_max)^2) in y = 2x - 1 (`tasks.score.create_sde`)."""
     sigma_min: float = 0.01
     sigma_max: float = 50.0
     num_scales: int = 1000
+    prior_mean: float = 0.0
 
 
 class DiscreteVPSDE(NamedTuple):
@@ -102,6 +107,8 @@ def validate_sde(sde: Any) -> None:
         if not 0.0 < float(sde.sigma_min) < float(sde.sigma_max):
             raise ValueError(f'VESDE: need 0 < sigma_min < sigma_max, got '
                              f'sigma_min={sde.sigma_min}, sigma_max={sde.sigma_max}.')
+        if not math.isfinite(float(sde.prior_mean)):
+            raise ValueError(f'VESDE: prior_mean must be finite, got {sde.prior_mean}.')
     elif isinstance(sde, DiscreteVPSDE):
         pass
     else:
@@ -146,7 +153,8 @@ def _discrete_lambda(sde: DiscreteVPSDE, t: Array) -> tuple[Array, Array]:
 
 
 def t_to_step(sde: DiscreteVPSDE, t: Array) -> Array:
-    """The schedule step the model is evaluated at for time t: round(t (N - 1)).
+    """The schedule step nearest to time t: round(t (N - 1)) (`make_vp_score_fn`'s
+    'nearest' rule).
 
     score_sde feeds a DDPM model the label t (N - 1) (their `get_score_fn`); our models
     take integer timesteps, so it is rounded: at the knots it is exact, and in between the
@@ -261,17 +269,23 @@ def prior_std(sde: SDE) -> float:
     return float(sde.sigma_max) if isinstance(sde, VESDE) else 1.0
 
 
+def prior_mean(sde: SDE) -> float:
+    """Mean of the prior p_1 (every entry): a `VESDE`'s `prior_mean`, else 0."""
+    return float(sde.prior_mean) if isinstance(sde, VESDE) else 0.0
+
+
 def prior_sample(sde: SDE, rng: Array, shape) -> Array:
-    """Draws x_1 ~ N(0, prior_std^2 I) of the given shape (float32)."""
-    return prior_std(sde) * jax.random.normal(rng, tuple(shape), jnp.float32)
+    """Draws x_1 ~ N(prior_mean, prior_std^2 I) of the given shape (float32)."""
+    return prior_mean(sde) + prior_std(sde) * jax.random.normal(rng, tuple(shape),
+                                                                jnp.float32)
 
 
 def prior_logp(sde: SDE, z: Array) -> Array:
-    """log N(z; 0, prior_std^2 I) per example, [B], in nats."""
+    """log N(z; prior_mean, prior_std^2 I) per example, [B], in nats."""
     s = prior_std(sde)
     d = math.prod(z.shape[1:])
     return (-0.5 * d * math.log(2.0 * math.pi * s * s)
-            - 0.5 * _sum_flat(jnp.square(z)) / (s * s))
+            - 0.5 * _sum_flat(jnp.square(z - prior_mean(sde))) / (s * s))
 
 
 # ---------------------------------------------------------------------------
@@ -397,8 +411,8 @@ def discrete_alphas(sde: SDE, t: Array) -> Array:
     i = _step_index(sde, t)
     if isinstance(sde, DiscreteVPSDE):
         return 1.0 - sde.betas[i]
-    # Sub-VP shares the VP's beta(t), so its chain's alphas (score_sde's corrector reads
-    # `sde.alphas` for both).
+    # Sub-VP shares the VP's beta(t), so its chain's alphas (score_sde's subVPSDE has no
+    # `alphas`, so its Langevin corrector does not run on sub-VP: no reference to match).
     return 1.0 - jnp.asarray(vp_discrete_betas(sde), jnp.float32)[i]
 
 
@@ -476,21 +490,33 @@ def vp_view(sched: Schedule) -> DiscreteVPSDE:
                          timesteps=jnp.asarray(sched.timesteps, jnp.int32))
 
 
+VP_VIEW_STEPS = ('nearest', 'chain')  # `make_vp_score_fn`'s rules for the model's step.
+
+
 def make_vp_score_fn(model_fn: Callable[..., Array], sched: Schedule, *,
                      mean_type: str = 'eps', var_type: str = 'fixed_small',
                      clip_denoised: bool = False,
                      denoised_fn: Optional[Callable[[Array], Array]] = None,
                      model_kwargs: Optional[Mapping[str, Any]] = None,
                      cond_fn: Optional[Callable[..., Array]] = None,
-                     classifier_scale: float = 1.0
+                     classifier_scale: float = 1.0, step: str = 'nearest'
                      ) -> tuple[DiscreteVPSDE, ScoreFn]:
     """The VP view of a discrete-time model: its SDE and score function s(x, t).
 
-    For t in [0, 1] the model is called once, at step i = `t_to_step(t)` (its original
+    For t in [0, 1] the model is called once, at a step i of the schedule (its original
     timestep `sched.timesteps[i]`), its output turned into eps by
     `diffusion.p_mean_variance` (any mean type; with `clip_denoised` the eps consistent
     with the clipped x_0), and s = -eps / sqrt(1 - abar_i) (Song et al. 2021b, App. C;
     score_sde's `get_score_fn` for DDPM models, which divides by the discrete std too).
+
+    `step` chooses i. 'nearest': `t_to_step`, round(t (N - 1)), the trained level
+    nearest to t (the ODE, Heun and Langevin samplers). 'chain': int(t (N - 1)), the
+    step whose beta_i the discrete chain's steps take (`discretize`, `ancestral_step`,
+    `discrete_alphas`) and whose std score_sde divides by; the predictor-corrector
+    samplers use it, so that each of their steps pairs the model, its std and beta_i of
+    one step i: on score_sde's grid t = linspace(1, eps, N) (eps < 1 / N) the steps are
+    then N - 1, ..., 0, each the chain's own. (score_sde feeds the network the float
+    label t (N - 1), between the two; ours take integer steps.)
 
     Args:
         model_fn: `model_fn(x, t_int [B], **model_kwargs)`, as the samplers take.
@@ -505,19 +531,23 @@ def make_vp_score_fn(model_fn: Callable[..., Array], sched: Schedule, *,
             shift as `samplers.ddim_sample`'s eps - sqrt(1 - abar) s grad (Dhariwal &
             Nichol 2021, Alg. 2).
         classifier_scale: The guidance scale.
+        step: 'nearest' or 'chain' (above).
 
     Returns:
         (sde, score_fn) with score_fn(x [B, ...], t [B] float) -> [B, ...].
 
     Raises:
-        ValueError: Unknown mean/var type or schedule as in `vp_view`.
+        ValueError: Unknown mean/var type, step rule, or schedule as in `vp_view`.
     """
     diffusion.validate_types(mean_type, var_type)
+    if step not in VP_VIEW_STEPS:
+        raise ValueError(f'step must be one of {VP_VIEW_STEPS}, got {step!r}.')
     sde = vp_view(sched)
     kwargs = dict(model_kwargs or {})
+    step_of = t_to_step if step == 'nearest' else _step_index
 
     def score_fn(x, t):
-        i = t_to_step(sde, _batch_t(t, x))
+        i = step_of(sde, _batch_t(t, x))
         t_int = sched.timesteps[i]
         out = model_fn(x, t_int, **kwargs)
         terms = diffusion.p_mean_variance(sched, out, x, i, mean_type=mean_type,

@@ -82,8 +82,9 @@ def _check_positive(name: str, value: Any) -> None:
         raise ValueError(f'{name} must be > 0, got {value!r}.')
 
 
-def _init(shape, rng, x_init, scale: float, name: str, needs_noise: bool):
-    """(x_init, noise_rng): x_init defaults to scale * N(0, I)."""
+def _init(shape, rng, x_init, scale: float, name: str, needs_noise: bool,
+          mean: float = 0.0):
+    """(x_init, noise_rng): x_init defaults to mean + scale * N(0, I)."""
     shape = samplers._check_shape(shape)
     if x_init is not None:
         x_init = jnp.asarray(x_init)
@@ -97,7 +98,7 @@ def _init(shape, rng, x_init, scale: float, name: str, needs_noise: bool):
         return x_init.astype(jnp.float32), None
     init_rng, noise_rng = jax.random.split(rng)
     if x_init is None:
-        x_init = scale * jax.random.normal(init_rng, shape, jnp.float32)
+        x_init = mean + scale * jax.random.normal(init_rng, shape, jnp.float32)
     return x_init.astype(jnp.float32), noise_rng
 
 
@@ -191,7 +192,9 @@ def annealed_langevin_sample(score_fn: ScoreFn, sigmas, shape: Sequence[int],
 
     This is the update of NCSN's and NCSNv2's released code and of NCSNv2's Alg. 1, with
     which the published step sizes were run (NCSN: eps = 2e-5, T = 100, L = 10; NCSNv2
-    e.g. CIFAR-10: eps = 6.2e-6, T = 5, L = 232), so those numbers apply as they are.
+    e.g. CIFAR-10: eps = 6.2e-6, T = 5, L = 232), so those numbers apply as they are in
+    the same data units. They ran on [0, 1] data: on our [-1, 1] images with their sigmas
+    doubled, the same chain (mapped by y = 2x - 1) takes 4 eps, alpha scaling as sigma^2.
     NCSN's paper prints the same algorithm as x + alpha'/2 s + sqrt(alpha') z: its alpha'
     is 2 alpha. With `denoise`, a last Tweedie step x + sigma_L^2 s(x, sigma_L) removes
     the remaining noise (NCSNv2's final denoising, Song & Ermon 2020, App. C.2; one more
@@ -357,7 +360,8 @@ def pc_sample(sde, score_fn: ScoreFn, shape: Sequence[int], rng: Array, *,
     if e is not None and not 0.0 < e < 1.0:
         raise ValueError(f'eps must be in (0, 1), got {eps!r}.')
     _check_positive('snr', snr)
-    x, noise_rng = _init(shape, rng, x_init, sde_lib.prior_std(sde), 'pc_sample', True)
+    x, noise_rng = _init(shape, rng, x_init, sde_lib.prior_std(sde), 'pc_sample', True,
+                         sde_lib.prior_mean(sde))
     timesteps = jnp.linspace(1.0, eps, num_steps, dtype=jnp.float32)
     dt = 1.0 / num_steps
 
@@ -478,7 +482,8 @@ def ode_sample(sde, score_fn: ScoreFn, shape: Sequence[int], rng: Optional[Array
     e = samplers._concrete_float(eps)
     if e is not None and not 0.0 < e < 1.0:
         raise ValueError(f'eps must be in (0, 1), got {eps!r}.')
-    x, _ = _init(shape, rng, x_init, sde_lib.prior_std(sde), 'ode_sample', False)
+    x, _ = _init(shape, rng, x_init, sde_lib.prior_std(sde), 'ode_sample', False,
+                 sde_lib.prior_mean(sde))
     x, nfe = solve_ode(lambda t, y: sde_lib.ode_drift(sde, score_fn, y, t), x, 1.0, eps,
                        solver=solver, rtol=rtol, atol=atol, max_steps=max_steps)
     if denoise:
@@ -923,7 +928,8 @@ def dpm_solver_2s_sample(model_fn, sched: Schedule, shape: Sequence[int],
 
 
 def _vp_view_of(model_fn, sched, *, mean_type, var_type, clip_denoised, denoised_fn,
-                model_kwargs, cond_fn, classifier_scale, return_intermediates, name):
+                model_kwargs, cond_fn, classifier_scale, return_intermediates, name,
+                step='nearest'):
     if return_intermediates:
         raise ValueError(f'{name}: return_intermediates is not supported.')
     samplers._check_nonnegative('classifier_scale', classifier_scale)
@@ -932,7 +938,7 @@ def _vp_view_of(model_fn, sched, *, mean_type, var_type, clip_denoised, denoised
         model_fn, sched, mean_type=mean_type, var_type=var_type,
         clip_denoised=clip_denoised, denoised_fn=denoised_fn,
         model_kwargs=samplers._check_model_kwargs(model_kwargs), cond_fn=cond_fn,
-        classifier_scale=classifier_scale)
+        classifier_scale=classifier_scale, step=step)
 
 
 def vp_ode_sample(model_fn, sched: Schedule, shape: Sequence[int], rng: Optional[Array], *,
@@ -982,7 +988,10 @@ def vp_pc_sample(model_fn, sched: Schedule, shape: Sequence[int], rng: Array, *,
 
     Defaults: reverse-diffusion predictor (on the schedule's own chain when num_steps is
     the schedule's N, the default) with one Langevin corrector step of snr 0.01 (score_sde's
-    VP PC setting, Song et al. 2021b, App. G). NFE = N (1 + corrector_steps).
+    VP PC setting, Song et al. 2021b, App. G). NFE = N (1 + corrector_steps). The model
+    runs at the step int(t (N - 1)) whose beta_i and alpha_i the predictor and corrector
+    take (`sde.make_vp_score_fn`'s 'chain' rule): with N steps and eps < 1 / N, steps
+    N - 1, ..., 0, DDPM's ancestral sampling with variance beta_i when no corrector runs.
 
     Returns:
         The samples, or (samples, nfe) with `return_nfe`.
@@ -991,7 +1000,7 @@ def vp_pc_sample(model_fn, sched: Schedule, shape: Sequence[int], rng: Array, *,
         model_fn, sched, mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised,
         denoised_fn=denoised_fn, model_kwargs=model_kwargs, cond_fn=cond_fn,
         classifier_scale=classifier_scale, return_intermediates=return_intermediates,
-        name='vp_pc_sample')
+        name='vp_pc_sample', step='chain')
     x_T, noise_rng = samplers._initial_state(shape, rng, x_T, needs_noise=True,
                                              name='vp_pc_sample')
     out = pc_sample(view, score, shape, noise_rng,

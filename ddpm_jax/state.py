@@ -52,6 +52,32 @@ class AdamHyperparams(NamedTuple):
     eps: float
     weight_decay: float  # 0 for Adam.
     max_norm: float  # Global-norm clipping threshold (inf: none).
+    eps_before_bias_correction: bool = False  # TensorFlow's placement (`scale_by_tf_adam`).
+
+
+def scale_by_tf_adam(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    """`optax.scale_by_adam` with TensorFlow's epsilon (tf.train.AdamOptimizer, DDPM's).
+
+    TF updates by lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps): its epsilon is
+    added before the bias correction, so after it it is eps / sqrt(1 - b2^t) (3.2e-7 at
+    t = 1 for eps = 1e-8, b2 = 0.999; eps again by t ~ 5000). The update here is
+    m_hat / (sqrt(v_hat) + eps / sqrt(1 - b2^t)), the same state (`ScaleByAdamState`).
+    """
+    base = optax.scale_by_adam(b1, b2, eps)
+
+    def update(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        mu = jax.tree.map(lambda g, m: (1 - b1) * g + b1 * m, updates, state.mu)
+        nu = jax.tree.map(lambda g, v: (1 - b2) * (g * g) + b2 * v, updates, state.nu)
+        c1, c2 = 1 - b1**count, 1 - b2**count
+        scaled = jax.tree.map(
+            lambda m, v: (m / c1.astype(m.dtype)) / (
+                jnp.sqrt(v / c2.astype(v.dtype)) + (eps / jnp.sqrt(c2)).astype(v.dtype)),
+            mu, nu)
+        return scaled, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(base.init, update)
 
 
 class Optimizer(NamedTuple):
@@ -69,6 +95,9 @@ def create_learning_rate_fn(optim: ml_collections.ConfigDict,
                             num_train_steps: int) -> optax.Schedule:
     """Linear warmup to `optim.learning_rate`, then constant or cosine/linear decay to
     `optim.min_learning_rate`.
+
+    The warmup is lr(s) = peak s / warmup_steps for the update after s updates (s = 0
+    first: rate 0), DDPM's and score_sde's.
 
     The cosine decay after warmup is lr(s) = m + (p - m)(1 + cos(pi s / S)) / 2 for
     peak p, minimum m and S = num_train_steps - warmup_steps (PyTorch's
@@ -91,9 +120,10 @@ def create_learning_rate_fn(optim: ml_collections.ConfigDict,
         raise ValueError(f'optim.lr_schedule={optim.lr_schedule!r} is not valid.')
     if warmup == 0:
         return after
-    # Step s of warmup uses peak * (s + 1) / warmup so the first update is not zero.
-    warm = optax.linear_schedule(peak / warmup, peak, warmup - 1) if warmup > 1 else (
-        optax.constant_schedule(peak))
+    # The update after s updates uses peak * min(s / warmup, 1), as DDPM's
+    # `get_warmed_up_lr(max_lr, warmup, global_step)` and score_sde's `optimize_fn`
+    # (`state.step`): the first update has rate 0 (Adam's moments still take its gradient).
+    warm = optax.linear_schedule(0.0, peak, warmup)
     return optax.join_schedules([warm, after], boundaries=[warmup])
 
 
@@ -109,18 +139,21 @@ def create_optimizer(optim: ml_collections.ConfigDict, num_train_steps: int) -> 
         num_train_steps: Length of the learning-rate schedule.
     """
     lr = create_learning_rate_fn(optim, num_train_steps)
+    tf_eps = bool(optim.eps_before_bias_correction)
     if optim.optimizer == 'adam':
-        opt = optax.adam(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps)
         weight_decay = 0.0
     elif optim.optimizer == 'adamw':
-        opt = optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                          weight_decay=optim.weight_decay)
         weight_decay = float(optim.weight_decay)
     else:
         raise ValueError(f'optim.optimizer={optim.optimizer!r} is not valid.')
+    # optax.adam / adamw's chain, with TF's epsilon placement where asked.
+    opt = optax.chain(
+        (scale_by_tf_adam if tf_eps else optax.scale_by_adam)(optim.b1, optim.b2, optim.eps),
+        *([optax.add_decayed_weights(weight_decay)] if optim.optimizer == 'adamw' else []),
+        optax.scale_by_learning_rate(lr))
     max_norm = optim.grad_clip_norm if optim.grad_clip_norm > 0 else float('inf')
     hyper = AdamHyperparams(float(optim.b1), float(optim.b2), float(optim.eps),
-                            weight_decay, float(max_norm))
+                            weight_decay, float(max_norm), tf_eps)
     return Optimizer(optax.chain(optax.clip_by_global_norm(max_norm), opt), lr, hyper)
 
 
@@ -166,7 +199,7 @@ def apply_optimizer(optimizer: Optimizer, grads: Any, opt_state: Any, params: An
                         f'{jax.tree.structure(opt_state)}')
     if grad_norm is None:
         grad_norm = optax.global_norm(grads)
-    b1, b2, eps, weight_decay, max_norm = hyper
+    b1, b2, eps, weight_decay, max_norm, tf_eps = hyper
     scale = jnp.where(grad_norm < max_norm, 1.0, max_norm / grad_norm).astype(jnp.float32)
     count = optax.safe_increment(adam.count)
     # optax.tree.bias_correction: t / (1 - decay**count).
@@ -181,8 +214,11 @@ def apply_optimizer(optimizer: Optimizer, grads: Any, opt_state: Any, params: An
         g = g * scale.astype(g.dtype)
         return (1 - b2) * (g * g) + b2 * v
 
+    eps_hat = eps / jnp.sqrt(c2) if tf_eps else eps  # `scale_by_tf_adam`.
+
     def param(p, m, v):
-        u = (m / c1.astype(m.dtype)) / (jnp.sqrt(v / c2.astype(v.dtype)) + eps)
+        u = (m / c1.astype(m.dtype)) / (jnp.sqrt(v / c2.astype(v.dtype))
+                                        + jnp.asarray(eps_hat, v.dtype))
         if weight_decay:
             u = u + weight_decay * p
         return (p - lr * u).astype(p.dtype)

@@ -177,8 +177,12 @@ def make_train_step_fn(task: tasks.Task, mesh: jax.sharding.Mesh | None = None
             metrics[f'grad_norm{suffix}'] = grad_norm
             all_terms.append(terms)
         all_terms = tuple(all_terms)
+        if task.ema_from_first_update:  # e_1 = 0 e_0 + 1 p_1 = p_1 exactly.
+            decays_now = [jnp.where(state.step == 0, 0.0, d) for d in decays]
+        else:
+            decays_now = decays
         ema_params = tuple(state_lib.update_ema(ema, params, decay, finite)
-                           for decay, ema in zip(decays, state.ema_params))
+                           for decay, ema in zip(decays_now, state.ema_params))
         new_state = state.replace(
             step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state,
             task_state=task.update_task_state(state.task_state, examples, all_terms))

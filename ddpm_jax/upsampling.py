@@ -342,7 +342,7 @@ def evaluate_upsampler(config: ml_collections.ConfigDict, workdir: str, *,
         accumulator.update(features, np.arange(len(high_u8)) < count)
         log(b)
     result = sample_quality.score(accumulator.result(), reference, labels=plan.labels,
-                                  is_split_size=config.eval.is_split_size)
+                                  **sample_quality.scoring_options(config))
     step = int(plan.upsampler.step)
     result.update(step=step, network=e.metrics_network,
                   samples=f'step {step}, cascade from {config.sample.base_workdir} '

@@ -394,7 +394,8 @@ def test_config_rules(tiny_config, tmp_path):
                                 ('disc_num_layers', 3, 'autoencoder.disc_num_layers'),
                                 ('channel_mult', (1, 1, 1, 1, 1), 'downsampling factor'),
                                 ('kl_weight', -1.0, 'autoencoder.kl_weight'),
-                                ('init', 'kaiming', r"autoencoder.init='kaiming'")):
+                                ('init', 'kaiming', r"autoencoder.init='kaiming'"),
+                                ('lpips_dropout', 1.0, r'autoencoder.lpips_dropout=1.0')):
         bad = ml_collections.ConfigDict(config.to_dict())
         bad.autoencoder[field] = value
         with pytest.raises(ValueError, match=match):
@@ -441,24 +442,37 @@ def perceptual_examples(task):
                               jax.random.key(2), task.init_task_state())
 
 
+def lpips_distance(lpips_params, x, x_rec, key, rate=0.5):
+    """LPIPS(x, x_rec) with its training dropout drawn from `key` (None: none)."""
+    model = lpips_lib.LPIPS()
+    f0, f1 = (model.apply({'params': lpips_params}, v, method=lpips_lib.LPIPS.features)
+              for v in (x, x_rec))
+    return model.apply({'params': lpips_params}, f0, f1, key, rate,
+                       method=lpips_lib.LPIPS.distance)
+
+
 def test_perceptual_term_is_ldms_sum_and_its_gradient_reaches_the_autoencoder(lpips_files):
     config = perceptual_config(default.get_config(), lpips_files)
     task = tasks.create_task(config)
     params, examples = random_params(task), perceptual_examples(task)
     x = examples['image']
 
+    key = jax.random.key(7)  # The loss's key: LPIPS's training dropout (0.5, LDM's).
+
     @jax.jit
     def run(p, lpips_params):
         (loss, terms), grads = jax.value_and_grad(
-            lambda q: task.loss(0, q, examples, None), has_aux=True)(p)
+            lambda q: task.loss(0, q, examples, key), has_aux=True)(p)
         # Independently: the reconstruction and its LPIPS (parameters as arguments).
         x_rec, latent = task.autoencoder.apply({'params': p['autoencoder']}, x,
                                                examples['noise'])
-        d = lpips_lib.LPIPS().apply({'params': lpips_params}, x, x_rec)
+        d = lpips_distance(lpips_params, x, x_rec, key)
         return loss, terms, grads, x_rec, latent, d
 
     loss, terms, grads, x_rec, latent, d = parallel.to_host(run(params, task.lpips_params))
     np.testing.assert_allclose(terms['lpips'], d, rtol=1e-5)
+    undropped = np.asarray(lpips_distance(task.lpips_params, x, x_rec, None))
+    assert np.all(np.abs(d - undropped) > 1e-4 * undropped)  # The dropout is on.
     assert np.all(d > 0) and np.isfinite(loss)
     # LDM: sum over the 16 x 16 x 1 pixels of (|x - x_rec| + 0.5 LPIPS), plus the KL.
     l1 = np.sum(np.abs(np.asarray(x, np.float64) - x_rec), axis=(1, 2, 3))
@@ -487,20 +501,23 @@ def test_perceptual_term_is_ldms_sum_and_its_gradient_reaches_the_autoencoder(lp
 
 @pytest.mark.slow
 def test_adaptive_weight_includes_the_perceptual_term(lpips_files):
-    """lambda from the task against gradients of the whole model's LDM losses."""
+    """lambda from the task against gradients of the whole model's LDM losses, with the
+    loss's LPIPS dropout mask (LDM differentiates the very nll_loss it adds up)."""
     config = perceptual_config(default.get_config(), lpips_files)
     config.autoencoder.disc_start = 0
     task = tasks.create_task(config)
     params, examples = random_params(task), perceptual_examples(task)
     x, noise = examples['image'], examples['noise']
 
+    key = jax.random.key(8)  # One LPIPS dropout mask for the loss and for lambda.
+
     @jax.jit
     def run(p, lpips_params):
-        terms = task.loss(0, p, examples, None)[1]
+        terms = task.loss(0, p, examples, key)[1]
 
         def rec_and_adv(ae):
             x_rec, _ = task.autoencoder.apply({'params': ae}, x, noise)
-            d = lpips_lib.LPIPS().apply({'params': lpips_params}, x, x_rec)
+            d = lpips_distance(lpips_params, x, x_rec, key)
             rec = jnp.mean(jnp.sum(jnp.abs(x - x_rec), axis=(1, 2, 3)) + 0.5 * 256 * d)
             adv = -jnp.mean(task.discriminator.apply({'params': p['discriminator']}, x_rec))
             return rec, adv
@@ -567,6 +584,9 @@ def test_perceptual_config_rules_and_old_records(lpips_files, tmp_path):
     assert config_lib.from_json_dict(upgraded).to_dict() == ae_config(
         default.get_config()).to_dict()
     assert tasks.AutoencoderTask(config_lib.from_json_dict(old)).lpips_params is None
+    # A record from before LPIPS's training dropout ran without it.
+    del old['autoencoder']['lpips_dropout']
+    assert config_lib.upgrade_json_dict(old)['autoencoder']['lpips_dropout'] == 0.0
 
 
 @pytest.mark.slow

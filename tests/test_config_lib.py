@@ -187,3 +187,16 @@ def test_fid_needs_more_samples_than_feature_dimensions(tiny_config, tmp_path, n
     tiny_config.train.fid_num_samples = dim
     with pytest.raises(ValueError, match=rf'train.fid_num_samples={dim} must be > {dim}'):
         config_lib.validate(tiny_config, mode='train', num_devices=1)
+
+
+@pytest.mark.parametrize('field, value, match', [
+    ('precision_recall_distances', 'float64', r"eval.precision_recall_distances='float64'"),
+    ('precision_recall_reference_images', 3, r'eval.precision_recall_reference_images=3'),
+])
+def test_precision_recall_fields_are_checked(tiny_config, field, value, match):
+    tiny_config.eval.metrics_network = 'digits'
+    tiny_config.eval.fid_num_samples = tiny_config.eval.fid_reference_num_images = 100
+    config_lib.validate(tiny_config, mode='fid', num_devices=1)
+    tiny_config.eval[field] = value
+    with pytest.raises(ValueError, match=match):
+        config_lib.validate(tiny_config, mode='fid', num_devices=1)

@@ -45,7 +45,8 @@ PAPER = {
         dataset='celeb_a_hq/256', image_size=256, variant='ddpm', base_channels=128,
         channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attention_resolutions=(16,),
         dropout=0.0, num_classes=0, learn_sigma=False, schedule='linear',
-        var_type='fixed_large', loss_type='mse', learning_rate=2e-5, batch=64,
+        # diffusion_utils.GaussianDiffusion (not CIFAR-10's _2) samples with beta~_t.
+        var_type='fixed_small', loss_type='mse', learning_rate=2e-5, batch=64,
         steps=500_000, warmup=5000, clip=1.0),
     'imagenet64': dict(
         dataset='imagenet_resized/64x64', image_size=64, variant='adm', base_channels=192,
@@ -139,6 +140,8 @@ def test_paper_hyperparameters(name):
     assert config.diffusion.mean_type == 'eps'
     assert tuple(config.optim.ema_decays) == (0.9999,)
     assert config.model.class_dropout_prob == 0.0
+    # tf.train.AdamOptimizer's epsilon in DDPM's TensorFlow runs; PyTorch's in ADM's.
+    assert config.optim.eps_before_bias_correction == (config.model.variant == 'ddpm')
     if config.model.variant == 'adm':
         assert config.model.resblock_updown and config.model.use_scale_shift_norm
     if name.startswith(('imagenet128', 'imagenet256', 'imagenet512', 'lsun')):

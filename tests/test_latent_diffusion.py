@@ -99,9 +99,11 @@ def test_scale_factor_gives_unit_variance_latents(autoencoder):
     examples, z, new_state = parallel.to_host(prepare(jnp.float32(0)))  # Unmeasured.
     z = z.astype(np.float64)
     assert abs(np.std(z) - 1) > 0.1  # The raw latents are not unit-variance...
-    np.testing.assert_allclose(examples['scale_factor'], 1 / np.std(z), rtol=1e-5)
-    np.testing.assert_allclose(np.std(examples['image'].astype(np.float64)), 1.0, rtol=1e-5)
-    np.testing.assert_allclose(new_state['scale_factor'], 1 / np.std(z), rtol=1e-5)
+    # torch's z.flatten().std(): the sample std, N - 1 (512 latents: 0.1% above N's).
+    np.testing.assert_allclose(examples['scale_factor'], 1 / np.std(z, ddof=1), rtol=1e-5)
+    np.testing.assert_allclose(np.std(examples['image'].astype(np.float64), ddof=1), 1.0,
+                               rtol=1e-5)
+    np.testing.assert_allclose(new_state['scale_factor'], 1 / np.std(z, ddof=1), rtol=1e-5)
     examples, z, new_state = parallel.to_host(prepare(jnp.float32(2.5)))  # Kept once set.
     np.testing.assert_allclose(examples['image'], 2.5 * z, rtol=1e-6)
     assert float(new_state['scale_factor']) == 2.5
@@ -514,7 +516,7 @@ def test_cached_step_equals_uncached_step(autoencoder, ae_workdir):
             np.testing.assert_allclose(value, images[key], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(cached_loss, images_loss, rtol=1e-5)
     z = cached['image'].astype(np.float64)
-    np.testing.assert_allclose(np.std(z), 1.0, rtol=1e-5)  # Scaled by 1/std of this batch...
+    np.testing.assert_allclose(np.std(z, ddof=1), 1.0, rtol=1e-5)  # 1 / this batch's std...
     assert abs(cached['scale_factor'][0] - 1) > 0.1  # ...which was measured.
 
 

@@ -40,8 +40,10 @@ def random_state_dicts(seed=0):
     return vgg, lins
 
 
-def reference_lpips(vgg, lins, x0, x1):
-    """LPIPS in float64 NumPy from the torch-layout state dicts, images NHWC in [-1, 1]."""
+def reference_lpips(vgg, lins, x0, x1, masks=None):
+    """LPIPS in float64 NumPy from the torch-layout state dicts, images NHWC in [-1, 1];
+    with `masks` (one 0/1 array per tap), the reference's training-mode Dropout(0.5)
+    before each lin layer: the kept squared differences doubled."""
 
     def conv3x3(x, w, b):  # Cross-correlation, padding 1; w is [O, I, 3, 3].
         n, h, wd, c = x.shape
@@ -74,7 +76,8 @@ def reference_lpips(vgg, lins, x0, x1):
         f0 = f0 / (np.sqrt(np.sum(f0 ** 2, axis=-1, keepdims=True)) + 1e-10)
         f1 = f1 / (np.sqrt(np.sum(f1 ** 2, axis=-1, keepdims=True)) + 1e-10)
         w = lins[f'lin{k}.model.1.weight'].astype(np.float64).reshape(-1)
-        total = total + np.mean((f0 - f1) ** 2 @ w, axis=(1, 2))
+        diff = (f0 - f1) ** 2 if masks is None else 2.0 * masks[k] * (f0 - f1) ** 2
+        total = total + np.mean(diff @ w, axis=(1, 2))
     return total
 
 
@@ -116,6 +119,39 @@ def test_matches_float64_numpy_from_the_weight_files(weights, distance):
     rgb = [np.repeat(x, 3, axis=-1) for x in (x0, x1)]
     np.testing.assert_allclose(np.asarray(distance(params, x0, x1)),
                                reference_lpips(vgg, lins, *rgb), rtol=1e-5)
+
+
+def test_training_dropout_is_the_references_on_the_squared_differences(weights):
+    """With a key, each tap's squared difference is dropped with probability 0.5 and
+    the rest doubled before the lin layer (taming's NetLinLayer in train mode); an
+    unbiased estimate of d; without one, d itself."""
+    lin_path, vgg_path, vgg, lins = weights
+    params = lpips.load_lpips_params(lin_path, vgg_path)
+    x0, x1 = images(4, (2, 16, 16, 3))
+    model = lpips.LPIPS()
+
+    @jax.jit
+    def dropped(p, key):
+        f0, f1 = (model.apply({'params': p}, x, method=lpips.LPIPS.features)
+                  for x in (x0, x1))
+        return model.apply({'params': p}, f0, f1, key, 0.5, method=lpips.LPIPS.distance)
+
+    key = jax.random.key(5)
+    shapes = [(2, 16 >> k, 16 >> k, c) for k, c in enumerate(lpips.TAP_CHANNELS)]
+    masks = [np.asarray(jax.random.bernoulli(k, 0.5, shape), np.float64)
+             for k, shape in zip(jax.random.split(key, 5), shapes)]
+    assert 0.4 < np.mean(masks[1]) < 0.6
+    np.testing.assert_allclose(np.asarray(dropped(params, key)),
+                               reference_lpips(vgg, lins, x0, x1, masks), rtol=1e-5)
+    d = reference_lpips(vgg, lins, x0, x1)
+    draws = np.stack([np.asarray(dropped(params, jax.random.key(k))) for k in range(64)])
+    assert np.all(np.std(draws, axis=0) > 1e-3 * d)
+    # The mean of 64 draws is within 4 standard errors of d.
+    assert np.all(np.abs(draws.mean(0) - d) < 4 * draws.std(0) / 8)
+    np.testing.assert_allclose(
+        np.asarray(model.apply({'params': params}, *(model.apply(
+            {'params': params}, x, method=lpips.LPIPS.features) for x in (x0, x1)),
+            None, 0.5, method=lpips.LPIPS.distance)), d, rtol=1e-5)
 
 
 def test_zero_on_equal_images_symmetric_and_linear_in_the_lin_weights(weights, distance):

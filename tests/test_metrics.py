@@ -378,7 +378,97 @@ def test_precision_recall_blocked_equals_brute_force(k):
     for batch_size in (1, 7, 32, 90, 1000):
         got = metrics.precision_recall(real, fake, k, batch_size=batch_size, dtype=np.float64)
         assert got == pytest.approx(expected, abs=0)
-    assert metrics.precision_recall(real, fake, k) == pytest.approx(expected, abs=0)
+    assert metrics.precision_recall(real, fake, k, dtype=np.float32) == pytest.approx(
+        expected, abs=0)
+
+
+def _reference_float16_distances(u, v):
+    """The reference's DistanceBlock, op by op over whole matrices: features cast to
+    float16; tf.square rounded per element, summed in float32, rounded; the product
+    of float16 inputs accumulated in float32 (exact products; cuBLAS's order of
+    summation may differ, and so a rare float16 rounding at a tie), rounded; then
+    norm_u - 2 * product + norm_v and max(., 0), each rounded to float16. If any entry
+    is not finite: the same graph in float32. Returned as float32."""
+    u16, v16 = np.float16(u), np.float16(v)
+    with np.errstate(over='ignore', invalid='ignore'):
+        nu = np.float16(np.sum(np.float32(np.float16(u16 * u16)), axis=1))
+        nv = np.float16(np.sum(np.float32(np.float16(v16 * v16)), axis=1))
+        product = np.float16(np.float32(u16) @ np.float32(v16).T)
+        two_product = np.float16(np.float16(2) * product)
+        d = np.float16(np.float16(nu[:, None] - two_product) + nv[None, :])
+        d = np.maximum(d, np.float16(0))
+    if np.all(np.isfinite(d)):
+        return np.float32(d)
+    u32, v32 = np.float32(u), np.float32(v)
+    d = (np.sum(u32 * u32, 1)[:, None] - 2 * (u32 @ v32.T)) + np.sum(v32 * v32, 1)[None, :]
+    return np.maximum(d, 0)
+
+
+def _reference_float16_precision_recall(real, fake, k, block):
+    """The ADM evaluator's ManifoldEstimator: full rows of distances per row block,
+    each [block, block] piece from `_reference_float16_distances` (its own float32
+    fallback), radii by np.partition, then the same pieces against the radii."""
+    def radii(x):
+        out = np.zeros(len(x), np.float32)
+        for r in range(0, len(x), block):
+            row = np.concatenate([_reference_float16_distances(x[r:r + block], x[c:c + block])
+                                  for c in range(0, len(x), block)], axis=1)
+            rows = np.arange(r, min(r + block, len(x)))
+            row[rows - r, rows] = 0  # Ours zeroes the self-distances (see knn_radii).
+            out[r:r + block] = np.partition(row, k, axis=1)[:, k]
+        return out
+
+    real_radii, fake_radii = radii(real), radii(fake)
+    fake_in = np.zeros(len(fake), bool)
+    real_in = np.zeros(len(real), bool)
+    for r in range(0, len(real), block):
+        for f in range(0, len(fake), block):
+            d = _reference_float16_distances(real[r:r + block], fake[f:f + block])
+            fake_in[f:f + block] |= np.any(d <= real_radii[r:r + block, None], axis=0)
+            real_in[r:r + block] |= np.any(d <= fake_radii[None, f:f + block], axis=1)
+    return float(np.mean(fake_in)), float(np.mean(real_in))
+
+
+def _inception_like(rng, n, dim=256, scale=1.0):
+    """Non-negative features with squared norms in the hundreds, like pool3's."""
+    return np.float32(scale * rng.gamma(0.5, 2.0, (n, dim)))
+
+
+def test_precision_recall_float16_is_the_reference_distance_graph():
+    # The default (float16) reproduces the reference's float16 distances exactly, and
+    # they decide points near the balls' edges differently from float32 ones.
+    rng = np.random.default_rng(20)
+    real, fake = _inception_like(rng, 300), 1.05 * _inception_like(rng, 260)
+    assert 100 < np.median(np.sum(real * real, 1)) < 2000
+    expected = _reference_float16_precision_recall(real, fake, 3, block=10000)
+    for batch_size in (64, 300, 10000):  # No block overflows: the blocking is invisible.
+        got = metrics.precision_recall(real, fake, batch_size=batch_size)
+        assert got == expected
+    np.testing.assert_array_equal(
+        metrics.knn_radii(real), _reference_float16_radii(real))
+    assert metrics.precision_recall(real, fake, dtype=np.float32) != expected
+
+
+def _reference_float16_radii(x, k=3):
+    d = _reference_float16_distances(x, x)
+    np.fill_diagonal(d, 0)
+    return np.partition(d, k, axis=1)[:, k]
+
+
+def test_precision_recall_float16_falls_back_per_block():
+    # Features whose squares overflow float16 (> 65504) in some rows: the blocks holding
+    # them are computed in float32, the others stay float16, as the reference's
+    # tf.cond does block by block.
+    rng = np.random.default_rng(21)
+    real, fake = _inception_like(rng, 120), _inception_like(rng, 100)
+    real[:40] *= 30.0  # Squared norms ~1e5-1e6: inf in float16.
+    fake[60:] *= 30.0
+    for block in (40, 50):
+        expected = _reference_float16_precision_recall(real, fake, 3, block=block)
+        assert metrics.precision_recall(real, fake, batch_size=block) == expected
+    everything_large = _reference_float16_precision_recall(real * 30, fake * 30, 3, 10000)
+    assert everything_large == metrics.precision_recall(real * 30, fake * 30,
+                                                        dtype=np.float32)
 
 
 def test_precision_recall_errors():
@@ -389,3 +479,5 @@ def test_precision_recall_errors():
         metrics.precision_recall(x, x[:3])
     with pytest.raises(ValueError, match='batch_size'):
         metrics.precision_recall(x, x, batch_size=0)
+    with pytest.raises(ValueError, match='dtype must be float16, float32 or float64'):
+        metrics.precision_recall(x, x, dtype=np.int32)

@@ -25,7 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import cifar10_ve
 from configs import default
+from configs import digits_ncsnpp
 from ddpm_jax import config_json
 from ddpm_jax import config_lib
 from ddpm_jax import models
@@ -426,3 +428,10 @@ def test_a_ddgan_generator_file_imports_into_a_workdir_and_samples(tiny_config, 
     assert result['nfe'] == 2
     with np.load(result['npz']) as f:
         assert f['images'].shape == (4, 8, 8, 1) and f['images'].std() > 0
+
+
+def test_score_sdes_ve_configs_get_their_prior_in_our_units():
+    """cifar10_ve.py (NCSN++ on [0, 1] data) samples from score_sde's prior N(0, 50^2)
+    mapped by y = 2x - 1: mean -1; a centred VE model (digits_ncsnpp.py) from mean 0."""
+    assert score_task.create_sde(cifar10_ve.get_config()).prior_mean == -1.0
+    assert score_task.create_sde(digits_ncsnpp.get_config()).prior_mean == 0.0

@@ -43,6 +43,11 @@ def _numpy_adam(optim, lr_fn, params, grad_steps):
         m = jax.tree.map(lambda m_, g_: optim.b1 * m_ + (1 - optim.b1) * g_, m, g)
         v = jax.tree.map(lambda v_, g_: optim.b2 * v_ + (1 - optim.b2) * g_**2, v, g)
         lr = float(lr_fn(t - 1))
+        if optim.eps_before_bias_correction:  # tf.train.AdamOptimizer's update, as written.
+            lr_t = lr * np.sqrt(1 - optim.b2**t) / (1 - optim.b1**t)
+            p = jax.tree.map(lambda p_, m_, v_: p_ - lr_t * m_ / (np.sqrt(v_) + optim.eps),
+                             p, m, v)
+            continue
         p = jax.tree.map(
             lambda p_, m_, v_: p_ - lr * ((m_ / (1 - optim.b1**t))
                                           / (np.sqrt(v_ / (1 - optim.b2**t)) + optim.eps)
@@ -54,6 +59,7 @@ def _numpy_adam(optim, lr_fn, params, grad_steps):
     dict(),  # Adam, clipping at 1 (the grads below are clipped on some steps only).
     dict(optimizer='adamw', weight_decay=0.1, warmup_steps=3, lr_schedule='cosine'),
     dict(grad_clip_norm=0.0, lr_schedule='linear', eps=1e-3),  # No clipping.
+    dict(eps_before_bias_correction=True, eps=1e-3, warmup_steps=2),  # DDPM's TF Adam.
 ])
 def test_apply_optimizer_is_clipped_adam(overrides):
     optim = _optim(learning_rate=1e-2, **overrides)
@@ -161,3 +167,19 @@ def test_train_step_updates_the_donated_state_in_place(small_config):
     copies = [line for line in entry.splitlines()
               if ' copy(%state_' in line and '[] copy(' not in line]
     assert not copies, copies[:3]
+
+
+def test_tf_epsilon_placement_changes_the_early_updates():
+    """TF's epsilon (before the bias correction) is eps / sqrt(1 - b2^t) after it: with
+    eps = 1e-3 the first update differs from optax's by far more than rounding."""
+    rng = np.random.default_rng(2)
+    params, grads = _params(rng), _grads(rng, 1e-3)
+    moved = {}
+    for tf_eps in (False, True):
+        optimizer = state_lib.create_optimizer(
+            _optim(learning_rate=1e-2, eps=1e-3, eps_before_bias_correction=tf_eps), 10)
+        moved[tf_eps] = state_lib.apply_optimizer(
+            optimizer, grads, optimizer.tx.init(params), params, jnp.array(True))[0]
+    step = {k: np.abs(v['w'] - params['w']) for k, v in moved.items()}
+    # |g| ~ 1e-3 = eps: optax divides by |g| + 1e-3, TF by |g| + 1e-3 / sqrt(1e-3).
+    assert np.all(step[True] < 0.5 * step[False])

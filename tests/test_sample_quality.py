@@ -7,9 +7,11 @@ import jax
 import numpy as np
 import pytest
 
+from configs import default
 from ddpm_jax import config_lib
 from ddpm_jax import data as data_lib
 from ddpm_jax import images as images_lib
+from ddpm_jax import metrics
 from ddpm_jax import parallel
 from ddpm_jax import sample_quality
 from ddpm_jax import torch_checkpoint
@@ -286,3 +288,32 @@ def test_inception_score_splits_equal_or_adms_chunks():
     np.testing.assert_allclose([adm['inception_score'], adm['inception_score_std']],
                                split_scores([0, 5000, 10_000, 12_000]), rtol=1e-10)
     assert abs(adm['inception_score_std'] - ten['inception_score_std']) > 1e-3
+
+
+def test_scoring_options_pick_the_distances():
+    config = default.get_config()
+    assert sample_quality.scoring_options(config)['precision_recall_dtype'] == np.float16
+    config.eval.metrics_network = 'digits'
+    assert sample_quality.scoring_options(config)['precision_recall_dtype'] == np.float32
+    config.eval.precision_recall_distances = 'float16'
+    assert sample_quality.scoring_options(config)['precision_recall_dtype'] == np.float16
+
+
+def test_precision_recall_takes_the_first_reference_features():
+    """eval.precision_recall_reference_images (10,000: the ADM evaluator's reference
+    batches): P/R against the reference's first N features, not all of them."""
+    rng = np.random.default_rng(4)
+    real = rng.normal(size=(60, 5)).astype(np.float32)
+    fake = (rng.normal(size=(40, 5)) * 1.3 + 0.2).astype(np.float32)
+    stats = {'mu': np.zeros(2), 'sigma': np.eye(2), 'logits': rng.normal(size=(40, 3))}
+    samples, ref = dict(stats, features=fake), dict(stats, features=real)
+    first = sample_quality.score(samples, ref, precision_recall_dtype=np.float32,
+                                 precision_recall_reference_images=20)
+    every = sample_quality.score(samples, ref, precision_recall_dtype=np.float32)
+    assert (first['precision'], first['recall']) == metrics.precision_recall(
+        real[:20], fake, dtype=np.float32)
+    assert (every['precision'], every['recall']) == metrics.precision_recall(
+        real, fake, dtype=np.float32)
+    assert (first['precision'], first['recall']) != (every['precision'], every['recall'])
+    config = default.get_config()
+    assert sample_quality.scoring_options(config)['precision_recall_reference_images'] == 10_000

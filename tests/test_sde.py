@@ -270,6 +270,8 @@ def test_ncsn_sigmas_and_errors():
         sde_lib.validate_sde(sde_lib.VPSDE(beta_min=30.0))
     with pytest.raises(ValueError, match='sigma_min'):
         sde_lib.validate_sde(sde_lib.VESDE(sigma_min=0.0))
+    with pytest.raises(ValueError, match='prior_mean'):
+        sde_lib.validate_sde(sde_lib.VESDE(prior_mean=float('nan')))
     with pytest.raises(ValueError, match='num_scales'):
         sde_lib.validate_sde(sde_lib.VPSDE(num_scales=1))
     with pytest.raises(ValueError, match='num_scales'):
@@ -280,3 +282,21 @@ def test_ncsn_sigmas_and_errors():
     with pytest.raises(ValueError, match='jsd'):
         sde_lib.vp_view(schedules.make_schedule('jsd', 10))
     assert diffusion.MEAN_TYPES  # The view accepts exactly diffusion's mean types.
+
+
+def test_ve_prior_with_a_mean_is_score_sdes_prior_in_our_units():
+    """score_sde's VE prior N(0, 50^2) on x in [0, 1], through y = 2x - 1, is
+    N(-1, 100^2): the density of y is that of x over 2^D."""
+    sde = sde_lib.VESDE(0.02, 100.0, 1000, prior_mean=-1.0)
+    y = np.random.default_rng(0).normal(-1.0, 100.0, (3, 4, 4, 2))
+    x = (y + 1.0) / 2.0
+    d = x[0].size
+    theirs = (-0.5 * d * np.log(2 * np.pi * 50.0 ** 2)
+              - 0.5 * np.sum(x.reshape(3, -1) ** 2, axis=1) / 50.0 ** 2)
+    np.testing.assert_allclose(sde_lib.prior_logp(sde, jnp.asarray(y, jnp.float32)),
+                               theirs - d * np.log(2.0), rtol=1e-6)
+    centred = sde_lib.prior_logp(sde._replace(prior_mean=0.0), jnp.asarray(y, jnp.float32))
+    assert np.all(np.abs(np.asarray(centred) - (theirs - d * np.log(2.0))) > 1e-3)
+    key = jax.random.key(3)
+    np.testing.assert_allclose(sde_lib.prior_sample(sde, key, (5, 3)),
+                               -1.0 + 100.0 * jax.random.normal(key, (5, 3)), rtol=1e-6)

@@ -634,6 +634,30 @@ def test_vp_view_samplers_with_the_registry_signature():
     assert_data_moments(x, 0.15)
 
 
+@pytest.mark.parametrize('corrector', ['none', 'langevin'])
+def test_vp_pc_sample_steps_the_chain_on_score_sdes_grid(corrector):
+    """On score_sde's grid t = linspace(1, 1e-3, 1000), every step of a 1000-step
+    schedule's view runs the model at int(t (N - 1)) = 999 - j, the step whose beta the
+    predictor (and alpha the corrector) takes: the same samples as on the knots
+    themselves (eps 1e-7). At the nearest step instead, steps 500 on would pair the
+    model at step 1000 - j with beta_{999 - j}."""
+    sched = schedules.make_schedule('linear', 1000)
+    steps = []
+
+    def recording_model(x, t):
+        jax.debug.callback(lambda t: steps.append(int(np.asarray(t)[0])), t, ordered=True)
+        return eps_model(x, t)
+
+    def run(eps):
+        return sde_samplers.vp_pc_sample(
+            recording_model, sched, (16, DIM), jax.random.key(13), clip_denoised=False,
+            corrector=corrector, eps=eps)
+
+    grid = run(1e-3)
+    assert steps[::1 + (corrector != 'none')] == list(range(999, -1, -1))
+    np.testing.assert_allclose(grid, run(1e-7), rtol=1e-6, atol=1e-6)
+
+
 def _np_gauss_denoiser(y, sigma):
     return MU + S ** 2 / (S ** 2 + sigma ** 2) * (y - MU)
 
@@ -953,3 +977,19 @@ def test_bad_arguments_name_the_field():
     with pytest.raises(ValueError, match='mean_type'):
         sde_samplers.dpm_solver_3m_sample(eps_model, schedules.make_schedule('linear', 10),
                                           (2, DIM), jax.random.key(0), mean_type='score')
+
+
+def test_pc_and_ode_samplers_start_at_a_draw_of_the_prior():
+    """With a zero score the probability-flow ODE stands still, so x(eps) = x(1): the
+    prior draw, N(prior_mean, sigma_max^2) (score_sde's VE prior in our units: mean -1)."""
+    sde = sde_lib.VESDE(0.02, 100.0, 10, prior_mean=-1.0)
+    rng = jax.random.key(3)
+    zero_score = lambda x, t: jnp.zeros_like(x)
+    out = sde_samplers.ode_sample(sde, zero_score, (6, 2), rng, denoise=False)
+    prior = sde_lib.prior_sample(sde, jax.random.split(rng)[0], (6, 2))
+    np.testing.assert_allclose(out.samples, prior, rtol=1e-6)
+    # One reverse-diffusion step with a zero score and its noise removed: its start.
+    pc = sde_samplers.pc_sample(sde, zero_score, (6, 2), rng, num_steps=1, eps=1e-5,
+                                predictor='reverse_diffusion', corrector='none',
+                                denoise=True)
+    np.testing.assert_allclose(pc.samples, prior, rtol=1e-6)

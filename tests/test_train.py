@@ -305,8 +305,9 @@ def test_learning_rate_schedule(tiny_config):
     config.train.num_train_steps = 12
     lr = state_lib.create_learning_rate_fn(config.optim, config.train.num_train_steps)
     peak = config.optim.learning_rate
-    np.testing.assert_allclose([lr(s) for s in range(4)], peak * np.arange(1, 5) / 4,
-                               rtol=1e-6)
+    # DDPM's and score_sde's warmup: max_lr * min(step / warmup, 1), the first update at 0.
+    np.testing.assert_allclose([lr(s) for s in range(4)], peak * np.arange(4) / 4,
+                               rtol=1e-6, atol=1e-12)
     np.testing.assert_allclose(lr(4), peak, rtol=1e-6)
     np.testing.assert_allclose(lr(8), peak * 0.5 * (1 + np.cos(np.pi * 4 / 8)), rtol=1e-5)
     np.testing.assert_allclose(lr(12), 0.0, atol=1e-12)

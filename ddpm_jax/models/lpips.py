@@ -154,12 +154,25 @@ class LPIPS(nn.Module):
         x = (x - jnp.asarray(SHIFT, jnp.float32)) / jnp.asarray(SCALE, jnp.float32)
         return tuple(normalize_channels(tap) for tap in self.vgg(x))
 
-    def distance(self, features0: Sequence[Array], features1: Sequence[Array]) -> Array:
-        """d per example [B] from two images' `features`."""
+    def distance(self, features0: Sequence[Array], features1: Sequence[Array],
+                 dropout_rng: Array | None = None, dropout_rate: float = 0.5) -> Array:
+        """d per example [B] from two images' `features`.
+
+        With `dropout_rng`, each squared difference is dropped with probability
+        `dropout_rate` and the rest scaled by 1 / (1 - rate) before its lin layer: the
+        reference's `NetLinLayer` (Dropout then the 1x1 convolution) in training mode,
+        in which taming's and LDM's autoencoders train with it (Lightning's
+        `model.train()` turns their `.eval()` LPIPS back on); an unbiased estimate of d.
+        """
         total = 0.0
-        for lin, f0, f1 in zip(self.lins, features0, features1):
-            weighted = jnp.einsum('bhwc,c->bhw', jnp.square(f0 - f1), lin,
-                                  precision=self.precision)
+        keys = (jax.random.split(dropout_rng, len(self.lins)) if dropout_rng is not None
+                else [None] * len(self.lins))
+        for lin, f0, f1, key in zip(self.lins, features0, features1, keys):
+            diff = jnp.square(f0 - f1)
+            if key is not None and dropout_rate > 0:
+                keep = 1.0 - dropout_rate
+                diff = jnp.where(jax.random.bernoulli(key, keep, diff.shape), diff / keep, 0.0)
+            weighted = jnp.einsum('bhwc,c->bhw', diff, lin, precision=self.precision)
             total = total + jnp.mean(weighted, axis=(1, 2))
         return total
 

@@ -149,6 +149,8 @@ class AutoencoderTask(base.Task):
              f'discriminator channels {chans}.'),
             (a.perceptual_weight >= 0,
              f'autoencoder.perceptual_weight={a.perceptual_weight} must be >= 0.'),
+            (0 <= a.lpips_dropout < 1,
+             f'autoencoder.lpips_dropout={a.lpips_dropout} must be in [0, 1).'),
             (a.init in ae_lib.INITS, f'autoencoder.init={a.init!r} is not valid; choose one '
                                      f'of {ae_lib.INITS}.'),
         ]
@@ -235,23 +237,29 @@ class AutoencoderTask(base.Task):
         return jax.lax.stop_gradient(self.lpips.apply(
             {'params': self.lpips_params}, x, method=lpips_lib.LPIPS.features))
 
-    def reconstruction_loss(self, x, x_rec, reference):
+    def reconstruction_loss(self, x, x_rec, reference, dropout_rng=None):
         """(the reconstruction loss [B], LPIPS(x, x_rec) [B] or None): L1, plus the
         perceptual term when `reference` (of x) is given, summed over pixels for a KL
-        latent, averaged for a VQ latent (`self.reduction`; module docstring)."""
+        latent, averaged for a VQ latent (`self.reduction`; module docstring). With
+        `dropout_rng`, LPIPS drops `autoencoder.lpips_dropout` of its squared
+        differences, as the reference's does in training."""
         if reference is None:
             return ae_losses.l1_reconstruction(x, x_rec, self.reduction), None
         apply = functools.partial(self.lpips.apply, {'params': self.lpips_params})
+        rate = float(self.config.autoencoder.lpips_dropout)
         distance = apply(reference, apply(x_rec, method=lpips_lib.LPIPS.features),
+                         dropout_rng if rate > 0 else None, rate,
                          method=lpips_lib.LPIPS.distance)
         return (ae_losses.perceptual_reconstruction(x, x_rec, distance,
                                                     self.perceptual_weight, self.reduction),
                 distance)
 
-    def adaptive_weight(self, params, x, features, reference=None) -> jax.Array:
+    def adaptive_weight(self, params, x, features, reference=None,
+                        dropout_rng=None) -> jax.Array:
         """lambda of Esser et al. 2021, Eq. 7 at the decoder's last-layer kernel, from
         the batch-mean losses (the scalars the total loss is made of; the
-        reconstruction loss includes the perceptual term, as LDM's nll_loss).
+        reconstruction loss includes the perceptual term, as LDM's nll_loss, with the
+        same LPIPS dropout mask: `dropout_rng` as the loss's).
         `reference`: `perceptual_reference(x)` if already computed."""
         conv = params['autoencoder']['decoder']['conv_out']
         if reference is None:
@@ -261,7 +269,8 @@ class AutoencoderTask(base.Task):
             return ae_lib.apply_output_layer({**conv, 'kernel': kernel}, features)
 
         def rec_loss(kernel):
-            return jnp.mean(self.reconstruction_loss(x, output(kernel), reference)[0])
+            return jnp.mean(self.reconstruction_loss(x, output(kernel), reference,
+                                                     dropout_rng)[0])
 
         def adv_loss(kernel):
             logits = self.discriminate(params['discriminator'], output(kernel))
@@ -271,7 +280,6 @@ class AutoencoderTask(base.Task):
                                          jax.grad(adv_loss)(conv['kernel']))
 
     def loss(self, phase, params, examples, rng):
-        del rng
         a = self.config.autoencoder
         x, noise = examples['image'], examples['noise']
         batch = x.shape[0]
@@ -281,7 +289,7 @@ class AutoencoderTask(base.Task):
             x_rec = ae_lib.apply_output_layer(params['autoencoder']['decoder']['conv_out'],
                                               features)
             reference = self.perceptual_reference(x)
-            rec, distance = self.reconstruction_loss(x, x_rec, reference)
+            rec, distance = self.reconstruction_loss(x, x_rec, reference, rng)
             # Mean |x - x_rec| per pixel.
             terms = {'rec_l1': ae_losses.l1_reconstruction(x, x_rec, 'mean')}
             if distance is not None:
@@ -300,7 +308,8 @@ class AutoencoderTask(base.Task):
                 terms['kl'] = kl
 
             def adversarial():
-                weight = a.disc_weight * self.adaptive_weight(params, x, features, reference)
+                weight = a.disc_weight * self.adaptive_weight(params, x, features, reference,
+                                                              rng)
                 g = ae_losses.generator_adversarial_loss(
                     self.discriminate(params['discriminator'], x_rec))
                 return weight, g

@@ -71,12 +71,15 @@ class Task:
         phases: Parts updated together from one loss, in order, each step.
         sample_part: The part whose (EMA) parameters generate images (sample mode,
             FID, grids), or None for a task that does not generate (a classifier).
+        ema_from_first_update: The EMAs start at the parameters after the first
+            update (their first step takes decay 0) instead of at the initial ones.
     """
     name: ClassVar[str] = ''
     parts: tuple[str, ...] = ('model',)
     ema_parts: tuple[str, ...] = ('model',)
     phases: tuple[tuple[str, ...], ...] = (('model',),)
     sample_part: ClassVar[str | None] = None
+    ema_from_first_update: ClassVar[bool] = False
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config

@@ -57,6 +57,9 @@ class DDGANTask(diffusion_task.DiffusionTask):
     ema_parts = ('generator',)
     phases = (('discriminator',), ('generator',))
     sample_part = 'generator'
+    # DDGAN's EMA optimiser wrapper creates its average after the first step, from the
+    # stepped parameters (e_1 = p_1); DDPM's and ADM's start theirs at the initial ones.
+    ema_from_first_update = True
 
     def __init__(self, config: ml_collections.ConfigDict):
         base.Task.__init__(self, config)  # Not SingleModelTask's 'model' part.

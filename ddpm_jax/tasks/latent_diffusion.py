@@ -246,7 +246,9 @@ class LatentDiffusionTask(diffusion_task.DiffusionTask):
         else:
             moments = {k: batch[k].astype(jnp.float32) for k in ('mean', 'logvar') if k in batch}
         z = self.sample_posterior(moments, noise)
-        measured = 1.0 / jnp.std(z)  # Over the whole global batch (LDM's scale_by_std).
+        # LDM's scale_by_std: 1 / z.flatten().std(), torch's sample std (N - 1); over the
+        # whole global batch (LDM's is rank 0's batch, DDP broadcasting its buffer).
+        measured = 1.0 / jnp.std(z, ddof=1)
         stored = task_state['scale_factor']
         scale = jnp.where(stored > 0, stored, measured).astype(jnp.float32)
         examples = super().prepare_batch({'image': z * scale, 'label': batch['label']}, rng,

@@ -48,10 +48,17 @@ SCORE_SAMPLERS = ('pc', 'sde', 'ode', 'heun', 'langevin')
 
 
 def create_sde(config: ml_collections.ConfigDict):
-    """The SDE of `config.sde` (a `VPSDE`, `SubVPSDE` or `VESDE`)."""
+    """The SDE of `config.sde` (a `VPSDE`, `SubVPSDE` or `VESDE`).
+
+    A VE NCSN++ trained on [0, 1] data (`model.ncsnpp.centered=False`, score_sde's VE
+    models) gets score_sde's prior in our units, N(-1, sigma_max^2): theirs is
+    N(0, (sigma_max / 2)^2) on x, and y = 2x - 1.
+    """
     s = config.sde
     if s.kind == 've':
-        return sde_lib.VESDE(float(s.sigma_min), float(s.sigma_max), int(s.num_scales))
+        uncentred = config.model.name == 'ncsnpp' and not config.model.ncsnpp.centered
+        return sde_lib.VESDE(float(s.sigma_min), float(s.sigma_max), int(s.num_scales),
+                             prior_mean=-1.0 if uncentred else 0.0)
     kind = sde_lib.VPSDE if s.kind == 'vp' else sde_lib.SubVPSDE
     return kind(float(s.beta_min), float(s.beta_max), int(s.num_scales))
 
