@@ -223,11 +223,7 @@ def _validate_sample(config: ml_collections.ConfigDict, *, for_grid: bool,
     check_choice('sample.quantize', s.quantize, images.QUANTIZE_MODES)
     if for_grid:
         return
-    check(s.classifier_scale >= 0, f'sample.classifier_scale={s.classifier_scale} must be '
-                                   '>= 0.')
-    check(s.classifier_scale == 0 or bool(s.classifier_workdir),
-          f'sample.classifier_scale={s.classifier_scale} > 0 needs sample.classifier_workdir '
-          "(the workdir of a trained classifier, task='classifier'); it is empty.")
+    _validate_classifier_guidance(config)
     check(s.num_images >= 1, f'sample.num_images={s.num_images} must be >= 1.')
     check_global_batch('sample.global_batch_size', s.global_batch_size,
                        num_devices=num_devices, num_processes=1)
@@ -238,6 +234,16 @@ def _validate_sample(config: ml_collections.ConfigDict, *, for_grid: bool,
     elif s.classifier_scale == 0:
         check(s.label == -1, f'sample.label={s.label} needs a class-conditional model or '
                              'classifier guidance; use -1.')
+
+
+def _validate_classifier_guidance(config: ml_collections.ConfigDict) -> None:
+    """`sample.classifier_scale` and the classifier it needs (sample and fid modes)."""
+    s = config.sample
+    check(s.classifier_scale >= 0, f'sample.classifier_scale={s.classifier_scale} must be '
+                                   '>= 0.')
+    check(s.classifier_scale == 0 or bool(s.classifier_workdir),
+          f'sample.classifier_scale={s.classifier_scale} > 0 needs sample.classifier_workdir '
+          "(the workdir of a trained classifier, task='classifier'); it is empty.")
 
 
 def _validate_sampler_options(config: ml_collections.ConfigDict) -> None:
@@ -395,5 +401,7 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = 'train',
         if not config.eval.fid_samples:
             _validate_sample(config, for_grid=True, num_devices=num_devices,
                              num_processes=num_processes)
+            if config.task != 'super_resolution':  # Upsamplers sample unguided.
+                _validate_classifier_guidance(config)
         _validate_fid(config, num_devices, num_samples=config.eval.fid_num_samples,
                       field='eval.fid_num_samples')

@@ -49,6 +49,7 @@ from ddpm_jax.models import create_model
 from ddpm_jax.models import digits_net
 from ddpm_jax.models import inception
 from ddpm_jax.models import layers
+from ddpm_jax.tasks import diffusion as diffusion_task
 from ddpm_jax.tasks import super_resolution
 
 logger = logging.getLogger('ddpm_jax')
@@ -370,11 +371,16 @@ def reference_statistics(config: ml_collections.ConfigDict, extractor: FeatureEx
 
 def _sample_features(config: ml_collections.ConfigDict, sample_fn: Callable, params: Any,
                      extractor: FeatureExtractor, num: int, rng: jax.Array,
-                     progress: bool, task_state: Any = None
+                     progress: bool, task_state: Any = None, num_classes: int | None = None,
+                     classifier_params: Any = None
                      ) -> tuple[FeatureAccumulator, np.ndarray]:
-    """Samples `num` images in batches of `eval.fid_batch_size`, streaming features."""
+    """Samples `num` images in batches of `eval.fid_batch_size`, streaming features;
+    labels from `num_classes` (default the model's; a guiding classifier's for an
+    unconditional model), guided by `classifier_params` when given."""
     batch_size = config.eval.fid_batch_size
-    labels = sample_mode.make_labels(config, config.model.num_classes, num)
+    if num_classes is None:
+        num_classes = config.model.num_classes
+    labels = sample_mode.make_labels(config, num_classes, num)
     accumulator = FeatureAccumulator()
     num_batches = -(-num // batch_size)
     batches = range(num_batches)
@@ -386,7 +392,7 @@ def _sample_features(config: ml_collections.ConfigDict, sample_fn: Callable, par
         batch_labels = np.zeros(batch_size, np.int32)
         batch_labels[:len(chunk)] = np.maximum(chunk, 0)
         images = sample_fn(params, jax.random.fold_in(rng, b), batch_labels,
-                           task_state=task_state)
+                           classifier_params, task_state=task_state)
         features = extractor(images, quantize=config.sample.quantize)
         accumulator.update(features, np.arange(batch_size) < len(chunk))
         if progress and not sys.stdout.isatty() and (b + 1) % 10 == 0:
@@ -509,7 +515,8 @@ def evaluate_samples(config: ml_collections.ConfigDict, workdir: str, *,
     """`--mode=fid`: FID, sFID, IS, precision and recall of a workdir's samples.
 
     Scores `eval.fid_num_samples` images drawn from the latest EMA parameters with
-    the configured sampler (`sample.*`), or the images of `eval.fid_samples`,
+    the configured sampler (`sample.*`, classifier guidance included: the published
+    ADM-G numbers are of guided samples), or the images of `eval.fid_samples`,
     against the reference statistics (see `reference_statistics`). An upsampler
     (task='super_resolution') instead upsamples the real low-resolution versions of
     the first `eval.fid_num_samples` images of `data.eval_split` (area-downsampled as
@@ -546,8 +553,13 @@ def evaluate_samples(config: ml_collections.ConfigDict, workdir: str, *,
         step, _, ema_params, task_state = checkpointing.restore_for_inference(
             config, workdir, mesh, with_task_state=True)
         fid_config = ml_collections.ConfigDict(config.to_dict())
-        fid_config.sample.classifier_scale = 0.0
-        sample_fn = tasks.make_sample_fn(fid_config, create_model(config), mesh=mesh)
+        classifier, classifier_params = None, None
+        if upsampler:  # An upsampler samples unguided (as ADM-U's super_res_sample.py).
+            fid_config.sample.classifier_scale = 0.0
+        elif config.sample.classifier_scale > 0:
+            classifier, classifier_params = sample_mode.restore_classifier(config, mesh)
+        sample_fn = tasks.make_sample_fn(fid_config, create_model(config),
+                                         classifier=classifier, mesh=mesh)
         params = ema_params[tasks.TASKS[config.task].sample_part]
         rng = config_lib.rng_for(config, 'fid')
         if upsampler:
@@ -559,11 +571,15 @@ def evaluate_samples(config: ml_collections.ConfigDict, workdir: str, *,
                                                                   extractor, rng)
             source = f'step {step}, upsampled {config.data.eval_split!r}'
         else:
-            logger.info('Scoring %d samples of step %d (%s).', config.eval.fid_num_samples,
-                        step, config.sample.sampler)
+            logger.info('Scoring %d samples of step %d (%s%s).', config.eval.fid_num_samples,
+                        step, config.sample.sampler,
+                        f', classifier scale {config.sample.classifier_scale}'
+                        if classifier is not None else '')
             accumulator, labels = _sample_features(
                 config, sample_fn, params, extractor, config.eval.fid_num_samples, rng,
-                progress=True, task_state=task_state)
+                progress=True, task_state=task_state,
+                num_classes=diffusion_task.label_classes(config, classifier),
+                classifier_params=classifier_params)
             source = f'step {step}'
     result = score(accumulator.result(), reference, labels=labels,
                    **scoring_options(config))

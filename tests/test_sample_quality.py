@@ -17,6 +17,7 @@ from ddpm_jax import sample_quality
 from ddpm_jax import torch_checkpoint
 from ddpm_jax import train
 from ddpm_jax.models import inception
+from conftest import make_classifier_config
 from test_inception import random_variables  # Random weights of the real file's shapes.
 
 
@@ -149,6 +150,19 @@ def test_fid_of_a_trained_workdir_and_during_training(fid_config, tmp_path, caps
     assert result['label_accuracy'] < 0.5  # Two steps of training: not yet the labels.
     # An untrained model is far from the data (the real digits score 0 here).
     assert result['fid'] > 10
+    # Classifier guidance samples as --mode=sample does (ADM-G's published FIDs are of
+    # guided samples): a classifier trained by the same trainer moves the score.
+    classifier_config = make_classifier_config(config, num_classes=10)
+    classifier_config.train.fid_every_steps = 0
+    classifier_config.optim.learning_rate = 0.05  # Two big steps: a non-zero gradient.
+    classifier_workdir = str(tmp_path / 'classifier')
+    train.run_training(classifier_config, classifier_workdir, mesh=parallel.create_mesh())
+    config.sample.classifier_scale = 100.0
+    with pytest.raises(ValueError, match='needs sample.classifier_workdir'):
+        sample_quality.evaluate_samples(config, workdir)
+    config.sample.classifier_workdir = classifier_workdir
+    guided = sample_quality.evaluate_samples(config, workdir)
+    assert guided['num_samples'] == 100 and guided['fid'] != result['fid']
 
 
 def test_missing_inception_weights_stop_before_anything_runs(fid_config, monkeypatch):

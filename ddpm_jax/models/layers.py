@@ -85,9 +85,13 @@ def timestep_embedding(t: jax.Array, dim: int, variant: str = 'adm',
         [B, dim] float32 embedding.
     """
     half = dim // 2
-    denom = (half - 1) if variant == 'ddpm' else half
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32)
-                    / max(denom, 1))
+    k = jnp.arange(half, dtype=jnp.float32)
+    if variant == 'ddpm':
+        # DDPM's get_timestep_embedding (and score_sde's): the step log(P) / (half - 1)
+        # in double precision, rounded to float32 once, times k.
+        freqs = jnp.exp(k * jnp.float32(-math.log(max_period) / max(half - 1, 1)))
+    else:  # guided-diffusion's: -log(P) (a float32 factor) * k / half.
+        freqs = jnp.exp(jnp.float32(-math.log(max_period)) * k / half)
     args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
     if variant == 'ddpm':
         emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
