@@ -421,8 +421,8 @@ class _Features(NamedTuple):
     x32: np.ndarray | None = None
     sq32: np.ndarray | None = None
 
-    def __getitem__(self, rows):
-        return _Features(*(None if v is None else v[rows] for v in self))
+    def rows(self, start: int, stop: int) -> '_Features':
+        return _Features(*(None if v is None else v[start:stop] for v in self))
 
 
 def _prepare(features: np.ndarray, name: str, dtype) -> _Features:
@@ -514,7 +514,7 @@ def _knn_radii(x: _Features, k: int, batch_size: int) -> np.ndarray:
         nearest = None  # [rows, <= k+1]: the smallest distances of each row so far.
         for c0 in range(0, n, batch_size):
             c1 = min(c0 + batch_size, n)
-            block = _distance_block(x[r0:r1], x[c0:c1])
+            block = _distance_block(x.rows(r0, r1), x.rows(c0, c1))
             if c0 == r0:  # Row and column blocks share their start: the self-distances.
                 np.fill_diagonal(block, 0)
             merged = block if nearest is None else np.concatenate([nearest, block], axis=1)
@@ -574,7 +574,7 @@ def precision_recall(real_features: np.ndarray, fake_features: np.ndarray,
         r1 = min(r0 + batch_size, num_real)
         for f0 in range(0, num_fake, batch_size):
             f1 = min(f0 + batch_size, num_fake)
-            dist = _distance_block(real[r0:r1], fake[f0:f1])  # [R, F]
+            dist = _distance_block(real.rows(r0, r1), fake.rows(f0, f1))  # [R, F]
             fake_in_real[f0:f1] |= np.any(dist <= real_radii[r0:r1, None], axis=0)
             real_in_fake[r0:r1] |= np.any(dist <= fake_radii[None, f0:f1], axis=1)
     return float(np.mean(fake_in_real)), float(np.mean(real_in_fake))

@@ -66,16 +66,13 @@ def scale_by_tf_adam(b1: float, b2: float, eps: float) -> optax.GradientTransfor
     base = optax.scale_by_adam(b1, b2, eps)
 
     def update(updates, state, params=None):
-        del params
-        count = optax.safe_increment(state.count)
-        mu = jax.tree.map(lambda g, m: (1 - b1) * g + b1 * m, updates, state.mu)
-        nu = jax.tree.map(lambda g, v: (1 - b2) * (g * g) + b2 * v, updates, state.nu)
-        c1, c2 = 1 - b1**count, 1 - b2**count
+        _, state = base.update(updates, state, params)  # optax's moments; its update unused.
+        c1, c2 = 1 - b1**state.count, 1 - b2**state.count
         scaled = jax.tree.map(
             lambda m, v: (m / c1.astype(m.dtype)) / (
                 jnp.sqrt(v / c2.astype(v.dtype)) + (eps / jnp.sqrt(c2)).astype(v.dtype)),
-            mu, nu)
-        return scaled, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+            state.mu, state.nu)
+        return scaled, state
 
     return optax.GradientTransformation(base.init, update)
 
