@@ -20,6 +20,14 @@ compiled figure as an estimate for the device the program was compiled for, and
 confirm on the accelerator (bench_train.py reports the allocator's peak there). The
 published global batch is reachable with `train.grad_accum_steps` =
 ceil(global / (devices x per-device batch)). One JSON line per setting.
+
+--gpu_target=h100 (or h200) compiles the step for that card on a machine without one
+(`common.deviceless_gpu_mesh`; JAX's CUDA plugin installed, no GPU): XLA's GPU
+program and its memory analysis, as a lent card's compile would give them without
+autotuning.
+
+    python bench/bench_memory.py --config=configs/imagenet256.py --override \
+        model.dtype=bfloat16 --batches=8,16 --gpu_target=h100
 """
 
 import argparse
@@ -36,6 +44,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from ddpm_jax import data as data_lib  # noqa: E402
 from ddpm_jax import config_lib, models, parallel, state as state_lib, tasks, train  # noqa: E402
+import common  # noqa: E402
 from common import load_config  # noqa: E402
 
 GIB = 2 ** 30
@@ -108,9 +117,12 @@ def main():
                         help='model.remat settings to measure.')
     parser.add_argument('--device_gb', type=float, default=80.0,
                         help='Device memory to fit the batch into (GiB).')
+    parser.add_argument('--gpu_target', default=None, choices=sorted(common.GPU_TARGETS),
+                        help='Compile for this GPU without one (common.deviceless_gpu_mesh).')
     args = parser.parse_args()
 
-    mesh = parallel.create_mesh()
+    mesh = (common.deviceless_gpu_mesh(args.gpu_target) if args.gpu_target
+            else parallel.create_mesh())
     batches = sorted(int(b) for b in args.batches.split(',') if b.strip())
     settings = {'both': (False, True), 'on': (True,), 'off': (False,)}[args.remat]
     for remat in settings:
@@ -119,7 +131,7 @@ def main():
         config.model.remat = remat
         result = {'config': args.config, 'overrides': args.override, 'remat': remat,
                   'remat_policy': config.model.remat_policy if remat else None,
-                  'dtype': config.model.dtype, 'device': jax.devices()[0].device_kind}
+                  'dtype': config.model.dtype, 'device': mesh.devices.flat[0].device_kind}
         residuals = residual_bytes_per_example(config)
         if residuals:
             task = tasks.create_task(config)

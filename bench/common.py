@@ -191,6 +191,64 @@ def peak_flops(device: jax.Device, dtype: str, override_tflops: float | None = N
     return None
 
 
+# XLA's GpuTargetConfig (stream_executor's device description) of the cards
+# `deviceless_gpu_mesh` compiles for, from the vendors' data sheets: name, memory
+# (bytes, as the driver reports it), bandwidth (bytes/s); 132 SMs, 50 MB of L2, a 1.98
+# GHz boost clock and compute capability 9.0 for both.
+GPU_TARGETS = {
+    'h100': ('NVIDIA H100 80GB HBM3', 84_929_347_584, 3_352_320_000_000),
+    'h200': ('NVIDIA H200', 150_754_820_096, 4_800_000_000_000),
+}
+_GPU_TARGET_CONFIG = """gpu_device_info {{
+  threads_per_block_limit: 1024  threads_per_warp: 32  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472  threads_per_core_limit: 2048  core_count: 132
+  fpus_per_core: 128  block_dim_limit_x: 2147483647  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535  memory_bandwidth: {bandwidth}  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98  device_memory_size: {memory}
+  shared_memory_per_block_optin: 232448  cuda_compute_capability {{ major: 9 }}
+  registers_per_core_limit: 65536  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: {cudnn_minor} }}
+runtime_version {{ major: 12 minor: 8 }}
+device_description_str: "{name}"
+"""
+
+
+def deviceless_gpu_mesh(target: str, cudnn_minor: int = 19) -> jax.sharding.Mesh:
+    """A one-device ('data',) mesh of an NVIDIA GPU that is described, not present.
+
+    Programs jitted over it compile for that card on this machine (XLA's deviceless
+    compilation: its GPU fusion, layouts, cuDNN / cuBLAS / Triton kernels) and cannot
+    run. Call before anything starts JAX's backends: only the CPU's starts (JAX's CUDA
+    plugin loads without a driver), XLA's autotuning (which needs the card) is off, and
+    ddpm_jax's choices that read `jax.default_backend()` see 'gpu' (XLA's 3x3
+    convolutions, matrix products for 1x1 channel products, cuDNN flash attention
+    where cuDNN takes the shape). Needs JAX's CUDA plugin for this jaxlib
+    (`pip install "jax-cuda12-plugin[with-cuda]==<jaxlib version>"`, ~5 GB, no GPU);
+    without it the process stops with one ERROR line saying so.
+    """
+    os.environ['JAX_SKIP_CUDA_CONSTRAINTS_CHECK'] = '1'
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
+                               + ' --xla_gpu_autotune_level=0').strip()
+    jax.config.update('jax_platforms', 'cpu')
+    jax.default_backend = lambda: 'gpu'
+    from jax.experimental import topologies
+    name, memory, bandwidth = GPU_TARGETS[target]
+    config = _GPU_TARGET_CONFIG.format(name=name, memory=memory, bandwidth=bandwidth,
+                                       cudnn_minor=cudnn_minor)
+    try:
+        topology = topologies.get_topology_desc(platform='cuda', target_config=config,
+                                                topology='1x1x1')
+    except Exception as e:  # noqa: BLE001  (NotImplementedError, RuntimeError: no plugin)
+        raise SystemExit(
+            f'ERROR: no CUDA compiler here ({type(e).__name__}: {e}); install JAX\'s CUDA '
+            f'plugin for this jaxlib: pip install "jax-cuda12-plugin[with-cuda]=='
+            f'{jax.__version__}" (PyPI; no GPU or driver needed).') from None
+    return jax.make_mesh((1,), (parallel.DATA_AXIS,),
+                         axis_types=(jax.sharding.AxisType.Auto,), devices=topology.devices)
+
+
 _INSTRUCTION = re.compile(r'\s*(?:ROOT )?%([\w.\-]+) = ')
 
 
@@ -355,3 +413,107 @@ def print_profile(rows: list[dict[str, Any]], top: int | None = None) -> None:
     if any(r['op'].startswith('(command_buffer') for r in rows):
         print('(command_buffer_N rows are XLA command buffers, CUDA graphs of many kernels: '
               'XLA_FLAGS=--xla_gpu_enable_command_buffer= names every kernel, at some cost)')
+
+
+_NOT_KERNELS = frozenset({
+    'parameter', 'get-tuple-element', 'bitcast', 'tuple', 'constant', 'after-all',
+    'partition-id', 'replica-id', 'opt-barrier', 'while', 'call', 'conditional'})
+_DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2,
+                's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8,
+                'c128': 16}
+_ARRAY = re.compile(r'\b(' + '|'.join(_DTYPE_BYTES) + r')\[([\d,]*)\]')
+
+
+def _shape_bytes(shape_text: str) -> int:
+    """Bytes of every array in an HLO shape's text (a tuple's elements summed)."""
+    return sum(_DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(',') if d)
+               for dtype, dims in _ARRAY.findall(shape_text))
+
+
+def kernel_census(hlo_text: str) -> dict[str, Any]:
+    """The kernels of a compiled program, from its text: what a GPU launches per call.
+
+    Every instruction of the entry computation (and of the bodies of its loops and
+    calls, each counted once) that does work: a fusion, a custom call (cuDNN, cuBLAS),
+    a copy or an unfused op. `parameter`, `get-tuple-element`, `bitcast`, `tuple`,
+    `constant` and barriers launch nothing. Bytes are the result's plus every operand's
+    whole size, read once: an upper bound on the traffic to memory (a fusion that
+    reads a slice or a broadcast scalar of an operand reads less; data a kernel finds
+    in the cache costs less).
+
+    Returns:
+        {'kernels', 'bytes', 'gb', 'model_kernels', 'model_gb', 'by_kind': {kind:
+        [kernels, gb]}, 'rows': [{'kernels', 'bytes', 'gb', 'kind', 'op'}, ...] (most
+        bytes first)}, the ops grouped as `profile_summary` groups them; 'model' is
+        what comes from the forward and backward passes (a `jvp(` or `transpose(` in
+        the op path), the rest (rows 'step ...') the optimiser, the EMA, the gradient
+        norms and the guards.
+    """
+    index = _hlo_index(hlo_text)
+    bodies, current, entry = {}, None, None
+    for line in hlo_text.split('\n'):
+        head = re.match(r'^(ENTRY )?%?([\w.\-]+) \(.*\{$', line)
+        if head:
+            current = head.group(2)
+            bodies[current] = []
+            entry = current if head.group(1) else entry
+        elif line.startswith('}'):
+            current = None
+        elif current is not None:
+            bodies[current].append(line)
+    rows, totals = collections.defaultdict(lambda: [0, 0]), collections.defaultdict(
+        lambda: [0, 0])
+    pending, seen = [entry], set()
+    while pending:
+        computation = pending.pop()
+        if computation in seen or computation not in bodies:
+            continue
+        seen.add(computation)
+        shapes = {}
+        for line in bodies[computation]:
+            parsed = _instruction(line)
+            if not parsed:
+                continue
+            name, op = parsed
+            result = line.split(' = ', 1)[1]
+            result = result[:result.index(op + '(')]
+            shapes[name] = _shape_bytes(result)
+            if op in ('while', 'call', 'conditional'):
+                pending += re.findall(r'(?:body|condition|to_apply|branch_computations'
+                                      r'|true_computation|false_computation)='
+                                      r'\{?%([\w.\-]+)', line)
+                pending += re.findall(r', %([\w.\-]+)', line.partition(
+                    'branch_computations={')[2].partition('}')[0])
+            if op in _NOT_KERNELS:
+                continue
+            operands = line.split(op + '(', 1)[1]
+            depth, end = 1, 0
+            for end, char in enumerate(operands):
+                depth += (char == '(') - (char == ')')
+                if depth == 0:
+                    break
+            read = sum(shapes.get(o, 0) for o in re.findall(r'%([\w.\-]+)', operands[:end]))
+            kind, path = index.get(name, (op, ''))
+            group = _op_group(path) if path and not path.startswith('(') else path or op
+            model = 'jvp(' in path or 'transpose(' in path
+            if not model and group.startswith('fwd '):  # The optimiser's, the guards'.
+                group = 'step ' + group[4:]
+            for key in ((kind, group), ('model' if model else 'rest', kind)):
+                table = rows if key[0] == kind else totals
+                table[key][0] += 1
+                table[key][1] += shapes[name] + read
+    by_kind = collections.defaultdict(lambda: [0, 0])
+    for (kind, _), (n, b) in rows.items():
+        by_kind[kind][0] += n
+        by_kind[kind][1] += b
+    model = [v for (part, _), v in totals.items() if part == 'model']
+    gb = lambda b: round(b / 1e9, 3)  # noqa: E731
+    return {
+        'kernels': sum(n for n, _ in by_kind.values()),
+        'bytes': sum(b for _, b in by_kind.values()),
+        'gb': gb(sum(b for _, b in by_kind.values())),
+        'model_kernels': sum(n for n, _ in model), 'model_gb': gb(sum(b for _, b in model)),
+        'by_kind': {k: [n, gb(b)] for k, (n, b) in
+                    sorted(by_kind.items(), key=lambda kv: -kv[1][1])},
+        'rows': [{'kernels': n, 'bytes': b, 'gb': gb(b), 'kind': k, 'op': g}
+                 for (k, g), (n, b) in sorted(rows.items(), key=lambda kv: -kv[1][1])]}

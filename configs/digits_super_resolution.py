@@ -10,13 +10,14 @@ steps of 64 images, Adam at 1e-3 with warm-up and cosine decay.
 Measured on a 2-core CPU shared with other jobs (2026-11-29, jax 0.10.2): 9 min 40 s
 for the 1,000 steps (42 s to compile the step; 3.1 steps/s, 200 images/s when the
 machine was not busy). The 297 held-out test digits, area-downsampled to 8x8 and
-upsampled (100 ancestral steps, 36 s for all): PSNR 45.4 dB to the 16x16 originals
-(bilinear upsampling: 22.6 dB, nearest: 21.4 dB); the samples' 2x2 means differ from
-the inputs by 0.6 grey levels on average (bilinear: 13.8). The 16x16 digits are
-bicubic enlargements of the 8x8 ones, so here the upsampler has little to invent:
-this config shows the machinery at work, not detail synthesis. The cascade below
-(100 images; the quick-start model with its 100 steps and guidance 2, then 100
-upsampler steps) takes 23 s including compilation.
+upsampled (100 ancestral steps, 36 s for all), scored by --mode=fid (uint8 outputs):
+PSNR 45.3 dB to the 16x16 originals (bilinear upsampling: 22.6 dB, nearest, computed
+the same way: 21.4 dB); the samples' 2x2 means differ from the inputs by 0.6 grey
+levels on average (bilinear: 13.8). The 16x16 digits are bicubic enlargements of the
+8x8 ones, so here the upsampler has little to invent: this config shows the machinery
+at work, not detail synthesis. The cascade below (100 images; the quick-start model
+with its 100 steps and guidance 2, then 100 upsampler steps) takes 23 s including
+compilation.
 
 Then upsample the quick-start model's samples in one command (the cascade: the
 8x8 model of configs/digits.py samples first, with its own settings, and its labels

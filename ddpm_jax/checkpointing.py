@@ -7,8 +7,9 @@ Each step directory `<workdir>/checkpoints/<step>/` holds four items:
   `jax.eval_shape` of the state carrying the *current* mesh's shardings, so a run
   can resume on a different number of devices.
 - `meta/`: the state's layout version (`state.STATE_LAYOUT_VERSION`) and the task's
-  parts. Checkpoints of ddpm_jax 0.1 have no `meta/`; their single-model state is
-  read and converted to the current layout.
+  parts. Checkpoints in the earlier layout have no `meta/`; their single-model state
+  (parameters at the top level, `sampler_state`) is read and converted to the current
+  layout.
 - `data/`: the training data iterator's position, one JSON file per process
   (`process_<i>-of-<n>.json`), so a resumed run sees the same next batch.
 - `config/`: the resolved config as JSON; a checkpoint is only restored by a config
@@ -285,9 +286,8 @@ def check_config_compatible(saved_config: Mapping[str, Any],
             diffs.append(f'{name}: checkpoint={fmt(old)}, config={fmt(new)}')
     if diffs:
         raise CheckpointMismatchError(
-            'The config does not match the checkpoint; differing fields:\n  '
-            + '\n  '.join(diffs)
-            + '\nUse the checkpoint\'s config or a new --workdir.')
+            'The config does not match the checkpoint; differing fields: '
+            + '; '.join(diffs) + ". Use the checkpoint's config or a new --workdir.")
 
 
 def check_workdir_compatible(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -309,7 +309,8 @@ def check_workdir_compatible(config: ml_collections.ConfigDict, workdir: str) ->
 
 
 def _legacy_layout(tree: Any) -> dict[str, Any]:
-    """A current single-part `TrainState` (abstract or not) in the layout of 0.1."""
+    """A current single-part `TrainState` (abstract or not) in the earlier layout (the
+    one without a `meta/` item)."""
     return {'step': tree.step, 'params': tree.params['model'],
             'ema_params': tuple(ema['model'] for ema in tree.ema_params),
             'opt_state': tree.opt_state['model'], 'sampler_state': tree.task_state}
@@ -470,8 +471,9 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any
     check_config_compatible(saved_config, config)
     step_dir = manager.directory / str(step)
     legacy = not (step_dir / 'meta').exists()
-    if legacy:  # Written by ddpm_jax 0.1: one model, no task state of its own.
-        logger.info('Checkpoint step %d has the 0.1 state layout; converting it.', step)
+    if legacy:  # The earlier layout (no `meta/`): one model, no task state of its own.
+        logger.info('Checkpoint step %d has the earlier state layout (no meta item); '
+                    'converting it.', step)
     target = _legacy_layout(abstract_state) if legacy else abstract_state
     items = {'state': ocp.args.StandardRestore(target)}
     has_data = restore_data and (step_dir / 'data').exists()

@@ -38,6 +38,8 @@ from ddpm_jax.models import layers
 from ddpm_jax.models import unet
 
 MODES = ('train', 'sample', 'eval', 'fid')
+# The tasks --mode=eval scores (bits/dim: the bound, or the ODE likelihood).
+EVAL_TASKS = ('diffusion', 'score', 'super_resolution')
 METRICS_NETWORKS = ('inception', 'digits')
 PRECISION_RECALL_DISTANCES = ('auto', 'float16', 'float32')
 # Each network's feature dimension D: FID's D x D covariances need more than D samples
@@ -131,6 +133,7 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
     check_choice('model.remat_policy', m.remat_policy, unet.REMAT_POLICIES)
     check_choice('model.bias_init', m.bias_init, layers.BIAS_INITS)
     check(m.num_classes >= 0, f'model.num_classes={m.num_classes} must be >= 0.')
+    check(m.timestep_scale > 0, f'model.timestep_scale={m.timestep_scale} must be > 0.')
     check(0.0 <= m.class_dropout_prob < 1.0,
           f'model.class_dropout_prob={m.class_dropout_prob} must be in [0, 1).')
     check(m.class_dropout_prob == 0 or m.num_classes > 0,
@@ -169,6 +172,10 @@ def _validate_optim(config: ml_collections.ConfigDict) -> None:
     check(o.min_learning_rate == 0 or o.lr_schedule != 'constant',
           "optim.min_learning_rate is where 'cosine' or 'linear' decay ends; with "
           "lr_schedule='constant' it must be 0.")
+    for field in ('b1', 'b2'):
+        check(0 <= o[field] < 1, f'optim.{field}={o[field]} must be in [0, 1).')
+    check(o.eps > 0, f'optim.eps={o.eps} must be > 0 (Adam divides by sqrt(v) + eps).')
+    check(o.weight_decay >= 0, f'optim.weight_decay={o.weight_decay} must be >= 0.')
     check(o.grad_clip_norm >= 0, f'optim.grad_clip_norm={o.grad_clip_norm} must be >= 0.')
     check(isinstance(o.grad_clip_groups, int) and o.grad_clip_groups >= 1,
           f'optim.grad_clip_groups={o.grad_clip_groups!r} must be an int >= 1.')
@@ -302,6 +309,9 @@ def _validate_langevin(config: ml_collections.ConfigDict) -> None:
 def _validate_eval(config: ml_collections.ConfigDict, num_devices: int,
                    num_processes: int) -> None:
     e = config.eval
+    check(config.task in EVAL_TASKS,
+          f'--mode=eval computes bits/dim of images, which task={config.task!r} does not '
+          f'define (tasks {", ".join(EVAL_TASKS)} do).')
     check(e.num_images >= 1, f'eval.num_images={e.num_images} must be >= 1.')
     check_choice('eval.likelihood', e.likelihood, EVAL_LIKELIHOODS)
     check(e.likelihood == 'ode' or config.task != 'score',

@@ -86,6 +86,8 @@ from ddpm_jax import config_lib
 
 # Examples in each split of the synthetic 'fake' source.
 FAKE_SPLIT_SIZES = {'train': 10_000, 'test': 1_000}
+# The splits of the built-in sources.
+BUILTIN_SPLITS = {'digits': ('train', 'test'), 'fake': tuple(FAKE_SPLIT_SIZES)}
 # The bundled digits: the first 1,500 images train, the last 297 test.
 DIGITS_NUM_TRAIN = 1_500
 # ITU-R BT.601 luma weights, for RGB -> grey.
@@ -166,15 +168,20 @@ def load_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
     return images / 8.0 - 1.0, labels
 
 
-def _digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Digits of `split`: images float32 [N, 8, 8, 1] in 0..16, labels int32 [N]."""
+def _check_builtin_split(name: str, split: str, field: str) -> None:
+    """Raises a one-line ValueError naming `field` unless `split` is one of the
+    built-in source `name`'s."""
+    if split not in BUILTIN_SPLITS[name]:
+        raise ValueError(f'{field}={split!r} is not a split of data.dataset={name!r}; '
+                         f'choose one of {list(BUILTIN_SPLITS[name])}.')
+
+
+def _digits_split(split: str, field: str = 'split') -> tuple[np.ndarray, np.ndarray]:
+    """Digits of `split` (the value of config `field`, for the message): images float32
+    [N, 8, 8, 1] in 0..16, labels int32 [N]."""
+    _check_builtin_split('digits', split, field)
     images, labels = _load_digits()
-    if split == 'train':
-        part = slice(0, DIGITS_NUM_TRAIN)
-    elif split == 'test':
-        part = slice(DIGITS_NUM_TRAIN, None)
-    else:
-        raise ValueError(f"digits dataset split {split!r} not in ['train', 'test']")
+    part = slice(0, DIGITS_NUM_TRAIN) if split == 'train' else slice(DIGITS_NUM_TRAIN, None)
     return images[part, :, :, None], labels[part]
 
 
@@ -205,12 +212,14 @@ def _is_prepared(name: str, data_dir: str) -> bool:
     return any('dataset_info.json' in files for _, _, files in os.walk(root))
 
 
-def _open_tfds(name: str, split: str, data_dir: str, renumber: bool = True) -> _Source:
+def _open_tfds(name: str, split: str, data_dir: str, renumber: bool = True,
+               field: str = 'split') -> _Source:
     """Opens one split of a prepared TFDS dataset as a random-access source; with
     `renumber`, WordNet-ID labels in sorted-ID order (`wordnet_label_order`).
 
     Raises:
         DatasetNotFoundError: The dataset is not prepared in array_record format.
+        ValueError: `split` (the value of config `field`) is not a split of it.
     """
     where = _resolve_data_dir(data_dir)
     build = (f'prepare it with `tfds build {name.split(":")[0]} --data_dir={where} '
@@ -237,6 +246,13 @@ def _open_tfds(name: str, split: str, data_dir: str, renumber: bool = True) -> _
                 f'TFDS dataset {name!r} in {where!r} is not in array_record format '
                 f'(needed for random access); {build}. Original error: {e}') from None
         raise
+    except ValueError as e:
+        reason = ' '.join(str(e).split())
+        if 'split' not in reason.lower() and 'slice' not in reason.lower():
+            raise
+        # An unknown split, or a slice of it beyond its size.
+        raise ValueError(f'{field}={split!r} is not a split of TFDS dataset '
+                         f'data.dataset={name!r} in {where!r}: {reason}') from None
     features = records.dataset_info.features
     if 'image' not in features:
         raise ValueError(f'TFDS dataset {name!r} has no "image" feature; features: '
@@ -259,23 +275,24 @@ def wordnet_label_order(names: Sequence[str]) -> np.ndarray | None:
     return np.argsort(np.argsort(np.asarray(names)))
 
 
-def _open_source(config: ml_collections.ConfigDict, split: str) -> _Source:
-    """Opens `split` of `config.data.dataset` as a random-access source."""
+def _open_source(config: ml_collections.ConfigDict, split: str, field: str) -> _Source:
+    """Opens `split` of `config.data.dataset` as a random-access source; `field` is the
+    config field `split` came from, which an unknown split's message names."""
     name = config.data.dataset
     if name == 'fake':
-        if split not in FAKE_SPLIT_SIZES:
-            raise ValueError(f'fake dataset split {split!r} not in {list(FAKE_SPLIT_SIZES)}')
+        _check_builtin_split(name, split, field)
         num_classes = config.model.num_classes if config.model.num_classes > 0 else 10
         records = _FakeRecords(FAKE_SPLIT_SIZES[split], config.data.image_size,
                                config.data.channels, num_classes,
                                salt=list(FAKE_SPLIT_SIZES).index(split))
         return _Source(records=records, max_value=255.0, num_classes=num_classes)
     if name == 'digits':
-        return _Source(records=_ArrayRecords(*_digits_split(split)), max_value=16.0,
+        return _Source(records=_ArrayRecords(*_digits_split(split, field)), max_value=16.0,
                        num_classes=10)
     if not name:
         raise ValueError('config.data.dataset is empty')
-    return _open_tfds(name, split, config.data.data_dir, config.data.wordnet_label_order)
+    return _open_tfds(name, split, config.data.data_dir, config.data.wordnet_label_order,
+                      field)
 
 
 # ---------------------------------------------------------------------------------
@@ -485,7 +502,7 @@ def create_train_iterator(config: ml_collections.ConfigDict, *,
             count.
         DatasetNotFoundError: A TFDS dataset is not prepared.
     """
-    source = _open_source(config, config.data.split)
+    source = _open_source(config, config.data.split, 'data.split')
     flip = _random_flip if config.data.random_flip else None
     if not config.data.random_crop:
         return create_records_train_iterator(
@@ -556,7 +573,8 @@ def create_records_train_iterator(
 
 def create_eval_iterator(config: ml_collections.ConfigDict, *,
                          process_index: int | None = None,
-                         process_count: int | None = None) -> grain.DatasetIterator:
+                         process_count: int | None = None,
+                         split_field: str = 'data.eval_split') -> grain.DatasetIterator:
     """Creates this process's single-pass evaluation iterator (no shuffle, no flip).
 
     Covers the first `min(config.eval.num_images, split size)` examples of
@@ -570,6 +588,9 @@ def create_eval_iterator(config: ml_collections.ConfigDict, *,
             `eval.global_batch_size`.
         process_index: This process's index; defaults to `jax.process_index()`.
         process_count: Number of processes; defaults to `jax.process_count()`.
+        split_field: The config field the user set `data.eval_split` with, which an
+            unknown split's message names (e.g. 'eval.fid_reference_split' for a copy
+            of the config reading that split).
 
     Returns:
         A finite iterator of local batches {'image': float32 [L, S, S, C],
@@ -577,14 +598,14 @@ def create_eval_iterator(config: ml_collections.ConfigDict, *,
         process_count.
 
     Raises:
-        ValueError: Bad config values or a global batch not divisible by the process
-            count.
+        ValueError: Bad config values, an unknown split (naming `split_field`) or a
+            global batch not divisible by the process count.
         DatasetNotFoundError: A TFDS dataset is not prepared.
     """
     index, count = _process_index_and_count(process_index, process_count)
     global_batch_size = config.eval.global_batch_size
     local_batch_size = _local_batch_size(global_batch_size, count, 'eval.global_batch_size')
-    source = _open_source(config, config.data.eval_split)
+    source = _open_source(config, config.data.eval_split, split_field)
     num_examples = min(config.eval.num_images, len(source.records))
     if num_examples <= 0:
         raise ValueError(f'eval.num_images={config.eval.num_images} must be positive')
@@ -611,6 +632,25 @@ def dataset_info(config: ml_collections.ConfigDict) -> dict[str, int]:
 
     Raises:
         DatasetNotFoundError: A TFDS dataset is not prepared.
+        ValueError: `data.split` is not a split of it (the message names the field).
     """
-    source = _open_source(config, config.data.split)
+    source = _open_source(config, config.data.split, 'data.split')
     return {'num_examples': len(source.records), 'num_classes': source.num_classes}
+
+
+def check_split(config: ml_collections.ConfigDict, split: str, field: str) -> None:
+    """Checks that `data.dataset` exists and has `split` without building a pipeline
+    or reading an example (a TFDS dataset's metadata is opened, nothing downloaded),
+    so that a run can refuse it before it creates or writes anything.
+
+    Args:
+        config: Reads `data.dataset` and `data.data_dir`.
+        split: The split to check.
+        field: The config field `split` came from, for the message (e.g.
+            'eval.fid_reference_split').
+
+    Raises:
+        DatasetNotFoundError: No such dataset, or a TFDS dataset that is not prepared.
+        ValueError: `split` is not a split of it (one line naming `field`).
+    """
+    _open_source(config, split, field)

@@ -14,9 +14,14 @@ is refused, never overwritten.
 
 When the file does not fit `--config`, the error names every missing, extra or
 mis-shaped tensor and the configs next to `--config` (e.g. all of
-configs/released/) that the file does fit.
+configs/released/) that the file does fit. Bad input stops with one `ERROR:` line
+before anything is written: a bad flag or override (`cli.parse_flags`), a config
+that `config_lib.validate` refuses, and a `--checkpoint` that does not exist, whose
+line names the file a released config was made for and where it is published
+(`missing_checkpoint_message`).
 """
 
+import ast
 import importlib.util
 import logging
 import os
@@ -32,6 +37,8 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from ddpm_jax import checkpointing
+from ddpm_jax import cli
+from ddpm_jax import config_lib
 from ddpm_jax import parallel
 from ddpm_jax import released
 from ddpm_jax import state as state_lib
@@ -40,7 +47,17 @@ from ddpm_jax import workdir as workdir_lib
 
 logger = logging.getLogger('ddpm_jax')
 
-__all__ = ['create_imported_state', 'import_checkpoint', 'load_sibling_configs']
+__all__ = ['create_imported_state', 'import_checkpoint', 'load_sibling_configs',
+           'missing_checkpoint_message']
+
+# Where the released files are published, by the prefix of their config's name in
+# configs/released/ (whose docstring command names the file: --checkpoint=<file>).
+RELEASES = {
+    'adm_': ("guided-diffusion's", 'https://openaipublic.blob.core.windows.net/diffusion/'
+                                   'jul-2021/'),
+    'iddpm_': ("improved-diffusion's", 'https://openaipublic.blob.core.windows.net/'
+                                       'diffusion/march-2021/'),
+}
 
 
 def load_sibling_configs(config_path: str) -> dict[str, ml_collections.ConfigDict]:
@@ -63,6 +80,37 @@ def load_sibling_configs(config_path: str) -> dict[str, ml_collections.ConfigDic
         except Exception:  # pylint: disable=broad-except  # Not a config file.
             continue
     return configs
+
+
+def _published_file(config_path: str) -> str | None:
+    """The file named by `--checkpoint=<file>` in the config file's docstring command."""
+    try:
+        with open(config_path, encoding='utf-8') as f:
+            docstring = ast.get_docstring(ast.parse(f.read())) or ''
+    except (OSError, SyntaxError, ValueError):
+        return None
+    words = [w for w in docstring.split() if w.startswith('--checkpoint=')]
+    return os.path.basename(words[0].split('=', 1)[1]) if words else None
+
+
+def missing_checkpoint_message(checkpoint: str, config_path: str) -> str:
+    """One line for a `--checkpoint` that does not exist: the file `config_path` was
+    made for and where it is published (configs/released/), or where to look."""
+    message = f'--checkpoint={checkpoint} does not exist: '
+    name = _published_file(config_path)
+    stem = os.path.basename(config_path)
+    release = next((r for prefix, r in RELEASES.items() if stem.startswith(prefix)), None)
+    if name and release:
+        project, url = release
+        return (message + f'--config={config_path} is the model of {project} released '
+                f'weights file {name}, published at {url}{name}; download it and pass its '
+                'path.')
+    if name:
+        return (message + f'--config={config_path} is the model of the released weights '
+                f'file {name}; README.md, "Published checkpoints", says where it is published.')
+    return (message + 'it must be the PyTorch file of the released weights that '
+            f'--config={config_path} describes; README.md, "Published checkpoints", lists '
+            'the releases.')
 
 
 def create_imported_state(config: ml_collections.ConfigDict, params: Mapping[str, Any],
@@ -126,19 +174,22 @@ def import_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, workdi
 
     Raises:
         FileNotFoundError: No such checkpoint file.
-        ValueError: The workdir already holds a checkpoint; the file is not a state
-            dict or does not fit `config` (naming the tensors and the fitting
-            candidates); a config the reference networks cannot express.
+        ValueError: A config `config_lib.validate` refuses (as for training); the
+            workdir already holds a checkpoint; the file is not a state dict or does
+            not fit `config` (naming the tensors and the fitting candidates); a config
+            the reference networks cannot express.
     """
     if not workdir:
         raise ValueError('--workdir must be set.')
+    mesh = parallel.create_mesh() if mesh is None else mesh
+    # As for training, except the batch against this machine's devices: the run that
+    # resumes from the import checks its own.
+    config_lib.validate(config, num_devices=1, num_processes=1)
     directory = checkpointing.checkpoint_dir(workdir)
     if directory.exists() and any(directory.iterdir()):
         raise ValueError(f'--workdir={workdir} already holds checkpoints ({directory}); '
                          'importing never overwrites one: choose a new --workdir.')
-    type(tasks.create_task(config)).validate_config(config)  # Unknown tasks raise too.
     params = released.load_checkpoint(checkpoint, config, candidates=candidates)
-    mesh = parallel.create_mesh() if mesh is None else mesh
     state = create_imported_state(config, params, mesh)
 
     workdir_lib.prepare(workdir)
@@ -171,15 +222,22 @@ def define_flags() -> None:
     flags.DEFINE_string('workdir', None, 'The new run directory.')
 
 
+def parse_flags(argv):
+    """absl parsing; any bad flag, override or --config file becomes one `ERROR:` line."""
+    return cli.parse_flags(argv, required=('config', 'checkpoint', 'workdir'))
+
+
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    del argv  # parse_flags refused positional arguments.
     if not flags.FLAGS['verbosity'].present:  # Our lines at INFO, JAX's only as warnings.
         absl_logging.set_verbosity(absl_logging.WARNING)
         logging.getLogger('ddpm_jax').setLevel(logging.INFO)
     config_path = flags.FLAGS['config'].config_filename
+    checkpoint = flags.FLAGS.checkpoint
     try:
-        import_checkpoint(flags.FLAGS.checkpoint, flags.FLAGS.config, flags.FLAGS.workdir,
+        if not os.path.exists(checkpoint):
+            raise FileNotFoundError(missing_checkpoint_message(checkpoint, config_path))
+        import_checkpoint(checkpoint, flags.FLAGS.config, flags.FLAGS.workdir,
                           candidates=load_sibling_configs(config_path))
     except (ValueError, FileNotFoundError) as e:
         if flags.FLAGS['verbosity'].present:
@@ -189,5 +247,4 @@ def main(argv):
 
 if __name__ == '__main__':
     define_flags()
-    flags.mark_flags_as_required(['config', 'checkpoint', 'workdir'])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

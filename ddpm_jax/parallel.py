@@ -67,6 +67,26 @@ def _auto_multiprocess() -> bool:
         os.environ.get('TPU_SKIP_MDS_QUERY') is None)
 
 
+def _check_process_flags(coordinator_address: str | None, num_processes: int | None,
+                         process_id: int | None) -> None:
+    """--coordinator_address, --num_processes and --process_id: all three or none."""
+    given = {'--coordinator_address': bool(coordinator_address),
+             '--num_processes': num_processes is not None,
+             '--process_id': process_id is not None}
+    if any(given.values()) and not all(given.values()):
+        missing = ', '.join(name for name, present in given.items() if not present)
+        raise ValueError(f'{missing} must be given too: a multi-process run takes '
+                         '--coordinator_address, --num_processes and --process_id together '
+                         '(or none of them, where the cluster is detected).')
+    if num_processes is None:
+        return
+    if num_processes < 1:
+        raise ValueError(f'--num_processes={num_processes} must be >= 1.')
+    if not 0 <= process_id < num_processes:
+        raise ValueError(f'--process_id={process_id} must be in [0, --num_processes='
+                         f'{num_processes}).')
+
+
 def initialize_distributed(coordinator_address: str | None = None,
                            num_processes: int | None = None,
                            process_id: int | None = None) -> None:
@@ -75,7 +95,12 @@ def initialize_distributed(coordinator_address: str | None = None,
     Explicit arguments (from main.py's flags) win; otherwise SLURM jobs, TPU slices and
     Cloud TPU VMs are detected (see `_auto_multiprocess`). A plain single-process run
     does nothing. CPU collectives use gloo, so multi-process CPU runs (and tests) work.
+
+    Raises:
+        ValueError: Only some of the three arguments given, `num_processes` < 1 or
+            `process_id` outside [0, num_processes); checked before anything starts.
     """
+    _check_process_flags(coordinator_address, num_processes, process_id)
     if not coordinator_address and not _auto_multiprocess():
         return
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
@@ -95,8 +120,9 @@ def enable_compilation_cache(directory: str) -> None:
     again, with a warning. On a GPU, XLA's per-fusion autotuning results are kept in
     `directory` too (JAX's `jax_persistent_cache_enable_xla_caches` default), keyed by
     fusion: from them alone the ADM-64 step compiled in 50 s instead of 230 s on an
-    H200. Only process 0 writes in a multi-process run. Call before the first compile;
-    main.py calls it with WORKDIR/compilation_cache.
+    H200. Only process 0 writes in a multi-process run. JAX creates `directory` at the
+    first compile after this call (and keeps only later compiles), so main.py calls it,
+    with WORKDIR/compilation_cache, once the config and the run's inputs are checked.
     """
     jax.config.update('jax_compilation_cache_dir', directory)
 

@@ -15,7 +15,10 @@ This module owns measuring a model's samples the way the papers do:
   optional `mu`/`sigma`/`mu_s`/`sigma_s`), cached in the workdir.
 * `evaluate_samples` (`--mode=fid`) scores a workdir's latest EMA parameters, or a
   samples `.npz` (`eval.fid_samples`), writes `metrics_<step>.json` and logs to
-  TensorBoard; `make_training_fid_fn` gives the trainer its periodic FID. An
+  TensorBoard; `make_training_fid_fn` gives the trainer its periodic FID. Every input
+  (the samples file, the reference file or split, the checkpoint) is checked before the
+  feature network is built or a reference cached (`open_samples_npz`,
+  `check_reference`), each refusal one line naming its config field and file. An
   upsampler (task='super_resolution') is scored on the eval split's images, upsampled
   from their area-downsampled versions, with their PSNR to the originals.
 """
@@ -284,7 +287,113 @@ def open_npz_array(path: str, key: str) -> np.ndarray:
         offset = f.tell()
     if fortran:
         raise ValueError(f'{path}: {key} is stored in Fortran order; save it C-ordered.')
+    if dtype.hasobject:  # Pickled Python objects: never mapped or unpickled.
+        raise ValueError(f'{path}: {key} is an object array (pickled data); save numbers.')
     return np.memmap(path, dtype=dtype, mode='r', offset=offset, shape=shape)
+
+
+# What reading a damaged, foreign or pickled `.npz` raises (np.load never unpickles here).
+_NPZ_ERRORS = (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile)
+
+
+def _read_npz(field: str, path: str, read: Callable[[Any], Any]) -> Any:
+    """`read(archive)` of the `.npz` that config `field` names, np.load's and zipfile's
+    errors (a text file, a truncated file, pickled objects) turned into one line naming
+    the field and the file. `read` must only read (its own ValueErrors would be
+    reported as an unreadable file).
+
+    Raises:
+        FileNotFoundError: No such file.
+        ValueError: Not a readable `.npz` of arrays.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'{field}={path!r} does not exist.')
+    try:
+        with open(path, 'rb') as f:
+            magic = f.read(6)
+        if magic == b'\x93NUMPY':
+            raise ValueError('it is a single .npy array; save an .npz with np.savez')
+        if not magic.startswith(b'PK'):  # np.load would take it for a pickle.
+            raise ValueError('it is not an .npz archive (the zip file np.savez writes)')
+        with np.load(path) as archive:  # allow_pickle=False: object arrays are refused.
+            return read(archive)
+    except _NPZ_ERRORS as e:
+        raise _unreadable(field, path, e) from None
+
+
+def _open_images(field: str, path: str, key: str) -> np.ndarray:
+    """`open_npz_array(path, key)`, its errors named as `_read_npz`'s."""
+    try:
+        return open_npz_array(path, key)
+    except _NPZ_ERRORS as e:
+        raise _unreadable(field, path, e) from None
+
+
+def _unreadable(field: str, path: str, error: Exception) -> ValueError:
+    reason = ' '.join(str(error).split()).removeprefix(f'{path}: ').rstrip('.')  # One line.
+    return ValueError(f'{field}={path!r} is not a readable .npz of arrays: '
+                      f'{reason or type(error).__name__}.')
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    """'HxWxC' of images [N, H, W, C], else the whole shape."""
+    return 'x'.join(map(str, shape[1:])) if len(shape) == 4 else str(tuple(shape))
+
+
+def _network_refuses(network: str, shape: tuple[int, ...]) -> str | None:
+    """What `eval.metrics_network` scores, if it cannot score images [N, H, W, C] of
+    `shape`; None if it can."""
+    _, height, width, channels = shape
+    if network == 'inception':
+        return None if channels in (1, 3) else 'images of 1 or 3 channels'
+    if height == width and height % 8 == 0 and height > 0 and channels == 1:
+        return None  # Block-averaged to 8x8 (see `FeatureExtractor`).
+    return 'square grey images of a multiple of 8 pixels (8x8x1, 16x16x1, ...)'
+
+
+def _open_reference_npz(path: str, network: str
+                        ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """The stored arrays of the `eval.fid_reference` file but its images, and its
+    images ('arr_0', memory-mapped; None if it has none), checked without computing.
+
+    Raises:
+        FileNotFoundError: No such file.
+        ValueError: As `load_reference_npz`.
+    """
+    field = 'eval.fid_reference'
+    stored, has_images = _read_npz(field, path, lambda f: (
+        {k: f[k] for k in f.files if k != 'arr_0'}, 'arr_0' in f.files))  # Statistics: small.
+    if not has_images:
+        if 'mu' not in stored or 'sigma' not in stored:
+            raise ValueError(f'{field}={path!r} has neither reference images '
+                             f"('arr_0') nor statistics ('mu', 'sigma'): {sorted(stored)}.")
+        return stored, None
+    images = _open_images(field, path, 'arr_0')  # Read batch by batch, never whole.
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"{field}={path!r}: 'arr_0' must be uint8 [N, H, W, C], "
+                         f'got {images.dtype} {images.shape}.')
+    takes = _network_refuses(network, images.shape)
+    if takes:
+        raise ValueError(f"{field}={path!r}: 'arr_0' holds {_shape_text(images.shape)} "
+                         f'images, but eval.metrics_network={network!r} scores {takes}.')
+    return stored, images
+
+
+def check_reference(config: ml_collections.ConfigDict) -> None:
+    """Checks what `reference_statistics` will read, before anything is built: the
+    `eval.fid_reference` file (readable, with statistics or images the feature network
+    scores), or else that `eval.fid_reference_split` is a split of the dataset.
+
+    Raises:
+        FileNotFoundError: A missing reference file or dataset.
+        ValueError: An unreadable or unusable reference file, or an unknown split (one
+            line naming the field).
+    """
+    e = config.eval
+    if e.fid_reference:
+        _open_reference_npz(e.fid_reference, e.metrics_network)
+    else:
+        data_lib.check_split(config, e.fid_reference_split, 'eval.fid_reference_split')
 
 
 def load_reference_npz(path: str, extractor: FeatureExtractor,
@@ -297,21 +406,15 @@ def load_reference_npz(path: str, extractor: FeatureExtractor,
     with `eval.inception_input='tf'`); otherwise they would be compared with other
     features, so the statistics recomputed from its images are used (and a line says
     so). Its images give the features for precision/recall.
+
+    Raises:
+        FileNotFoundError: No such file.
+        ValueError: An unreadable file, or one without statistics or images the feature
+            network scores (naming `eval.fid_reference` and the file).
     """
-    if not os.path.exists(path):
-        raise FileNotFoundError(f'eval.fid_reference={path!r} does not exist.')
-    with np.load(path) as f:
-        stored = {k: f[k] for k in f.files if k != 'arr_0'}  # Statistics: small.
-        has_images = 'arr_0' in f.files
-    if not has_images:
-        if 'mu' not in stored or 'sigma' not in stored:
-            raise ValueError(f'eval.fid_reference={path!r} has neither reference images '
-                             f"('arr_0') nor statistics ('mu', 'sigma'): {sorted(stored)}.")
+    stored, images = _open_reference_npz(path, extractor.name)
+    if images is None:
         return stored
-    images = open_npz_array(path, 'arr_0')  # Read batch by batch, never whole.
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(f"eval.fid_reference={path!r}: 'arr_0' must be uint8 [N, H, W, C], "
-                         f'got {images.dtype} {images.shape}.')
     accumulator = FeatureAccumulator()
     _features_of_images(extractor, images, batch_size, accumulator)
     computed = accumulator.result()
@@ -351,7 +454,8 @@ def reference_statistics(config: ml_collections.ConfigDict, extractor: FeatureEx
     accumulator = FeatureAccumulator()
     logger.info('Computing reference statistics of %s split %r (up to %d images).',
                 config.data.dataset, e.fid_reference_split, e.fid_reference_num_images)
-    for local in data_lib.create_eval_iterator(ref_config):
+    for local in data_lib.create_eval_iterator(ref_config,
+                                               split_field='eval.fid_reference_split'):
         batch = parallel.to_global({'image': local['image'], 'mask': local['mask']},
                                    extractor.mesh)
         features = extractor(batch['image'], quantize='round')
@@ -494,20 +598,42 @@ def make_training_fid_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.M
     return fid_fn
 
 
-def _npz_features(path: str, extractor: FeatureExtractor, batch_size: int
-                  ) -> tuple[FeatureAccumulator, np.ndarray | None]:
-    """Features of a samples `.npz` ('images' or 'arr_0' uint8 NHWC), read in batches."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f'eval.fid_samples={path!r} does not exist.')
-    with np.load(path) as f:
-        key = 'images' if 'images' in f.files else 'arr_0'
-        if key not in f.files:
-            raise ValueError(f"eval.fid_samples={path!r} has no 'images' or 'arr_0' array.")
-        labels = np.asarray(f['labels']) if 'labels' in f.files else None
-    images = open_npz_array(path, key)
-    accumulator = FeatureAccumulator()
-    _features_of_images(extractor, images, batch_size, accumulator)
-    return accumulator, labels
+def open_samples_npz(config: ml_collections.ConfigDict
+                     ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Checks the samples `.npz` of `eval.fid_samples` and opens its images without
+    reading them.
+
+    Returns:
+        (images uint8 [N, S, S, C] ('images' or 'arr_0', memory-mapped when stored
+        uncompressed) with S = data.image_size and C = data.channels, the model's
+        samples; labels [N] ('labels') or None).
+
+    Raises:
+        FileNotFoundError: No such file.
+        ValueError: An unreadable file, no image array, images of another shape or
+            type, or labels not one per image (one line naming the field and the
+            file, and the expected and found shapes).
+    """
+    path, d = config.eval.fid_samples, config.data
+    field = f'eval.fid_samples={path!r}'
+    key, labels = _read_npz('eval.fid_samples', path, lambda f: (
+        next((k for k in ('images', 'arr_0') if k in f.files), None),
+        np.asarray(f['labels']) if 'labels' in f.files else None))
+    if key is None:
+        raise ValueError(f"{field} has no 'images' or 'arr_0' array.")
+    images = _open_images('eval.fid_samples', path, key)
+    want = (d.image_size, d.image_size, d.channels)
+    if images.ndim != 4 or tuple(images.shape[1:]) != want:
+        raise ValueError(f'{field} holds {_shape_text(images.shape)} images ({key!r}), '
+                         f'expected {"x".join(map(str, want))} (data.image_size='
+                         f'{d.image_size}, data.channels={d.channels}): the samples of '
+                         "this config's model.")
+    if images.dtype != np.uint8:
+        raise ValueError(f'{field}: {key!r} must be uint8 pixels, got {images.dtype}.')
+    if labels is not None and labels.shape != (images.shape[0],):
+        raise ValueError(f"{field}: 'labels' has shape {labels.shape}, expected "
+                         f'[{images.shape[0]}] (one label per image).')
+    return images, labels
 
 
 def evaluate_samples(config: ml_collections.ConfigDict, workdir: str, *,
@@ -526,8 +652,10 @@ def evaluate_samples(config: ml_collections.ConfigDict, workdir: str, *,
     to TensorBoard and `runs.jsonl`.
 
     Raises:
-        ValueError: A bad config, or too few samples for the feature dimension.
-        FileNotFoundError: No checkpoint, reference, samples or weights file.
+        ValueError: A bad config, an unreadable or wrongly shaped samples or reference
+            file, an unknown split, or too few samples for the feature dimension; all
+            but the last before anything is built or written.
+        FileNotFoundError: No checkpoint, reference, samples or weights file (as early).
     """
     mesh = parallel.create_mesh() if mesh is None else mesh
     config_lib.validate(config, mode='fid', num_devices=parallel.num_mesh_devices(mesh))
@@ -542,14 +670,19 @@ def evaluate_samples(config: ml_collections.ConfigDict, workdir: str, *,
                              'upsampler upsamples the eval split (or a cascade); score the '
                              'upsampled .npz of --mode=sample with eval.fid_samples.')
     workdir_lib.require_existing(workdir)
-    extractor = FeatureExtractor(config, mesh)
-    reference = reference_statistics(config, extractor, workdir)
-    extra = {}
-    if config.eval.fid_samples:
-        accumulator, labels = _npz_features(config.eval.fid_samples, extractor,
-                                            config.eval.fid_batch_size)
-        step, source = -1, config.eval.fid_samples
-    else:
+    # Every input is checked (the samples file opened, the reference file or split
+    # found, the checkpoint restored) before the feature network is built and the
+    # reference statistics are computed and cached in the workdir.
+    samples_file = config.eval.fid_samples
+    if samples_file:
+        images, labels = open_samples_npz(config)
+    elif upsampler:
+        data_lib.check_split(config, config.data.eval_split, 'data.eval_split')
+    check_reference(config)
+    if not samples_file:
+        checkpoints = checkpointing.checkpoint_dir(workdir)
+        if not checkpoints.exists():  # Before the restore builds the model's state.
+            raise FileNotFoundError(f'No checkpoint in {checkpoints}.')
         step, _, ema_params, task_state = checkpointing.restore_for_inference(
             config, workdir, mesh, with_task_state=True)
         fid_config = ml_collections.ConfigDict(config.to_dict())
@@ -562,25 +695,32 @@ def evaluate_samples(config: ml_collections.ConfigDict, workdir: str, *,
                                          classifier=classifier, mesh=mesh)
         params = ema_params[tasks.TASKS[config.task].sample_part]
         rng = config_lib.rng_for(config, 'fid')
-        if upsampler:
-            logger.info('Scoring step %d on up to %d images of %r, area-downsampled to %dx%d '
-                        'and upsampled (%s).', step, config.eval.fid_num_samples,
-                        config.data.eval_split, config.model.low_res_size,
-                        config.model.low_res_size, config.sample.sampler)
-            accumulator, labels, extra = _upsampled_eval_features(config, sample_fn, params,
-                                                                  extractor, rng)
-            source = f'step {step}, upsampled {config.data.eval_split!r}'
-        else:
-            logger.info('Scoring %d samples of step %d (%s%s).', config.eval.fid_num_samples,
-                        step, config.sample.sampler,
-                        f', classifier scale {config.sample.classifier_scale}'
-                        if classifier is not None else '')
-            accumulator, labels = _sample_features(
-                config, sample_fn, params, extractor, config.eval.fid_num_samples, rng,
-                progress=True, task_state=task_state,
-                num_classes=diffusion_task.label_classes(config, classifier),
-                classifier_params=classifier_params)
-            source = f'step {step}'
+    extractor = FeatureExtractor(config, mesh)
+    reference = reference_statistics(config, extractor, workdir)
+    extra = {}
+    if samples_file:
+        accumulator = FeatureAccumulator()
+        _features_of_images(extractor, images, config.eval.fid_batch_size, accumulator)
+        step, source = -1, samples_file
+    elif upsampler:
+        logger.info('Scoring step %d on up to %d images of %r, area-downsampled to %dx%d '
+                    'and upsampled (%s).', step, config.eval.fid_num_samples,
+                    config.data.eval_split, config.model.low_res_size,
+                    config.model.low_res_size, config.sample.sampler)
+        accumulator, labels, extra = _upsampled_eval_features(config, sample_fn, params,
+                                                              extractor, rng)
+        source = f'step {step}, upsampled {config.data.eval_split!r}'
+    else:
+        logger.info('Scoring %d samples of step %d (%s%s).', config.eval.fid_num_samples,
+                    step, config.sample.sampler,
+                    f', classifier scale {config.sample.classifier_scale}'
+                    if classifier is not None else '')
+        accumulator, labels = _sample_features(
+            config, sample_fn, params, extractor, config.eval.fid_num_samples, rng,
+            progress=True, task_state=task_state,
+            num_classes=diffusion_task.label_classes(config, classifier),
+            classifier_params=classifier_params)
+        source = f'step {step}'
     result = score(accumulator.result(), reference, labels=labels,
                    **scoring_options(config))
     result.update(extra)

@@ -45,7 +45,6 @@ same storage bytes as `torch.save`; only the zip container's bookkeeping (ZIP64
 records, timestamps, the opaque serialization id) differs.
 """
 
-import errno
 import hashlib
 import io
 import os
@@ -173,7 +172,8 @@ def check_hash(path: str | os.PathLike, expected_prefix: str) -> str:
 def _require_file(path: str | os.PathLike) -> str:
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(errno.ENOENT, 'PyTorch checkpoint not found', path)
+        raise FileNotFoundError(f'{path} does not exist: a PyTorch checkpoint (a file '
+                                'written by torch.save, e.g. a released .pt) is needed.')
     return path
 
 

@@ -218,6 +218,27 @@ def create_train_iterator(config: ml_collections.ConfigDict):
     return data_lib.create_train_iterator(config)
 
 
+def check_inputs(config: ml_collections.ConfigDict) -> None:
+    """What training reads besides the workdir, from metadata only (nothing is built or
+    compiled): the dataset and `data.split`, its classes against `model.num_classes`,
+    and with periodic FID the reference file or split. `Trainer.train` calls it before
+    it creates the workdir; main.py before it points JAX's compilation cache there.
+
+    Raises:
+        ValueError: A field naming a bad split, too few classes or an unreadable
+            reference.
+        FileNotFoundError: A missing dataset or reference file.
+    """
+    have = data_lib.dataset_info(config)['num_classes']
+    num_classes = config.model.num_classes
+    if 0 < num_classes < have:
+        raise ValueError(f'model.num_classes={num_classes} is smaller than the '
+                         f'{have} classes of data.dataset={config.data.dataset!r}; '
+                         f'set model.num_classes={have}.')
+    if config.train.fid_every_steps > 0:
+        sample_quality.check_reference(config)
+
+
 def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh) -> Callable:
     """`jax.jit` of the step: state replicated and donated, batch sharded `P('data')`."""
     replicated = parallel.replicated_sharding(mesh)
@@ -386,7 +407,9 @@ class Trainer:
             The final train state.
 
         Raises:
-            ValueError: An unwritable workdir (before any compile).
+            ValueError: An unwritable workdir, or inputs refused by `check_inputs`
+                (before the workdir is created or anything compiles).
+            FileNotFoundError: A missing dataset or FID reference file (as early).
             checkpointing.CheckpointMismatchError: The workdir holds a checkpoint of a
                 different model.
             NonFiniteLossError: A non-finite loss/gradient; the last checkpoint written
@@ -398,6 +421,7 @@ class Trainer:
         if stop_at_step is not None:
             last_step = min(stop_at_step, last_step)
         checkpointing.check_workdir_compatible(config, workdir)
+        check_inputs(config)  # A refused run leaves no workdir behind.
         workdir_lib.prepare(workdir)
         lock = workdir_lib.TrainLock(workdir)
         failure = None
@@ -413,21 +437,9 @@ class Trainer:
         finally:
             lock.release()
 
-    def _check_labels(self) -> None:
-        """Refuses a dataset with more classes than `model.num_classes` (its metadata)."""
-        num_classes = self.config.model.num_classes
-        if num_classes <= 0:
-            return
-        have = data_lib.dataset_info(self.config)['num_classes']
-        if have > num_classes:
-            raise ValueError(f'model.num_classes={num_classes} is smaller than the '
-                             f'{have} classes of data.dataset={self.config.data.dataset!r}; '
-                             f'set model.num_classes={have}.')
-
     def _train_locked(self, workdir: str, last_step: int) -> state_lib.TrainState:
         config, mesh = self.config, self.mesh
         train_opts = config.train
-        self._check_labels()
         fid_fn = None
         if train_opts.fid_every_steps > 0:  # Weights and reference load now: fail early.
             fid_fn = sample_quality.make_training_fid_fn(config, mesh, workdir)

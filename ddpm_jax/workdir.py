@@ -9,9 +9,10 @@
   with a line naming the holder. A lock whose process is gone (same host, pid not
   running) or whose heartbeat stopped (`STALE_AFTER_S`, for another host) is taken
   over, so a killed job never blocks its restart.
-* Records: `config.json` describes the checkpoints (written by training only,
-  after its checks passed); `runs.jsonl` gets one line per run of any mode (time,
-  mode, host, config and the files it wrote), so no run's record replaces another's.
+* Records: `config.json` describes the checkpoints (written by training, once its
+  first checkpoint is saved, or by `import_checkpoint`); `runs.jsonl` gets one line
+  per run of any mode, an import's as mode 'import' (time, mode, host, config and the
+  files it wrote), so no run's record replaces another's.
 * `unique_stem(directory, stem, suffixes)` gives `<stem>`, or `<stem>_1`,
   `<stem>_2`... when a file of that name is taken: no mode overwrites a result.
 """

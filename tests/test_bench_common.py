@@ -1,6 +1,8 @@
 """The benchmarks' shared helpers: config overrides and the profile summary's parsing."""
 
+import importlib.util
 import os
+import subprocess
 import sys
 
 import jax
@@ -241,3 +243,80 @@ def test_hlo_index_names_a_fusion_with_metadata_after_its_convolution():
         '__ynn_fusion', 'jit(f)/transpose(jvp(M))/up_1/skip/conv_general_dilated')
     text = FUSED.replace('calls=%fused_norm', 'calls=%fused_norm, metadata={op_name="a/b"}')
     assert common._hlo_index(text)['loop_fusion.1'] == ('kLoop', 'a/b')  # No conv: its own.
+
+
+CENSUS_HLO = """HloModule jit_step
+
+%fused_add (p0: bf16[8,4,4,16]) -> bf16[8,4,4,16] {
+  %p0 = bf16[8,4,4,16]{3,2,1,0} parameter(0)
+  ROOT %add.1 = bf16[8,4,4,16]{3,2,1,0} add(%p0, %p0), metadata={op_name="jit(step)/jvp(UNet)/down_0_res_1/add"}
+}
+
+%body (s: (s32[], f32[64])) -> (s32[], f32[64]) {
+  %s = (s32[], f32[64]{0}) parameter(0)
+  %v = f32[64]{0} get-tuple-element(%s), index=1
+  %i = s32[] get-tuple-element(%s), index=0
+  %loop_multiply_fusion = f32[64]{0} fusion(%v), kind=kLoop, calls=%fused_add, metadata={op_name="jit(step)/mul"}
+  ROOT %t = (s32[], f32[64]{0}) tuple(%i, %loop_multiply_fusion)
+}
+
+%cond (s: (s32[], f32[64])) -> pred[] {
+  %s = (s32[], f32[64]{0}) parameter(0)
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main.9 (x: bf16[8,4,4,16], w: bf16[3,3,16,16], m: f32[64]) -> f32[64] {
+  %x = bf16[8,4,4,16]{3,2,1,0} parameter(0)
+  %w = bf16[3,3,16,16]{3,2,1,0} parameter(1)
+  %m = f32[64]{0} parameter(2)
+  %cudnn-conv.1 = (bf16[8,4,4,16]{3,2,1,0}, u8[0]{0}) custom-call(%x, %w), window={size=3x3 pad=1_1x1_1}, custom_call_target="__cudnn$convForward", metadata={op_name="jit(step)/transpose(jvp(UNet))/up_2_res_0/in_conv/conv_general_dilated"}
+  %get-tuple-element.2 = bf16[8,4,4,16]{3,2,1,0} get-tuple-element(%cudnn-conv.1), index=0
+  %loop_add_fusion = bf16[8,4,4,16]{3,2,1,0} fusion(%get-tuple-element.2), kind=kLoop, calls=%fused_add
+  %copy.3 = f32[64]{0} copy(%m)
+  %init = (s32[], f32[64]{0}) tuple(%c0, %copy.3)
+  %while.1 = (s32[], f32[64]{0}) while(%init), condition=%cond, body=%body
+  ROOT %out = f32[64]{0} get-tuple-element(%while.1), index=1
+}
+"""
+
+
+def test_kernel_census_counts_launches_and_their_bytes():
+    census = common.kernel_census(CENSUS_HLO)
+    activation = 8 * 4 * 4 * 16 * 2  # bf16[8,4,4,16]
+    rows = {(r['kind'], r['op']): (r['kernels'], r['bytes']) for r in census['rows']}
+    # The convolution: its tuple result (the u8[0] scratch is 0 bytes) and both operands.
+    conv_bytes = activation + activation + 3 * 3 * 16 * 16 * 2
+    assert rows == {
+        ('__cudnn$convForward', 'bwd up_*_res_*/in_conv/conv_general_dilated'): (1, conv_bytes),
+        ('kLoop', 'fwd down_*_res_*/add'): (1, 2 * activation),  # Named after its add.
+        ('copy', 'copy'): (1, 2 * 64 * 4),
+        ('kLoop', 'step mul'): (1, 2 * 64 * 4),  # The loop body's, counted once.
+    }
+    # Parameters, tuples, get-tuple-element, the while and its condition launch nothing.
+    assert census['kernels'] == 4 and census['model_kernels'] == 2
+    assert census['bytes'] == conv_bytes + 2 * activation + 4 * 64 * 4
+    assert census['rows'][0]['kind'] == '__cudnn$convForward'  # Most bytes first.
+
+
+def test_shape_bytes_sums_tuples_and_dtypes():
+    assert common._shape_bytes('(bf16[2,3]{1,0}, u8[0]{0}, pred[5], f32[])') == 12 + 0 + 5 + 4
+
+
+def _has_cuda_plugin() -> bool:
+    try:
+        return importlib.util.find_spec('jax_plugins.xla_cuda12') is not None
+    except ModuleNotFoundError:  # No jax_plugins package at all.
+        return False
+
+
+@pytest.mark.skipif(_has_cuda_plugin(),
+                    reason="JAX's CUDA plugin is installed: the mesh would be made.")
+def test_deviceless_gpu_mesh_without_the_cuda_plugin_is_one_error_line():
+    bench = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'bench')
+    result = subprocess.run(
+        [sys.executable, '-c', "import common; common.deviceless_gpu_mesh('h100')"],
+        cwd=bench, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        'ERROR: no CUDA compiler here'), result.stderr
+    assert 'pip install "jax-cuda12-plugin[with-cuda]==' in result.stderr

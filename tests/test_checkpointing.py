@@ -85,6 +85,20 @@ def test_mismatched_config_is_refused(tiny_config, tmp_path):
     checkpointing.check_config_compatible(saved, config)
 
 
+def test_mismatch_is_one_line_naming_every_field(tiny_config):
+    saved = config_lib.to_json_dict(tiny_config)
+    other = tiny_config.copy_and_resolve_references()
+    other.model.base_channels = 16
+    other.diffusion.num_timesteps = 30
+    with pytest.raises(checkpointing.CheckpointMismatchError) as info:
+        checkpointing.check_config_compatible(saved, other)
+    assert str(info.value) == (
+        'The config does not match the checkpoint; differing fields: '
+        'diffusion.num_timesteps: checkpoint=20, config=30; '
+        "model.base_channels: checkpoint=8, config=16. Use the checkpoint's config or a "
+        'new --workdir.')
+
+
 def test_the_sde_is_structural_for_score_models_only(tiny_config):
     saved = config_lib.to_json_dict(tiny_config)
     other = tiny_config.copy_and_resolve_references()

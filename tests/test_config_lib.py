@@ -1,5 +1,6 @@
 """Tests for ddpm_jax.config_lib: every rule names its field; JSON round trip; salts."""
 
+import importlib
 import json
 import os
 
@@ -35,6 +36,11 @@ README = open(__file__.replace('tests/test_config_lib.py', 'README.md')).read()
     ('optim.ema_decays', (1.0,), r'optim.ema_decays=\(1.0,\)'),
     ('sample.quantize', 'floor', r"sample.quantize='floor'.*'round', 'truncate'"),
     ('diffusion.beta_end', 0.02, r'diffusion.beta_start=0.0, beta_end=0.02: need 0 <'),
+    ('optim.b1', 1.5, r'optim.b1=1.5 must be in \[0, 1\)'),
+    ('optim.b2', -1.0, r'optim.b2=-1.0 must be in \[0, 1\)'),
+    ('optim.eps', 0.0, r'optim.eps=0.0 must be > 0'),
+    ('optim.weight_decay', -1.0, r'optim.weight_decay=-1.0 must be >= 0'),
+    ('model.timestep_scale', -1.0, r'model.timestep_scale=-1.0 must be > 0'),
 ])
 def test_train_mode_checks_name_the_field(tiny_config, field, value, match):
     """Training checks what its end-of-run sample grid will use, too."""
@@ -61,6 +67,24 @@ def test_other_modes_check_their_groups(tiny_config, mode, field, value, match):
     tiny_config[group][name] = value
     with pytest.raises(ValueError, match=match):
         config_lib.validate(tiny_config, mode=mode, num_devices=4)
+
+
+def test_eval_mode_refuses_tasks_without_bits_per_dim():
+    config = _config_file('digits_ddgan')
+    config_lib.validate(config, mode='sample', num_devices=1)  # Valid for sampling.
+    with pytest.raises(ValueError, match=r"--mode=eval .* task='ddgan' does not define"):
+        config_lib.validate(config, mode='eval', num_devices=1)
+
+
+def test_ddgan_checks_its_adam_betas():
+    config = _config_file('digits_ddgan')
+    config.gan.b1 = 2.0
+    with pytest.raises(ValueError, match=r'gan.b1=2.0 and gan.b2=0.9 must be in \[0, 1\)'):
+        config_lib.validate(config, mode='train', num_devices=1)
+
+
+def _config_file(name):
+    return importlib.import_module(f'configs.{name}').get_config()
 
 
 def test_sample_mode_refuses_a_classifier_config(tiny_config):

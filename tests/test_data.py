@@ -307,6 +307,34 @@ def test_missing_tfds_dataset_fails_fast(tiny_config, tmp_path):
         data.dataset_info(tiny_config)
 
 
+@pytest.mark.parametrize('dataset', ['digits', 'fake', TINY_NAME])
+def test_an_unknown_split_names_its_config_field(tiny_config, tiny_data_dir, dataset):
+    """Every reader of a split names the field the split came from, in one line."""
+    tiny_config.data.dataset, tiny_config.data.data_dir = dataset, tiny_data_dir
+    bad = 'nonexistent_split'
+    tiny_config.data.split = tiny_config.data.eval_split = bad
+    cases = [
+        ('data.split', lambda: data.dataset_info(tiny_config)),
+        ('data.split', lambda: data.create_train_iterator(tiny_config, process_index=0,
+                                                          process_count=1)),
+        ('data.eval_split', lambda: data.create_eval_iterator(tiny_config, process_index=0,
+                                                              process_count=1)),
+        ('eval.fid_reference_split', lambda: data.create_eval_iterator(
+            tiny_config, process_index=0, process_count=1,
+            split_field='eval.fid_reference_split')),
+        ('eval.fid_reference_split', lambda: data.check_split(
+            tiny_config, bad, 'eval.fid_reference_split')),
+    ]
+    for field, call in cases:
+        with pytest.raises(ValueError) as info:
+            call()
+        message = str(info.value)
+        assert message.startswith(f"{field}='{bad}' is not a split of ")
+        assert f"data.dataset='{dataset}'" in message and "'train', 'test'" in message
+        assert '\n' not in message
+    data.check_split(tiny_config, 'test', 'data.eval_split')  # A real split passes.
+
+
 @pytest.mark.slow
 def test_worker_processes_give_same_batches_and_resume(tiny_config):
     from absl import flags  # grain's worker processes read absl flags.

@@ -105,10 +105,96 @@ def test_compilation_cache_defaults_to_the_workdir(monkeypatch, tmp_path):
     dirs = []
     monkeypatch.setattr(parallel, 'enable_compilation_cache', dirs.append)
     monkeypatch.setattr(train, 'run_training', lambda config, workdir: None)
-    _run_main([f'--workdir={tmp_path}'], compilation_cache=None)
+    monkeypatch.setattr(sample_mode, 'sample_and_save', lambda config, workdir: None)
+    new = tmp_path / 'new'
+    _run_main([f'--workdir={new}'], compilation_cache=None)
+    assert not new.exists()  # Training creates it, after its checks; the cache after that.
     _run_main([f'--workdir={tmp_path}'], compilation_cache=f'{tmp_path}/elsewhere')
     _run_main([f'--workdir={tmp_path}'], compilation_cache='')  # None.
-    assert dirs == [str(tmp_path / 'compilation_cache'), f'{tmp_path}/elsewhere']
+    _run_main([f'--workdir={tmp_path}', '--mode=sample'], compilation_cache=None)
+    # Sampling never creates a workdir, so neither may its cache.
+    _run_main([f'--workdir={tmp_path}/absent', '--mode=sample'], compilation_cache=None)
+    assert dirs == [str(new / 'compilation_cache'), f'{tmp_path}/elsewhere',
+                    str(tmp_path / 'compilation_cache')]
+    assert not (tmp_path / 'absent').exists()
+
+
+def test_compilation_cache_waits_for_a_valid_config(no_compile, monkeypatch, tmp_path):
+    """A refused run enables no cache, whose first compile would create its directory."""
+    dirs = []
+    monkeypatch.setattr(parallel, 'enable_compilation_cache', dirs.append)
+    with pytest.raises(SystemExit) as info:
+        _run_main([f'--workdir={tmp_path}/new', '--config.sample.eta=-1'],
+                  compilation_cache=None)
+    assert str(info.value.code).startswith('ERROR: sample.eta=-1.0 must be >= 0.')
+    assert dirs == [] and not os.listdir(tmp_path)
+
+
+def test_sample_from_a_missing_workdir_creates_nothing(tmp_path):
+    """The real command, with the default cache: one error line naming the workdir, and
+    neither the workdir nor a cache directory (there or in the current one) is made."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, 'main.py'),
+         f'--config={os.path.join(REPO, "configs", "digits.py")}', '--mode=sample',
+         f'--workdir={tmp_path}/missing'],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False)
+    errors = [line for line in result.stderr.splitlines() if line.startswith('ERROR:')]
+    assert result.returncode != 0 and 'Traceback' not in result.stderr
+    assert errors == [f'ERROR: --workdir={tmp_path}/missing does not exist; sample and eval '
+                      'modes read a trained run and never create one.'], result.stderr
+    assert not os.listdir(tmp_path)
+
+
+def test_refused_training_leaves_no_workdir(tmp_path):
+    """The real command with the default cache: a split the dataset lacks (checked by the
+    trainer, not by config validation) is one error line, and no workdir is left."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, 'main.py'),
+         f'--config={os.path.join(REPO, "configs", "digits.py")}',
+         '--config.data.split=nonexistent_split', f'--workdir={tmp_path}/new'],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False)
+    errors = [line for line in result.stderr.splitlines() if line.startswith('ERROR:')]
+    assert result.returncode != 0 and 'Traceback' not in result.stderr
+    assert len(errors) == 1 and "data.split='nonexistent_split'" in errors[0], result.stderr
+    assert not os.listdir(tmp_path)
+
+
+def test_empty_workdir_is_refused_at_parse_time(no_compile, monkeypatch, tmp_path):
+    dirs = []
+    monkeypatch.setattr(parallel, 'enable_compilation_cache', dirs.append)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        _run_main(['--workdir='], compilation_cache=None)
+    assert info.value.code == 'ERROR: --workdir must be set.'
+    assert dirs == [] and not os.listdir(tmp_path)
+
+
+def test_positional_argument_is_one_error_line(no_compile, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        _run_main([f'--workdir={tmp_path}', 'extra_positional'])
+    message = str(info.value.code)
+    assert message.startswith("ERROR: unexpected argument 'extra_positional'")
+    assert '\n' not in message and not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize('argv, expected', [
+    (['--num_processes=2', '--process_id=5'], 'ERROR: --coordinator_address must be given'),
+    (['--coordinator_address=localhost:1', '--process_id=0'], 'ERROR: --num_processes must'),
+    (['--coordinator_address=localhost:1', '--num_processes=0', '--process_id=0'],
+     'ERROR: --num_processes=0 must be >= 1.'),
+    (['--coordinator_address=localhost:1', '--num_processes=2', '--process_id=2'],
+     'ERROR: --process_id=2 must be in [0, --num_processes=2).'),
+])
+def test_bad_process_flags_are_one_error_line(argv, expected, no_compile, monkeypatch,
+                                              tmp_path):
+    def initialize(**kwargs):
+        raise AssertionError(f'jax.distributed.initialize({kwargs}) was called')
+    monkeypatch.setattr(parallel.jax.distributed, 'initialize', initialize)
+    with pytest.raises(SystemExit) as info:
+        _run_main([f'--workdir={tmp_path}'] + argv)
+    message = str(info.value.code)
+    assert message.startswith(expected) and '\n' not in message
+    assert not os.listdir(tmp_path)
 
 
 def test_value_of_the_wrong_type_is_one_error_line(no_compile, tmp_path):

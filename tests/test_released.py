@@ -802,6 +802,58 @@ def test_import_command_line_names_the_fitting_config(tmp_path):
     assert not (tmp_path / 'run').exists()
 
 
+def test_import_validates_the_whole_config_first(small_config, tmp_path):
+    small_config.model.timestep_scale = 0.0  # Only config_lib.validate reads it.
+    with pytest.raises(ValueError, match=r'^model\.timestep_scale=0\.0 must be > 0\.$'):
+        import_checkpoint.import_checkpoint(str(tmp_path / 'absent.pt'), small_config,
+                                            str(tmp_path / 'run'))
+    assert not os.listdir(tmp_path)
+
+
+def test_missing_checkpoint_names_the_released_file_and_where_it_is_published():
+    guided = 'https://openaipublic.blob.core.windows.net/diffusion/jul-2021/'
+    improved = 'https://openaipublic.blob.core.windows.net/diffusion/march-2021/'
+    config = str(RELEASED_DIR / 'adm_64x64_diffusion.py')
+    assert import_checkpoint.missing_checkpoint_message('/x/w.pt', config) == (
+        f"--checkpoint=/x/w.pt does not exist: --config={config} is the model of "
+        "guided-diffusion's released weights file 64x64_diffusion.pt, published at "
+        f'{guided}64x64_diffusion.pt; download it and pass its path.')
+    message = import_checkpoint.missing_checkpoint_message(
+        'w.pt', str(RELEASED_DIR / 'iddpm_cifar10.py'))
+    assert f'published at {improved}cifar10_uncond_50M_500K.pt;' in message
+    for name in sorted(RELEASED):  # Each released config names its file and release.
+        message = import_checkpoint.missing_checkpoint_message(
+            'w.pt', str(RELEASED_DIR / f'{name}.py'))
+        assert f'published at {guided if name.startswith("adm_") else improved}' in message
+    config = str(RELEASED_DIR.parent / 'cifar10_vp.py')  # No file named: the README's list.
+    assert 'README.md, "Published checkpoints"' in import_checkpoint.missing_checkpoint_message(
+        'w.pt', config)
+
+
+@pytest.mark.parametrize('argv, expected', [
+    ([], '--checkpoint={tmp}/64x64_diffusion.pt does not exist: --config={config} is the '
+         "model of guided-diffusion's released weights file 64x64_diffusion.pt, published at "
+         'https://openaipublic.blob.core.windows.net/diffusion/jul-2021/64x64_diffusion.pt;'),
+    (['--config.model.dropuot=0.1'], 'unknown config field in --config.model.dropuot=0.1:'),
+    (['--checkpoint='], '--checkpoint must be set.'),
+])
+def test_import_command_bad_input_is_one_error_line(tmp_path, argv, expected):
+    """Run outside the repository: one `ERROR:` line naming the flag; nothing written."""
+    cwd = tmp_path / 'cwd'
+    cwd.mkdir()
+    config = RELEASED_DIR / 'adm_64x64_diffusion.py'
+    result = subprocess.run(
+        [sys.executable, '-m', 'ddpm_jax.import_checkpoint', f'--config={config}',
+         f'--checkpoint={tmp_path}/64x64_diffusion.pt', f'--workdir={tmp_path}/run'] + argv,
+        capture_output=True, text=True, cwd=cwd, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+        timeout=300, check=False)
+    errors = [line for line in result.stderr.splitlines() if line.startswith('ERROR:')]
+    assert result.returncode != 0 and 'Traceback' not in result.stderr
+    assert len(errors) == 1, result.stderr
+    assert errors[0].startswith('ERROR: ' + expected.format(tmp=tmp_path, config=config))
+    assert os.listdir(tmp_path) == ['cwd'] and not os.listdir(cwd)
+
+
 def test_configs_saved_before_the_new_model_fields_still_match():
     """Checkpoints written before model.legacy_qkv_order / timestep_scale / low_res_size."""
     config = default.get_config()

@@ -134,6 +134,73 @@ def test_adm_reference_batch_is_read_as_published(fid_config, tmp_path, caplog):
         sample_quality.load_reference_npz(str(tmp_path / 'empty.npz'), extractor, 100)
 
 
+def _bad_inputs(tmp_path):
+    """(eval fields, error, message pattern) of inputs --mode=fid must refuse up front."""
+    images, labels = _digits_uint8('test')
+    files = {'real': {'images': images, 'labels': labels},
+             'wrongshape': {'images': np.zeros((100, 16, 16, 3), np.uint8)},
+             'floats': {'images': images.astype(np.float32)},
+             'fewlabels': {'images': images, 'labels': labels[:10]},
+             'objects': {'images': np.array([{'a': 1}], dtype=object)},
+             'rgb_reference': {'arr_0': np.zeros((100, 16, 16, 3), np.uint8)}}
+    paths = {name: str(tmp_path / f'{name}.npz') for name in [*files, 'text']}
+    for name, arrays in files.items():
+        np.savez(paths[name], **arrays)
+    (tmp_path / 'text.npz').write_text('not an archive\n')
+    real = {'fid_samples': paths['real']}
+    return [
+        ({}, FileNotFoundError, r'^No checkpoint in '),
+        ({'fid_samples': '/nonexistent.npz'}, FileNotFoundError,
+         r"^eval.fid_samples='/nonexistent.npz' does not exist"),
+        ({'fid_samples': paths['wrongshape']}, ValueError,
+         r"^eval.fid_samples='.*wrongshape.npz' holds 16x16x3 images \('images'\), "
+         r'expected 8x8x1 \(data.image_size=8, data.channels=1\)'),
+        ({'fid_samples': paths['floats']}, ValueError,
+         r"^eval.fid_samples='.*floats.npz': 'images' must be uint8 pixels, got float32"),
+        ({'fid_samples': paths['fewlabels']}, ValueError,
+         r"^eval.fid_samples='.*fewlabels.npz': 'labels' has shape \(10,\), expected \[297\]"),
+        ({'fid_samples': paths['text']}, ValueError,
+         r"^eval.fid_samples='.*text.npz' is not a readable .npz of arrays: "),
+        ({'fid_samples': paths['objects']}, ValueError,
+         r"^eval.fid_samples='.*objects.npz' is not a readable .npz of arrays: .*object"),
+        ({**real, 'fid_reference': paths['text']}, ValueError,
+         r"^eval.fid_reference='.*text.npz' is not a readable .npz of arrays: "),
+        ({**real, 'fid_reference': paths['objects']}, ValueError,
+         r"^eval.fid_reference='.*objects.npz' is not a readable .npz of arrays: .*[Oo]bject"),
+        ({**real, 'fid_reference': paths['rgb_reference']}, ValueError,
+         r"^eval.fid_reference='.*rgb_reference.npz': 'arr_0' holds 16x16x3 images, but "
+         r"eval.metrics_network='digits' scores square grey images"),
+        ({**real, 'fid_reference_split': 'nonexistent_split'}, ValueError,
+         r"^eval.fid_reference_split='nonexistent_split' is not a split of "
+         r"data.dataset='digits'"),
+    ]
+
+
+def test_fid_inputs_are_refused_before_the_reference_is_built(fid_config, tmp_path,
+                                                              monkeypatch):
+    """A missing checkpoint, a missing, unreadable or wrongly shaped samples or reference
+    file and an unknown reference split each stop --mode=fid with one line naming the
+    field and the file, before a model state or the feature network is built or the
+    workdir written."""
+    def no_features(*args, **kwargs):
+        raise AssertionError('the feature network was built before the check')
+
+    def no_restore(*args, **kwargs):
+        raise AssertionError('the restore built the model state before the check')
+
+    monkeypatch.setattr(sample_quality, 'FeatureExtractor', no_features)
+    monkeypatch.setattr(sample_quality.checkpointing, 'restore_for_inference', no_restore)
+    workdir = tmp_path / 'run'
+    workdir.mkdir()
+    for fields, error, match in _bad_inputs(tmp_path):
+        config = fid_config.copy_and_resolve_references()
+        config.eval.update(fields)
+        with pytest.raises(error, match=match) as info:
+            sample_quality.evaluate_samples(config, str(workdir))
+        assert '\n' not in str(info.value), fields
+        assert not list(workdir.iterdir()), fields
+
+
 def test_fid_of_a_trained_workdir_and_during_training(fid_config, tmp_path, capsys):
     config = fid_config
     config.model.num_classes = 10

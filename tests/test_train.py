@@ -347,6 +347,36 @@ def test_too_few_classes_for_the_dataset_is_refused_before_anything_runs(tiny_co
     assert not (tmp_path / workdir_lib.LOCK_NAME).exists()  # Released.
 
 
+def _periodic_fid(config, **eval_fields):
+    config.train.fid_every_steps = 100
+    config.train.fid_num_samples = 100
+    config.eval.metrics_network = 'digits'
+    config.eval.fid_reference_num_images = 297
+    config.eval.update(eval_fields)
+    return config
+
+
+@pytest.mark.parametrize('refuse, error, match', [
+    (lambda c: c.model.update(num_classes=5), ValueError, r'^model.num_classes=5 is smaller'),
+    (lambda c: c.data.update(dataset='nonexistent_ds'), FileNotFoundError,
+     r"^data.dataset='nonexistent_ds' is neither a TFDS dataset name"),
+    (lambda c: c.data.update(split='nonexistent_split'), ValueError,
+     r"^data.split='nonexistent_split' is not a split of data.dataset='digits'"),
+    (lambda c: _periodic_fid(c, fid_reference='/nonexistent_ref.npz'), FileNotFoundError,
+     r"^eval.fid_reference='/nonexistent_ref.npz' does not exist"),
+    (lambda c: _periodic_fid(c, fid_reference_split='nonexistent_split'), ValueError,
+     r"^eval.fid_reference_split='nonexistent_split' is not a split"),
+], ids=['num_classes', 'dataset', 'split', 'fid_reference', 'fid_reference_split'])
+def test_refused_inputs_leave_no_workdir(tiny_config, tmp_path, refuse, error, match):
+    """Checks that need no workdir run before it is created: a refused run leaves none."""
+    refuse(tiny_config)
+    workdir = tmp_path / 'new'
+    with pytest.raises(error, match=match) as info:
+        train.run_training(tiny_config, str(workdir), mesh=_mesh(1))
+    assert '\n' not in str(info.value)
+    assert not os.path.exists(workdir)
+
+
 def test_a_second_trainer_on_the_workdir_is_refused(small_config, tmp_path):
     with workdir_lib.TrainLock(str(tmp_path)):
         with pytest.raises(workdir_lib.WorkdirLockedError, match=f'pid {os.getpid()}'):

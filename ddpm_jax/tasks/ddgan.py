@@ -93,6 +93,8 @@ class DDGANTask(diffusion_task.DiffusionTask):
              'task=ddgan supports no guidance: set sample.guidance_scale=1 and '
              'sample.classifier_scale=0.'),
             (g.r1_gamma >= 0, f'gan.r1_gamma={g.r1_gamma} must be >= 0.'),
+            (0 <= g.b1 < 1 and 0 <= g.b2 < 1,
+             f'gan.b1={g.b1} and gan.b2={g.b2} must be in [0, 1).'),
             (g.lazy_reg >= 1, f'gan.lazy_reg={g.lazy_reg} must be >= 1.'),
             (g.lr_generator > 0 and g.lr_discriminator > 0,
              'gan.lr_generator and gan.lr_discriminator must be > 0.'),
