@@ -38,7 +38,10 @@ from ddpm_jax.models import layers
 from ddpm_jax.models import unet
 
 MODES = ('train', 'sample', 'eval', 'fid')
-# The tasks --mode=eval scores (bits/dim: the bound, or the ODE likelihood).
+# The tasks --mode=eval scores (bits/dim: the bound, or the ODE likelihood): their
+# 'model' part is a likelihood model of the data's images (a denoiser, a score model,
+# an upsampler given the low-resolution image). A DDGAN's generator has no tractable
+# likelihood, a latent diffusion model's is of autoencoder latents.
 EVAL_TASKS = ('diffusion', 'score', 'super_resolution')
 METRICS_NETWORKS = ('inception', 'digits')
 PRECISION_RECALL_DISTANCES = ('auto', 'float16', 'float32')
@@ -311,7 +314,7 @@ def _validate_eval(config: ml_collections.ConfigDict, num_devices: int,
     e = config.eval
     check(config.task in EVAL_TASKS,
           f'--mode=eval computes bits/dim of images, which task={config.task!r} does not '
-          f'define (tasks {", ".join(EVAL_TASKS)} do).')
+          f'define (tasks {", ".join(EVAL_TASKS)} do); score its samples with --mode=fid.')
     check(e.num_images >= 1, f'eval.num_images={e.num_images} must be >= 1.')
     check_choice('eval.likelihood', e.likelihood, EVAL_LIKELIHOODS)
     check(e.likelihood == 'ode' or config.task != 'score',

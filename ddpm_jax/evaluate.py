@@ -46,21 +46,12 @@ from ddpm_jax import sde as sde_lib
 from ddpm_jax import workdir as workdir_lib
 from ddpm_jax.models import create_model, make_model_fn
 from ddpm_jax.tasks import base as task_base
-from ddpm_jax.tasks import diffusion as diffusion_task
 from ddpm_jax.tasks import score as score_task
 from ddpm_jax.tasks import super_resolution
 
 logger = logging.getLogger('ddpm_jax')
 
-__all__ = ['LIKELIHOOD_TASKS', 'make_eval_step_fn', 'model_kwargs', 'summarize', 'evaluate']
-
-# The tasks whose 'model' part is a likelihood model of the data's images: a denoiser
-# (bound and ODE), a score model (ODE) and an upsampler (both, given the low-resolution
-# image). A DDGAN's generator has no tractable likelihood, a latent diffusion model's
-# is of autoencoder latents, and a classifier or autoencoder generates nothing.
-LIKELIHOOD_TASKS = (diffusion_task.DiffusionTask.name, score_task.ScoreTask.name,
-                    super_resolution.SuperResolutionTask.name)
-
+__all__ = ['make_eval_step_fn', 'model_kwargs', 'summarize', 'evaluate']
 
 def make_eval_step_fn(config: ml_collections.ConfigDict, model: nn.Module,
                       mesh: jax.sharding.Mesh) -> Callable:
@@ -228,17 +219,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         The dict of `summarize`.
 
     Raises:
-        ValueError: A bad config (`config_lib.validate(mode='eval')`), a task without
-            bits/dim (not in `LIKELIHOOD_TASKS`) or an unknown `data.eval_split`, before
-            anything is restored.
+        ValueError: A bad config (`config_lib.validate(mode='eval')`: also a task
+            without bits/dim) or an unknown `data.eval_split`, before anything is
+            restored.
         FileNotFoundError: No checkpoint in `workdir`.
     """
     mesh = parallel.create_mesh() if mesh is None else mesh
     config_lib.validate(config, mode='eval', num_devices=parallel.num_mesh_devices(mesh))
-    if config.task not in LIKELIHOOD_TASKS:
-        raise ValueError(f'--mode=eval computes bits/dim, which task={config.task!r} does '
-                         f'not define (the tasks that do: {", ".join(LIKELIHOOD_TASKS)}); '
-                         'score its samples with --mode=fid.')
     workdir_lib.require_existing(workdir)
     data_lib.check_split(config, config.data.eval_split, 'data.eval_split')
     checkpoints = checkpointing.checkpoint_dir(workdir)
