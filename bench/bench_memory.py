@@ -50,8 +50,10 @@ from common import load_config  # noqa: E402
 GIB = 2 ** 30
 
 
-def step_memory(config, per_device_batch: int, mesh) -> dict:
-    """Compiled memory of one train step at `per_device_batch` (bytes per device)."""
+def compile_abstract_train_step(config, per_device_batch: int, mesh):
+    """(the real jitted train step compiled for abstract inputs at `per_device_batch`,
+    its abstract train state, compile seconds); nothing is allocated. Sets
+    `config.train.global_batch_size` and validates the config."""
     num_devices = parallel.num_mesh_devices(mesh)
     config.train.global_batch_size = per_device_batch * num_devices
     config_lib.validate(config, num_devices=num_devices)
@@ -66,14 +68,26 @@ def step_memory(config, per_device_batch: int, mesh) -> dict:
     step = train.jit_train_step(train.make_train_step_fn(task, mesh), mesh)
     start = time.perf_counter()
     compiled = step.lower(abstract_state, batch, rng).compile()
+    return compiled, abstract_state, time.perf_counter() - start
+
+
+def compiled_bytes(compiled) -> int:
+    """Arguments + outputs + temporaries - aliased bytes of a compiled program."""
     analysis = compiled.memory_analysis()
+    return (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+            + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+
+
+def step_memory(config, per_device_batch: int, mesh) -> dict:
+    """Compiled memory of one train step at `per_device_batch` (bytes per device)."""
+    compiled, abstract_state, compile_s = compile_abstract_train_step(
+        config, per_device_batch, mesh)
     state_bytes = sum(x.size * jnp.dtype(x.dtype).itemsize
                       for x in jax.tree.leaves(abstract_state))
-    total = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-             + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
-    return {'per_device_batch': per_device_batch, 'compile_s': round(time.perf_counter() - start, 1),
+    total = compiled_bytes(compiled)
+    return {'per_device_batch': per_device_batch, 'compile_s': round(compile_s, 1),
             'state_gb': round(state_bytes / GIB, 3),
-            'temp_gb': round(analysis.temp_size_in_bytes / GIB, 3),
+            'temp_gb': round(compiled.memory_analysis().temp_size_in_bytes / GIB, 3),
             'total_gb': round(total / GIB, 3), 'total_bytes': total}
 
 

@@ -30,14 +30,12 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from ddpm_jax import data as data_lib  # noqa: E402
-from ddpm_jax import config_lib, parallel, state as state_lib, tasks, train  # noqa: E402
+import bench_memory  # noqa: E402
 import common  # noqa: E402
 
 
@@ -58,24 +56,10 @@ def main():
     mesh = common.deviceless_gpu_mesh(args.target, args.cudnn_minor)
     config = common.load_config(args.config, [f'model.dtype={args.dtype}'] + args.override)
     config.data.dataset = 'fake'
-    if args.batch is not None:
-        config.train.global_batch_size = args.batch
     if not any(o.startswith('optim.grad_clip_groups=') for o in args.override):
         config.optim.grad_clip_groups = 1  # The plain step, as bench_train.py times it.
-    config_lib.validate(config, num_devices=1)
-    task = tasks.create_task(config)
-    state = state_lib.create_abstract_train_state(task, mesh)
-    one = config.copy_and_resolve_references()
-    one.train.global_batch_size = 1
-    batch = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct((config.train.global_batch_size,) + x.shape[1:],
-                                       x.dtype, sharding=parallel.batch_sharding(mesh)),
-        next(data_lib.create_train_iterator(one)))
-    rng = jax.eval_shape(lambda: jax.random.key(0))
-    step = train.jit_train_step(train.make_train_step_fn(task, mesh), mesh)
-    start = time.perf_counter()
-    compiled = step.lower(state, batch, rng).compile()
-    compile_s = time.perf_counter() - start
+    batch = config.train.global_batch_size if args.batch is None else args.batch
+    compiled, _, compile_s = bench_memory.compile_abstract_train_step(config, batch, mesh)
     text = compiled.as_text()
     if args.hlo:
         with open(args.hlo, 'w') as f:
@@ -86,8 +70,7 @@ def main():
         for row in census['rows'][:args.rows]:
             print(f'{row["kernels"]:7d} {row["gb"]:7.3f}  {row["kind"][:28]:<28} {row["op"]}')
     memory = compiled.memory_analysis()
-    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-             + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    total = bench_memory.compiled_bytes(compiled)
     print(json.dumps({
         'config': args.config, 'overrides': args.override, 'dtype': args.dtype,
         'batch': config.train.global_batch_size, 'target': common.GPU_TARGETS[args.target][0],
